@@ -1,0 +1,188 @@
+"""Actors as Ray actors: local Ray for development and tests, or an existing Ray cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from funcpipe.errors import BackendError, ConfigError, WorkerFailed
+from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
+
+__all__ = ["Ray", "RayActor"]
+
+log = logging.getLogger(__name__)
+
+
+class _Host:
+    """A Ray actor process that hosts one funcpipe actor at a time.
+
+    Starting a Ray actor means starting a Python process and importing torch
+    (seconds each); hosts outlive a job, so the next ``fit`` reuses them.
+    """
+
+    def __init__(self) -> None:
+        self.instance: Actor | None = None
+
+    def start(self, actor_cls: type[Actor], args: tuple[Any, ...]) -> None:
+        self.instance = actor_cls(*args)
+
+    def call(self, method: str, args: tuple[Any, ...], started: None = None) -> Any:
+        # ``started`` is the reference returned by ``start``: Ray resolves it first, so
+        # an actor whose constructor raised fails every call with that error.
+        return getattr(self.instance, method)(*args)
+
+    def stop(self) -> None:
+        self.instance = None
+
+
+_ResourceKey = tuple[str, float, "int | None"]  # (Ray job, CPUs, memory MB)
+
+#: Idle hosts of this process's Ray session, by resources, shared by every ``Ray`` executor.
+_IDLE: dict[_ResourceKey, list[Any]] = {}
+
+
+class RayActor(ActorHandle):
+    def __init__(self, host: Any, started: Any, key: _ResourceKey, name: str) -> None:
+        self.name = name
+        self.host = host
+        self._started = started
+        self._key = key
+        self._gone = False
+
+    def call(self, method: str, *args: Any) -> Future[Any]:
+        future: Future[Any] = self.host.call.remote(method, args, self._started).future()
+        return future
+
+    def kill(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        try:
+            ray.kill(self.host, no_restart=True)
+        except ValueError:  # already dead, or never placed
+            pass
+
+    def release(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        try:
+            ray.get(self.host.stop.remote())
+        except ray.exceptions.RayError:
+            return  # the process died: nothing to keep
+        _IDLE.setdefault(self._key, []).append(self.host)
+
+    def failure(self, exc: BaseException) -> WorkerFailed:
+        if isinstance(exc, ray.exceptions.RayTaskError):
+            cause = exc.cause
+            if isinstance(cause, WorkerFailed):
+                return cause
+            return WorkerFailed(self.name, f"{type(cause).__name__}: {cause}", str(exc))
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return WorkerFailed(self.name, f"worker process died ({type(exc).__name__}): {exc}")
+        return super().failure(exc)
+
+
+class Ray(Executor):
+    """Run workers as Ray actors.
+
+    Args:
+        address: an existing Ray cluster (``"ray://host:10001"``, ``"auto"``);
+            ``None`` starts a local Ray instance on first use, unless this
+            process already has one.
+        num_cpus: CPUs of the local instance (default: the machine's).
+        oversubscribe: when a job asks for more CPUs than the cluster has,
+            shrink every worker's request to fit (with a warning) instead of
+            failing. A local Ray stands in for functions that would each have
+            CPUs of their own, so this is on by default.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        oversubscribe: bool = True,
+    ) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.oversubscribe = oversubscribe
+
+    def _ensure_started(self) -> None:
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(
+                address=self.address,
+                num_cpus=self.num_cpus if self.address is None else None,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "a local Ray instance"
+            raise BackendError(f"could not start or reach {where}: {exc}") from exc
+
+    def check_storage(self, url: str) -> None:
+        if url.startswith("memory://"):
+            raise ConfigError(
+                f"storage {url!r} lives inside one process, but Ray workers run in processes "
+                "of their own; hint: use file:///some/dir (the default) or backend='thread'"
+            )
+
+    def fit_resources(self, requested: Sequence[Resources]) -> list[Resources]:
+        self._ensure_started()
+        have = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        need = sum(r.num_cpus for r in requested)
+        if need <= have:
+            return list(requested)
+        if not self.oversubscribe:
+            raise ConfigError(
+                f"the job asks for {need:g} CPUs but the Ray cluster has {have:g}; hint: "
+                "fewer replicas, or Ray(oversubscribe=True) to share CPUs"
+            )
+        scale = have / need
+        log.warning(
+            "job asks for %g CPUs, Ray cluster has %g: workers share CPUs (each asks for %.0f%%)",
+            need, have, 100 * scale,
+        )
+        return [Resources(r.num_cpus * scale, r.memory_mb) for r in requested]
+
+    def launch(self, actor_cls: type[Actor], *args: Any, name: str, resources: Resources) -> RayActor:
+        self._ensure_started()
+        key: _ResourceKey = (ray.get_runtime_context().get_job_id(), resources.num_cpus, resources.memory_mb)
+        idle = _IDLE.get(key)
+        if idle:
+            host = idle.pop()
+        else:
+            # Idle hosts of another size hold CPUs the new one may need: free them.
+            for other in [k for k in _IDLE if k != key]:
+                for stale in _IDLE.pop(other):
+                    ray.kill(stale, no_restart=True)
+            options: dict[str, Any] = {
+                "num_cpus": resources.num_cpus,
+                "max_restarts": 0,
+                "max_task_retries": 0,
+            }
+            if resources.memory_mb is not None:
+                options["memory"] = resources.memory_mb * 2**20
+            try:
+                host = ray.remote(_Host).options(**options).remote()
+            except (ValueError, TypeError) as exc:
+                raise BackendError(f"Ray could not launch {name}: {exc}") from exc
+        return RayActor(host, host.start.remote(actor_cls, args), key, name)
+
+    def shutdown(self) -> None:
+        """Kill the idle hosts kept for later jobs (Ray itself keeps running)."""
+        for hosts in _IDLE.values():
+            for host in hosts:
+                ray.kill(host, no_restart=True)
+        _IDLE.clear()

@@ -1,0 +1,61 @@
+"""Deterministic storage keys: ``job/attempt/iteration/kind/stage/replica/micro-batch``.
+
+Every object a job writes has exactly one key computed from what it is, so a
+retried iteration overwrites rather than duplicates, and a reader waits for
+one known key (a GET by key, never a bucket listing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["JobKeys"]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobKeys:
+    """Key builder for one job and attempt."""
+
+    job: str
+    attempt: int = 0
+
+    @property
+    def root(self) -> str:
+        return f"{self.job}/a{self.attempt}"
+
+    def iteration_prefix(self, iteration: int) -> str:
+        return f"{self.root}/i{iteration:08d}/"
+
+    def message(self, iteration: int, kind: str, stage: int, replica: int, micro_batch: int) -> str:
+        """A point-to-point message for ``replica`` of ``stage``.
+
+        ``kind`` is ``input`` (driver -> stage 0), ``target`` (driver -> last
+        stage), ``act`` (stage s-1 -> s) or ``grad`` (stage s+1 -> s); the
+        stage and replica are the *receiver's*.
+        """
+        return f"{self.iteration_prefix(iteration)}{kind}/s{stage}/r{replica}/m{micro_batch}"
+
+    def chunk(self, iteration: int, stage: int, owner: int, sender: int) -> str:
+        """Scatter-reduce: ``sender``'s share of the gradient chunk that ``owner`` reduces."""
+        return f"{self.iteration_prefix(iteration)}chunk/s{stage}/r{owner}/from{sender}"
+
+    def merged(self, iteration: int, stage: int, owner: int) -> str:
+        """Scatter-reduce: the fully reduced chunk that ``owner`` publishes to its peers."""
+        return f"{self.iteration_prefix(iteration)}merged/s{stage}/r{owner}"
+
+    def metrics(self, iteration: int, stage: int, replica: int) -> str:
+        """Per-iteration report of one worker (loss, timings), JSON."""
+        return f"{self.iteration_prefix(iteration)}metrics/s{stage}/r{replica}"
+
+    def model_blob(self, stage: int) -> str:
+        """The signed definition of one stage (layers, optimizer factory, loss)."""
+        return f"{self.job}/model/s{stage}"
+
+    def checkpoint(self, stage: int) -> str:
+        """Weights and optimizer state of one stage after the last finished run."""
+        return f"{self.job}/checkpoint/s{stage}"
+
+    @property
+    def abort(self) -> str:
+        """Written by the driver to tell workers of this attempt to stop."""
+        return f"{self.root}/abort"

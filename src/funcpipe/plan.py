@@ -1,0 +1,177 @@
+"""Plan: how a model is cut into stages and how each stage is run."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from funcpipe.errors import ConfigError
+
+__all__ = ["Plan"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A partition of an ``nn.Sequential`` into pipeline stages, and how to run them.
+
+    Attributes:
+        balance: layers per stage, as in torchgpipe: ``(2, 3, 2)`` means
+            layers 0–1, 2–4 and 5–6.
+        replicas: data-parallel degree of each stage.
+        micro_batch_size: samples per micro-batch.
+        global_batch_size: samples per iteration (one optimizer step).
+        memory_mb: function memory per stage, or ``None`` for the backend default.
+        sync: gradient all-reduce among a stage's replicas: ``"pipelined"``
+            (funcpipe's pipelined scatter-reduce) or ``"four_phase"`` (the
+            LambdaML baseline).
+    """
+
+    balance: tuple[int, ...]
+    replicas: tuple[int, ...]
+    micro_batch_size: int
+    global_batch_size: int
+    memory_mb: tuple[int, ...] | None = None
+    sync: str = "pipelined"
+
+    def __post_init__(self) -> None:
+        _check_counts("balance", self.balance, "layers per stage")
+        _check_counts("replicas", self.replicas, "workers per stage")
+        stages = len(self.balance)
+        if len(self.replicas) != stages:
+            raise ConfigError(
+                f"replicas must give one count per stage (stages: {stages}, "
+                f"replicas: {list(self.replicas)}); hint: replicas=[1] * {stages}"
+            )
+        for name in ("micro_batch_size", "global_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} is not divisible into "
+                f"micro-batches of {self.micro_batch_size}; hint: pick a micro_batch_size "
+                f"that divides {self.global_batch_size}"
+            )
+        for stage, count in enumerate(self.replicas):
+            if count > self.num_micro_batches:
+                raise ConfigError(
+                    f"stage {stage} has {count} replicas but an iteration has only "
+                    f"{self.num_micro_batches} micro-batches, so a replica would sit idle; "
+                    f"hint: use at most {self.num_micro_batches} replicas or smaller micro-batches"
+                )
+        if self.memory_mb is not None:
+            _check_counts("memory_mb", self.memory_mb, "MB per stage")
+            if len(self.memory_mb) != stages:
+                raise ConfigError(
+                    f"memory_mb must give one size per stage (stages: {stages}, "
+                    f"memory_mb: {list(self.memory_mb)})"
+                )
+        if self.sync not in ("pipelined", "four_phase"):
+            raise ConfigError(
+                f"unknown gradient sync {self.sync!r}; choose 'pipelined' or 'four_phase'"
+            )
+
+    @classmethod
+    def manual(
+        cls,
+        balance: Sequence[int],
+        *,
+        replicas: Sequence[int] | None = None,
+        micro_batch_size: int,
+        global_batch_size: int,
+        memory_mb: int | Sequence[int] | None = None,
+        sync: str = "pipelined",
+    ) -> Plan:
+        """A plan written by hand.
+
+        Args:
+            balance: layers per stage (``[2, 3, 2]`` = layers 0–1, 2–4, 5–6).
+            replicas: workers per stage; one each if omitted.
+            micro_batch_size: samples per micro-batch.
+            global_batch_size: samples per optimizer step.
+            memory_mb: function memory, one value for all stages or one per stage.
+            sync: ``"pipelined"`` scatter-reduce or the ``"four_phase"`` baseline.
+        """
+        balance_t = _as_tuple("balance", balance)
+        replicas_t = (1,) * len(balance_t) if replicas is None else _as_tuple("replicas", replicas)
+        memory_t: tuple[int, ...] | None
+        if memory_mb is None:
+            memory_t = None
+        elif isinstance(memory_mb, int):
+            memory_t = (memory_mb,) * len(balance_t)
+        else:
+            memory_t = _as_tuple("memory_mb", memory_mb)
+        return cls(
+            balance=balance_t,
+            replicas=replicas_t,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=global_batch_size,
+            memory_mb=memory_t,
+            sync=sync,
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.balance)
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+    @property
+    def num_workers(self) -> int:
+        return sum(self.replicas)
+
+    def layer_range(self, stage: int) -> range:
+        """Indices of the model's layers that ``stage`` owns."""
+        start = sum(self.balance[:stage])
+        return range(start, start + self.balance[stage])
+
+    def micro_batches(self, stage: int, replica: int) -> list[int]:
+        """Micro-batches of one iteration that ``replica`` of ``stage`` runs: ``m mod d_s``."""
+        return list(range(replica, self.num_micro_batches, self.replicas[stage]))
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Plan:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"unknown plan fields {unknown}; known: {sorted(fields)}")
+        kwargs = dict(data)
+        for name in ("balance", "replicas", "memory_mb"):
+            value = kwargs.get(name)
+            if isinstance(value, list):
+                kwargs[name] = tuple(value)
+        return cls(**kwargs)  # type: ignore[arg-type]  # validated in __post_init__
+
+    def __str__(self) -> str:
+        rows = [f"Plan: {self.num_stages} stages, {self.num_workers} workers, "
+                f"{self.num_micro_batches} micro-batches of {self.micro_batch_size} "
+                f"(global batch {self.global_batch_size}), sync={self.sync}"]
+        for stage in range(self.num_stages):
+            layers = self.layer_range(stage)
+            memory = f", {self.memory_mb[stage]} MB" if self.memory_mb else ""
+            rows.append(
+                f"  stage {stage}: layers {layers.start}-{layers.stop - 1}, "
+                f"{self.replicas[stage]} replica(s){memory}"
+            )
+        return "\n".join(rows)
+
+
+def _as_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ConfigError(f"{name} must be a list of integers, got {values!r}")
+    return tuple(values)
+
+
+def _check_counts(name: str, values: tuple[int, ...], what: str) -> None:
+    if not values:
+        raise ConfigError(f"{name} is empty; it needs one entry ({what}) per stage")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"{name} must hold positive integers ({what}), got {list(values)}"
+            )

@@ -1,0 +1,101 @@
+"""The object-store interface every storage backend implements."""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Iterable
+
+from funcpipe.errors import ObjectNotFound
+
+__all__ = ["Storage", "WaitCancelled"]
+
+
+class WaitCancelled(Exception):
+    """Raised inside :meth:`Storage.wait` when its ``cancelled`` callback says so."""
+
+
+class Storage(abc.ABC):
+    """A flat key -> bytes object store.
+
+    Subclasses implement five primitives (``put``, ``get``, ``exists``,
+    ``delete``, ``list``); :meth:`wait` is written once here. Keys are
+    ``/``-separated strings without a leading slash. Values are bytes; tensors
+    travel as safetensors bytes (see :mod:`funcpipe.codec`), never pickle.
+    """
+
+    #: The URL this storage was opened from; workers re-open it by URL.
+    url: str = ""
+
+    #: First and largest sleep between polls in :meth:`wait`, seconds.
+    #: Cheap local stores poll fast; remote ones raise the floor (a GET costs money).
+    poll_initial_s: float = 0.0005
+    poll_max_s: float = 0.05
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, replacing what was there, atomically."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the bytes under ``key``; raise :class:`ObjectNotFound` if absent."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds an object."""
+
+    @abc.abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete every key in ``keys``; keys that are absent are ignored."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Every key that starts with ``prefix``, sorted."""
+
+    def get_if_exists(self, key: str) -> bytes | None:
+        """The bytes under ``key``, or ``None`` if there is none yet.
+
+        One request on stores where a missing key is an ordinary answer;
+        :meth:`wait` polls with it.
+        """
+        try:
+            return self.get(key)
+        except ObjectNotFound:
+            return None
+
+    def wait(
+        self,
+        key: str,
+        timeout: float,
+        *,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> bytes:
+        """Poll ``key`` until it appears and return its bytes.
+
+        Polls by key (never by listing) with exponential backoff from
+        :attr:`poll_initial_s` to :attr:`poll_max_s`, for at most ``timeout``
+        seconds.
+
+        Raises:
+            ObjectNotFound: the key did not appear within ``timeout`` seconds.
+            WaitCancelled: ``cancelled()`` returned true between two polls.
+        """
+        deadline = time.monotonic() + timeout
+        delay = self.poll_initial_s
+        while True:
+            data = self.get_if_exists(key)
+            if data is not None:
+                return data
+            now = time.monotonic()
+            if now >= deadline:
+                raise ObjectNotFound(key, f"object {key!r} did not appear within {timeout:g} s")
+            if cancelled is not None and cancelled():
+                raise WaitCancelled(key)
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, self.poll_max_s)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release connections or threads held by this storage."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

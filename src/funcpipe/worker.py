@@ -1,0 +1,288 @@
+"""StageWorker: one replica of one pipeline stage, the same code on every executor.
+
+A worker is built from a JSON-able :class:`WorkerConfig` (on a serverless
+platform, the invocation payload) and talks to nothing but storage: it reads
+its stage's signed definition, its inputs and its peers' gradients, and
+writes its outputs, a per-iteration report and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import nn
+
+from funcpipe import checkpoint, signed
+from funcpipe.collectives import Comm, all_reduce
+from funcpipe.errors import ConfigError, WorkerFailed
+from funcpipe.executors.base import Actor
+from funcpipe.keys import JobKeys
+from funcpipe.plan import Plan
+from funcpipe.schedule import worker_tasks
+from funcpipe.storage import Storage, open_storage
+
+__all__ = ["StageDefinition", "StageWorker", "WorkerConfig"]
+
+#: How often a waiting worker looks for the driver's abort object, seconds.
+ABORT_CHECK_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageDefinition:
+    """What the signed model blob of one stage holds."""
+
+    layers: nn.Sequential
+    optimizer: Any  # callable: parameters -> torch.optim.Optimizer
+    loss_fn: Any  # callable (output, target) -> scalar, last stage only
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, as plain data: the invocation payload."""
+
+    job: str
+    attempt: int
+    storage_url: str
+    stage: int
+    replica: int
+    plan: dict[str, Any]
+    timeout_s: float
+    threads: int = 1
+    resume: bool = False
+    signing_key: str = dataclasses.field(default="", repr=False)  # never logged
+
+    def to_payload(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> WorkerConfig:
+        return cls(**payload)
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.stage} replica {self.replica}"
+
+
+class StageWorker(Actor):
+    """Runs the schedule of one (stage, replica) for a range of iterations."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.config = WorkerConfig.from_payload(payload)
+        self.plan = Plan.from_dict(self.config.plan)
+        self.keys = JobKeys(self.config.job, self.config.attempt)
+        self._cancel = threading.Event()
+        self._last_abort_check = 0.0
+        self._ready = False
+
+    # -- the actor interface -------------------------------------------------
+
+    def run(self, first_iteration: int, count: int) -> dict[str, Any]:
+        """Train iterations ``first_iteration .. first_iteration + count - 1``.
+
+        Returns a JSON-able report: per iteration, the seconds this worker
+        spent computing, blocked on downloads, syncing gradients and
+        updating. Replica 0 of each stage writes a checkpoint at the end.
+
+        Raises:
+            WorkerFailed: anything went wrong; carries the traceback text.
+        """
+        try:
+            self._setup()
+            reports = [self._iteration(i) for i in range(first_iteration, first_iteration + count)]
+            if self.config.replica == 0:
+                self.storage.put(
+                    self.keys.checkpoint(self.config.stage),
+                    checkpoint.encode_state(self.layers, self.optimizer),
+                )
+            return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports}
+        except BaseException as exc:
+            self._cancel.set()
+            raise WorkerFailed(
+                self.config.name, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            ) from None
+
+    def cancel(self) -> None:
+        """Stop soon: waits give up at their next poll; the worker's threads are released."""
+        self._cancel.set()
+        if self._ready:
+            self._upload.shutdown(wait=False, cancel_futures=True)
+            self._download.shutdown(wait=False, cancel_futures=True)
+
+    # -- setup ---------------------------------------------------------------
+
+    def _setup(self) -> None:
+        if self._ready:
+            return
+        config = self.config
+        torch.set_num_threads(config.threads)
+        self.storage: Storage = open_storage(config.storage_url)
+        blob_key = self.keys.model_blob(config.stage)
+        definition = signed.unseal(self.storage.get(blob_key), config.signing_key, name=blob_key)
+        if not isinstance(definition, StageDefinition):
+            raise ConfigError(f"object {blob_key!r} is not a stage definition")
+        self.layers = definition.layers
+        self.loss_fn = definition.loss_fn
+        # A stage without parameters (an activation alone) has nothing to optimize.
+        has_params = any(True for _ in self.layers.parameters())
+        self.optimizer: torch.optim.Optimizer | None = (
+            definition.optimizer(self.layers.parameters()) if has_params else None
+        )
+        if config.resume:
+            state, optim_state = checkpoint.decode_state(
+                self.storage.get(self.keys.checkpoint(config.stage))
+            )
+            self.layers.load_state_dict(state)
+            if optim_state is not None and self.optimizer is not None:
+                self.optimizer.load_state_dict(optim_state)
+        self.layers.train()
+        self._upload = ThreadPoolExecutor(1, thread_name_prefix=f"upload-{config.stage}-{config.replica}")
+        self._download = ThreadPoolExecutor(1, thread_name_prefix=f"download-{config.stage}-{config.replica}")
+        self.comm = Comm(self.storage, self._upload, self._download, config.timeout_s, self._cancelled)
+        self._ready = True
+
+    def _cancelled(self) -> bool:
+        if self._cancel.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._last_abort_check >= ABORT_CHECK_S:
+            self._last_abort_check = now
+            if self.storage.exists(self.keys.abort):
+                self._cancel.set()
+        return self._cancel.is_set()
+
+    # -- one iteration ---------------------------------------------------------
+
+    def _iteration(self, iteration: int) -> dict[str, Any]:
+        config, plan, keys, comm = self.config, self.plan, self.keys, self.comm
+        stage, replica, replicas = config.stage, config.replica, plan.replicas
+        first, last = stage == 0, stage == plan.num_stages - 1
+        scale = plan.micro_batch_size / plan.global_batch_size
+        timings = {"compute_s": 0.0, "wait_s": 0.0, "sync_s": 0.0, "update_s": 0.0}
+        started = time.perf_counter()
+
+        def ready(future: Future[torch.Tensor]) -> torch.Tensor:
+            t0 = time.perf_counter()
+            value = future.result()
+            timings["wait_s"] += time.perf_counter() - t0
+            return value
+
+        inputs: dict[int, Future[torch.Tensor]] = {}
+        targets: dict[int, Future[torch.Tensor]] = {}
+        grads: dict[int, Future[torch.Tensor]] = {}
+        held_inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        input_grads: dict[int, torch.Tensor | None] = {}
+        sends: list[Future[None]] = []
+        loss_sum = 0.0
+
+        for op, m in worker_tasks(stage, replica, replicas=replicas, num_micro_batches=plan.num_micro_batches):
+            if op == "recv":
+                kind = "input" if first else "act"
+                inputs[m] = comm.recv(keys.message(iteration, kind, stage, replica, m))
+            elif op == "recv_target":
+                targets[m] = comm.recv(keys.message(iteration, "target", stage, replica, m))
+            elif op == "recv_grad":
+                grads[m] = comm.recv(keys.message(iteration, "grad", stage, replica, m))
+            elif op == "forward":
+                x = ready(inputs.pop(m))
+                t0 = time.perf_counter()
+                if not first:
+                    if not x.is_floating_point():
+                        raise ConfigError(
+                            f"stage {stage} receives a {x.dtype} activation; activations between "
+                            "stages must be floating point to carry gradients"
+                        )
+                    x.requires_grad_(True)
+                held_inputs[m] = x
+                y = self.layers(x)
+                timings["compute_s"] += time.perf_counter() - t0
+                if last:
+                    target = ready(targets.pop(m))
+                    t0 = time.perf_counter()
+                    loss = self.loss_fn(y, target)
+                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                        raise ConfigError(
+                            f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it "
+                            "with a mean over the micro-batch"
+                        )
+                    # Each micro-batch loss is a mean over its samples; scaled by its share
+                    # of the global batch, the sum over all micro-batches and replicas is the
+                    # mean over the global batch, and so are the summed gradients.
+                    scaled = loss * scale
+                    loss_sum += float(scaled.detach())
+                    outputs[m] = scaled
+                    timings["compute_s"] += time.perf_counter() - t0
+                else:
+                    outputs[m] = y
+            elif op == "send":
+                key = keys.message(iteration, "act", stage + 1, m % replicas[stage + 1], m)
+                sends.append(comm.send(key, outputs[m].detach()))
+            elif op == "backward":
+                out = outputs.pop(m)
+                grad = None if last else ready(grads.pop(m))
+                t0 = time.perf_counter()
+                if out.requires_grad:
+                    torch.autograd.backward(out, grad)
+                x = held_inputs.pop(m)
+                input_grads[m] = x.grad
+                timings["compute_s"] += time.perf_counter() - t0
+            elif op == "send_grad":
+                grad_in = input_grads.pop(m)
+                if grad_in is None:
+                    raise ConfigError(
+                        f"stage {stage}'s input got no gradient in micro-batch {m}; the stage's "
+                        "output does not depend on its input"
+                    )
+                key = keys.message(iteration, "grad", stage - 1, m % replicas[stage - 1], m)
+                sends.append(comm.send(key, grad_in))
+            elif op == "sync":
+                t0 = time.perf_counter()
+                self._sync_gradients(iteration)
+                timings["sync_s"] += time.perf_counter() - t0
+            elif op == "update":
+                t0 = time.perf_counter()
+                if self.optimizer is not None:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                timings["update_s"] += time.perf_counter() - t0
+
+        if last:
+            report = json.dumps({"loss": loss_sum}).encode()
+            sends.append(self._upload.submit(self.storage.put, keys.metrics(iteration, stage, replica), report))
+        t0 = time.perf_counter()
+        for send in sends:
+            send.result()
+        timings["wait_s"] += time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - started
+        return {"iteration": iteration, "loss": loss_sum if last else None, **timings}
+
+    def _sync_gradients(self, iteration: int) -> None:
+        params = [p for p in self.layers.parameters() if p.requires_grad]
+        if not params:
+            return
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
+        ])
+        total = all_reduce(
+            self.comm,
+            flat,
+            keys=self.keys,
+            iteration=iteration,
+            stage=self.config.stage,
+            rank=self.config.replica,
+            world=self.plan.replicas[self.config.stage],
+            algorithm=self.plan.sync,
+        )
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = total[offset : offset + n].view_as(p)
+            offset += n

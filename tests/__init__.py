@@ -1,0 +1,1 @@
+"""The funcpipe test suite."""

@@ -1,0 +1,54 @@
+"""Independent references and small models the tests share."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+
+
+def mlp7(seed: int = 0, width: int = 16) -> nn.Sequential:
+    """Seven layers, so balance [7] and [2, 3, 2] both cut it."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(8, width), nn.Tanh(),
+        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width),
+        nn.Tanh(), nn.Linear(width, 3),
+    )
+
+
+def regression_batches(count: int, batch: int, seed: int = 1) -> list[Batch]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, 8, generator=generator), torch.randn(batch, 3, generator=generator))
+        for _ in range(count)
+    ]
+
+
+def plain_training(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: OptimizerFactory,
+    batches: Sequence[Batch],
+) -> nn.Module:
+    """The reference: single-process PyTorch, loss = mean over the global batch."""
+    model = copy.deepcopy(model)
+    opt = optimizer(model.parameters())
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def assert_same_parameters(actual: nn.Module, expected: nn.Module) -> None:
+    expected_state = expected.state_dict()
+    actual_state = actual.state_dict()
+    assert actual_state.keys() == expected_state.keys()
+    for name, value in expected_state.items():
+        torch.testing.assert_close(actual_state[name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,1 @@
+"""Tests of funcpipe.storage: a shared conformance suite and per-backend specifics."""

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from funcpipe import ConfigError, Plan, Trainer
+from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches
+
+SGD_MOMENTUM = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
+ADAM = lambda p: torch.optim.Adam(p, lr=0.01)
+
+# (balance, replicas, micro-batch, global batch): the cases the issue names.
+PLANS = {
+    "one-stage": ([7], [1], 4, 16),
+    "three-stages-2-1-3": ([2, 3, 2], [2, 1, 3], 4, 24),  # 6 micro-batches
+    "not-a-multiple": ([2, 3, 2], [2, 1, 3], 4, 20),  # 5 micro-batches over 2 and 3 replicas
+}
+
+
+def train(plan_args: tuple[list[int], list[int], int, int], optimizer: Callable[..., torch.optim.Optimizer],
+          backend: str, *, sync: str = "pipelined", iterations: int = 3) -> tuple[nn.Module, nn.Module]:
+    balance, replicas, micro, global_batch = plan_args
+    model = mlp7()
+    batches = regression_batches(iterations, global_batch)
+    expected = plain_training(model, nn.functional.mse_loss, optimizer, batches)
+    plan = Plan.manual(balance, replicas=replicas, micro_batch_size=micro, global_batch_size=global_batch,
+                       sync=sync)
+    trainer = Trainer(model, nn.functional.mse_loss, optimizer, plan, backend=backend,
+                      storage=None if backend == "ray" else f"memory://{id(model)}")
+    history = trainer.fit(batches, progress=False)
+    assert len(history) == iterations
+    return trainer.model, expected
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("optimizer", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_ray_training_equals_plain_pytorch(plan_name: str, optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+    actual, expected = train(PLANS[plan_name], optimizer, "ray")
+    assert_same_parameters(actual, expected)
+
+
+@pytest.mark.parametrize("sync", ["pipelined", "four_phase"])
+@pytest.mark.parametrize(
+    "plan_args",
+    [([1, 6], [1, 4], 2, 8), ([3, 4], [3, 2], 1, 7), ([1, 1, 1, 1, 1, 1, 1], [1, 2, 1, 3, 1, 5, 2], 2, 10)],
+    ids=["1-6", "3-4", "seven-stages"],
+)
+def test_thread_backend_equals_plain_pytorch(plan_args: tuple[list[int], list[int], int, int], sync: str) -> None:
+    actual, expected = train(plan_args, SGD_MOMENTUM, "thread", sync=sync)
+    assert_same_parameters(actual, expected)
+
+
+def test_history_reports_the_global_mean_loss() -> None:
+    model = mlp7()
+    batches = regression_batches(2, 12)
+    plan = Plan.manual([2, 5], replicas=[1, 3], micro_batch_size=4, global_batch_size=12)
+    trainer = Trainer(model, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.0), plan,
+                      backend="thread", storage="memory://history-loss")
+    history = trainer.fit(batches, progress=False)
+    with torch.no_grad():
+        expected = [float(nn.functional.mse_loss(model(x), y)) for x, y in batches]
+    assert history.losses == pytest.approx(expected, rel=1e-5)
+    assert len(history.seconds) == 2 and all(s > 0 for s in history.seconds)
+    assert sorted((w["stage"], w["replica"]) for w in history.workers) == [(0, 0), (1, 0), (1, 1), (1, 2)]
+
+
+def test_second_fit_continues_where_the_first_stopped() -> None:
+    model = mlp7()
+    batches = regression_batches(4, 8)
+    expected = plain_training(model, nn.functional.mse_loss, ADAM, batches)
+    plan = Plan.manual([3, 4], replicas=[2, 1], micro_batch_size=2, global_batch_size=8)
+    trainer = Trainer(model, nn.functional.mse_loss, ADAM, plan, backend="thread", storage="memory://two-fits")
+    trainer.fit(batches[:2], progress=False)
+    trainer.fit(batches[2:], progress=False)  # Adam's moments must carry over
+    assert_same_parameters(trainer.model, expected)
+
+
+def test_iterations_cycle_over_the_data() -> None:
+    model = mlp7()
+    batches = regression_batches(2, 4)
+    expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches * 2 + batches[:1])
+    plan = Plan.manual([7], micro_batch_size=2, global_batch_size=4)
+    trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, plan, backend="thread",
+                      storage="memory://cycle")
+    assert len(trainer.fit(batches, iterations=5, progress=False)) == 5
+    assert_same_parameters(trainer.model, expected)
+
+
+def test_storage_is_cleaned_of_messages_after_fit() -> None:
+    from funcpipe.storage import open_storage
+
+    plan = Plan.manual([3, 4], replicas=[2, 2], micro_batch_size=2, global_batch_size=8)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, plan, backend="thread",
+                      storage="memory://cleaned")
+    trainer.fit(regression_batches(2, 8), progress=False)
+    left = open_storage("memory://cleaned").list(trainer.keys.job)
+    assert left and all("/model/" in key or "/checkpoint/" in key for key in left), left
+
+
+class TestBadInput:
+    def plan(self) -> Plan:
+        return Plan.manual([3, 4], micro_batch_size=2, global_batch_size=8)
+
+    def test_not_sequential(self) -> None:
+        with pytest.raises(ConfigError, match="nn.Sequential"):
+            Trainer(nn.Linear(2, 2), nn.functional.mse_loss, SGD_MOMENTUM, self.plan())  # type: ignore[arg-type]
+
+    def test_balance_does_not_match_the_model(self) -> None:
+        with pytest.raises(ConfigError, match=r"model: 7 layers.*: 6\)"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, Plan.manual([3, 3], micro_batch_size=2,
+                                                                             global_batch_size=8))
+
+    def test_optimizer_instance_instead_of_factory(self) -> None:
+        model = mlp7()
+        with pytest.raises(ConfigError, match="factory"):
+            Trainer(model, nn.functional.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1),  # type: ignore[arg-type]
+                    self.plan(), backend="thread")
+
+    def test_unknown_backend(self) -> None:
+        with pytest.raises(ConfigError, match="unknown backend 'lambda'"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="lambda")
+
+    def test_memory_storage_refused_on_ray(self) -> None:
+        with pytest.raises(ConfigError, match="memory://x"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), storage="memory://x")
+
+    def test_wrong_batch_size_is_named_before_any_worker_waits_long(self) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="thread",
+                          storage="memory://bad-batch")
+        with pytest.raises(ConfigError, match=r"inputs has shape \(6, 8\).*global batch is 8"):
+            trainer.fit(regression_batches(1, 6), progress=False)
+
+    def test_generator_without_length_needs_iterations(self) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="thread",
+                          storage="memory://gen")
+        with pytest.raises(ConfigError, match="no len"):
+            trainer.fit(iter(regression_batches(1, 8)), progress=False)
+
+    def test_data_running_out(self) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="thread",
+                          storage="memory://runs-out", timeout_s=30)
+        with pytest.raises(ConfigError, match="ran out after 1 batches"):
+            trainer.fit(iter(regression_batches(1, 8)), iterations=3, progress=False)
+
+    def test_non_scalar_loss(self) -> None:
+        from funcpipe import WorkerFailed
+
+        trainer = Trainer(mlp7(), lambda out, y: (out - y) ** 2, SGD_MOMENTUM, self.plan(), backend="thread",
+                          storage="memory://non-scalar")
+        with pytest.raises(WorkerFailed, match=r"stage 1 replica 0 failed: ConfigError: loss_fn returned \(2, 3\)"):
+            trainer.fit(regression_batches(1, 8), progress=False)
+
+
+def test_user_model_is_trained_in_place() -> None:
+    model = mlp7()
+    before = copy.deepcopy(model.state_dict())
+    trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, Plan.manual([7], micro_batch_size=4,
+                      global_batch_size=4), backend="thread", storage="memory://in-place")
+    trainer.fit(regression_batches(1, 4), progress=False)
+    assert trainer.model is model
+    assert not torch.equal(model[0].weight, before["0.weight"])
