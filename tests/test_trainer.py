@@ -108,7 +108,7 @@ class TestBadInput:
         return Plan.manual([3, 4], micro_batch_size=2, global_batch_size=8)
 
     def test_not_sequential(self) -> None:
-        with pytest.raises(ConfigError, match="nn.Sequential"):
+        with pytest.raises(ConfigError, match=r"nn\.Sequential"):
             Trainer(nn.Linear(2, 2), nn.functional.mse_loss, SGD_MOMENTUM, self.plan())  # type: ignore[arg-type]
 
     def test_balance_does_not_match_the_model(self) -> None:

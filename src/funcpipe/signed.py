@@ -31,7 +31,7 @@ def new_key() -> str:
 
 def seal(obj: object, key: str, *, name: str) -> bytes:
     """Pickle ``obj`` and sign it, binding the signature to ``name`` (its storage key)."""
-    body = cloudpickle.dumps(obj)
+    body: bytes = cloudpickle.dumps(obj)
     return _MAGIC + _mac(key, name, body) + body
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from funcpipe import checkpoint, codec, signed
-from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, WorkerFailed
+from funcpipe.errors import BackendError, ConfigError, ObjectNotFound
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
 from funcpipe.keys import JobKeys
@@ -231,7 +231,7 @@ class Trainer:
         ]
         handles: list[ActorHandle] = []
         try:
-            for (stage, replica), resources in zip(workers, self.executor.fit_resources(requested)):
+            for (stage, replica), resources in zip(workers, self.executor.fit_resources(requested), strict=True):
                 config = WorkerConfig(
                     job=self.keys.job,
                     attempt=self.keys.attempt,
@@ -260,7 +260,7 @@ class Trainer:
         first: int,
         total: int,
         history: History,
-        bar: tqdm,  # type: ignore[type-arg]
+        bar: tqdm,
     ) -> None:
         calls = CallGroup([(h, h.call("run", first, total)) for h in handles])
         uploads: list[Future[None]] = []
@@ -294,7 +294,9 @@ class Trainer:
         inputs, targets = _check_batch(batch, plan.global_batch_size, iteration)
         last = plan.num_stages - 1
         futures = []
-        for m, (x, y) in enumerate(zip(inputs.split(plan.micro_batch_size), targets.split(plan.micro_batch_size))):
+        micro = plan.micro_batch_size
+        pairs = zip(torch.split(inputs, micro), torch.split(targets, micro), strict=True)
+        for m, (x, y) in enumerate(pairs):
             for kind, stage, tensor in (("input", 0, x), ("target", last, y)):
                 key = self.keys.message(iteration, kind, stage, m % plan.replicas[stage], m)
                 futures.append(feeder.submit(self._put_tensor, key, tensor))
@@ -304,7 +306,7 @@ class Trainer:
         self.storage.put(key, codec.encode_tensor(tensor, {"key": key}))
 
     def _await(
-        self, iteration: int, calls: CallGroup, history: History, bar: tqdm, started: float  # type: ignore[type-arg]
+        self, iteration: int, calls: CallGroup, history: History, bar: tqdm, started: float
     ) -> None:
         last = self.plan.num_stages - 1
         loss = 0.0

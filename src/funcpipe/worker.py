@@ -142,8 +142,8 @@ class StageWorker(Actor):
             if optim_state is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(optim_state)
         self.layers.train()
-        self._upload = ThreadPoolExecutor(1, thread_name_prefix=f"upload-{config.stage}-{config.replica}")
-        self._download = ThreadPoolExecutor(1, thread_name_prefix=f"download-{config.stage}-{config.replica}")
+        self._upload = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-upload-{config.stage}-{config.replica}")
+        self._download = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-download-{config.stage}-{config.replica}")
         self.comm = Comm(self.storage, self._upload, self._download, config.timeout_s, self._cancelled)
         self._ready = True
 

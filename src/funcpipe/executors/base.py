@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -32,7 +33,7 @@ class Resources:
 class Actor:
     """Base of the classes executors run: built from plain data, called one method at a time."""
 
-    def cancel(self) -> None:  # noqa: B027 - actors with nothing to interrupt keep the default
+    def cancel(self) -> None:
         """Ask a call that is running to stop soon; called from another thread."""
 
 
@@ -101,7 +102,7 @@ class CallGroup:
         self._done = 0
         self._first_failure: WorkerFailed | None = None
         for handle, future in self._calls:
-            future.add_done_callback(lambda f, h=handle: self._on_done(h, f))
+            future.add_done_callback(functools.partial(self._on_done, handle))
 
     def _on_done(self, handle: ActorHandle, future: Future[Any]) -> None:
         exc = None if future.cancelled() else future.exception()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -63,10 +64,8 @@ class RayActor(ActorHandle):
         if self._gone:
             return
         self._gone = True
-        try:
+        with contextlib.suppress(ValueError):  # already dead, or never placed
             ray.kill(self.host, no_restart=True)
-        except ValueError:  # already dead, or never placed
-            pass
 
     def release(self) -> None:
         if self._gone:
@@ -140,7 +139,7 @@ class Ray(Executor):
 
     def fit_resources(self, requested: Sequence[Resources]) -> list[Resources]:
         self._ensure_started()
-        have = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        have = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))  # type: ignore[no-untyped-call]
         need = sum(r.num_cpus for r in requested)
         if need <= have:
             return list(requested)

@@ -95,6 +95,11 @@ class FileStorage(Storage):
             path is made absolute against the current directory.
     """
 
+    # A failed open() costs microseconds, so poll often: a wait's latency is
+    # up to one poll interval on every hop of the pipeline.
+    poll_initial_s = 0.0002
+    poll_max_s = 0.002
+
     def __init__(self, root: str | Path) -> None:
         self._root = os.path.abspath(os.fspath(root))
         try:

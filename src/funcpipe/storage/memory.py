@@ -43,7 +43,7 @@ class MemoryStorage(Storage):
     """
 
     poll_initial_s = 0.0001
-    poll_max_s = 0.01
+    poll_max_s = 0.001
 
     def __init__(self, name: str = "default") -> None:
         if not _NAME.fullmatch(name):

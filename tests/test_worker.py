@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from funcpipe import Plan, Trainer, WorkerFailed
+from funcpipe.executors.base import ActorHandle, Resources
+from funcpipe.executors.thread import ThreadExecutor
+from tests.helpers import regression_batches
+
+
+class FailsInIteration(nn.Module):
+    """Identity until its ``after``-th forward call, then raises (per worker copy)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after = after
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.after:
+            raise ValueError(f"boom in forward call {self.calls}")
+        return x
+
+
+def failing_model(micro_batches: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    # Stage 1 (one replica) sees `micro_batches` forwards per iteration: it fails in iteration 2.
+    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), FailsInIteration(after=micro_batches), nn.Linear(8, 3))
+
+
+PLAN = Plan.manual([2, 1, 1], replicas=[2, 1, 2], micro_batch_size=2, global_batch_size=8)
+
+
+def check_failure(exc: WorkerFailed) -> None:
+    assert exc.worker == "stage 1 replica 0"
+    assert exc.cause == "ValueError: boom in forward call 5"
+    assert "FailsInIteration" not in exc.cause and "in forward" in exc.remote_traceback
+    assert "stage 1 replica 0 failed: ValueError: boom" in str(exc)
+
+
+class RecordingRay:
+    """Builds the Ray executor and remembers every actor it launched."""
+
+    def __new__(cls) -> Any:
+        from funcpipe.executors.ray import Ray
+
+        class Recording(Ray):
+            def __init__(self) -> None:
+                super().__init__()
+                self.launched: list[ActorHandle] = []
+
+            def launch(self, actor_cls: type, *args: Any, name: str, resources: Resources) -> Any:
+                handle = super().launch(actor_cls, *args, name=name, resources=resources)
+                self.launched.append(handle)
+                return handle
+
+        return Recording()
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_stage_failure_names_the_worker_and_kills_every_actor() -> None:
+    import ray
+    import ray.exceptions
+
+    executor = RecordingRay()
+    trainer = Trainer(failing_model(PLAN.num_micro_batches), nn.functional.mse_loss,
+                      lambda p: torch.optim.SGD(p, lr=0.1), PLAN, backend=executor, timeout_s=600)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        trainer.fit(regression_batches(4, 8), progress=False)
+    # Bounded by the failure, not by the 600 s wait timeout the peers would otherwise hit.
+    assert time.monotonic() - started < 120
+    check_failure(info.value)
+    assert len(executor.launched) == 5
+    for handle in executor.launched:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.host.stop.remote(), timeout=60)  # type: ignore[attr-defined]
+
+
+def test_thread_stage_failure_leaves_no_thread_running() -> None:
+    executor = ThreadExecutor()
+    trainer = Trainer(failing_model(PLAN.num_micro_batches), nn.functional.mse_loss,
+                      lambda p: torch.optim.SGD(p, lr=0.1), PLAN, backend=executor,
+                      storage="memory://stage-failure", timeout_s=600)
+    with pytest.raises(WorkerFailed) as info:
+        trainer.fit(regression_batches(4, 8), progress=False)
+    check_failure(info.value)
+    for thread in threading.enumerate():
+        if thread.name.startswith("funcpipe-"):
+            thread.join(timeout=30)  # cancelled waits give up at their next poll
+            assert not thread.is_alive(), thread.name
+
+
+def test_worker_refuses_a_model_blob_signed_by_someone_else() -> None:
+    from funcpipe import signed
+    from funcpipe.storage import open_storage
+    from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
+
+    plan = Plan.manual([1], micro_batch_size=1, global_batch_size=1)
+    storage = open_storage("memory://foreign-blob")
+    key = "job-x/model/s0"
+    definition = StageDefinition(nn.Sequential(nn.Linear(1, 1)), lambda p: torch.optim.SGD(p, lr=1), None)
+    storage.put(key, signed.seal(definition, signed.new_key(), name=key))
+    config = WorkerConfig(job="job-x", attempt=0, storage_url="memory://foreign-blob", stage=0, replica=0,
+                          plan=plan.to_dict(), timeout_s=5, signing_key=signed.new_key())
+    with pytest.raises(WorkerFailed, match="IntegrityError: object 'job-x/model/s0' has a bad signature"):
+        StageWorker(config.to_payload()).run(0, 1)
+
+
+def test_worker_config_repr_hides_the_signing_key() -> None:
+    from funcpipe.worker import WorkerConfig
+
+    config = WorkerConfig(job="j", attempt=0, storage_url="memory://", stage=0, replica=0,
+                          plan={}, timeout_s=1, signing_key="ab" * 32)
+    assert "ab" * 32 not in repr(config)
