@@ -298,7 +298,7 @@ def test_replicas_do_not_modify_their_input(memory: MemoryStorage, keys: JobKeys
     inputs = integer_inputs(3, 13)
     copies = [tensor.clone() for tensor in inputs]
     run_replicas([memory] * 3, inputs, keys, "pipelined")
-    for tensor, copy in zip(inputs, copies):
+    for tensor, copy in zip(inputs, copies, strict=True):
         assert torch.equal(tensor, copy)
 
 

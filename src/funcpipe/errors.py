@@ -55,6 +55,10 @@ class ObjectNotFound(StorageError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
 
+    def __reduce__(self) -> tuple[type[ObjectNotFound], tuple[str, str]]:
+        # Ray pickles a worker's exception; keep the key and the message apart.
+        return (type(self), (self.key, str(self)))
+
 
 class IntegrityError(StorageError):
     """An object read from storage failed its signature or header check."""

@@ -140,6 +140,10 @@ class Plan:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ConfigError(f"unknown plan fields {unknown}; known: {sorted(fields)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ConfigError(f"plan is missing fields {missing}")
         kwargs = dict(data)
         for name in ("balance", "replicas", "memory_mb"):
             value = kwargs.get(name)

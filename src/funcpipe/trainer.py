@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import statistics
 import tempfile
 import time
 import uuid
@@ -75,10 +76,11 @@ class History:
     def __str__(self) -> str:
         if not self.losses:
             return "History: no iterations"
-        mean_s = sum(self.seconds) / len(self.seconds)
+        # The median: the first iteration also pays for starting the workers.
+        median_s = statistics.median(self.seconds)
         return (
             f"History: {len(self)} iterations, loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}, "
-            f"{mean_s * 1000:.1f} ms per iteration"
+            f"median {median_s * 1000:.1f} ms per iteration"
         )
 
 

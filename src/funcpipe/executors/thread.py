@@ -26,8 +26,10 @@ class ThreadActor(ActorHandle):
         return self._pool.submit(getattr(self.instance, method), *args)
 
     def kill(self) -> None:
-        self.instance.cancel()
+        # Refuse queued calls first: cancelling the running one frees the thread,
+        # which must not then start the next call.
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.instance.cancel()
 
     def join(self) -> None:
         """Wait until the actor's thread has exited (after :meth:`kill`)."""

@@ -1,0 +1,176 @@
+"""executors.base (and get_executor): failure mapping and CallGroup, with hand-made handles and futures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from funcpipe.errors import ConfigError, WorkerFailed
+from funcpipe.executors import ThreadExecutor, get_executor
+from funcpipe.executors.base import Actor, ActorHandle, CallGroup, Executor, Resources
+
+
+class FakeHandle(ActorHandle):
+    """A handle whose calls are futures the test completes by hand."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.futures: list[Future[Any]] = []
+        self.kills = 0
+
+    def call(self, method: str, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.futures.append(future)
+        return future
+
+    def kill(self) -> None:
+        self.kills += 1
+
+
+class FakeExecutor(Executor):
+    name = "fake"
+
+    def launch(self, actor_cls: type[Actor], *args: Any, name: str, resources: Resources) -> ActorHandle:
+        return FakeHandle(name)
+
+
+def group_of(names: Sequence[str]) -> tuple[list[FakeHandle], list[Future[Any]], CallGroup]:
+    handles = [FakeHandle(name) for name in names]
+    futures = [handle.call("run") for handle in handles]
+    return handles, futures, CallGroup(list(zip(handles, futures, strict=True)))
+
+
+# --------------------------------------------------------------------------- ActorHandle
+
+
+def test_failure_maps_a_plain_exception_to_worker_failed() -> None:
+    failure = FakeHandle("stage 1 replica 0").failure(ValueError("boom"))
+    assert isinstance(failure, WorkerFailed)
+    assert failure.worker == "stage 1 replica 0"
+    assert failure.cause == "ValueError: boom"
+    assert str(failure) == "stage 1 replica 0 failed: ValueError: boom"
+
+
+def test_failure_passes_worker_failed_through() -> None:
+    original = WorkerFailed("stage 0 replica 1", "KeyError: 'x'", "Traceback ...")
+    assert FakeHandle("stage 2 replica 0").failure(original) is original
+
+
+def test_release_defaults_to_kill() -> None:
+    handle = FakeHandle("a")
+    handle.release()
+    assert handle.kills == 1
+
+
+def test_actor_cancel_is_a_harmless_default() -> None:
+    Actor().cancel()  # nothing to interrupt: must not raise
+
+
+# --------------------------------------------------------------------------- Executor defaults
+
+
+def test_executor_defaults() -> None:
+    executor = FakeExecutor()
+    requested = [Resources(2.0, 512), Resources()]
+    assert executor.fit_resources(requested) == [Resources(2.0, 512), Resources(1.0, None)]
+    executor.check_storage("memory://anything")  # accepts every storage
+    executor.shutdown()
+
+
+def test_resources_defaults() -> None:
+    assert Resources() == Resources(num_cpus=1.0, memory_mb=None)
+
+
+# --------------------------------------------------------------------------- CallGroup
+
+
+def test_results_in_launch_order_whatever_the_completion_order() -> None:
+    _, futures, group = group_of(["a", "b", "c"])
+    futures[2].set_result("c")
+    futures[0].set_result("a")
+    assert not group.wait(timeout=0)
+    futures[1].set_result("b")
+    assert group.results(timeout=0) == ["a", "b", "c"]
+
+
+def test_wait_is_false_while_a_call_runs() -> None:
+    _, futures, group = group_of(["a", "b"])
+    futures[0].set_result(1)
+    assert group.wait(timeout=0.01) is False
+    with pytest.raises(TimeoutError, match=r"0\.01"):
+        group.results(timeout=0.01)
+    futures[1].set_result(2)
+    assert group.wait(timeout=0) is True
+    assert group.results() == [1, 2]
+
+
+def test_first_failure_in_completion_order_wins() -> None:
+    # "b" is launched first but "a" fails first.
+    handles, futures, group = group_of(["b", "a", "c"])
+    assert group.failure() is None
+    futures[1].set_exception(ValueError("first"))
+    futures[0].set_exception(RuntimeError("second"))
+    failure = group.failure()
+    assert isinstance(failure, WorkerFailed)
+    assert failure.worker == "a"
+    assert failure.cause == "ValueError: first"
+    assert group.failed()
+    # wait() returns as soon as one call failed, even though "c" still runs.
+    assert group.wait(timeout=0) is True
+    with pytest.raises(WorkerFailed) as info:
+        group.results(timeout=0)
+    assert info.value is failure
+    assert not futures[2].done()
+    assert [handle.kills for handle in handles] == [0, 0, 0]  # killing is the caller's choice
+
+
+def test_a_cancelled_call_is_a_failure() -> None:
+    _, futures, group = group_of(["a", "b"])
+    assert futures[0].cancel()
+    failure = group.failure()
+    assert isinstance(failure, WorkerFailed)
+    assert failure.worker == "a"
+    assert "cancelled" in failure.cause
+
+
+def test_calls_already_finished_when_grouped_are_counted() -> None:
+    handle = FakeHandle("a")
+    done = handle.call("run")
+    done.set_result(42)
+    failed = handle.call("run")
+    failed.set_exception(KeyError("k"))
+    assert CallGroup([(handle, done)]).results(timeout=0) == [42]
+    failure = CallGroup([(handle, done), (handle, failed)]).failure()
+    assert failure is not None and failure.cause == "KeyError: 'k'"
+
+
+def test_empty_group_is_done() -> None:
+    assert CallGroup([]).results(timeout=0) == []
+
+
+def test_kill_all_kills_every_handle() -> None:
+    handles, _, group = group_of(["a", "b"])
+    group.kill_all()
+    assert [handle.kills for handle in handles] == [1, 1]
+
+
+# --------------------------------------------------------------------------- get_executor
+
+
+def test_get_executor_thread() -> None:
+    executor = get_executor("thread")
+    assert isinstance(executor, ThreadExecutor)
+    assert executor.name == "thread"
+
+
+def test_get_executor_passes_an_instance_through() -> None:
+    executor = FakeExecutor()
+    assert get_executor(executor) is executor
+
+
+def test_get_executor_unknown_backend_lists_the_names() -> None:
+    with pytest.raises(ConfigError, match=r"unknown backend 'lambda'; choose one of ray, thread"):
+        get_executor("lambda")
