@@ -178,11 +178,11 @@ class RecordingStorage(Wrapper):
 
 
 def is_chunk(key: str) -> bool:
-    return "/chunk/" in key
+    return "/chunk." in key
 
 
 def is_merged(key: str) -> bool:
-    return "/merged/" in key
+    return "/merged." in key
 
 
 # --------------------------------------------------------------------------- running replicas
@@ -308,7 +308,7 @@ def test_chunks_are_balanced(
     memory: MemoryStorage, keys: JobKeys, world: int, size: int, algorithm: str
 ) -> None:
     run_replicas([memory] * world, integer_inputs(world, size), keys, algorithm)
-    chunk_prefix = keys.iteration_prefix(ITERATION) + "chunk/"
+    chunk_prefix = keys.iteration_prefix(ITERATION) + "chunk."
     expected_keys = sorted(
         keys.chunk(ITERATION, STAGE, owner, sender)
         for owner in range(world)

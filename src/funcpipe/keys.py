@@ -1,8 +1,10 @@
-"""Deterministic storage keys: ``job/attempt/iteration/kind/stage/replica/micro-batch``.
+"""Deterministic storage keys: ``job/attempt/iteration/kind.stage.replica.micro-batch``.
 
 Every object a job writes has exactly one key computed from what it is, so a
 retried iteration overwrites rather than duplicates, and a reader waits for
-one known key (a GET by key, never a bucket listing).
+one known key (a GET by key, never a bucket listing). Below the iteration the
+key is flat (dots, not slashes): on a file system an iteration is one
+directory, made once and removed at once, instead of a tree of them.
 """
 
 from __future__ import annotations
@@ -33,19 +35,19 @@ class JobKeys:
         stage), ``act`` (stage s-1 -> s) or ``grad`` (stage s+1 -> s); the
         stage and replica are the *receiver's*.
         """
-        return f"{self.iteration_prefix(iteration)}{kind}/s{stage}/r{replica}/m{micro_batch}"
+        return f"{self.iteration_prefix(iteration)}{kind}.s{stage}.r{replica}.m{micro_batch}"
 
     def chunk(self, iteration: int, stage: int, owner: int, sender: int) -> str:
         """Scatter-reduce: ``sender``'s share of the gradient chunk that ``owner`` reduces."""
-        return f"{self.iteration_prefix(iteration)}chunk/s{stage}/r{owner}/from{sender}"
+        return f"{self.iteration_prefix(iteration)}chunk.s{stage}.r{owner}.from{sender}"
 
     def merged(self, iteration: int, stage: int, owner: int) -> str:
         """Scatter-reduce: the fully reduced chunk that ``owner`` publishes to its peers."""
-        return f"{self.iteration_prefix(iteration)}merged/s{stage}/r{owner}"
+        return f"{self.iteration_prefix(iteration)}merged.s{stage}.r{owner}"
 
     def metrics(self, iteration: int, stage: int, replica: int) -> str:
         """Per-iteration report of one worker (loss, timings), JSON."""
-        return f"{self.iteration_prefix(iteration)}metrics/s{stage}/r{replica}"
+        return f"{self.iteration_prefix(iteration)}metrics.s{stage}.r{replica}"
 
     def model_blob(self, stage: int) -> str:
         """The signed definition of one stage (layers, optimizer factory, loss)."""

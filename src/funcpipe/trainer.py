@@ -7,10 +7,13 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
+import shutil
 import statistics
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +37,9 @@ __all__ = ["History", "Trainer"]
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: Free space /dev/shm needs for the default storage to go there.
+SHM_MIN_FREE_BYTES = 2 * 2**30
 
 #: Global batches the driver uploads ahead of the slowest finished iteration.
 LOOKAHEAD = 2
@@ -100,7 +106,8 @@ class Trainer:
         backend: ``"ray"`` (default: local Ray), ``"thread"`` (in-process,
             for debugging), or an :class:`~funcpipe.executors.Executor`.
         storage: a storage URL (``file:///dir``, ``memory://``, ...); default:
-            a fresh local directory.
+            a fresh local directory (in ``/dev/shm`` when it has room),
+            removed when the trainer is.
         timeout_s: longest a worker or the driver waits for one object.
         threads_per_worker: torch threads (and CPUs asked for) per worker.
     """
@@ -149,7 +156,12 @@ class Trainer:
         self.optimizer = optimizer
         self.plan = plan
         self.executor = get_executor(backend)
-        self.storage_url = storage or Path(tempfile.mkdtemp(prefix="funcpipe-")).as_uri()
+        if storage is None:
+            directory = _fresh_directory()
+            # The default storage belongs to this trainer: remove it with the trainer.
+            weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+            storage = Path(directory).as_uri()
+        self.storage_url = storage
         self.executor.check_storage(self.storage_url)
         self.storage: Storage = open_storage(self.storage_url)
         self.timeout_s = timeout_s
@@ -343,6 +355,22 @@ class Trainer:
             merged.update(state)
         with torch.no_grad():
             self._model.load_state_dict(merged)
+
+
+def _fresh_directory() -> str:
+    """A new directory for the default storage: memory-backed ``/dev/shm`` when it has room.
+
+    Every hop of the pipeline writes and reads small files; on tmpfs that
+    costs a fraction of what a disk file system's journal does (see
+    benchmarks/results/overhead.md).
+    """
+    shm = "/dev/shm"
+    try:
+        stat = os.statvfs(shm)
+        roomy = stat.f_bavail * stat.f_frsize >= SHM_MIN_FREE_BYTES and os.access(shm, os.W_OK)
+    except OSError:
+        roomy = False
+    return tempfile.mkdtemp(prefix="funcpipe-", dir=shm if roomy else None)
 
 
 def _batches(data: Iterable[Batch], iterations: int | None, epochs: int) -> tuple[Iterator[Batch], int]:
