@@ -634,7 +634,7 @@ def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[s
             f"Linear({HIDDEN},{OUT_FEATURES})`, "
             f"{model['parameters']:,} parameters; random data, global batch {model['global_batch']}, "
             f"micro-batch {model['micro_batch']}, MSE, {model['optimizer']}; every process 1 torch thread. "
-            "funcpipe: `Trainer(backend=\"ray\", storage=file://<tmpdir>)`, "
+            "funcpipe: `Trainer(backend=\"ray\", storage=file://<dir>)`, "
             f"`ray.init(num_cpus={model['ray_num_cpus']})`; "
             f"after a warm-up fit of {a['warmup_iterations']} iterations, timed fits of {a['iterations']} iterations "
             f"(`progress=False`). Medians over {a['repeats']} interleaved repeats. \"median\" is the median "

@@ -28,7 +28,7 @@ def iteration_keys(keys: JobKeys, iteration: int) -> list[str]:
 
 def job_keys(keys: JobKeys) -> list[str]:
     """Keys of a job that are not tied to an iteration."""
-    return [keys.model_blob(0), keys.model_blob(1), keys.checkpoint(0), keys.checkpoint(1), keys.abort]
+    return [keys.model_blob(0), keys.model_blob(1), keys.checkpoint(0, 5), keys.checkpoint(1, 5), keys.abort]
 
 
 def test_every_key_is_distinct() -> None:
@@ -59,7 +59,7 @@ def test_every_key_is_distinct() -> None:
         (JobKeys("job").merged(1, 0, 1), JobKeys("job").merged(1, 0, 2)),
         (JobKeys("job").merged(1, 0, 1), JobKeys("job").metrics(1, 0, 1)),
         (JobKeys("job", 0).abort, JobKeys("job", 1).abort),
-        (JobKeys("job").model_blob(0), JobKeys("job").checkpoint(0)),
+        (JobKeys("job").model_blob(0), JobKeys("job").checkpoint(0, 5)),
         (JobKeys("job").model_blob(0), JobKeys("other").model_blob(0)),
     ],
 )
@@ -70,7 +70,7 @@ def test_keys_differ_in_each_component(a: str, b: str) -> None:
 def test_model_and_checkpoint_keys_survive_a_retry() -> None:
     # A retried attempt reads the same model blob and checkpoint as the first one.
     assert JobKeys("job", 0).model_blob(1) == JobKeys("job", 3).model_blob(1)
-    assert JobKeys("job", 0).checkpoint(1) == JobKeys("job", 3).checkpoint(1)
+    assert JobKeys("job", 0).checkpoint(1, 5) == JobKeys("job", 3).checkpoint(1, 5)
 
 
 @pytest.mark.parametrize("iteration", [0, 1, 10, 100, 12345678])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from typing import Any
@@ -121,3 +122,23 @@ def test_worker_config_repr_hides_the_signing_key() -> None:
     config = WorkerConfig(job="j", attempt=0, storage_url="memory://", stage=0, replica=0,
                           plan={}, timeout_s=1, signing_key="ab" * 32)
     assert "ab" * 32 not in repr(config)
+
+
+def test_fit_after_a_failed_fit_continues_from_the_last_good_state() -> None:
+    from tests.helpers import assert_same_parameters, plain_training
+
+    optimizer = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)
+    model = failing_model(PLAN.num_micro_batches)
+    batches = regression_batches(3, 8)
+    reference = copy.deepcopy(model)
+    reference[2].after = 10**9  # the reference must not fail
+    expected = plain_training(reference, nn.functional.mse_loss, optimizer, [batches[0], batches[2]])
+    trainer = Trainer(model, nn.functional.mse_loss, optimizer, PLAN, backend="thread",
+                      storage="memory://after-failure", timeout_s=600)
+    trainer.fit(batches[:1], progress=False)
+    with pytest.raises(WorkerFailed):  # fresh workers: the second of these iterations fails
+        trainer.fit(batches[1:3], progress=False)
+    # A new attempt, on other data: the abort object and the messages the failed attempt left
+    # for this same iteration (computed from batches[1]) must not be consumed.
+    assert len(trainer.fit(batches[2:3], progress=False)) == 1
+    assert_same_parameters(trainer.model, expected)

@@ -53,9 +53,13 @@ class JobKeys:
         """The signed definition of one stage (layers, optimizer factory, loss)."""
         return f"{self.job}/model/s{stage}"
 
-    def checkpoint(self, stage: int) -> str:
-        """Weights and optimizer state of one stage after the last finished run."""
-        return f"{self.job}/checkpoint/s{stage}"
+    def checkpoint(self, stage: int, iteration: int) -> str:
+        """Weights and optimizer state of one stage before ``iteration`` (after the ones before it).
+
+        Keyed by iteration, so stages that stopped at different points never
+        mix: a run resumes every stage from the same iteration.
+        """
+        return f"{self.job}/checkpoint/i{iteration:08d}/s{stage}"
 
     @property
     def abort(self) -> str:

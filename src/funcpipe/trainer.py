@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from funcpipe import checkpoint, codec, signed
-from funcpipe.errors import BackendError, ConfigError, ObjectNotFound
+from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, StorageError
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
 from funcpipe.keys import JobKeys
@@ -211,9 +211,14 @@ class Trainer:
         try:
             self._run(handles, batches, first, total, history, bar)
         except BaseException:
-            self.storage.put(self.keys.abort, b"")
             for handle in handles:
                 handle.kill()
+            try:  # tell workers we could not kill (serverless ones) to stop
+                self.storage.put(self.keys.abort, b"")
+            except StorageError as exc:
+                log.warning("could not write the abort object %s: %s", self.keys.abort, exc)
+            # The next fit is a new attempt: fresh keys, no abort object, no stale messages.
+            self.keys = JobKeys(self.keys.job, self.keys.attempt + 1)
             raise
         else:
             for handle in handles:
@@ -222,6 +227,8 @@ class Trainer:
             bar.close()
         self._iteration = first + len(history)
         self._gather()
+        if first > 0:
+            self.storage.delete([self.keys.checkpoint(s, first) for s in range(self.plan.num_stages)])
         return history
 
     # -- internals -----------------------------------------------------------
@@ -351,7 +358,9 @@ class Trainer:
     def _gather(self) -> None:
         merged: dict[str, torch.Tensor] = {}
         for stage in range(self.plan.num_stages):
-            state, _ = checkpoint.decode_state(self.storage.get(self.keys.checkpoint(stage)))
+            state, _ = checkpoint.decode_state(
+                self.storage.get(self.keys.checkpoint(stage, self._iteration))
+            )
             merged.update(state)
         with torch.no_grad():
             self._model.load_state_dict(merged)

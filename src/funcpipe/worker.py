@@ -55,7 +55,7 @@ class WorkerConfig:
     plan: dict[str, Any]
     timeout_s: float
     threads: int = 1
-    resume: bool = False
+    resume: bool = False  # start from the checkpoint before the first iteration run
     signing_key: str = dataclasses.field(default="", repr=False)  # never logged
 
     def to_payload(self) -> dict[str, Any]:
@@ -94,11 +94,12 @@ class StageWorker(Actor):
             WorkerFailed: anything went wrong; carries the traceback text.
         """
         try:
-            self._setup()
-            reports = [self._iteration(i) for i in range(first_iteration, first_iteration + count)]
+            self._setup(first_iteration)
+            end = first_iteration + count
+            reports = [self._iteration(i) for i in range(first_iteration, end)]
             if self.config.replica == 0:
                 self.storage.put(
-                    self.keys.checkpoint(self.config.stage),
+                    self.keys.checkpoint(self.config.stage, end),
                     checkpoint.encode_state(self.layers, self.optimizer),
                 )
             return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports}
@@ -117,7 +118,7 @@ class StageWorker(Actor):
 
     # -- setup ---------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def _setup(self, first_iteration: int) -> None:
         if self._ready:
             return
         config = self.config
@@ -136,7 +137,7 @@ class StageWorker(Actor):
         )
         if config.resume:
             state, optim_state = checkpoint.decode_state(
-                self.storage.get(self.keys.checkpoint(config.stage))
+                self.storage.get(self.keys.checkpoint(config.stage, first_iteration))
             )
             self.layers.load_state_dict(state)
             if optim_state is not None and self.optimizer is not None:
