@@ -138,22 +138,41 @@ class Ray(Executor):
             )
 
     def fit_resources(self, requested: Sequence[Resources]) -> list[Resources]:
+        """Shrink (or refuse) requests the cluster cannot hold at once.
+
+        An actor whose request does not fit would wait unplaced forever, so a
+        job that asks for more than the cluster has is adjusted here, before
+        anything is launched.
+        """
         self._ensure_started()
-        have = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))  # type: ignore[no-untyped-call]
-        need = sum(r.num_cpus for r in requested)
-        if need <= have:
-            return list(requested)
-        if not self.oversubscribe:
-            raise ConfigError(
-                f"the job asks for {need:g} CPUs but the Ray cluster has {have:g}; hint: "
-                "fewer replicas, or Ray(oversubscribe=True) to share CPUs"
+        cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        fitted = list(requested)
+        have_cpus = float(cluster.get("CPU", os.cpu_count() or 1))
+        need_cpus = sum(r.num_cpus for r in fitted)
+        have_mb = float(cluster.get("memory", 0.0)) / 2**20
+        need_mb = sum(r.memory_mb or 0 for r in fitted)
+        if need_cpus > have_cpus or need_mb > have_mb:
+            if not self.oversubscribe:
+                raise ConfigError(
+                    f"the job asks for {need_cpus:g} CPUs and {need_mb:.0f} MB, but the Ray cluster has "
+                    f"{have_cpus:g} CPUs and {have_mb:.0f} MB; hint: fewer replicas or less memory_mb, "
+                    "or Ray(oversubscribe=True) to share them"
+                )
+        if need_cpus > have_cpus:
+            scale = have_cpus / need_cpus
+            log.warning(
+                "job asks for %g CPUs, Ray cluster has %g: workers share CPUs (each asks for %.0f%%)",
+                need_cpus, have_cpus, 100 * scale,
             )
-        scale = have / need
-        log.warning(
-            "job asks for %g CPUs, Ray cluster has %g: workers share CPUs (each asks for %.0f%%)",
-            need, have, 100 * scale,
-        )
-        return [Resources(r.num_cpus * scale, r.memory_mb) for r in requested]
+            fitted = [Resources(r.num_cpus * scale, r.memory_mb) for r in fitted]
+        if need_mb > have_mb:
+            # Ray's memory resource only schedules, it limits nothing: drop it rather than hang.
+            log.warning(
+                "job asks for %.0f MB, Ray cluster has %.0f MB: memory requests are not placed",
+                need_mb, have_mb,
+            )
+            fitted = [Resources(r.num_cpus, None) for r in fitted]
+        return fitted
 
     def launch(self, actor_cls: type[Actor], *args: Any, name: str, resources: Resources) -> RayActor:
         self._ensure_started()
