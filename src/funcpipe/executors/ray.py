@@ -151,13 +151,12 @@ class Ray(Executor):
         need_cpus = sum(r.num_cpus for r in fitted)
         have_mb = float(cluster.get("memory", 0.0)) / 2**20
         need_mb = sum(r.memory_mb or 0 for r in fitted)
-        if need_cpus > have_cpus or need_mb > have_mb:
-            if not self.oversubscribe:
-                raise ConfigError(
-                    f"the job asks for {need_cpus:g} CPUs and {need_mb:.0f} MB, but the Ray cluster has "
-                    f"{have_cpus:g} CPUs and {have_mb:.0f} MB; hint: fewer replicas or less memory_mb, "
-                    "or Ray(oversubscribe=True) to share them"
-                )
+        if (need_cpus > have_cpus or need_mb > have_mb) and not self.oversubscribe:
+            raise ConfigError(
+                f"the job asks for {need_cpus:g} CPUs and {need_mb:.0f} MB, but the Ray cluster has "
+                f"{have_cpus:g} CPUs and {have_mb:.0f} MB; hint: fewer replicas or less memory_mb, "
+                "or Ray(oversubscribe=True) to share them"
+            )
         if need_cpus > have_cpus:
             scale = have_cpus / need_cpus
             log.warning(
