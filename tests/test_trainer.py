@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import pytest
 import torch
@@ -165,3 +166,55 @@ def test_user_model_is_trained_in_place() -> None:
     trainer.fit(regression_batches(1, 4), progress=False)
     assert trainer.model is model
     assert not torch.equal(model[0].weight, before["0.weight"])
+
+
+class IterationCensus:
+    """Counts, across every storage opened for a URL, the iterations with objects alive at once."""
+
+    alive: ClassVar[dict[str, int]] = {}  # iteration prefix -> objects
+    most = 0
+
+
+def test_storage_holds_only_a_few_iterations_during_a_long_fit() -> None:
+    from funcpipe.storage import MemoryStorage, register
+
+    class CensusStorage(MemoryStorage):
+        @classmethod
+        def from_url(cls, url: str) -> CensusStorage:
+            storage = cls(url.split("://", 1)[1])
+            storage.url = url
+            return storage
+
+        @staticmethod
+        def _prefix(key: str) -> str | None:
+            parts = key.split("/")
+            is_message = len(parts) > 3 and parts[1].startswith("a") and parts[2].startswith("i")
+            return "/".join(parts[:3]) if is_message else None
+
+        def put(self, key: str, data: bytes) -> None:
+            prefix = self._prefix(key)
+            fresh = not self.exists(key)
+            super().put(key, data)
+            if prefix and fresh:
+                IterationCensus.alive[prefix] = IterationCensus.alive.get(prefix, 0) + 1
+                IterationCensus.most = max(IterationCensus.most, len(IterationCensus.alive))
+
+        def delete(self, keys: Iterable[str]) -> None:
+            for key in list(keys):
+                prefix = self._prefix(key)
+                if prefix and self.exists(key):
+                    IterationCensus.alive[prefix] -= 1
+                    if not IterationCensus.alive[prefix]:
+                        del IterationCensus.alive[prefix]
+                super().delete([key])
+
+    IterationCensus.alive.clear()
+    IterationCensus.most = 0
+    register("census", CensusStorage, clobber=True)
+    plan = Plan.manual([3, 4], replicas=[2, 1], micro_batch_size=2, global_batch_size=8)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, plan, backend="thread",
+                      storage="census://long-fit")
+    trainer.fit(regression_batches(2, 8), iterations=30, progress=False)
+    assert IterationCensus.alive == {}
+    # The driver feeds LOOKAHEAD iterations ahead; everything older is deleted as the run goes.
+    assert 2 <= IterationCensus.most <= 5, IterationCensus.most

@@ -142,3 +142,22 @@ def test_fit_after_a_failed_fit_continues_from_the_last_good_state() -> None:
     # for this same iteration (computed from batches[1]) must not be consumed.
     assert len(trainer.fit(batches[2:3], progress=False)) == 1
     assert_same_parameters(trainer.model, expected)
+
+
+def test_a_worker_cancelled_before_it_starts_makes_no_threads() -> None:
+    from funcpipe import signed
+    from funcpipe.storage import open_storage
+    from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
+
+    plan = Plan.manual([1], micro_batch_size=1, global_batch_size=1)
+    key, blob_key = signed.new_key(), "job-early/model/s0"
+    definition = StageDefinition(nn.Sequential(nn.Linear(1, 1)), lambda p: torch.optim.SGD(p, lr=1), None)
+    open_storage("memory://early-cancel").put(blob_key, signed.seal(definition, key, name=blob_key))
+    config = WorkerConfig(job="job-early", attempt=0, storage_url="memory://early-cancel", stage=0, replica=0,
+                          plan=plan.to_dict(), timeout_s=5, signing_key=key)
+    worker = StageWorker(config.to_payload())
+    before = {t.name for t in threading.enumerate()}
+    worker.cancel()  # the driver gave up while the worker was still starting
+    with pytest.raises(WorkerFailed, match="cancelled before it started"):
+        worker.run(0, 1)
+    assert {t.name for t in threading.enumerate()} - before == set()

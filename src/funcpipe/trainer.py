@@ -308,7 +308,7 @@ class Trainer:
             for field in ("compute_s", "wait_s", "sync_s", "update_s", "total_s"):
                 summary[field] = sum(it[field] for it in iterations)
             history.workers.append(summary)
-        self._cleanup(first, total)
+        self._forget(first + total - 1)
 
     def _feed(self, feeder: ThreadPoolExecutor, iteration: int, batch: Batch) -> list[Future[None]]:
         plan = self.plan
@@ -350,10 +350,17 @@ class Trainer:
         history.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", s_per_it=f"{history.seconds[-1]:.3f}", refresh=False)
         bar.update(1)
+        if len(history) > 1:
+            self._forget(iteration - 1)
 
-    def _cleanup(self, first: int, count: int) -> None:
-        for iteration in range(first, first + count):
-            self.storage.delete(self.storage.list(self.keys.iteration_prefix(iteration)))
+    def _forget(self, iteration: int) -> None:
+        """Delete the messages of a finished iteration, so storage holds about two at a time.
+
+        Safe once the last stage reported the *next* iteration: every replica
+        of every stage owns a micro-batch of it, so each has finished reading
+        (and sending) everything of this one.
+        """
+        self.storage.delete(self.storage.list(self.keys.iteration_prefix(iteration)))
 
     def _gather(self) -> None:
         merged: dict[str, torch.Tensor] = {}

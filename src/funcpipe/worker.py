@@ -26,7 +26,7 @@ from funcpipe.executors.base import Actor
 from funcpipe.keys import JobKeys
 from funcpipe.plan import Plan
 from funcpipe.schedule import worker_tasks
-from funcpipe.storage import Storage, open_storage
+from funcpipe.storage import Storage, WaitCancelled, open_storage
 
 __all__ = ["StageDefinition", "StageWorker", "WorkerConfig"]
 
@@ -80,6 +80,9 @@ class StageWorker(Actor):
         self._cancel = threading.Event()
         self._last_abort_check = 0.0
         self._ready = False
+        # Guards the thread pools: cancel() may come from another thread while _setup makes them.
+        self._pools_lock = threading.Lock()
+        self._pools: list[ThreadPoolExecutor] = []
 
     # -- the actor interface -------------------------------------------------
 
@@ -104,17 +107,17 @@ class StageWorker(Actor):
                 )
             return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports}
         except BaseException as exc:
-            self._cancel.set()
+            self.cancel()
             raise WorkerFailed(
                 self.config.name, f"{type(exc).__name__}: {exc}", traceback.format_exc()
             ) from None
 
     def cancel(self) -> None:
         """Stop soon: waits give up at their next poll; the worker's threads are released."""
-        self._cancel.set()
-        if self._ready:
-            self._upload.shutdown(wait=False, cancel_futures=True)
-            self._download.shutdown(wait=False, cancel_futures=True)
+        with self._pools_lock:
+            self._cancel.set()
+            for pool in self._pools:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # -- setup ---------------------------------------------------------------
 
@@ -143,8 +146,13 @@ class StageWorker(Actor):
             if optim_state is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(optim_state)
         self.layers.train()
-        self._upload = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-upload-{config.stage}-{config.replica}")
-        self._download = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-download-{config.stage}-{config.replica}")
+        name = f"{config.stage}-{config.replica}"
+        with self._pools_lock:
+            if self._cancel.is_set():  # cancelled while setting up: make no threads
+                raise WaitCancelled("worker cancelled before it started")
+            self._upload = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-upload-{name}")
+            self._download = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-download-{name}")
+            self._pools = [self._upload, self._download]
         self.comm = Comm(self.storage, self._upload, self._download, config.timeout_s, self._cancelled)
         self._ready = True
 

@@ -34,7 +34,10 @@ class Actor:
     """Base of the classes executors run: built from plain data, called one method at a time."""
 
     def cancel(self) -> None:
-        """Ask a call that is running to stop soon; called from another thread."""
+        """Stop a running call soon and release what the actor holds (threads).
+
+        Called from another thread, whether or not a call is running.
+        """
 
 
 class ActorHandle(abc.ABC):

@@ -39,6 +39,8 @@ class _Host:
         return getattr(self.instance, method)(*args)
 
     def stop(self) -> None:
+        if self.instance is not None:
+            self.instance.cancel()  # releases the threads it holds: this process lives on
         self.instance = None
 
 
