@@ -11,7 +11,7 @@ from torch import nn
 from funcpipe import codec
 from funcpipe.errors import IntegrityError
 
-__all__ = ["decode_state", "encode_state", "load_optimizer_state"]
+__all__ = ["decode_state", "encode_state"]
 
 _MODEL = "model."
 _OPTIM = "optim."
@@ -65,7 +65,3 @@ def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any] |
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"checkpoint has a malformed optimizer header: {exc}") from exc
 
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a state dict from :func:`decode_state` into ``optimizer``."""
-    optimizer.load_state_dict(state)
