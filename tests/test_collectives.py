@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from funcpipe import codec
-from funcpipe.collectives import ALGORITHMS, Comm, all_reduce
+from funcpipe.collectives import ALGORITHMS, Comm, all_reduce, piece_count
 from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.keys import JobKeys
 from funcpipe.storage import MemoryStorage, Storage, WaitCancelled
@@ -549,3 +549,47 @@ def test_recv_stops_waiting_when_cancelled(memory: MemoryStorage, keys: JobKeys)
     finally:
         close_comm(comm)
     assert asked.is_set()
+
+
+# --------------------------------------------------------------------------- pieces and connections
+
+
+@pytest.mark.parametrize("connections", [None, 3], ids=["download-thread", "3-connections"])
+@pytest.mark.parametrize(("world", "size"), [(2, 101), (3, 1000), (5, 777)])
+def test_pipelined_in_pieces_sums_exactly(
+    memory: MemoryStorage, keys: JobKeys, world: int, size: int, connections: int | None
+) -> None:
+    inputs = integer_inputs(world, size)
+    piece_bytes = 8 * 16  # 16 float64 elements a piece: several pieces per chunk
+    pieces = piece_count(size * 8, world, piece_bytes)
+    assert pieces > 1
+
+    def replica(rank: int) -> torch.Tensor:
+        comm = make_comm(memory)
+        comm.fetch = None if connections is None else ThreadPoolExecutor(connections, thread_name_prefix="test-fetch")
+        try:
+            return all_reduce(comm, inputs[rank], keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
+                              world=world, algorithm="pipelined", piece_bytes=piece_bytes)
+        finally:
+            close_comm(comm)
+            if comm.fetch is not None:
+                comm.fetch.shutdown(wait=True)
+
+    with ThreadPoolExecutor(max_workers=world, thread_name_prefix="test-replica") as pool:
+        results = [f.result(timeout=THREAD_TIMEOUT_S) for f in [pool.submit(replica, r) for r in range(world)]]
+    expected = torch.stack(inputs).sum(0)
+    for result in results:
+        assert torch.equal(result, expected)
+    assert_bitwise_equal(results)
+    # Every (owner, sender, piece) share and every (owner, piece) reduced piece was written once.
+    chunk_keys = memory.list(keys.iteration_prefix(ITERATION) + "chunk.")
+    assert len(chunk_keys) == world * (world - 1) * pieces
+    assert len(memory.list(keys.iteration_prefix(ITERATION) + "merged.")) == world * pieces
+
+
+@pytest.mark.parametrize(
+    ("size_bytes", "world", "piece_bytes", "expected"),
+    [(100, 2, 1000, 1), (8_000, 2, 1000, 4), (8_000, 4, 1000, 2), (10**9, 2, 1000, 16), (7, 3, 1, 3)],
+)
+def test_piece_count(size_bytes: int, world: int, piece_bytes: int, expected: int) -> None:
+    assert piece_count(size_bytes, world, piece_bytes) == expected

@@ -10,10 +10,13 @@ storage. The gradient, flattened, is cut into ``n`` chunks of balanced sizes
 owns chunk ``k``. Two algorithms:
 
 * ``pipelined`` (funcpipe, paper §4.3): the upload thread sends my shares of
-  the peers' chunks while the download thread fetches the peers' shares of
-  my chunk and the compute thread adds each into my chunk as it arrives (my
-  own share *is* the starting value); the merged chunk goes up while the
-  peers' merged chunks come down. Uplink, downlink and the sums overlap.
+  the peers' chunks while the downloads fetch the peers' shares of my chunk
+  and the compute thread adds each into my chunk as it arrives (my own share
+  *is* the starting value); each reduced piece goes up as soon as it is
+  summed while the peers' reduced pieces come down. Chunks travel in pieces
+  of about ``piece_bytes`` so a piece can be forwarded before the whole chunk
+  has arrived, and the downloads run on several connections (``Comm.fetch``)
+  so the per-request latencies overlap. Uplink, downlink and sums overlap.
 * ``four_phase`` (LambdaML's scatter-reduce, the baseline): upload all
   shares; then download and sum; then upload the merged chunk; then download
   the merged chunks. Each phase waits for the one before.
@@ -35,9 +38,13 @@ from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.keys import JobKeys
 from funcpipe.storage.base import Storage
 
-__all__ = ["ALGORITHMS", "Comm", "all_reduce"]
+__all__ = ["ALGORITHMS", "Comm", "all_reduce", "piece_count"]
 
 ALGORITHMS = ("pipelined", "four_phase")
+
+#: Target size of one piece of a chunk in the pipelined algorithm, and the most pieces per chunk.
+PIECE_BYTES = 4 * 2**20
+MAX_PIECES = 16
 
 
 @dataclasses.dataclass
@@ -53,6 +60,9 @@ class Comm:
     download: ThreadPoolExecutor
     timeout_s: float
     cancelled: Callable[[], bool] | None = None
+    #: Connections for the all-reduce's downloads (several, so request latencies
+    #: overlap; they share the one downlink); ``None``: the download thread.
+    fetch: ThreadPoolExecutor | None = None
 
     def send(self, key: str, tensor: torch.Tensor) -> Future[None]:
         """Post ``tensor`` to the upload thread; it is written to ``key``."""
@@ -61,6 +71,10 @@ class Comm:
     def recv(self, key: str) -> Future[torch.Tensor]:
         """Post a download of ``key`` (waiting for it to appear) to the download thread."""
         return self.download.submit(self.get_now, key)
+
+    def fetch_recv(self, key: str) -> Future[torch.Tensor]:
+        """Like :meth:`recv`, on the all-reduce's download connections."""
+        return (self.fetch or self.download).submit(self.get_now, key)
 
     def put_now(self, key: str, tensor: torch.Tensor) -> None:
         self.storage.put(key, codec.encode_tensor(tensor, {"key": key}))
@@ -76,6 +90,15 @@ class Comm:
         return tensor
 
 
+def piece_count(size_bytes: int, world: int, piece_bytes: int = PIECE_BYTES) -> int:
+    """Pieces per chunk in the pipelined algorithm: about ``piece_bytes`` each, at most MAX_PIECES.
+
+    Every replica computes the same count from the same sizes.
+    """
+    largest_chunk = -(-size_bytes // world)
+    return max(1, min(MAX_PIECES, -(-largest_chunk // max(1, piece_bytes))))
+
+
 def all_reduce(
     comm: Comm,
     flat: torch.Tensor,
@@ -86,6 +109,7 @@ def all_reduce(
     rank: int,
     world: int,
     algorithm: str = "pipelined",
+    piece_bytes: int = PIECE_BYTES,
 ) -> torch.Tensor:
     """Sum a 1-D tensor across the ``world`` replicas of ``stage``; every replica gets the sum.
 
@@ -105,25 +129,34 @@ def all_reduce(
     to_peers = [(rank + step) % world for step in range(1, world)]
     from_peers = [(rank - step) % world for step in range(1, world)]
 
-    def chunk_key(owner: int, sender: int) -> str:
-        return keys.chunk(iteration, stage, owner, sender)
+    def chunk_key(owner: int, sender: int, piece: int = 0) -> str:
+        return keys.chunk(iteration, stage, owner, sender, piece)
 
-    def merged_key(owner: int) -> str:
-        return keys.merged(iteration, stage, owner)
+    def merged_key(owner: int, piece: int = 0) -> str:
+        return keys.merged(iteration, stage, owner, piece)
 
     result = torch.empty_like(flat)
     out_chunks = torch.tensor_split(result, world)
     if algorithm == "pipelined":
-        sends = [comm.send(chunk_key(peer, rank), chunks[peer]) for peer in to_peers]
-        shares = [comm.recv(chunk_key(rank, peer)) for peer in from_peers]
-        mine = out_chunks[rank]
-        mine.copy_(chunks[rank])
-        for share in shares:
-            mine.add_(share.result())
-        sends.append(comm.send(merged_key(rank), mine))
-        merged = [(peer, comm.recv(merged_key(peer))) for peer in from_peers]
-        for peer, future in merged:
-            out_chunks[peer].copy_(future.result())
+        pieces = piece_count(flat.numel() * flat.element_size(), world, piece_bytes)
+        parts = [torch.tensor_split(chunk, pieces) for chunk in chunks]
+        out_parts = [torch.tensor_split(chunk, pieces) for chunk in out_chunks]
+        sends = [
+            comm.send(chunk_key(peer, rank, q), parts[peer][q]) for q in range(pieces) for peer in to_peers
+        ]
+        # Every share download is queued before any merged one, so a connection
+        # waiting for a peer's reduced piece never holds up a share that piece needs.
+        shares = [[comm.fetch_recv(chunk_key(rank, peer, q)) for peer in from_peers] for q in range(pieces)]
+        merged = [[(peer, comm.fetch_recv(merged_key(peer, q))) for peer in from_peers] for q in range(pieces)]
+        for q in range(pieces):
+            mine = out_parts[rank][q]
+            mine.copy_(parts[rank][q])
+            for share in shares[q]:
+                mine.add_(share.result())
+            sends.append(comm.send(merged_key(rank, q), mine))
+        for q in range(pieces):
+            for peer, future in merged[q]:
+                out_parts[peer][q].copy_(future.result())
         for send in sends:
             send.result()
     else:

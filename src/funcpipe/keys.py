@@ -37,13 +37,13 @@ class JobKeys:
         """
         return f"{self.iteration_prefix(iteration)}{kind}.s{stage}.r{replica}.m{micro_batch}"
 
-    def chunk(self, iteration: int, stage: int, owner: int, sender: int) -> str:
-        """Scatter-reduce: ``sender``'s share of the gradient chunk that ``owner`` reduces."""
-        return f"{self.iteration_prefix(iteration)}chunk.s{stage}.r{owner}.from{sender}"
+    def chunk(self, iteration: int, stage: int, owner: int, sender: int, piece: int = 0) -> str:
+        """Scatter-reduce: ``sender``'s share of (a piece of) the gradient chunk ``owner`` reduces."""
+        return f"{self.iteration_prefix(iteration)}chunk.s{stage}.r{owner}.from{sender}.p{piece}"
 
-    def merged(self, iteration: int, stage: int, owner: int) -> str:
-        """Scatter-reduce: the fully reduced chunk that ``owner`` publishes to its peers."""
-        return f"{self.iteration_prefix(iteration)}merged.s{stage}.r{owner}"
+    def merged(self, iteration: int, stage: int, owner: int, piece: int = 0) -> str:
+        """Scatter-reduce: (a piece of) the reduced chunk that ``owner`` publishes to its peers."""
+        return f"{self.iteration_prefix(iteration)}merged.s{stage}.r{owner}.p{piece}"
 
     def metrics(self, iteration: int, stage: int, replica: int) -> str:
         """Per-iteration report of one worker (loss, timings), JSON."""

@@ -33,6 +33,9 @@ __all__ = ["StageDefinition", "StageWorker", "WorkerConfig"]
 #: How often a waiting worker looks for the driver's abort object, seconds.
 ABORT_CHECK_S = 1.0
 
+#: Parallel download connections for the gradient all-reduce (overlapping request latencies).
+FETCH_CONNECTIONS = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class StageDefinition:
@@ -153,7 +156,11 @@ class StageWorker(Actor):
             self._upload = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-upload-{name}")
             self._download = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-download-{name}")
             self._pools = [self._upload, self._download]
-        self.comm = Comm(self.storage, self._upload, self._download, config.timeout_s, self._cancelled)
+            fetch = None
+            if self.plan.replicas[config.stage] > 1:
+                fetch = ThreadPoolExecutor(FETCH_CONNECTIONS, thread_name_prefix=f"funcpipe-fetch-{name}")
+                self._pools.append(fetch)
+        self.comm = Comm(self.storage, self._upload, self._download, config.timeout_s, self._cancelled, fetch)
         self._ready = True
 
     def _cancelled(self) -> bool:
