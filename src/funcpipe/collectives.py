@@ -38,7 +38,7 @@ from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.keys import JobKeys
 from funcpipe.storage.base import Storage
 
-__all__ = ["ALGORITHMS", "Comm", "all_reduce", "piece_count"]
+__all__ = ["ALGORITHMS", "Comm", "all_reduce", "piece_count", "put_tensor"]
 
 ALGORITHMS = ("pipelined", "four_phase")
 
@@ -77,7 +77,7 @@ class Comm:
         return (self.fetch or self.download).submit(self.get_now, key)
 
     def put_now(self, key: str, tensor: torch.Tensor) -> None:
-        self.storage.put(key, codec.encode_tensor(tensor, {"key": key}))
+        put_tensor(self.storage, key, tensor)
 
     def get_now(self, key: str) -> torch.Tensor:
         data = self.storage.wait(key, self.timeout_s, cancelled=self.cancelled)
@@ -88,6 +88,11 @@ class Comm:
                 "a stale or misplaced object"
             )
         return tensor
+
+
+def put_tensor(storage: Storage, key: str, tensor: torch.Tensor) -> None:
+    """Write ``tensor`` to ``key``, its header naming the key (:meth:`Comm.get_now` checks it)."""
+    storage.put(key, codec.encode_tensor(tensor, {"key": key}))
 
 
 def piece_count(size_bytes: int, world: int, piece_bytes: int = PIECE_BYTES) -> int:

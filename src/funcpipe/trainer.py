@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from funcpipe import checkpoint, codec, signed
+from funcpipe import checkpoint, signed
+from funcpipe.collectives import put_tensor
 from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, StorageError
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
@@ -320,11 +321,8 @@ class Trainer:
         for m, (x, y) in enumerate(pairs):
             for kind, stage, tensor in (("input", 0, x), ("target", last, y)):
                 key = self.keys.message(iteration, kind, stage, m % plan.replicas[stage], m)
-                futures.append(feeder.submit(self._put_tensor, key, tensor))
+                futures.append(feeder.submit(put_tensor, self.storage, key, tensor))
         return futures
-
-    def _put_tensor(self, key: str, tensor: torch.Tensor) -> None:
-        self.storage.put(key, codec.encode_tensor(tensor, {"key": key}))
 
     def _await(
         self, iteration: int, calls: CallGroup, history: History, bar: tqdm, started: float
