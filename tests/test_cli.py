@@ -3,10 +3,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from funcpipe.cli import main
+from funcpipe import Plan, simulate
+from funcpipe.cli import build_parser, main
+from funcpipe.profiler import LayerProfile, ModelProfile
 
 
 @pytest.mark.ray
@@ -44,3 +48,205 @@ def test_help_lists_the_demo() -> None:
                           timeout=120, check=False)
     assert proc.returncode == 0
     assert "demo" in proc.stdout and "train a digits classifier" in proc.stdout
+
+
+# -- profile, plan and simulate ---------------------------------------------------
+
+TINY_MODEL = '''
+import torch
+from torch import nn
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    return model, torch.randn(8, 8), torch.randn(8, 3), nn.functional.mse_loss
+
+
+def three_values():
+    model, inputs, targets, _ = tiny()
+    return model, inputs, targets
+
+
+def not_sequential():
+    _, inputs, targets, loss_fn = tiny()
+    return nn.Linear(8, 3), inputs, targets, loss_fn
+
+
+def broken():
+    raise RuntimeError("no data here")
+'''
+FAST = ["--rounds", "1", "--warmup", "0"]
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A model module in a fresh directory, which is also the cwd; yields its ``file.py:function`` spec."""
+    (tmp_path / "tiny_models.py").write_text(TINY_MODEL, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    yield str(tmp_path / "tiny_models.py") + ":tiny"
+    sys.modules.pop("tiny_models", None)  # imported by name from this directory
+
+
+def big_profile(path: Path, param_bytes: int = 2 * 10**9) -> Path:
+    """Three named layers of 2 GB of parameters (6 GB with Adam's state): one stage each on Lambda."""
+    layers = tuple(
+        LayerProfile(
+            name=name, forward_alpha_s=0.001, forward_beta_s=0.004, backward_alpha_s=0.002, backward_beta_s=0.008,
+            param_bytes=param_bytes, optimizer_bytes=2 * param_bytes, update_s=0.5, output_bytes_per_sample=4e4,
+            held_bytes_per_sample=8e4,
+        )
+        for name in ("embed", "body", "head")
+    )
+    ModelProfile(layers, 1e3, 8.0).save(path)
+    return path
+
+
+def test_profile_prints_every_layer_and_saves_the_profile(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["profile", tiny_model, *FAST, "--micro-batch-sizes", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    saved = ModelProfile.load(tmp_path / "tiny.profile.json")  # default: FUNCTION.profile.json in the cwd
+    assert saved.num_layers == 3 and saved.micro_batch_sizes == (1, 2)
+    assert "fwd ms" in out and "held KB/sample" in out and "profile saved to tiny.profile.json" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[:2] for row in rows] == [["0", "0"], ["1", "1"], ["2", "2"]]
+    assert float(rows[0][4]) == pytest.approx((8 * 16 + 16) * 4 / 2**20, abs=1e-3)  # params MB of Linear(8, 16)
+
+
+def test_profile_json_and_out(tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = tmp_path / "sub.json"
+    assert main(["profile", tiny_model, *FAST, "--out", str(out_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    printed = ModelProfile.from_dict(json.loads(captured.out))
+    assert printed == ModelProfile.load(out_path)
+    assert [layer.name for layer in printed.layers] == ["0", "1", "2"]
+    assert "profile saved to" in captured.err
+
+
+def test_plan_table_json_and_out_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile_path = big_profile(tmp_path / "big.json")
+    plan_path = tmp_path / "plan.json"
+    common = ["plan", str(profile_path), "--platform", "aws_lambda", "--global-batch", "8", "--micro-batch", "2",
+              "--time-limit", "5"]
+    assert main([*common, "--samples", "1000", "--out", str(plan_path)]) == 0
+    out = capsys.readouterr().out
+    saved = Plan.from_dict(json.loads(plan_path.read_text(encoding="utf-8")))
+    assert saved.balance == (1, 1, 1) and saved.platform == "aws_lambda"
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(row[0], row[1], row[-1]) for row in rows] == [("0", "0", "embed"), ("1", "1", "body"), ("2", "2", "head")]
+    assert "predicted per iteration:" in out
+    assert "predicted per epoch of 1,000 samples (125 iterations)" in out  # 1000 / 8
+    assert "solver: optimal" in out and f"plan saved to {plan_path}" in out
+
+    assert main([*common, "--samples", "1001", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    epoch = data.pop("per_epoch")
+    plan = Plan.from_dict(data)
+    assert plan == saved
+    assert plan.predicted_iteration_s is not None and plan.predicted_cost_usd is not None
+    assert epoch["iterations"] == 126  # 1001 samples: the last, partial batch is an iteration too
+    assert epoch["seconds"] == pytest.approx(126 * plan.predicted_iteration_s)
+    assert epoch["cost_usd"] == pytest.approx(126 * plan.predicted_cost_usd)
+
+    assert main([*common, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_epoch"] is None
+
+
+def test_plan_profiles_a_model_first(tiny_model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", tiny_model, *FAST, "--platform", "aws_lambda", "--global-batch", "8", "--micro-batch", "2",
+                 "--objective", "cost", "--max-stages", "2", "--memory-mb", "1024", "2048", "--time-limit", "5",
+                 "--json"]) == 0
+    plan = Plan.from_dict({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "per_epoch"})
+    assert sum(plan.balance) == 3 and plan.num_stages <= 2
+    assert plan.memory_mb is not None and set(plan.memory_mb) <= {1024, 2048}
+
+
+def test_simulate_prints_stages_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile_path = big_profile(tmp_path / "big.json", 10**9)  # two replicas fit the largest tier
+    plan = Plan.manual([1, 1, 1], replicas=[1, 2, 1], micro_batch_size=2, global_batch_size=8, memory_mb=10240)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan.to_dict()), encoding="utf-8")
+    png = tmp_path / "timeline.png"
+    assert main(["simulate", str(profile_path), "--plan", str(plan_path), "--platform", "aws_lambda",
+                 "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Simulation on aws_lambda:")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[:2] for row in rows] == [["0", "1"], ["1", "2"], ["2", "1"]]
+    assert f"timeline saved to {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["simulate", str(profile_path), "--plan", str(plan_path), "--platform", "aws_lambda", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = simulate(plan, ModelProfile.load(profile_path), "aws_lambda")
+    assert data["iteration_s"] == pytest.approx(expected.iteration_s)
+    assert data["cost_usd"] == pytest.approx(expected.cost_usd)
+    assert data["formula_s"] == pytest.approx(expected.formula_s)
+    assert [(st["stage"], st["replicas"]) for st in data["stages"]] == [(0, 1), (1, 2), (2, 1)]
+    assert Plan.from_dict(data["plan"]) == plan
+
+
+def test_simulate_takes_the_plan_commands_json_and_its_platform(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile_path = big_profile(tmp_path / "big.json")
+    assert main(["plan", str(profile_path), "--platform", "alibaba_fc", "--global-batch", "8", "--micro-batch", "2",
+                 "--time-limit", "5", "--samples", "80", "--json"]) == 0
+    plan_path = tmp_path / "printed.json"
+    plan_path.write_text(capsys.readouterr().out, encoding="utf-8")  # still has per_epoch
+    assert main(["simulate", str(profile_path), "--plan", str(plan_path)]) == 0
+    assert capsys.readouterr().out.startswith("Simulation on alibaba_fc:")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tiny_models", "is not MODULE:FUNCTION"),
+        ("no_such_module_xyz:tiny", "no module named 'no_such_module_xyz'"),
+        ("tiny_models:nope", "has no function 'nope' (functions there: broken, not_sequential, three_values, tiny)"),
+        ("missing_file.py:tiny", "no file 'missing_file.py'"),
+        ("tiny_models.py:three_values", "three_values() returned a 3-tuple, not 4 values"),
+        ("tiny_models:not_sequential", "model is a Linear, not an nn.Sequential"),
+        ("tiny_models:broken", "broken() raised RuntimeError: no data here"),
+    ],
+)
+def test_bad_model_spec_is_one_line_naming_it(
+    tiny_model: str, spec: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["profile", spec, *FAST]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"funcpipe: error: model {spec!r}")
+    assert message in lines[0]
+    assert "hint" in lines[0] or "raised" in lines[0]
+
+
+def test_plan_and_simulate_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile_path = big_profile(tmp_path / "big.json")
+    assert main(["plan", str(profile_path), "--platform", "nowhere", "--global-batch", "8",
+                 "--micro-batch", "2"]) == 2
+    assert capsys.readouterr().err.startswith("funcpipe: error: unknown platform 'nowhere'")
+    assert main(["plan", str(tmp_path / "absent.json"), "--platform", "aws_lambda", "--global-batch", "8",
+                 "--micro-batch", "2"]) == 2
+    assert "no profile at" in capsys.readouterr().err
+    assert main(["simulate", str(profile_path), "--plan", str(tmp_path / "absent.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no plan at" in err
+    manual = tmp_path / "manual.json"
+    manual.write_text(json.dumps(Plan.manual([3], micro_batch_size=2, global_batch_size=8).to_dict()), "utf-8")
+    assert main(["simulate", str(profile_path), "--plan", str(manual)]) == 2
+    assert "names no platform; hint: --platform" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_on_one_line() -> None:
+    help_text = build_parser().format_help()
+    lines = {line.split()[0]: line for line in help_text.splitlines() if line.startswith("    ")}
+    assert set(lines) == {"demo", "profile", "plan", "simulate"}
+    for line in lines.values():
+        assert len(line.split()) > 3  # the name and its one-line description
+    commands = help_text.split("positional arguments:")[1].split("options:")[0]
+    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 4  # COMMAND, then one each

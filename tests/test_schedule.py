@@ -10,7 +10,7 @@ F, S, B, SG = "forward", "send", "backward", "send_grad"
 
 def test_single_stage_single_replica() -> None:
     assert worker_tasks(0, 0, replicas=[1], num_micro_batches=2) == [
-        (R, 0), (R, 1), (RT, 0), (RT, 1),
+        (R, 0), (RT, 0), (R, 1), (RT, 1),
         (F, 0), (B, 0),
         (F, 1), (B, 1),
         ("update", -1),
@@ -37,7 +37,7 @@ def test_first_stage_sends_no_input_gradient() -> None:
 
 def test_last_stage_runs_backward_right_after_forward() -> None:
     assert worker_tasks(1, 0, replicas=[1, 1], num_micro_batches=2) == [
-        (R, 0), (R, 1), (RT, 0), (RT, 1),
+        (R, 0), (RT, 0), (R, 1), (RT, 1),
         (F, 0), (B, 0), (SG, 0),
         (F, 1), (B, 1), (SG, 1),
         ("update", -1),

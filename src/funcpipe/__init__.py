@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from funcpipe import platforms
 from funcpipe.errors import (
     BackendError,
     ConfigError,
@@ -13,6 +14,9 @@ from funcpipe.errors import (
     WorkerFailed,
 )
 from funcpipe.plan import Plan
+from funcpipe.planner import pareto, plan
+from funcpipe.profiler import LayerProfile, ModelProfile, profile
+from funcpipe.simulator import Simulation, simulate
 from funcpipe.trainer import History, Trainer
 
 __all__ = [
@@ -21,13 +25,21 @@ __all__ = [
     "FuncpipeError",
     "History",
     "IntegrityError",
+    "LayerProfile",
+    "ModelProfile",
     "ObjectNotFound",
     "Plan",
     "PlanInfeasible",
+    "Simulation",
     "StorageError",
     "Trainer",
     "WorkerFailed",
     "__version__",
+    "pareto",
+    "plan",
+    "platforms",
+    "profile",
+    "simulate",
 ]
 
 __version__ = "0.1.0"

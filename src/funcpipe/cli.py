@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.util
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from funcpipe.errors import FuncpipeError
+from funcpipe.errors import ConfigError, FuncpipeError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from funcpipe.plan import Plan
+    from funcpipe.profiler import LossFn, ModelProfile
+    from funcpipe.simulator import Simulation
+
+__all__ = ["build_parser", "load_model", "main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -34,6 +49,342 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- models, profiles and plans from the command line ------------------------------
+
+_SPEC_HINT = (
+    "hint: give MODULE:FUNCTION or path/to/file.py:FUNCTION, where FUNCTION() returns "
+    "(model, inputs, targets, loss_fn)"
+)
+
+
+def load_model(spec: str) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, LossFn]:
+    """Call the function a ``module:function`` (or ``file.py:function``) spec names; check what it returns.
+
+    Raises:
+        ConfigError: the spec is malformed, the module or function is missing,
+            the function fails, or it returns something else than
+            ``(nn.Sequential, inputs tensor, targets tensor, loss_fn)``.
+    """
+    import torch
+    from torch import nn
+
+    where, colon, name = spec.rpartition(":")
+    if not colon or not where or not name:
+        raise ConfigError(f"model {spec!r} is not MODULE:FUNCTION; {_SPEC_HINT}")
+    module = _import(where, spec)
+    function = getattr(module, name, None)
+    if function is None:
+        defined = sorted(
+            key for key, value in vars(module).items()
+            if not key.startswith("_") and callable(value) and getattr(value, "__module__", None) == module.__name__
+        )
+        there = f" (functions there: {', '.join(defined)})" if defined else ""
+        raise ConfigError(f"model {spec!r}: {where!r} has no function {name!r}{there}; {_SPEC_HINT}")
+    if not callable(function):
+        raise ConfigError(f"model {spec!r}: {name!r} is a {type(function).__name__}, not a function; {_SPEC_HINT}")
+    try:
+        result = function()
+    except Exception as exc:
+        raise ConfigError(
+            f"model {spec!r}: {name}() raised {type(exc).__name__}: {exc}; hint: --debug shows the traceback"
+        ) from exc
+    if not isinstance(result, tuple | list) or len(result) != 4:
+        got = f"a {len(result)}-tuple" if isinstance(result, tuple | list) else type(result).__name__
+        raise ConfigError(f"model {spec!r}: {name}() returned {got}, not 4 values; {_SPEC_HINT}")
+    model, inputs, targets, loss_fn = result
+    problems = [
+        f"model is a {type(model).__name__}, not an nn.Sequential" if not isinstance(model, nn.Sequential) else "",
+        f"inputs is a {type(inputs).__name__}, not a tensor" if not isinstance(inputs, torch.Tensor) else "",
+        f"targets is a {type(targets).__name__}, not a tensor" if not isinstance(targets, torch.Tensor) else "",
+        f"loss_fn is a {type(loss_fn).__name__}, not callable" if not callable(loss_fn) else "",
+    ]
+    wrong = "; ".join(p for p in problems if p)
+    if wrong:
+        raise ConfigError(f"model {spec!r}: {name}() returned the wrong types ({wrong}); {_SPEC_HINT}")
+    return model, inputs, targets, loss_fn
+
+
+def _import(where: str, spec: str) -> Any:
+    """The module of a spec: a .py file by path, else an importable module (the cwd included)."""
+    if where.endswith(".py") or os.sep in where or (os.altsep is not None and os.altsep in where):
+        path = Path(where)
+        if not path.is_file():
+            raise ConfigError(f"model {spec!r}: no file {where!r}; {_SPEC_HINT}")
+        name = f"_funcpipe_model_{path.stem}_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ConfigError(f"model {spec!r}: cannot import {where!r} as Python; {_SPEC_HINT}")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module  # dataclasses and pickling look their module up there
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise ConfigError(
+                f"model {spec!r}: importing {where!r} raised {type(exc).__name__}: {exc}; "
+                "hint: --debug shows the traceback"
+            ) from exc
+        return module
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: modules next to the user
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (where == exc.name or where.startswith(exc.name + ".")):
+            raise ConfigError(f"model {spec!r}: no module named {where!r}; {_SPEC_HINT}") from exc
+        raise ConfigError(f"model {spec!r}: importing {where!r} failed: {exc}") from exc
+    except ImportError as exc:
+        raise ConfigError(f"model {spec!r}: importing {where!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(
+            f"model {spec!r}: importing {where!r} raised {type(exc).__name__}: {exc}; "
+            "hint: --debug shows the traceback"
+        ) from exc
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+
+
+def _profile_model(spec: str, args: argparse.Namespace, *, quiet: bool) -> ModelProfile:
+    from funcpipe.profiler import profile
+
+    model, inputs, targets, loss_fn = load_model(spec)
+    return profile(model, inputs, targets, loss_fn, micro_batch_sizes=args.micro_batch_sizes,
+                   rounds=args.rounds, warmup=args.warmup, progress=False if quiet else None)
+
+
+def _load_profile(source: str, args: argparse.Namespace, *, quiet: bool) -> ModelProfile:
+    """A saved profile if ``source`` ends with .json, else the profile of the model it names."""
+    from funcpipe.profiler import ModelProfile
+
+    if source.lower().endswith(".json"):
+        return ModelProfile.load(source)
+    return _profile_model(source, args, quiet=quiet)
+
+
+def _load_plan(path: str) -> Plan:
+    from funcpipe.plan import Plan
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no plan at {path!r}; hint: write one with `funcpipe plan ... --out {path}`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"plan {path!r} is not JSON ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read plan {path!r} ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"plan {path!r} must hold a JSON object, got {type(data).__name__}")
+    data.pop("per_epoch", None)  # what `funcpipe plan --json` adds
+    try:
+        return Plan.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"plan {path!r}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"plan {path!r} is malformed ({exc})") from None
+
+
+def _write_json(path: str, data: object, what: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the {what} to {path!r}: {exc.strerror or exc}") from None
+
+
+def _note(message: str, *, json_mode: bool) -> None:
+    """A side remark: on stdout after a table, on stderr when stdout carries JSON."""
+    print(message, file=sys.stderr if json_mode else sys.stdout)
+
+
+# -- funcpipe profile ----------------------------------------------------------------
+
+
+def _profile(args: argparse.Namespace) -> int:
+    profile = _profile_model(args.model, args, quiet=args.json)
+    out = args.out if args.out is not None else f"{args.model.rpartition(':')[2]}.profile.json"
+    try:
+        profile.save(out)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the profile to {out!r}: {exc.strerror or exc}") from None
+    if args.json:
+        print(json.dumps(profile.to_dict(), indent=2))
+        _note(f"profile saved to {out}", json_mode=True)
+        return 0
+    print(_profile_table(profile))
+    print(f"\nprofile saved to {out}")
+    return 0
+
+
+def _profile_table(profile: ModelProfile) -> str:
+    b = max(profile.micro_batch_sizes)
+    machine = profile.machine
+    where = f" on {machine['cpu']}, torch {machine.get('torch', '?')}" if "cpu" in machine else ""
+    width = max(4, *(len(layer.name) for layer in profile.layers))
+    rows = [
+        f"Profile of {profile.num_layers} layers{where}, one thread; times at micro-batch {b} "
+        f"(measured at {', '.join(map(str, profile.micro_batch_sizes))}); MB = 2**20 bytes, KB = 2**10",
+        f"  {'#':>3} {'name':<{width}} {'fwd ms':>9} {'bwd ms':>9} {'params MB':>10} {'out KB/sample':>14} "
+        f"{'held KB/sample':>15}",
+    ]
+    for i, layer in enumerate(profile.layers):
+        rows.append(
+            f"  {i:>3} {layer.name:<{width}} {layer.forward_s(b) * 1e3:>9.3f} {layer.backward_s(b) * 1e3:>9.3f} "
+            f"{layer.param_bytes / 2**20:>10.3f} {layer.output_bytes_per_sample / 2**10:>14.2f} "
+            f"{layer.held_bytes_per_sample / 2**10:>15.2f}"
+        )
+    layers = profile.layers
+    rows.append(
+        f"  {'':>3} {'total':<{width}} {sum(lp.forward_s(b) for lp in layers) * 1e3:>9.3f} "
+        f"{sum(lp.backward_s(b) for lp in layers) * 1e3:>9.3f} {profile.param_bytes / 2**20:>10.3f}"
+    )
+    rows.append(
+        f"  input {profile.input_bytes_per_sample / 2**10:.2f} KB/sample, "
+        f"target {profile.target_bytes_per_sample / 2**10:.2f} KB/sample"
+    )
+    return "\n".join(rows)
+
+
+# -- funcpipe plan --------------------------------------------------------------------
+
+
+def _objective(value: str) -> str | float:
+    if value in ("time", "cost"):
+        return value
+    try:
+        weight = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not 'time', 'cost' or a weight of time in [0, 1] (e.g. 0.3)"
+        ) from None
+    if not 0 <= weight <= 1:
+        raise argparse.ArgumentTypeError(f"the weight of time must be in [0, 1], got {value}")
+    return weight
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from funcpipe import platforms
+    from funcpipe.planner import plan as make_plan
+    from funcpipe.simulator import simulate
+
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples must be a positive number of samples (the dataset size), got {args.samples}")
+    platform = platforms.get(args.platform)
+    profile = _load_profile(args.source, args, quiet=args.json)
+    chosen = make_plan(
+        profile, platform,
+        global_batch_size=args.global_batch, micro_batch_size=args.micro_batch, objective=args.objective,
+        deadline_s=args.deadline, budget_usd=args.budget, max_stages=args.max_stages,
+        max_replicas=args.max_replicas, memory_mb=args.memory_mb, time_limit_s=args.time_limit,
+    )
+    epoch = _per_epoch(chosen, args.samples)
+    if args.out is not None:
+        _write_json(args.out, chosen.to_dict(), "plan")
+    if args.json:
+        print(json.dumps({**chosen.to_dict(), "per_epoch": epoch}, indent=2))
+        if args.out is not None:
+            _note(f"plan saved to {args.out}", json_mode=True)
+        return 0
+    sim = simulate(chosen, profile, platform)
+    print(_plan_table(chosen, sim, profile, epoch))
+    if args.out is not None:
+        print(f"\nplan saved to {args.out}")
+    return 0
+
+
+def _per_epoch(plan: Plan, samples: int | None) -> dict[str, float] | None:
+    if samples is None or plan.predicted_iteration_s is None or plan.predicted_cost_usd is None:
+        return None
+    iterations = math.ceil(samples / plan.global_batch_size)
+    return {
+        "samples": samples,
+        "iterations": iterations,
+        "seconds": iterations * plan.predicted_iteration_s,
+        "cost_usd": iterations * plan.predicted_cost_usd,
+    }
+
+
+def _plan_table(plan: Plan, sim: Simulation, profile: ModelProfile, epoch: dict[str, float] | None) -> str:
+    names = [layer.name for layer in profile.layers]
+    named = any(name != str(i) for i, name in enumerate(names))
+    rows = [
+        f"Plan for {plan.platform}: {plan.num_stages} stage(s), {plan.num_workers} worker(s), "
+        f"{plan.num_micro_batches} micro-batches of {plan.micro_batch_size} (global batch "
+        f"{plan.global_batch_size}), sync={plan.sync}",
+        f"  {'stage':>5}  {'layers':<12} {'replicas':>8} {'memory MB':>9} {'needed MB':>9} {'$/iter':>10}"
+        + ("  names" if named else ""),
+    ]
+    for st in sim.stages:
+        layers = plan.layer_range(st.stage)
+        span = f"{layers.start}-{layers.stop - 1}" if len(layers) > 1 else str(layers.start)
+        label = names[layers.start] + (f" … {names[layers.stop - 1]}" if len(layers) > 1 else "")
+        rows.append(
+            f"  {st.stage:>5}  {span:<12} {st.replicas:>8} {st.memory_mb:>9} {st.memory_needed_mb:>9.0f} "
+            f"{st.cost_usd:>10.6f}" + (f"  {label}" if named else "")
+        )
+    if plan.predicted_iteration_s is not None and plan.predicted_cost_usd is not None:
+        rows.append(
+            f"predicted per iteration: {plan.predicted_iteration_s:.3f} s, ${plan.predicted_cost_usd:.6f}"
+        )
+    if epoch is not None:
+        rows.append(
+            f"predicted per epoch of {epoch['samples']:,} samples ({epoch['iterations']:,} iterations): "
+            f"{_duration(epoch['seconds'])}, ${epoch['cost_usd']:.4f}"
+        )
+    if plan.solver_status is not None:
+        gap = plan.solver_gap if plan.solver_gap is not None else 0.0
+        rows.append(f"solver: {plan.solver_status}, gap {gap:.2%}, {plan.solve_s or 0:.2f} s")
+    return "\n".join(rows)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{seconds:,.0f} s ({hours:d}:{minutes:02d}:{secs:02d})"
+
+
+# -- funcpipe simulate ----------------------------------------------------------------
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from funcpipe import platforms
+    from funcpipe.simulator import simulate
+
+    plan = _load_plan(args.plan)
+    name = args.platform if args.platform is not None else plan.platform
+    if name is None:
+        raise ConfigError(
+            f"plan {args.plan!r} names no platform; hint: --platform NAME (one of {platforms.names()}) "
+            "or a spec file"
+        )
+    platform = platforms.get(name)
+    profile = _load_profile(args.source, args, quiet=args.json)
+    sim = simulate(plan, profile, platform)
+    if args.png is not None:
+        from funcpipe.plot import timeline_figure
+
+        timeline_figure(sim.timeline, path=args.png)
+    if args.json:
+        print(json.dumps({
+            "platform": sim.platform,
+            "iteration_s": sim.iteration_s,
+            "cost_usd": sim.cost_usd,
+            "formula_s": sim.formula_s,
+            "plan": sim.plan.to_dict(),
+            "stages": [dataclasses.asdict(st) for st in sim.stages],
+        }, indent=2))
+    else:
+        print(sim)
+    if args.png is not None:
+        _note(f"timeline saved to {args.png}", json_mode=args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="funcpipe", description="Train PyTorch models as pipelines of serverless functions."
@@ -50,6 +401,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--storage", default=None, help="storage URL (default: a fresh local directory)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON, no progress bar")
     demo.set_defaults(func=_demo)
+
+    profiling = argparse.ArgumentParser(add_help=False)
+    measure = profiling.add_argument_group("profiling (when given a MODEL)")
+    measure.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="B",
+                         help="micro-batch sizes to time each layer at (default 1 2 4)")
+    measure.add_argument("--rounds", type=int, default=5, help="timed rounds per size (default 5)")
+    measure.add_argument("--warmup", type=int, default=2, help="untimed rounds before them (default 2)")
+    model_help = ("MODULE:FUNCTION or path/to/file.py:FUNCTION; FUNCTION() returns "
+                  "(model, inputs, targets, loss_fn), model an nn.Sequential")
+    source_help = "a saved profile (.json), or a model to profile first: " + model_help
+
+    prof = commands.add_parser(
+        "profile", parents=[profiling], help="measure each layer of a model and save the profile",
+        description="Time the forward, backward and update of every layer of an nn.Sequential, measure "
+        "its parameters and activations, save the profile as JSON and print it per layer.",
+    )
+    prof.add_argument("model", metavar="MODEL", help=model_help)
+    prof.add_argument("--out", help="where to save the profile (default FUNCTION.profile.json in the cwd)")
+    prof.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
+    prof.set_defaults(func=_profile)
+
+    plan = commands.add_parser(
+        "plan", parents=[profiling], help="choose stages, memory and replicas for a model on a platform",
+        description="Solve for the plan (stage cuts, memory tiers, replicas) that minimises time, cost or "
+        "a mix of both per iteration, and print it with its predicted seconds and dollars.",
+    )
+    plan.add_argument("source", metavar="PROFILE.json|MODEL", help=source_help)
+    plan.add_argument("--platform", required=True, help="a built-in platform name or a .json/.yaml spec")
+    plan.add_argument("--global-batch", type=int, required=True, metavar="N", help="samples per iteration")
+    plan.add_argument("--micro-batch", type=int, required=True, metavar="N", help="samples per micro-batch")
+    plan.add_argument("--objective", type=_objective, default="time",
+                      help="time (default), cost, or a weight of time in [0, 1] such as 0.3")
+    plan.add_argument("--deadline", type=float, metavar="S", help="most seconds per iteration")
+    plan.add_argument("--budget", type=float, metavar="USD", help="most dollars per iteration")
+    plan.add_argument("--max-stages", type=int, metavar="N", help="most pipeline stages")
+    plan.add_argument("--max-replicas", type=int, metavar="N", help="most replicas per stage")
+    plan.add_argument("--memory-mb", type=int, nargs="+", metavar="N", help="the memory tiers allowed (MB)")
+    plan.add_argument("--time-limit", type=float, default=30.0, metavar="S",
+                      help="the solver's time limit in seconds (default 30; the call takes up to twice that)")
+    plan.add_argument("--samples", type=int, metavar="N", help="dataset size, to predict time and cost per epoch")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (with a per_epoch field)")
+    plan.add_argument("--out", help="save the plan as JSON there (for `funcpipe simulate --plan`)")
+    plan.set_defaults(func=_plan)
+
+    sim = commands.add_parser(
+        "simulate", parents=[profiling], help="replay one iteration of a plan: seconds and dollars per stage",
+        description="Simulate one training iteration of a saved plan, event by event, and print seconds "
+        "and dollars per stage; optionally draw the timeline of every worker.",
+    )
+    sim.add_argument("source", metavar="PROFILE.json|MODEL", help=source_help)
+    sim.add_argument("--plan", required=True, metavar="PLAN.json", help="a plan saved by `funcpipe plan --out`")
+    sim.add_argument("--platform", help="a built-in platform name or a .json/.yaml spec (default: the plan's)")
+    sim.add_argument("--png", metavar="PATH", help="save the Gantt chart of the iteration there")
+    sim.add_argument("--json", action="store_true", help="print the result as JSON")
+    sim.set_defaults(func=_simulate)
     return parser
 
 
@@ -60,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
+    except BrokenPipeError:  # the reader went away (`funcpipe plan ... | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would complain again when flushing at exit
+        return 1
     except FuncpipeError as exc:
         if args.debug:
             raise

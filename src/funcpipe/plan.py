@@ -24,6 +24,15 @@ class Plan:
         sync: gradient all-reduce among a stage's replicas: ``"pipelined"``
             (funcpipe's pipelined scatter-reduce) or ``"four_phase"`` (the
             LambdaML baseline).
+        platform: the platform the plan was made for (set by :func:`funcpipe.plan`).
+        predicted_iteration_s: seconds per iteration the simulator predicts.
+        predicted_cost_usd: dollars per iteration the simulator predicts.
+        solver_status: ``"optimal"`` or ``"feasible"`` (CP-SAT's status).
+        solver_gap: relative gap between the solution and CP-SAT's bound (0 when optimal).
+        solve_s: seconds the planner took.
+
+    Only the first six fields say what runs; two plans that differ only in
+    the prediction fields are equal.
     """
 
     balance: tuple[int, ...]
@@ -32,6 +41,12 @@ class Plan:
     global_batch_size: int
     memory_mb: tuple[int, ...] | None = None
     sync: str = "pipelined"
+    platform: str | None = dataclasses.field(default=None, compare=False)
+    predicted_iteration_s: float | None = dataclasses.field(default=None, compare=False)
+    predicted_cost_usd: float | None = dataclasses.field(default=None, compare=False)
+    solver_status: str | None = dataclasses.field(default=None, compare=False)
+    solver_gap: float | None = dataclasses.field(default=None, compare=False)
+    solve_s: float | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_counts("balance", self.balance, "layers per stage")
@@ -132,7 +147,12 @@ class Plan:
         return list(range(replica, self.num_micro_batches, self.replicas[stage]))
 
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        """The plan as JSON-able data; prediction fields only when set."""
+        data = dataclasses.asdict(self)
+        for name in _PREDICTION_FIELDS:
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Plan:
@@ -162,7 +182,20 @@ class Plan:
                 f"  stage {stage}: layers {layers.start}-{layers.stop - 1}, "
                 f"{self.replicas[stage]} replica(s){memory}"
             )
+        if self.predicted_iteration_s is not None and self.predicted_cost_usd is not None:
+            rows.append(
+                f"  predicted on {self.platform}: {self.predicted_iteration_s:.3f} s and "
+                f"${self.predicted_cost_usd:.6f} per iteration"
+            )
+        if self.solver_status is not None:
+            gap = f", gap {self.solver_gap:.2%}" if self.solver_gap else ""
+            rows.append(f"  solver: {self.solver_status}{gap} in {self.solve_s or 0:.2f} s")
         return "\n".join(rows)
+
+
+_PREDICTION_FIELDS = (
+    "platform", "predicted_iteration_s", "predicted_cost_usd", "solver_status", "solver_gap", "solve_s",
+)
 
 
 def _as_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:

@@ -14,7 +14,8 @@ For stage ``s`` with ``d_s`` replicas, replica ``r`` owns the micro-batches
 forward, then every backward (GPipe order); the last stage runs each
 micro-batch's backward right after its forward, since its gradient needs
 nothing from downstream and sending it early starts the previous stage's
-backward sooner.
+backward sooner. The last stage downloads each input right before its
+target, so its first loss does not wait for every activation of the iteration.
 
 Stage 1 of 3, one replica, two micro-batches::
 
@@ -69,16 +70,17 @@ def worker_tasks(
     first, last = stage == 0, stage == num_stages - 1
     mine = range(replica, num_micro_batches, replicas[stage])
 
-    tasks = [Task("recv", m) for m in mine]
     if last:
-        tasks += [Task("recv_target", m) for m in mine]
+        # Input and target alternate: the first loss needs only the first pair, not
+        # every activation of the iteration ahead of target 0 on the one download thread.
+        tasks = [task for m in mine for task in (Task("recv", m), Task("recv_target", m))]
         for m in mine:
             tasks.append(Task("forward", m))
             tasks.append(Task("backward", m))
             if not first:
                 tasks.append(Task("send_grad", m))
     else:
-        tasks += [Task("recv_grad", m) for m in mine]
+        tasks = [Task("recv", m) for m in mine] + [Task("recv_grad", m) for m in mine]
         for m in mine:
             tasks += [Task("forward", m), Task("send", m)]
         for m in mine:

@@ -1,0 +1,232 @@
+"""The data that describes one serverless platform: tiers, links, prices, limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any
+
+from funcpipe.errors import ConfigError
+
+__all__ = ["Platform", "Tier"]
+
+#: Bytes in the MB of bandwidths (10**6) and in the MB of memory sizes (2**20).
+MB_RATE = 1e6
+MIB = 2**20
+
+#: Resident memory of a CPU PyTorch Python process before any model, in MB
+#: (2**20 bytes), shared by the built-in platforms.
+#: Measured here: ``python -c "import torch, resource;
+#: print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"`` printed 222916
+#: (KiB on Linux, = 217.7 MB; torch 2.13.0+cpu, Python 3.11.7), rounded up to a
+#: multiple of 50 MB.
+TORCH_RUNTIME_OVERHEAD_MB = 250
+
+#: Share of each vCPU beyond the first that a stage's layers actually use.
+#: A weak estimate: torch's intra-op parallelism gains little on the small
+#: micro-batches of a pipeline. Users should replace the tiers' ``speed`` with
+#: their own measurement (``get(name, tiers=[...])`` or a spec file).
+PARALLEL_EFFICIENCY = 0.5
+
+
+def estimated_speed(vcpus: float, parallel_efficiency: float = PARALLEL_EFFICIENCY) -> float:
+    """Speed relative to one profiled thread: the first vCPU fully, each further one at ``parallel_efficiency``."""
+    return min(vcpus, 1.0) + parallel_efficiency * max(0.0, vcpus - 1.0)
+
+
+_TIER_HINTS = {
+    "memory_mb": "the function size in MB, e.g. 2048",
+    "vcpus": "the CPU share of a function of this size, e.g. 1.0",
+    "speed": "compute speed relative to one profiled thread, e.g. 1.0",
+    "uplink_mb_s": "upload bandwidth in 10**6 bytes/s, e.g. 70",
+    "downlink_mb_s": "download bandwidth in 10**6 bytes/s, e.g. 70",
+}
+
+_PLATFORM_HINTS = {
+    "name": "a short name such as 'aws_lambda' or 'my_cluster'",
+    "tiers": "one or more Tier(...) ascending by memory_mb",
+    "latency_s": "seconds one storage request adds, e.g. 0.03 (0 is allowed)",
+    "price_per_gb_s": "USD per GB-second of memory, e.g. 0.0000166667 (0 is allowed)",
+    "price_per_vcpu_s": "USD per vCPU-second, 0 if the platform bills memory only",
+    "price_per_invocation": "USD per invocation, e.g. 2e-07 (0 is allowed)",
+    "price_per_put": "USD per storage write request, e.g. 5e-06 (0 is allowed)",
+    "price_per_get": "USD per storage read request, e.g. 4e-07 (0 is allowed)",
+    "lifetime_s": "the longest run of one invocation in seconds, e.g. 900; use 1e9 for no limit",
+    "runtime_overhead_mb": "MB the Python/torch runtime takes before any model, e.g. 250",
+    "async_payload_bytes": "the largest asynchronous invocation payload in bytes, e.g. 1048576",
+    "storage": "the object store's scheme: 's3', 'oss' or 'file'",
+}
+
+
+def _bad(owner: str, field: str, value: object, need: str, hints: dict[str, str]) -> ConfigError:
+    hint = hints[field]
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:
+            hint += "; a YAML number like 5e-6 is read as text, write 5.0e-6"
+    return ConfigError(f"{owner}: {field} must be {need}, got {value!r}; hint: {hint}")
+
+
+def _number(owner: str, field: str, value: object, hints: dict[str, str], *, positive: bool) -> float:
+    """``value`` as a finite float, > 0 if ``positive`` else >= 0; ``ConfigError`` otherwise."""
+    need = "a finite number " + ("> 0" if positive else ">= 0")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(owner, field, value, need, hints)
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise _bad(owner, field, value, need, hints)
+    return number
+
+
+def _integer(owner: str, field: str, value: object, hints: dict[str, str], *, positive: bool) -> int:
+    """``value`` as an int (integral floats allowed), > 0 if ``positive`` else >= 0."""
+    need = "a whole number " + ("> 0" if positive else ">= 0")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (positive and value == 0):
+        raise _bad(owner, field, value, need, hints)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """One function size a platform offers (and funcpipe may deploy).
+
+    Attributes:
+        memory_mb: memory of the function, MB as the platform bills it (2**20 bytes).
+        vcpus: CPU share the platform gives a function of this size.
+        speed: compute speed relative to one thread of the profiling machine
+            (2.0 = layers run in half the profiled time).
+        uplink_mb_s: upload bandwidth to storage, 10**6 bytes per second.
+        downlink_mb_s: download bandwidth from storage, 10**6 bytes per second.
+
+    Every figure must be positive and finite (``ConfigError`` otherwise).
+    """
+
+    memory_mb: int
+    vcpus: float
+    speed: float
+    uplink_mb_s: float
+    downlink_mb_s: float
+
+    def __post_init__(self) -> None:
+        owner = f"tier {self.memory_mb!r} MB"
+        object.__setattr__(self, "memory_mb", _integer(owner, "memory_mb", self.memory_mb, _TIER_HINTS, positive=True))
+        for field in ("vcpus", "speed", "uplink_mb_s", "downlink_mb_s"):
+            value = _number(owner, field, getattr(self, field), _TIER_HINTS, positive=True)
+            object.__setattr__(self, field, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """A serverless platform as plain data; see ``funcpipe.platforms.get``.
+
+    Attributes:
+        name: ``"aws_lambda"``, ``"alibaba_fc"``, ``"local"`` or a user's own.
+        tiers: the function sizes, ascending by memory.
+        latency_s: time one storage request adds to its transfer.
+        price_per_gb_s: USD per GB-second of function memory (GB = 1024 MB).
+        price_per_vcpu_s: USD per vCPU-second (Function Compute bills vCPU apart; Lambda 0).
+        price_per_invocation: USD per function invocation.
+        price_per_put: USD per storage write request.
+        price_per_get: USD per storage read request.
+        lifetime_s: longest a function may run per invocation.
+        runtime_overhead_mb: memory the function's runtime (Python, torch) takes
+            before any model state.
+        async_payload_bytes: largest asynchronous invocation payload.
+        storage: the object store its workers use (``"s3"``, ``"oss"``, ``"file"``).
+
+    Construction validates every field (``ConfigError`` naming the field, the
+    value and a hint); ``tiers`` given as a list becomes a tuple.
+    """
+
+    name: str
+    tiers: tuple[Tier, ...]
+    latency_s: float
+    price_per_gb_s: float
+    price_per_vcpu_s: float
+    price_per_invocation: float
+    price_per_put: float
+    price_per_get: float
+    lifetime_s: float
+    runtime_overhead_mb: int
+    async_payload_bytes: int
+    storage: str
+
+    def __post_init__(self) -> None:
+        owner = f"platform {self.name!r}"
+        for field in ("name", "storage"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise _bad(owner, field, value, "a non-empty string", _PLATFORM_HINTS)
+        tiers = self.tiers
+        if isinstance(tiers, list):
+            tiers = tuple(tiers)
+        if not isinstance(tiers, tuple) or not tiers:
+            raise _bad(owner, "tiers", tiers, "a non-empty tuple of Tier", _PLATFORM_HINTS)
+        for tier in tiers:
+            if not isinstance(tier, Tier):
+                raise ConfigError(
+                    f"{owner}: tiers must hold Tier objects, got {tier!r}; "
+                    "hint: Tier(memory_mb=..., vcpus=..., speed=..., uplink_mb_s=..., downlink_mb_s=...), "
+                    "or describe tiers as mappings in a spec file for funcpipe.platforms.load"
+                )
+        memories = [t.memory_mb for t in tiers]
+        if any(a >= b for a, b in itertools.pairwise(memories)):
+            raise ConfigError(
+                f"{owner}: tiers must be strictly ascending by memory_mb, got {memories} MB; "
+                f"hint: list each size once, smallest first: {sorted(set(memories))}"
+            )
+        object.__setattr__(self, "tiers", tiers)
+        for field in ("latency_s", "price_per_gb_s", "price_per_vcpu_s", "price_per_invocation",
+                      "price_per_put", "price_per_get"):
+            object.__setattr__(self, field, _number(owner, field, getattr(self, field), _PLATFORM_HINTS,
+                                                    positive=False))
+        object.__setattr__(self, "lifetime_s",
+                           _number(owner, "lifetime_s", self.lifetime_s, _PLATFORM_HINTS, positive=True))
+        object.__setattr__(self, "runtime_overhead_mb",
+                           _integer(owner, "runtime_overhead_mb", self.runtime_overhead_mb, _PLATFORM_HINTS,
+                                    positive=False))
+        object.__setattr__(self, "async_payload_bytes",
+                           _integer(owner, "async_payload_bytes", self.async_payload_bytes, _PLATFORM_HINTS,
+                                    positive=True))
+
+    def tier(self, memory_mb: int) -> Tier:
+        """The tier of ``memory_mb``; ``ConfigError`` naming the tiers if there is none."""
+        for tier in self.tiers:
+            if tier.memory_mb == memory_mb:
+                return tier
+        raise ConfigError(
+            f"{self.name} has no tier of {memory_mb!r} MB; its tiers: {[t.memory_mb for t in self.tiers]} MB; "
+            "hint: pick one of those, or add the size with platform.replace(tiers=...) or a spec file"
+        )
+
+    def price_per_s(self, tier: Tier) -> float:
+        """USD one running function of ``tier`` costs per second (memory and vCPU)."""
+        return tier.memory_mb / 1024 * self.price_per_gb_s + tier.vcpus * self.price_per_vcpu_s
+
+    def replace(self, **changes: Any) -> Platform:
+        """A copy with ``changes`` applied and validated; ``ConfigError`` on an unknown field."""
+        known = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"platform {self.name!r} has no field(s) {unknown}; known fields: {known}; "
+                "hint: per-tier figures (speed, bandwidth) go through tiers=... or with_link()"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def with_link(self, *, uplink_mb_s: float | None = None, downlink_mb_s: float | None = None) -> Platform:
+        """A copy whose every tier has this upload and/or download bandwidth (10**6 bytes/s), e.g. measured."""
+        changes: dict[str, Any] = {}
+        if uplink_mb_s is not None:
+            changes["uplink_mb_s"] = uplink_mb_s
+        if downlink_mb_s is not None:
+            changes["downlink_mb_s"] = downlink_mb_s
+        if not changes:
+            return self
+        return self.replace(tiers=tuple(dataclasses.replace(t, **changes) for t in self.tiers))

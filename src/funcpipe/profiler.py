@@ -1,0 +1,606 @@
+"""Profiler: per-layer time, memory and activation size of an ``nn.Sequential``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from funcpipe.errors import ConfigError
+
+__all__ = ["LayerProfile", "ModelProfile", "default_optimizer", "profile"]
+
+log = logging.getLogger(__name__)
+
+#: Models with more layers than this show a progress bar unless ``progress=False``.
+PROGRESS_MIN_LAYERS = 20
+
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Version of the JSON layout written by :meth:`ModelProfile.save`.
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProfile:
+    """What one layer costs, measured on the profiling machine with one torch thread.
+
+    Times are seconds for a micro-batch of ``b`` samples: ``alpha + beta * b``.
+
+    Attributes:
+        name: the layer's name in the ``nn.Sequential`` (``"0"``, ``"encoder"``).
+        forward_alpha_s, forward_beta_s: forward time fit.
+        backward_alpha_s, backward_beta_s: backward time fit (the last layer's
+            includes the loss's forward and backward).
+        param_bytes: bytes of the layer's trainable parameters.
+        optimizer_bytes: bytes of optimizer state the layer's parameters need.
+        update_s: seconds of one optimizer step over the layer's parameters.
+        output_bytes_per_sample: bytes of the layer's output per sample (what a
+            stage ending at this layer sends to the next stage, and what the
+            gradient it receives back weighs).
+        held_bytes_per_sample: bytes the layer keeps for backward per sample
+            (tensors saved by autograd), held while a micro-batch waits for its
+            backward pass.
+    """
+
+    name: str
+    forward_alpha_s: float
+    forward_beta_s: float
+    backward_alpha_s: float
+    backward_beta_s: float
+    param_bytes: int
+    optimizer_bytes: int
+    update_s: float
+    output_bytes_per_sample: float
+    held_bytes_per_sample: float
+
+    def forward_s(self, batch: int) -> float:
+        """Forward seconds for a micro-batch of ``batch`` samples (never negative)."""
+        return max(0.0, self.forward_alpha_s + self.forward_beta_s * batch)
+
+    def backward_s(self, batch: int) -> float:
+        """Backward seconds for a micro-batch of ``batch`` samples (never negative)."""
+        return max(0.0, self.backward_alpha_s + self.backward_beta_s * batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelProfile:
+    """A model's per-layer profile; reusable across plans and platforms.
+
+    Attributes:
+        layers: one entry per layer of the ``nn.Sequential``, in order.
+        input_bytes_per_sample: bytes of one sample of the model's input
+            (what the driver uploads for stage 0).
+        target_bytes_per_sample: bytes of one sample's target (for the last stage).
+        micro_batch_sizes: the sizes the times were measured at.
+        machine: where it was measured: ``{"cpu": ..., "torch": ..., "threads": 1, ...}``.
+    """
+
+    layers: tuple[LayerProfile, ...]
+    input_bytes_per_sample: float
+    target_bytes_per_sample: float
+    micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
+    machine: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("a model profile needs at least one layer; the model was empty")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(layer.param_bytes for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelProfile:
+        """The inverse of :meth:`to_dict`.
+
+        Raises:
+            ConfigError: the data is not a profile of this format.
+        """
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ConfigError(
+                f"not a funcpipe model profile of format {FORMAT_VERSION} (found format {found!r}); "
+                "hint: re-measure it with funcpipe.profile(...) or `funcpipe profile`"
+            )
+        try:
+            layers = tuple(LayerProfile(**layer) for layer in data["layers"])
+            return cls(
+                layers=layers,
+                input_bytes_per_sample=float(data["input_bytes_per_sample"]),
+                target_bytes_per_sample=float(data["target_bytes_per_sample"]),
+                micro_batch_sizes=tuple(int(b) for b in data["micro_batch_sizes"]),
+                machine=dict(data.get("machine", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"model profile is malformed ({type(exc).__name__}: {exc})") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the profile as JSON."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ModelProfile:
+        """Read a profile written by :meth:`save`.
+
+        Raises:
+            ConfigError: the file is missing, not JSON, or not a profile.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"no profile at {os.fspath(path)!r}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"profile {os.fspath(path)!r} is not JSON ({exc})") from None
+        except OSError as exc:  # a directory, no permission...
+            raise ConfigError(f"cannot read profile {os.fspath(path)!r} ({exc})") from None
+        return cls.from_dict(data)
+
+
+def default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer :func:`profile` assumes when given none: ``torch.optim.Adam(params, lr=1e-3)``."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def profile(
+    model: nn.Sequential,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    micro_batch_sizes: Sequence[int] = (1, 2, 4),
+    optimizer: OptimizerFactory | None = None,
+    rounds: int = 5,
+    warmup: int = 2,
+    progress: bool | None = None,
+) -> ModelProfile:
+    """Measure what every layer of ``model`` costs, for the planner and the simulator.
+
+    Each layer is timed in isolation with one torch thread: the layers run one
+    by one, each on the previous layer's output detached (so its backward
+    stops at its own input), and backward runs layer by layer from the loss.
+    Per layer and micro-batch size, the median of ``rounds`` timed rounds
+    (after ``warmup`` untimed ones) is kept, and ``alpha + beta * b`` is fitted
+    to them by least squares with ``alpha, beta >= 0``. The last layer's
+    backward time includes the loss's forward and backward.
+
+    The model is not changed: it is measured on a deep copy, in train mode,
+    and the global torch RNG and thread count are restored afterwards.
+
+    Args:
+        model: the ``nn.Sequential`` to profile; every layer must return one tensor.
+        inputs: model inputs, at least ``max(micro_batch_sizes)`` samples along dim 0
+            (floating point, or integer such as token ids).
+        targets: the matching targets, as many samples.
+        loss_fn: ``loss_fn(output, target)`` returning the mean loss as a scalar tensor.
+        micro_batch_sizes: the micro-batch sizes to measure; at least two distinct
+            positive sizes, to fit the times.
+        optimizer: a factory ``parameters -> torch.optim.Optimizer``, like the one
+            :class:`~funcpipe.Trainer` takes; it sizes the optimizer state and times
+            one update. Default: :func:`default_optimizer`, i.e.
+            ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
+        rounds: timed rounds per micro-batch size (and optimizer steps per layer).
+        warmup: untimed rounds before them.
+        progress: show a progress bar; ``None`` shows one only for models of
+            more than :data:`PROGRESS_MIN_LAYERS` layers.
+
+    Returns:
+        The model's profile; save it with :meth:`ModelProfile.save`.
+
+    Raises:
+        ConfigError: an argument is invalid, or a layer, the loss or the optimizer
+            failed while profiling (the message names the layer and its input shape).
+    """
+    sizes = _check_arguments(model, inputs, targets, loss_fn, micro_batch_sizes, optimizer, rounds, warmup, progress)
+    factory = optimizer if optimizer is not None else default_optimizer
+    show = progress if progress is not None else len(model) > PROGRESS_MIN_LAYERS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            layers = _measure(model, inputs, targets, loss_fn, factory, sizes, rounds, warmup, show)
+    finally:
+        torch.set_num_threads(threads)
+    log.debug("profiled %d layers in %.2f s", len(layers), time.perf_counter() - started)
+    return ModelProfile(
+        layers=layers,
+        input_bytes_per_sample=_bytes(inputs) / inputs.shape[0],
+        target_bytes_per_sample=_bytes(targets) / targets.shape[0],
+        micro_batch_sizes=sizes,
+        machine=_machine(rounds, warmup),
+    )
+
+
+# -- checks ------------------------------------------------------------------
+
+
+def _check_arguments(
+    model: object,
+    inputs: object,
+    targets: object,
+    loss_fn: object,
+    micro_batch_sizes: object,
+    optimizer: object,
+    rounds: object,
+    warmup: object,
+    progress: object,
+) -> tuple[int, ...]:
+    """Reject what cannot be profiled; return the distinct micro-batch sizes, ascending."""
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(
+            f"model must be a torch.nn.Sequential, got {type(model).__name__}; hint: "
+            "wrap your layers in nn.Sequential(...) so the profile can measure them one by one"
+        )
+    if len(model) == 0:
+        raise ConfigError("model is an empty nn.Sequential; hint: profile a model with at least one layer")
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            "optimizer must be a factory, not an optimizer instance; hint: "
+            "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
+        )
+    if optimizer is not None and not callable(optimizer):
+        raise ConfigError(f"optimizer must be callable (parameters -> Optimizer), got {type(optimizer).__name__}")
+    for name, value, least in (("rounds", rounds, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise ConfigError(f"progress must be True, False or None, got {progress!r}")
+    if isinstance(micro_batch_sizes, str | bytes) or not isinstance(micro_batch_sizes, Sequence) or any(
+        isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in micro_batch_sizes
+    ):
+        raise ConfigError(f"micro_batch_sizes must be a sequence of positive integers, got {micro_batch_sizes!r}")
+    sizes = tuple(sorted(set(micro_batch_sizes)))
+    if len(sizes) < 2:
+        raise ConfigError(
+            f"micro_batch_sizes needs at least 2 distinct sizes to fit alpha + beta * b, got "
+            f"{tuple(micro_batch_sizes)}; hint: micro_batch_sizes=(1, 2, 4)"
+        )
+    for name, tensor in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() == 0:
+            raise ConfigError(f"{name} must have a sample dimension (dim 0), got a 0-dimensional tensor")
+        if tensor.shape[0] < sizes[-1]:
+            raise ConfigError(
+                f"{name} hold {tensor.shape[0]} samples, but the largest micro-batch size is {sizes[-1]}; "
+                f"hint: pass at least {sizes[-1]} samples, or smaller micro_batch_sizes"
+            )
+    return sizes
+
+
+# -- measurement -------------------------------------------------------------
+
+
+def _measure(
+    model: nn.Sequential,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    factory: OptimizerFactory,
+    sizes: tuple[int, ...],
+    rounds: int,
+    warmup: int,
+    show: bool,
+) -> tuple[LayerProfile, ...]:
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot copy the model to profile it ({type(exc).__name__}: {exc}); "
+            "hint: the model must support copy.deepcopy"
+        ) from exc
+    copied.train()
+    for parameter in copied.parameters():
+        parameter.grad = None  # a copy of the user's gradients would be accumulated into
+    runner = _Runner(copied, loss_fn)
+    count = len(runner.layers)
+    largest = sizes[-1]
+    output_bytes, held_bytes = runner.probe(inputs[:largest].clone(), targets[:largest].clone())
+
+    forward: list[list[float]] = [[] for _ in range(count)]  # per layer, a median per size
+    backward: list[list[float]] = [[] for _ in range(count)]
+    total = warmup + rounds
+    with tqdm(total=count * len(sizes), disable=not show, unit="layer", desc="profiling") as bar:
+        for b in sizes:
+            x, y = inputs[:b].clone(), targets[:b].clone()
+            timed_f: list[list[float]] = [[] for _ in range(count)]
+            timed_b: list[list[float]] = [[] for _ in range(count)]
+            done = 0
+            for r in range(total):
+                # A fresh copy each round: a first layer that works in place must not see its own output.
+                seconds_f, seconds_b = runner.run(x.clone(), y)
+                if r >= warmup:
+                    for i in range(count):
+                        timed_f[i].append(seconds_f[i])
+                        timed_b[i].append(seconds_b[i])
+                step = (r + 1) * count // total - done  # whole layers, spread over the rounds
+                bar.update(step)
+                done += step
+            for i in range(count):
+                forward[i].append(statistics.median(timed_f[i]))
+                backward[i].append(statistics.median(timed_b[i]))
+            log.debug("micro-batch size %d: forward %.6f s, backward %.6f s (all layers)",
+                      b, sum(f[-1] for f in forward), sum(w[-1] for w in backward))
+
+    profiles = []
+    for i, (name, layer) in enumerate(zip(runner.names, runner.layers, strict=True)):
+        param_bytes, optimizer_bytes, update_s = _measure_update(i, name, layer, factory, rounds, warmup)
+        forward_alpha, forward_beta = _fit(sizes, forward[i])
+        backward_alpha, backward_beta = _fit(sizes, backward[i])
+        profiles.append(LayerProfile(
+            name=name,
+            forward_alpha_s=forward_alpha,
+            forward_beta_s=forward_beta,
+            backward_alpha_s=backward_alpha,
+            backward_beta_s=backward_beta,
+            param_bytes=param_bytes,
+            optimizer_bytes=optimizer_bytes,
+            update_s=update_s,
+            output_bytes_per_sample=output_bytes[i] / largest,
+            held_bytes_per_sample=held_bytes[i] / largest,
+        ))
+    return tuple(profiles)
+
+
+class _Runner:
+    """Runs the layers of a (copied) ``nn.Sequential`` one by one, each cut off from the previous."""
+
+    def __init__(self, model: nn.Sequential, loss_fn: LossFn) -> None:
+        self.names = list(model._modules)  # not named_children(): it skips a module used twice
+        self.layers = [model[i] for i in range(len(model))]
+        self.loss_fn = loss_fn
+        # Layers that modify their input in place get a clone of it (a leaf that
+        # requires grad cannot be modified in place); set the first time one fails.
+        self.clone_input = [False] * len(self.layers)
+
+    def probe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Per layer: bytes of its output and bytes autograd saves for its backward, at this batch."""
+        output_bytes, held_bytes = [], []
+        for i, layer in enumerate(self.layers):
+            exclude = {_storage_key(t)[0] for t in [*layer.parameters(), *layer.buffers()]}
+            saved = _SavedBytes(exclude)
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack):
+                _, x, _ = self.forward(i, x, on_retry=saved.clear)
+            output_bytes.append(_bytes(x))
+            held_bytes.append(saved.total)
+        self.loss(x, y)  # check it returns a scalar before the timed rounds
+        return output_bytes, held_bytes
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
+        """One round: forward and backward seconds of every layer."""
+        count = len(self.layers)
+        leaves: list[torch.Tensor] = []
+        outputs: list[torch.Tensor | None] = []
+        forward = []
+        for i in range(count):
+            leaf, x, seconds = self.forward(i, x)
+            leaves.append(leaf)
+            outputs.append(x)
+            forward.append(seconds)
+        backward = [0.0] * count
+        started = time.perf_counter()
+        loss = self.loss(x, y)
+        if loss.requires_grad:
+            self._backward(count - 1, loss, None, "the loss's")
+        backward[-1] = time.perf_counter() - started
+        outputs[-1] = None
+        for i in range(count - 2, -1, -1):
+            grad = leaves[i + 1].grad
+            output = outputs[i]
+            outputs[i] = None  # free activations as the backward goes
+            if grad is None or output is None or not output.requires_grad:
+                continue  # nothing flows back into this layer
+            started = time.perf_counter()
+            self._backward(i, output, grad, "its")
+            backward[i] = time.perf_counter() - started
+        return forward, backward
+
+    def forward(
+        self, i: int, x: torch.Tensor, on_retry: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Run layer ``i`` on ``x`` cut off from its graph: (the leaf input, the output, seconds)."""
+        leaf = x.detach()
+        if i > 0 and leaf.is_floating_point():
+            leaf.requires_grad_(True)  # a stage's input carries gradients; the model's input does not
+        layer_input = leaf.clone() if self.clone_input[i] and leaf.requires_grad else leaf
+        layer = self.layers[i]
+        started = time.perf_counter()
+        try:
+            output = layer(layer_input)
+        except Exception as exc:
+            in_place = isinstance(exc, RuntimeError) and "in-place operation" in str(exc) and "leaf" in str(exc)
+            if in_place and not self.clone_input[i]:
+                self.clone_input[i] = True
+                if on_retry is not None:
+                    on_retry()
+                return self.forward(i, x, on_retry)
+            raise ConfigError(
+                f"layer {i} ({self.names[i]!r}, {type(layer).__name__}) failed on an input of shape "
+                f"{tuple(leaf.shape)} ({leaf.dtype}): {type(exc).__name__}: {exc}"
+            ) from exc
+        seconds = time.perf_counter() - started
+        if not isinstance(output, torch.Tensor):
+            raise ConfigError(
+                f"layer {i} ({self.names[i]!r}, {type(layer).__name__}) returned {type(output).__name__}, "
+                "not a tensor; hint: every layer of the nn.Sequential must return one tensor "
+                "(what a stage boundary sends on)"
+            )
+        return leaf, output, seconds
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        try:
+            loss = self.loss_fn(output, target)
+        except Exception as exc:
+            raise ConfigError(
+                f"loss_fn failed on the output of shape {tuple(output.shape)} of the last layer and targets "
+                f"of shape {tuple(target.shape)}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(
+                f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it with a mean over the micro-batch"
+            )
+        return loss
+
+    def _backward(self, i: int, output: torch.Tensor, grad: torch.Tensor | None, what: str) -> None:
+        try:
+            torch.autograd.backward(output, grad)
+        except Exception as exc:
+            raise ConfigError(
+                f"backward of layer {i} ({self.names[i]!r}, {type(self.layers[i]).__name__}) failed on "
+                f"{what} gradient of shape {tuple(output.shape)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+class _SavedBytes:
+    """A pack hook that sums the bytes autograd saves, once per storage, without some storages."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.by_storage: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key, capacity = _storage_key(tensor)
+        if key not in self.exclude and tensor.numel() > 0:
+            nbytes = _bytes(tensor)
+            if capacity is not None:
+                nbytes = min(nbytes, capacity)  # an expanded view claims more than its storage
+            # Views of one storage (x and x.t()) are held once: keep the largest.
+            self.by_storage[key] = max(self.by_storage.get(key, 0), nbytes)
+        return tensor
+
+    def clear(self) -> None:
+        self.by_storage.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_storage.values())
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int | None]:
+    """(an identity of the tensor's storage, the storage's bytes if known)."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, mkldnn...: no plain storage
+        return id(tensor), None
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _measure_update(
+    i: int, name: str, layer: nn.Module, factory: OptimizerFactory, rounds: int, warmup: int
+) -> tuple[int, int, float]:
+    """(trainable parameter bytes, optimizer state bytes, median seconds of a step) of one layer."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    param_bytes = sum(_bytes(p) for p in params)
+    if not params:
+        return 0, 0, 0.0
+    what = f"layer {i} ({name!r}, {type(layer).__name__})"
+    try:
+        optimizer = factory(iter(params))
+    except Exception as exc:
+        raise ConfigError(
+            f"the optimizer factory failed on the parameters of {what}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"the optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer; "
+            "hint: optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
+        )
+    seconds = []
+    for r in range(warmup + rounds):
+        started = time.perf_counter()
+        try:
+            optimizer.step()
+        except Exception as exc:
+            raise ConfigError(
+                f"{type(optimizer).__name__}.step() failed on the parameters of {what}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if r >= warmup:
+            seconds.append(time.perf_counter() - started)
+    state_bytes = sum(
+        _bytes(value)
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+    return param_bytes, state_bytes, statistics.median(seconds)
+
+
+def _fit(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
+    """``(alpha, beta)`` minimizing the squared error of ``alpha + beta * b``, both >= 0.
+
+    Times are never negative, and neither is the cost of one more sample: a
+    negative coefficient (noise, on a layer that costs microseconds) would
+    make the fit go below zero when extrapolated. The constrained optimum is the
+    free one when it is feasible, else the best fit with one coefficient at zero.
+    """
+    b = np.asarray(sizes, dtype=np.float64)
+    t = np.asarray(seconds, dtype=np.float64)
+    design = np.column_stack([np.ones_like(b), b])
+    (alpha, beta), *_ = np.linalg.lstsq(design, t, rcond=None)
+    if alpha >= 0 and beta >= 0:
+        return float(alpha), float(beta)
+    candidates = [(float(t.mean()), 0.0), (0.0, float(b @ t / (b @ b)))]
+    return min(candidates, key=lambda ab: float(np.sum((ab[0] + ab[1] * b - t) ** 2)))
+
+
+def _machine(rounds: int, warmup: int) -> dict[str, Any]:
+    return {
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": 1,
+        "rounds": rounds,
+        "warmup": warmup,
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_name() -> str:
+    """The CPU's model name: /proc/cpuinfo's on Linux (platform.processor() there says only "x86_64")."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key.strip() == "model name" and value.strip():
+                        return value.strip()
+        except OSError:
+            pass
+    return platform.processor() or platform.machine() or "unknown"

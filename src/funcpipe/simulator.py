@@ -1,0 +1,542 @@
+"""Simulator: a discrete-event replay of one training iteration of a plan.
+
+Every worker of the plan runs exactly the task list :func:`funcpipe.schedule.worker_tasks`
+gives it, on the same three threads as :class:`funcpipe.worker.StageWorker`:
+
+* the **compute** thread runs forward, backward, the all-reduce's additions and
+  the optimizer step, each waiting for its inputs;
+* the **download** thread fetches, one at a time and in the order they were
+  posted, the inputs, targets and gradients (and the four-phase all-reduce's
+  chunks); during the pipelined all-reduce, :data:`~funcpipe.costmodel.FETCH_CONNECTIONS`
+  fetch connections share the downlink;
+* the **upload** thread sends outputs in the order they were produced.
+
+A request of ``x`` bytes holds the function's uplink or downlink for
+``x / bandwidth``, then pays the storage latency; a read starts only once the
+object exists (the storage model of :class:`funcpipe.storage.ThrottledStorage`).
+The driver's inputs and targets are in storage when the iteration starts.
+Durations come from the profile and the platform through :mod:`funcpipe.costmodel`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from funcpipe import costmodel
+from funcpipe.collectives import piece_count
+from funcpipe.costmodel import FETCH_CONNECTIONS, REPORT_BYTES, StageCost
+from funcpipe.plan import Plan
+from funcpipe.platforms import Platform, resolve
+from funcpipe.platforms.base import MB_RATE
+from funcpipe.profiler import ModelProfile
+from funcpipe.schedule import worker_tasks
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Simulation", "Span", "StageReport", "Timeline", "simulate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """One interval of one worker's thread.
+
+    Attributes:
+        stage, replica: the worker.
+        lane: ``"compute"``, ``"upload"`` or ``"download"``.
+        start, end: seconds from the start of the iteration.
+        label: what ran: ``F3``/``B3`` (forward/backward of micro-batch 3),
+            ``sync``, ``update``, ``act 3``, ``grad 3``, ``input 3``,
+            ``target 3``, ``chunk``, ``merged``, ``report``.
+    """
+
+    stage: int
+    replica: int
+    lane: str
+    start: float
+    end: float
+    label: str
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """Every span of one simulated iteration."""
+
+    spans: tuple[Span, ...]
+    iteration_s: float
+
+    def workers(self) -> list[tuple[int, int]]:
+        """``(stage, replica)`` of every worker, in order."""
+        return sorted({(span.stage, span.replica) for span in self.spans})
+
+    def lane(self, stage: int, replica: int, lane: str) -> list[Span]:
+        """The spans of one thread of one worker, in time order."""
+        return sorted(
+            (s for s in self.spans if (s.stage, s.replica, s.lane) == (stage, replica, lane)),
+            key=lambda s: s.start,
+        )
+
+    def plot(self, path: str | None = None, *, title: str | None = None) -> Figure:
+        """A Gantt chart: one row per worker thread (compute, upload, download).
+
+        Args:
+            path: also save the figure there (PNG by extension).
+            title: the figure's title.
+        """
+        from funcpipe.plot import timeline_figure
+
+        return timeline_figure(self, title=title, path=path)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageReport:
+    """Per stage: time of its busiest replica and what one replica costs.
+
+    Attributes:
+        stage: stage index.
+        replicas: data-parallel degree.
+        memory_mb: the tier each replica runs on.
+        memory_needed_mb: what a replica needs by the cost model.
+        compute_s: forward, backward and update seconds of the busiest replica.
+        sync_s: seconds its compute thread spent in the all-reduce.
+        upload_s, download_s: seconds its links were busy (transfer plus latency).
+        idle_s: iteration seconds its compute thread did nothing.
+        cost_usd: what the stage's functions cost per iteration (compute only).
+    """
+
+    stage: int
+    replicas: int
+    memory_mb: int
+    memory_needed_mb: float
+    compute_s: float
+    sync_s: float
+    upload_s: float
+    download_s: float
+    idle_s: float
+    cost_usd: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    """The result of :func:`simulate`.
+
+    Attributes:
+        plan: the plan simulated (with ``memory_mb`` filled in).
+        platform: the platform's name.
+        iteration_s: seconds of one iteration.
+        cost_usd: dollars of one iteration (functions, invocations, storage requests).
+        formula_s: the planner's closed-form estimate of ``iteration_s``, for comparison.
+        stages: per-stage report.
+        timeline: every span, for :meth:`Timeline.plot`.
+    """
+
+    plan: Plan
+    platform: str
+    iteration_s: float
+    cost_usd: float
+    formula_s: float
+    stages: tuple[StageReport, ...]
+    timeline: Timeline
+
+    def __str__(self) -> str:
+        rows = [
+            f"Simulation on {self.platform}: {self.iteration_s:.3f} s and ${self.cost_usd:.6f} per iteration "
+            f"(formula {self.formula_s:.3f} s)",
+            f"  {'stage':>5} {'replicas':>8} {'MB':>6} {'compute':>8} {'sync':>8} {'upload':>8} "
+            f"{'download':>8} {'idle':>8} {'$/iter':>10}",
+        ]
+        for st in self.stages:
+            rows.append(
+                f"  {st.stage:>5} {st.replicas:>8} {st.memory_mb:>6} {st.compute_s:>8.3f} {st.sync_s:>8.3f} "
+                f"{st.upload_s:>8.3f} {st.download_s:>8.3f} {st.idle_s:>8.3f} {st.cost_usd:>10.6f}"
+            )
+        return "\n".join(rows)
+
+
+def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str) -> Simulation:
+    """Replay one iteration of ``plan`` on ``platform`` with the profile's durations.
+
+    Args:
+        plan: the plan; without ``memory_mb``, each stage gets the smallest tier it fits.
+        profile: the model's profile (:func:`funcpipe.profile`).
+        platform: a :class:`~funcpipe.platforms.Platform` or its name (``"aws_lambda"``).
+
+    Raises:
+        ConfigError: the plan and the profile disagree, or the platform is unknown.
+        PlanInfeasible: a stage does not fit its function's memory.
+    """
+    spec = resolve(platform)
+    stages = costmodel.stage_costs(profile, spec, plan)
+    if plan.memory_mb is None:
+        plan = dataclasses.replace(plan, memory_mb=tuple(st.tier.memory_mb for st in stages))
+    spans, ends = _replay(stages, spec, plan)
+    iteration_s = max(ends.values())
+    cost = costmodel.cost_per_iteration(iteration_s, stages, plan, spec)
+    timeline = Timeline(tuple(spans), iteration_s)
+    busy = {(st.stage, r): dict.fromkeys(("compute", "sync", "upload", "download"), 0.0)
+            for st in stages for r in range(st.replicas)}
+    for span in spans:
+        busy[(span.stage, span.replica)]["sync" if span.label == "sync" else span.lane] += span.end - span.start
+    reports = []
+    for st in stages:
+        worst = max((busy[(st.stage, r)] for r in range(st.replicas)), key=lambda b: b["compute"] + b["sync"])
+        reports.append(
+            StageReport(
+                stage=st.stage,
+                replicas=st.replicas,
+                memory_mb=st.tier.memory_mb,
+                memory_needed_mb=st.memory_bytes / 2**20,
+                compute_s=worst["compute"],
+                sync_s=worst["sync"],
+                upload_s=worst["upload"],
+                download_s=worst["download"],
+                idle_s=max(0.0, iteration_s - worst["compute"] - worst["sync"]),
+                cost_usd=iteration_s * st.replicas * spec.price_per_s(st.tier),
+            )
+        )
+    return Simulation(
+        plan=plan,
+        platform=spec.name,
+        iteration_s=iteration_s,
+        cost_usd=cost,
+        formula_s=costmodel.formula_iteration_s(stages, spec, plan),
+        stages=tuple(reports),
+        timeline=timeline,
+    )
+
+
+# -- the event engine ----------------------------------------------------------
+
+
+class _Signal:
+    """Something that happens once (an object written, a download finished)."""
+
+    __slots__ = ("time", "waiters")
+
+    def __init__(self) -> None:
+        self.time: float | None = None
+        self.waiters: list[_Process] = []
+
+
+_Request = float | _Signal
+_Process = Generator[_Request, None, None]
+
+
+class _Engine:
+    """Processes yield a delay (seconds) or a :class:`_Signal` to wait for."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._queue: list[tuple[float, int, _Process]] = []
+        self._seq = 0
+
+    def start(self, process: _Process) -> None:
+        self._push(self.now, process)
+
+    def fire(self, signal: _Signal) -> None:
+        signal.time = self.now
+        for process in signal.waiters:
+            self._push(self.now, process)
+        signal.waiters = []
+
+    def run(self) -> None:
+        while self._queue:
+            self.now, _, process = heapq.heappop(self._queue)
+            self._advance(process)
+
+    def _push(self, at: float, process: _Process) -> None:
+        heapq.heappush(self._queue, (at, self._seq, process))
+        self._seq += 1
+
+    def _advance(self, process: _Process) -> None:
+        while True:
+            try:
+                request = next(process)
+            except StopIteration:
+                return
+            if isinstance(request, _Signal):
+                if request.time is None:
+                    request.waiters.append(process)
+                    return
+                continue
+            if request > 0:
+                self._push(self.now + request, process)
+                return
+
+
+class _Link:
+    """One direction of a function's network link: FIFO by request time."""
+
+    __slots__ = ("busy_until", "bytes_per_s")
+
+    def __init__(self, mb_s: float) -> None:
+        self.busy_until = 0.0
+        self.bytes_per_s = mb_s * MB_RATE
+
+    def reserve(self, now: float, nbytes: float) -> float:
+        """Reserve the link for ``nbytes`` from ``now``; returns when the bytes are through."""
+        end = max(now, self.busy_until) + nbytes / self.bytes_per_s
+        self.busy_until = end
+        return end
+
+
+@dataclasses.dataclass
+class _Item:
+    """One transfer in a worker's upload or download queue."""
+
+    key: tuple[Any, ...]
+    nbytes: float
+    label: str
+    posted: _Signal | None = None  # None: posted when the iteration starts
+    done: _Signal = dataclasses.field(default_factory=_Signal)
+
+
+def _replay(
+    stages: Sequence[StageCost], platform: Platform, plan: Plan
+) -> tuple[list[Span], dict[tuple[int, int], float]]:
+    engine = _Engine()
+    objects: dict[tuple[Any, ...], _Signal] = {}
+    spans: list[Span] = []
+    ends: dict[tuple[int, int], float] = {}
+    lat = platform.latency_s
+    count = len(stages)
+    m_total = plan.num_micro_batches
+
+    def obj(key: tuple[Any, ...]) -> _Signal:
+        signal = objects.get(key)
+        if signal is None:
+            signal = objects[key] = _Signal()
+        return signal
+
+    for m in range(m_total):  # the driver's objects are there from the start
+        for key in (("input", m), ("target", m)):
+            engine.fire(obj(key))
+
+    for st in stages:
+        for r in range(st.replicas):
+            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count).start()
+    engine.run()
+    missing = [(st.stage, r) for st in stages for r in range(st.replicas) if (st.stage, r) not in ends]
+    if missing:  # pragma: no cover - a schedule bug, not a user error
+        raise RuntimeError(f"simulation deadlocked; workers {missing} never finished")
+    return spans, ends
+
+
+class _Worker:
+    """The three threads of one (stage, replica) as engine processes."""
+
+    def __init__(
+        self,
+        engine: _Engine,
+        obj: Callable[[tuple[Any, ...]], _Signal],
+        spans: list[Span],
+        ends: dict[tuple[int, int], float],
+        st: StageCost,
+        replica: int,
+        stages: Sequence[StageCost],
+        plan: Plan,
+        latency_s: float,
+        count: int,
+    ) -> None:
+        self.engine, self.obj, self.spans, self.ends = engine, obj, spans, ends
+        self.st, self.replica, self.plan, self.lat = st, replica, plan, latency_s
+        self.s = st.stage
+        self.first, self.last = st.stage == 0, st.stage == count - 1
+        self.stages = stages
+        self.up = _Link(st.tier.uplink_mb_s)
+        self.down = _Link(st.tier.downlink_mb_s)
+        self.tasks = worker_tasks(st.stage, replica, replicas=plan.replicas, num_micro_batches=plan.num_micro_batches)
+        self.uploads: list[_Item] = []
+        self.downloads: list[_Item] = []
+        self.received: dict[tuple[Any, ...], _Signal] = {}
+        self.posted: dict[tuple[Any, ...], _Signal] = {}
+        self.fetches: list[_Item] = []
+
+    # -- building the queues ---------------------------------------------------
+
+    def start(self) -> None:
+        s, st = self.s, self.st
+        for op, m in self.tasks:
+            if op == "recv":
+                key = ("input", m) if self.first else ("act", s, m)
+                self._download(key, st.input_bytes, f"{key[0]} {m}")
+            elif op == "recv_target":
+                self._download(("target", m), st.target_bytes, f"target {m}")
+            elif op == "recv_grad":
+                self._download(("grad", s, m), st.output_bytes, f"grad {m}")
+            elif op == "send":
+                self._upload(("act", s + 1, m), st.output_bytes, f"act {m}")
+            elif op == "send_grad":
+                self._upload(("grad", s - 1, m), st.input_bytes, f"grad {m}")
+            elif op == "sync" and st.param_bytes > 0:
+                self._sync_transfers()
+        if self.last:
+            self._upload(("report", s, self.replica), REPORT_BYTES, "report")
+        self.engine.start(self._compute())
+        self.engine.start(self._uploader())
+        self.engine.start(self._downloader(self.downloads))
+        if self.fetches:
+            queue = collections.deque(self.fetches)
+            for _ in range(FETCH_CONNECTIONS):
+                self.engine.start(self._fetcher(queue))
+
+    def _download(self, key: tuple[Any, ...], nbytes: float, label: str, *, posted: _Signal | None = None) -> _Item:
+        item = _Item(key, nbytes, label, posted)
+        self.downloads.append(item)
+        self.received[key] = item.done
+        return item
+
+    def _upload(self, key: tuple[Any, ...], nbytes: float, label: str) -> _Item:
+        item = _Item(key, nbytes, label, _Signal())
+        self.uploads.append(item)
+        assert item.posted is not None
+        self.posted[key] = item.posted
+        return item
+
+    def _sync_transfers(self) -> None:
+        """Queue the all-reduce's transfers, as :func:`funcpipe.collectives.all_reduce` posts them."""
+        d, r, s, p = self.st.replicas, self.replica, self.s, self.st.param_bytes
+        to_peers = [(r + k) % d for k in range(1, d)]
+        from_peers = [(r - k) % d for k in range(1, d)]
+        if self.plan.sync == "pipelined":
+            q_count = piece_count(p, d)
+            piece = p / d / q_count
+            for q in range(q_count):
+                for peer in to_peers:
+                    self._upload(("chunk", s, peer, r, q), piece, "chunk")
+            for q in range(q_count):
+                self._upload(("merged", s, r, q), piece, "merged")
+            self.fetches = [
+                _Item(("chunk", s, r, peer, q), piece, "chunk") for q in range(q_count) for peer in from_peers
+            ] + [_Item(("merged", s, peer, q), piece, "merged") for q in range(q_count) for peer in from_peers]
+            self.fetch_posted = _Signal()
+            for item in self.fetches:
+                item.posted = self.fetch_posted
+                self.received[item.key] = item.done
+            self.pieces = q_count
+        else:
+            chunk = p / d
+            for peer in to_peers:
+                self._upload(("chunk", s, peer, r, 0), chunk, "chunk")
+            for peer in from_peers:
+                self._download(("chunk", s, r, peer, 0), chunk, "chunk", posted=_Signal())
+            self._upload(("merged", s, r, 0), chunk, "merged")
+            for peer in from_peers:
+                self._download(("merged", s, peer, 0), chunk, "merged", posted=_Signal())
+        self.to_peers, self.from_peers = to_peers, from_peers
+
+    # -- the threads -------------------------------------------------------------
+
+    def _span(self, lane: str, start: float, label: str) -> None:
+        self.spans.append(Span(self.s, self.replica, lane, start, self.engine.now, label))
+
+    def _compute(self) -> _Process:
+        engine, st, s = self.engine, self.st, self.s
+        for op, m in self.tasks:
+            if op == "forward":
+                yield self.received[("input", m) if self.first else ("act", s, m)]
+                if self.last:
+                    yield self.received[("target", m)]
+                start = engine.now
+                yield st.forward_s
+                self._span("compute", start, f"F{m}")
+            elif op == "send":
+                engine.fire(self.posted[("act", s + 1, m)])
+            elif op == "backward":
+                if not self.last:
+                    yield self.received[("grad", s, m)]
+                start = engine.now
+                yield st.backward_s
+                self._span("compute", start, f"B{m}")
+            elif op == "send_grad":
+                engine.fire(self.posted[("grad", s - 1, m)])
+            elif op == "sync" and st.param_bytes > 0:
+                start = engine.now
+                yield from self._sync()
+                self._span("compute", start, "sync")
+            elif op == "update":
+                start = engine.now
+                yield st.update_s
+                self._span("compute", start, "update")
+        if self.last:
+            engine.fire(self.posted[("report", s, self.replica)])
+        if self.uploads:
+            yield self.uploads[-1].done
+        self.ends[(s, self.replica)] = engine.now
+
+    def _sync(self) -> _Process:
+        engine, s, r = self.engine, self.s, self.replica
+        if self.plan.sync == "pipelined":
+            for peer in self.to_peers:
+                for q in range(self.pieces):
+                    engine.fire(self.posted[("chunk", s, peer, r, q)])
+            engine.fire(self.fetch_posted)
+            for q in range(self.pieces):
+                for peer in self.from_peers:
+                    yield self.received[("chunk", s, r, peer, q)]
+                engine.fire(self.posted[("merged", s, r, q)])
+            for q in range(self.pieces):
+                for peer in self.from_peers:
+                    yield self.received[("merged", s, peer, q)]
+            yield self.posted_done(("merged", s, r, self.pieces - 1))
+            return
+        shares = [("chunk", s, peer, r, 0) for peer in self.to_peers]
+        for share in shares:
+            engine.fire(self.posted[share])
+        for share in shares:
+            yield self.posted_done(share)
+        for phase in ("chunk", "merged"):
+            if phase == "merged":
+                engine.fire(self.posted[("merged", s, r, 0)])
+                yield self.posted_done(("merged", s, r, 0))
+            for peer in self.from_peers:
+                key: tuple[Any, ...] = ("chunk", s, r, peer, 0) if phase == "chunk" else ("merged", s, peer, 0)
+                item = next(i for i in self.downloads if i.key == key)
+                assert item.posted is not None
+                engine.fire(item.posted)
+                yield item.done
+
+    def posted_done(self, key: tuple[Any, ...]) -> _Signal:
+        return next(item.done for item in self.uploads if item.key == key)
+
+    def _uploader(self) -> _Process:
+        engine = self.engine
+        for item in self.uploads:
+            assert item.posted is not None
+            yield item.posted
+            start = engine.now
+            yield self.up.reserve(engine.now, item.nbytes) + self.lat - engine.now
+            self._span("upload", start, item.label)
+            engine.fire(self.obj(item.key))
+            engine.fire(item.done)
+
+    def _fetcher(self, queue: collections.deque[_Item]) -> _Process:
+        """One of the all-reduce's download connections: takes the next fetch when free."""
+        engine = self.engine
+        yield self.fetch_posted
+        while queue:
+            item = queue.popleft()
+            yield self.obj(item.key)
+            start = engine.now
+            yield self.down.reserve(engine.now, item.nbytes) + self.lat - engine.now
+            self._span("download", start, item.label)
+            engine.fire(item.done)
+
+    def _downloader(self, items: list[_Item]) -> _Process:
+        engine = self.engine
+        for item in items:
+            if item.posted is not None:
+                yield item.posted
+            yield self.obj(item.key)
+            start = engine.now
+            yield self.down.reserve(engine.now, item.nbytes) + self.lat - engine.now
+            self._span("download", start, item.label)
+            engine.fire(item.done)

@@ -1,0 +1,1 @@
+"""Tests of funcpipe.platforms: the built-in specs, spec files and validation."""

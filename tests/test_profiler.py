@@ -1,0 +1,349 @@
+"""The profiler: byte counts worked out by hand, timings against a direct measurement, and its errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import funcpipe
+from funcpipe import ConfigError
+from funcpipe.profiler import LayerProfile, ModelProfile, _fit, profile
+
+FAST: dict[str, Any] = {"rounds": 2, "warmup": 1}
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def data(samples: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(samples, 64, generator=generator), torch.randn(samples, 10, generator=generator)
+
+
+class Square(nn.Module):
+    """``x * x``: autograd saves ``x`` twice (as both factors), one storage."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+class Pair(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+class ModeSpy(nn.Module):
+    """Records ``self.training`` at every forward, in a list its deep copies share."""
+
+    seen: ClassVar[list[bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ModeSpy.seen.append(self.training)
+        return x
+
+
+# -- bytes -------------------------------------------------------------------
+
+
+def test_bytes_of_a_small_mlp() -> None:
+    result = profile(mlp(), *data(), F.mse_loss, **FAST)
+    first, relu, last = result.layers
+    assert [layer.name for layer in result.layers] == ["0", "1", "2"]
+    assert first.param_bytes == (64 * 256 + 256) * 4
+    assert last.param_bytes == (256 * 10 + 10) * 4
+    assert result.param_bytes == first.param_bytes + last.param_bytes
+    assert relu.param_bytes == relu.optimizer_bytes == 0 and relu.update_s == 0.0
+    assert first.output_bytes_per_sample == relu.output_bytes_per_sample == 256 * 4
+    assert last.output_bytes_per_sample == 10 * 4
+    assert result.input_bytes_per_sample == 64 * 4
+    assert result.target_bytes_per_sample == 10 * 4
+    assert result.micro_batch_sizes == (1, 2, 4)
+    assert result.num_layers == 3
+
+
+def test_held_bytes_are_what_autograd_saves_without_the_parameters() -> None:
+    result = profile(mlp(), *data(), F.mse_loss, **FAST)
+    first, relu, last = result.layers
+    # addmm keeps its input (64 floats) for the weight's gradient; the weight is a parameter.
+    assert first.held_bytes_per_sample == 64 * 4
+    # relu keeps its output, to mask the gradient.
+    assert relu.held_bytes_per_sample == 256 * 4
+    # The input of a later Linear needs a gradient, so addmm also saves weight.t(): not counted.
+    assert last.held_bytes_per_sample == 256 * 4
+
+
+def test_a_tensor_saved_twice_is_held_once() -> None:
+    model = nn.Sequential(nn.Linear(64, 32), Square(), nn.Linear(32, 10))
+    result = profile(model, *data(), F.mse_loss, **FAST)
+    assert result.layers[1].held_bytes_per_sample == 32 * 4
+    assert result.layers[1].param_bytes == 0
+
+
+def test_held_bytes_are_per_sample_at_the_largest_size() -> None:
+    result = profile(mlp(), *data(8), F.mse_loss, micro_batch_sizes=(2, 8), **FAST)
+    assert result.micro_batch_sizes == (2, 8)
+    assert result.layers[0].held_bytes_per_sample == 64 * 4
+    assert result.layers[1].output_bytes_per_sample == 256 * 4
+
+
+@pytest.mark.parametrize(
+    ("factory", "state_floats"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1), 0),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 1),  # a momentum buffer per parameter
+        (lambda p: torch.optim.Adam(p, lr=1e-3), 2),  # exp_avg and exp_avg_sq, plus 'step' scalars
+        (None, 2),  # the default: Adam
+    ],
+)
+def test_optimizer_state_bytes(factory: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer] | None,
+                               state_floats: int) -> None:
+    result = profile(mlp(), *data(), F.mse_loss, optimizer=factory, **FAST)
+    first, relu, last = result.layers
+    assert relu.optimizer_bytes == 0
+    for layer in (first, last):
+        expected = state_floats * layer.param_bytes
+        # Adam's per-parameter 'step' counters are small tensors of their own.
+        slack = 64 if state_floats == 2 else 0
+        assert expected <= layer.optimizer_bytes <= expected + slack
+        assert layer.update_s > 0
+
+
+def test_frozen_parameters_are_not_counted() -> None:
+    model = mlp()
+    model[0].requires_grad_(False)
+    result = profile(model, *data(), F.mse_loss, **FAST)
+    assert result.layers[0].param_bytes == result.layers[0].optimizer_bytes == 0
+    assert result.layers[0].update_s == 0.0
+    assert result.layers[2].param_bytes == (256 * 10 + 10) * 4
+
+
+def test_integer_token_inputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 16), nn.Flatten(), nn.Linear(5 * 16, 3))
+    tokens = torch.randint(0, 100, (4, 5))
+    labels = torch.randint(0, 3, (4,))
+    result = profile(model, tokens, labels, F.cross_entropy, **FAST)
+    embedding, flatten, linear = result.layers
+    assert result.input_bytes_per_sample == 5 * 8  # int64 ids
+    assert result.target_bytes_per_sample == 8
+    assert embedding.param_bytes == 100 * 16 * 4
+    assert embedding.held_bytes_per_sample == 5 * 8  # the ids, to scatter the gradient
+    assert embedding.output_bytes_per_sample == 5 * 16 * 4
+    assert flatten.held_bytes_per_sample == 0
+    assert linear.held_bytes_per_sample == 5 * 16 * 4
+    assert embedding.backward_s(4) > 0  # the embedding's weight gets its gradient
+
+
+def test_an_in_place_layer_is_profiled_without_touching_the_inputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(64, 32), nn.ReLU(inplace=True), nn.Linear(32, 10))
+    inputs, targets = data()
+    before = inputs.clone()
+    result = profile(model, inputs, targets, F.mse_loss, **FAST)
+    assert torch.equal(inputs, before)
+    assert result.layers[2].held_bytes_per_sample == 32 * 4
+    assert result.layers[2].backward_s(4) > 0
+
+
+# -- times -------------------------------------------------------------------
+
+
+def _direct_seconds(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor, repeats: int = 15) -> tuple[float, float]:
+    """Median forward and backward seconds of ``layer`` on ``x``, timed here with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    forward, backward = [], []
+    try:
+        for i in range(3 + repeats):
+            started = time.perf_counter()
+            y = layer(x)
+            middle = time.perf_counter()
+            y.backward(grad)
+            if i >= 3:
+                forward.append(middle - started)
+                backward.append(time.perf_counter() - middle)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(forward), statistics.median(backward)
+
+
+def test_times_grow_with_the_batch_and_are_seconds() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 2048), nn.Linear(2048, 4))
+    inputs, targets = torch.randn(64, 512), torch.randn(64, 4)
+    # The same work timed directly, before and after (the machine's load may drift in between).
+    layer, grad = nn.Linear(512, 2048), torch.randn(64, 2048)
+    before = _direct_seconds(layer, inputs, grad)
+    result = profile(model, inputs, targets, F.mse_loss, micro_batch_sizes=(1, 16, 64), rounds=7)
+    after = _direct_seconds(layer, inputs, grad)
+    big = result.layers[0]
+    assert big.forward_beta_s > 0
+    assert big.forward_s(64) > big.forward_s(1)
+    assert big.backward_s(64) > 0
+    # Seconds, and per round (not summed over rounds): the forward fit at 64 is within a factor
+    # of 3 of the direct timing; the backward's, whose 4 MB weight gradient makes it noisier
+    # (allocation, page faults), within a factor of 5.
+    assert min(before[0], after[0]) / 3 < big.forward_s(64) < max(before[0], after[0]) * 3
+    assert min(before[1], after[1]) / 5 < big.backward_s(64) < max(before[1], after[1]) * 5
+
+
+def test_fit_recovers_a_line_and_never_goes_negative() -> None:
+    alpha, beta = _fit((1, 2, 4), (1e-3 + 2e-4, 1e-3 + 4e-4, 1e-3 + 8e-4))
+    assert alpha == pytest.approx(1e-3) and beta == pytest.approx(2e-4)
+    # Falling times (noise on a tiny layer): the best line with no slope is the mean.
+    alpha, beta = _fit((1, 2, 4), (3e-6, 2e-6, 1e-6))
+    assert alpha == pytest.approx(2e-6) and beta == 0.0
+    # A negative intercept: the best line through zero, sum(b*t) / sum(b*b).
+    alpha, beta = _fit((1, 2, 4), (0.0, 1.0, 3.0))
+    assert alpha == 0.0 and beta == pytest.approx(14 / 21)
+
+
+# -- the user's model and process are left alone -----------------------------
+
+
+def test_the_model_threads_and_rng_are_unchanged() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), ModeSpy(), nn.Dropout(0.5), nn.Linear(32, 10))
+    model.eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    threads = torch.get_num_threads()
+    rng = torch.get_rng_state()
+    ModeSpy.seen.clear()
+    profile(model, *data(), F.mse_loss, optimizer=lambda p: torch.optim.SGD(p, lr=1.0), **FAST)
+    assert ModeSpy.seen and all(ModeSpy.seen)  # profiled in train mode
+    assert not model.training and not any(m.training for m in model.modules())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_threads_are_restored_after_an_error() -> None:
+    threads = torch.get_num_threads()
+    model = nn.Sequential(nn.Linear(64, 256), nn.Linear(128, 10))
+    with pytest.raises(ConfigError):
+        profile(model, *data(), F.mse_loss, **FAST)
+    assert torch.get_num_threads() == threads
+
+
+def test_machine_says_where_it_was_measured() -> None:
+    result = profile(mlp(), *data(), F.mse_loss, rounds=3, warmup=0)
+    machine = result.machine
+    assert machine["threads"] == 1 and machine["rounds"] == 3 and machine["warmup"] == 0
+    assert machine["torch"] == torch.__version__
+    assert isinstance(machine["cpu"], str) and machine["cpu"]
+    assert machine["measured_at"].endswith("+00:00")
+    assert machine["python"].count(".") == 2
+
+
+def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    profile(mlp(), *data(), F.mse_loss, progress=True, **FAST)
+    assert "profiling" in capsys.readouterr().err
+    profile(mlp(), *data(), F.mse_loss, **FAST)  # 3 layers: quick, no bar
+    assert capsys.readouterr().err == ""
+    many = nn.Sequential(*[nn.Identity() for _ in range(21)], nn.Linear(64, 10))
+    profile(many, *data(), F.mse_loss, rounds=1, warmup=0)
+    assert "profiling" in capsys.readouterr().err
+    profile(many, *data(), F.mse_loss, rounds=1, warmup=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_profile_is_exported() -> None:
+    assert funcpipe.profile is profile
+
+
+# -- save and load -----------------------------------------------------------
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    result = profile(mlp(), *data(), F.mse_loss, **FAST)
+    path = tmp_path / "profile.json"
+    result.save(path)
+    loaded = ModelProfile.load(path)
+    assert loaded == result
+    assert loaded.machine == result.machine
+    assert all(isinstance(layer, LayerProfile) for layer in loaded.layers)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (json.dumps({"layers": []}), "not a funcpipe model profile"),
+        (json.dumps([1, 2]), "not a funcpipe model profile"),
+        (json.dumps({"format": 1, "layers": [{"name": "0"}]}), "malformed"),
+        ("{not json", "not JSON"),
+    ],
+)
+def test_load_rejects_what_is_not_a_profile(tmp_path: Path, content: str, match: str) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        ModelProfile.load(path)
+
+
+def test_load_of_a_missing_file_or_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no profile at"):
+        ModelProfile.load(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="cannot read profile"):
+        ModelProfile.load(tmp_path)
+
+
+# -- errors ------------------------------------------------------------------
+
+
+def _bad_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(output, target, reduction="none")
+
+
+def _raising_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: profile([nn.Linear(64, 10)], *data(), F.mse_loss),  # type: ignore[arg-type]
+         r"got list.*wrap your layers in nn.Sequential"),
+        (lambda: profile(nn.Linear(64, 10), *data(), F.mse_loss), r"got Linear.*nn.Sequential"),  # type: ignore[arg-type]
+        (lambda: profile(nn.Sequential(), *data(), F.mse_loss), "empty"),
+        (lambda: profile(mlp(), *data(3), F.mse_loss), r"inputs hold 3 samples.*largest micro-batch size is 4"),
+        (lambda: profile(mlp(), data()[0], torch.randn(2, 10), F.mse_loss), r"targets hold 2 samples"),
+        (lambda: profile(mlp(), *data(), _bad_loss, **FAST), r"loss_fn returned \(4, 10\).*mean"),
+        (lambda: profile(mlp(), *data(), _raising_loss, **FAST), r"loss_fn failed.*ValueError: boom"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes=(4,)), "at least 2 distinct"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes=(2, 2)), "at least 2 distinct"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes=(0, 2)), "positive integers"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, rounds=0), "rounds must be"),
+        (lambda: profile(mlp(), *data(), F.mse_loss,
+                         optimizer=torch.optim.SGD(mlp().parameters(), lr=0.1)),  # type: ignore[arg-type]
+         "factory, not an optimizer instance"),
+        (lambda: profile(mlp(), data()[0].tolist(), data()[1], F.mse_loss),  # type: ignore[arg-type]
+         "inputs must be a torch.Tensor"),
+        (lambda: profile(nn.Sequential(Pair(), nn.Linear(64, 10)), *data(), F.mse_loss, **FAST),
+         r"layer 0 \('0', Pair\) returned tuple"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, optimizer=lambda p: None, **FAST),  # type: ignore[arg-type,return-value]
+         "not a torch.optim.Optimizer"),
+    ],
+)
+def test_bad_arguments(call: Callable[[], object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        call()
+
+
+def test_a_failing_layer_is_named_with_its_input_shape() -> None:
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(128, 10))
+    with pytest.raises(ConfigError, match=r"layer 2 \('2', Linear\).*shape \(4, 256\).*RuntimeError") as info:
+        profile(model, *data(), F.mse_loss, **FAST)
+    assert isinstance(info.value.__cause__, RuntimeError)
