@@ -1,13 +1,13 @@
-"""How fast CP-SAT solves the planner's program on a 100-layer profile.
+"""How fast CP-SAT solves the planner's program, up to a 100-layer profile.
 
-A synthetic 100-layer profile shaped like a deep CNN (activations shrink and
+Synthetic profiles (20, 30 and 100 layers) shaped like a deep CNN (activations shrink and
 parameters grow with depth, with per-layer noise), on AWS Lambda's 8 memory
 tiers, up to 8 stages and 8 replicas per stage, global batch 64 in
 micro-batches of 4. For each objective: CP-SAT's status, gap and wall time of
 one solve with a 10 s limit, then the whole ``funcpipe.plan`` call (solve,
 re-ranking by the simulator) and its predicted seconds and dollars.
 
-    python benchmarks/planner.py [--time-limit 10] [--layers 100]
+    python benchmarks/planner.py [--time-limit 10] [--layers 20 30 100]
 
 Writes ``benchmarks/results/planner.json`` and ``planner.md``.
 """
@@ -15,6 +15,7 @@ Writes ``benchmarks/results/planner.json`` and ``planner.md``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -50,14 +51,14 @@ def synthetic_profile(layers: int, seed: int = 0) -> ModelProfile:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--time-limit", type=float, default=10.0)
-    parser.add_argument("--layers", type=int, default=100)
+    parser.add_argument("--layers", type=int, nargs="+", default=[20, 30, 100])
     args = parser.parse_args()
-    profile = synthetic_profile(args.layers)
     spec = funcpipe.platforms.get("aws_lambda")
     kwargs = {"global_batch_size": 64, "micro_batch_size": 4, "max_stages": 8, "max_replicas": 8}
-    search = _Search.create(profile, spec, memory_mb=None, sync="pipelined", **kwargs)  # type: ignore[arg-type]
     rows = []
-    for name, weight in (("time", 1.0), ("cost", 0.0)):
+    for layers, (name, weight) in itertools.product(args.layers, (("time", 1.0), ("cost", 0.0))):
+        profile = synthetic_profile(layers)
+        search = _Search.create(profile, spec, memory_mb=None, sync="pipelined", **kwargs)  # type: ignore[arg-type]
         started = time.perf_counter()
         solution = search.solve(Objective(weight), None, None, (), args.time_limit)
         wall = time.perf_counter() - started
@@ -66,6 +67,7 @@ def main() -> None:
         plan = funcpipe.plan(profile, spec, objective=name, time_limit_s=args.time_limit, **kwargs)  # type: ignore[arg-type]
         plan_wall = time.perf_counter() - started
         row = {
+            "layers": layers,
             "objective": name,
             "cpsat_status": solution.status,
             "cpsat_gap": solution.gap,
@@ -79,26 +81,29 @@ def main() -> None:
             "predicted_cost_usd": plan.predicted_cost_usd,
         }
         rows.append(row)
-        print(f"{name:>4}: CP-SAT {solution.status} gap {solution.gap:.2%} in {wall:.1f} s; "
+        print(f"{layers:>3} layers, {name:>4}: CP-SAT {solution.status} gap {solution.gap:.2%} in {wall:.1f} s; "
               f"funcpipe.plan {plan_wall:.1f} s -> {plan.num_stages} stages {list(plan.replicas)} replicas, "
               f"{plan.predicted_iteration_s:.3f} s and ${plan.predicted_cost_usd:.5f} per iteration")
     result = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-        "layers": args.layers, "tiers": len(spec.tiers), "max_stages": 8, "max_replicas": 8,
+        "tiers": len(spec.tiers), "max_stages": 8, "max_replicas": 8,
         "time_limit_s": args.time_limit, "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "planner.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        f"Planner solve speed: {args.layers}-layer profile, AWS Lambda's {len(spec.tiers)} tiers, up to 8 stages "
+        f"Planner solve speed: synthetic profiles of {', '.join(map(str, args.layers))} layers, AWS Lambda's "
+        f"{len(spec.tiers)} tiers, up to 8 stages "
         f"and 8 replicas, batch 64 / micro-batch 4, {os.cpu_count()} cores, {args.time_limit:g} s limit.",
         "",
-        "| objective | CP-SAT status | gap | CP-SAT s | plan() s | stages | predicted s/iter | predicted $/iter |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layers | objective | CP-SAT status | gap | CP-SAT s | plan() s | stages | predicted s/iter "
+        "| predicted $/iter |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['objective']} | {row['cpsat_status']} | {row['cpsat_gap']:.2%} | {row['cpsat_seconds']:.1f} | "
+            f"| {row['layers']} | {row['objective']} | {row['cpsat_status']} | {row['cpsat_gap']:.2%} | "
+            f"{row['cpsat_seconds']:.1f} | "
             f"{row['plan_seconds']:.1f} | {len(row['plan_balance'])} | {row['predicted_iteration_s']:.3f} | "
             f"{row['predicted_cost_usd']:.5f} |"
         )

@@ -14,7 +14,7 @@ from torch import nn
 
 import funcpipe
 from funcpipe import ConfigError, Plan, PlanInfeasible, Trainer, costmodel, simulate
-from funcpipe.planner.model import Objective, Problem, solve
+from funcpipe.planner.model import Candidate, Objective, Problem, solve
 from funcpipe.platforms import Platform, Tier
 from funcpipe.profiler import LayerProfile, ModelProfile
 from tests.helpers import assert_same_parameters, plain_training, regression_batches
@@ -141,11 +141,13 @@ def test_reranking_catches_what_the_formula_misses(exhaustive: list[dict[str, An
     missed = [c for c in exhaustive if c["formula_choice_time"] > c["best_time"] * 1.02]
     assert missed, "the formula ranked every case right; this test would show nothing"
     for case in missed:
-        assert case["time"] <= case["best_time"] * 1.02, case["seed"]  # re-ranked by the simulator
-    # Where the formula has ties, CP-SAT alone may land on a good one; in some cases it does not,
-    # and only the re-ranking (the default) gets within 2%.
-    repaired = [c for c in missed if c["time_without_rerank"] > c["best_time"] * 1.02]
-    assert repaired, "CP-SAT alone was always within 2%; the re-ranking was never needed"
+        assert case["time"] <= case["best_time"] * 1.02, case["seed"]
+    # Among these 30 CP-SAT's own optimum is often already good (formula ties, and the
+    # simulator-checked downgrade pass); case 99 is one where only the re-ranking gets there.
+    case = check_one(99)
+    assert case is not None
+    assert case["time_without_rerank"] > case["best_time"] * 1.02
+    assert case["time"] <= case["best_time"] * 1.02
 
 
 def test_solver_optimum_equals_the_python_formula() -> None:
@@ -167,6 +169,26 @@ def test_solver_optimum_equals_the_python_formula() -> None:
                 assert solution.cost_usd == pytest.approx(
                     costmodel.cost_per_iteration(formula, stages, plan, platform), rel=1e-2
                 )
+
+
+def test_solver_value_of_any_plan_equals_the_python_formula() -> None:
+    """For plans fixed in the model (not only its optimum): no constraint, redundant bounds
+    included, pushes the solver's iteration time above the formula or lets it fall below."""
+    rng = random.Random(11)
+    checked = 0
+    for seed in range(4):
+        profile, platform = random_profile(random.Random(seed)), random_platform(random.Random(seed))
+        problem = Problem(profile, platform, platform.tiers, MICRO_BATCH, GLOBAL_BATCH // MICRO_BATCH, 3, 3)
+        sims = every_plan(profile, platform)
+        for sim in rng.sample(sims, min(15, len(sims))):
+            plan = sim.plan
+            assert plan.memory_mb is not None
+            candidate = Candidate(plan.balance, plan.memory_mb, plan.replicas)
+            solution = solve(problem, Objective(1.0), fix=candidate, time_limit_s=10)
+            assert solution is not None, plan
+            assert solution.iteration_s == pytest.approx(sim.formula_s, rel=1e-3), plan
+            checked += 1
+    assert checked >= 30
 
 
 def small_case() -> tuple[ModelProfile, Platform]:

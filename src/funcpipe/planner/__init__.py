@@ -126,7 +126,7 @@ def plan(
         remaining = deadline - time.perf_counter()
         if remaining <= 0.05:
             break
-        limit = min(remaining, max(1.0, 2 * first.seconds))
+        limit = min(remaining, max(0.5, first.seconds))
         try:
             nxt = search.solve(goal, deadline_s, budget_usd, [s.candidate for s, _ in found], limit)
         except TimeoutError:

@@ -95,8 +95,12 @@ class Objective:
 
 
 def _ratio(value: float) -> tuple[int, int]:
-    """``value`` as ``num / den`` with a small denominator (integer constraint coefficients)."""
-    frac = Fraction(value).limit_denominator(10**6)
+    """``value`` as ``num / den``, both at most about 10**6 (integer constraint coefficients).
+
+    Keeping the numerator small too matters: CP-SAT declares a model infeasible when a
+    constraint's terms could overflow 64 bits.
+    """
+    frac = Fraction(value).limit_denominator(max(1, int(10**6 / max(1.0, value))))
     if frac == 0 and value > 0:
         frac = Fraction(1, 10**6)
     return frac.numerator, frac.denominator
@@ -119,10 +123,21 @@ class _Builder:
             + m * (prof.input_bytes_per_sample + prof.target_bytes_per_sample) * b
             + plat.runtime_overhead_mb * MIB
         )
-        # A generous upper bound of any plan's iteration: everything serial on the slowest tier.
+        # Bytes any plan moves at most: an activation and a gradient per micro-batch at every
+        # possible boundary, the driver's inputs and targets, and every parameter three times
+        # (an all-reduce uploads P and downloads under 2 P).
+        moved = (
+            2 * m * b * sum(lp.output_bytes_per_sample for lp in self.layers)
+            + m * b * (prof.input_bytes_per_sample + prof.target_bytes_per_sample)
+            + 3 * sum(lp.param_bytes for lp in self.layers)
+        )
+        # An upper bound of any plan's iteration (everything serial on the slowest tier and
+        # link). It sets the time unit, so it must be tight enough for a fine unit: raising
+        # TIME_STEPS instead is not safe (at 10**8, CP-SAT reported as optimal a 6-layer plan
+        # 3.5x dearer than one it accepts when that one is fixed).
         worst = (
             m * sum(lp.forward_s(b) + lp.backward_s(b) + lp.update_s for lp in self.layers) / slowest
-            + 8 * total_bytes / slow_link
+            + 2 * moved / slow_link
             + (8 * m * (count + 2) + 4 * problem.max_replicas**2 * MAX_PIECES) * plat.latency_s
         )
         self.unit_s = max(worst, 1e-3) / TIME_STEPS
@@ -226,6 +241,9 @@ class _Builder:
         }
         at = {name: [at_cut(table, k, name) for k in range(stages + 1)] for name, table in tables.items()}
         crossing = [at_cut(self.b_cut, k, "cross") for k in range(stages + 1)]
+        # Bytes crossing cut k if it is a stage boundary: 0 at the model's end, where the
+        # cuts of unused trailing stages sit.
+        crossing_free = [at_cut([*self.b_cut[:count], 0], k, "boundary") for k in range(1, stages)]
 
         def seg(name: str, s: int) -> Expr:
             return at[name][s + 1] - at[name][s]
@@ -237,6 +255,7 @@ class _Builder:
         self.T = t_end
         rq_terms: list[Expr] = []
         work_terms: list[Expr] = []
+        has_param_lits: list[Expr] = []
         r_terms: list[Expr] = []
         A: list[Expr] = []
         H: list[cp_model.IntVar] = []
@@ -285,6 +304,7 @@ class _Builder:
                 if s > 0:
                     self._ge_scaled(v["up_gin"], in_b, up, lat, [lit, act[s]])
             has_params = md.new_bool_var(f"has_params{s}")
+            has_param_lits.append(has_params)
             md.add(params >= 1).only_enforce_if(has_params)
             md.add(params == 0).only_enforce_if(~has_params)
             q = md.new_int_var(1, MAX_PIECES, f"pieces{s}")
@@ -305,7 +325,9 @@ class _Builder:
             work = md.new_int_var(0, self.horizon * max(self.price) * reps[-1], f"work{s}")
             work_terms.append(work)
             for t, tier in enumerate(tiers):
-                self._ge_scaled(work, seg("fw", s) + seg("bw", s), m * self.price[t] / tier.speed, 0, [z[t]])
+                # (0.999: a redundant bound must never cut a plan off through rounding)
+                self._ge_scaled(work, seg("fw", s) + seg("bw", s), 0.999 * m * self.price[t] / tier.speed, 0,
+                                [z[t]])
             d_max = reps[-1]
             rq_s = md.new_int_var(0, (MAX_PIECES + 1) * 3 * d_max * d_max * (self._put + self._get), f"rq{s}")
             rq_terms.append(rq_s)
@@ -399,10 +421,11 @@ class _Builder:
         md.add(sum(r_terms) == self.R)
         prod = md.new_int_var(0, self.horizon * self.r_max, "TR")
         md.add_multiplication_equality(prod, [t_end, self.R])
+        self._lower_bounds(t_end, at, crossing_free, stages, has_param_lits, seg)
         md.add(prod >= sum(work_terms))
         # The same bound without the tiers: every layer's work at the best price per speed.
         cheapest = min(self.price[t] / tier.speed for t, tier in enumerate(tiers))
-        md.add(prod >= math.floor(m * cheapest * (self.t_fw[-1] + self.t_bw[-1])))
+        md.add(prod >= math.floor(0.999 * m * cheapest * (self.t_fw[-1] + self.t_bw[-1])))
         self.cost = prod + self.requests
         if deadline_s is not None:
             md.add(t_end <= math.floor(deadline_s / self.unit_s))
@@ -420,6 +443,57 @@ class _Builder:
                 (w / (objective.time_ref_s / self.unit_s)) * t_end
                 + ((1 - w) / (objective.cost_ref_usd / self._cost_unit)) * self.cost
             )
+
+    def _lower_bounds(self, t_end: Expr, at: dict[str, list[Expr]], boundaries: list[Expr], stages: int,
+                      has_params: list[Expr], seg: Any) -> None:
+        """Redundant lower bounds on the iteration time, each implied by the formula.
+
+        CP-SAT's relaxation does not find them through the enforced constraints, and
+        without them it proves nothing on large models. Coefficients are shrunk by 0.1%
+        so that rounding can never cut a plan off.
+        """
+        md, p, lat = self.model, self.p, self.lat
+        m = p.num_micro_batches
+        fastest = max(t.speed for t in p.tiers)
+        up = self._sec_per_unit_byte(max(t.uplink_mb_s for t in p.tiers))
+        dn = self._sec_per_unit_byte(max(t.downlink_mb_s for t in p.tiers))
+        n_min = -(-m // p.max_replicas)
+
+        def at_least(expr: Expr, ratio: float, name: str) -> Expr:
+            var = md.new_int_var(0, self.horizon, name)
+            self._ge_scaled(var, expr, 0.999 * ratio, 0, [])
+            return var
+
+        # Micro-batch 0 crosses every layer forward and backward (at best at the fastest
+        # speed) and every boundary twice each way: activation and gradient, up and down.
+        total = self.t_fw[-1] + self.t_bw[-1]
+        fill = md.new_int_var(0, self.horizon, "fill")
+        md.add(fill >= math.floor(0.999 * (total / fastest + (self.b_cut[0] + self.b_target) * dn)) + 2 * lat
+               + 4 * lat * sum(self.act[1:]) + at_least(sum(boundaries), 2 * (up + dn), "boundary_bytes"))
+        md.add(t_end >= fill)
+        for s in range(stages):
+            work = seg("fw", s) + seg("bw", s)
+            # ...and every stage runs the backward passes of its other micro-batches after
+            # micro-batch 0's gradient has come back (not their forwards: those overlap the
+            # round trip downstream).
+            backward = seg("bw", s)
+            md.add(t_end >= fill + at_least(backward, (n_min - 1) / fastest, f"rest{s}"))
+            md.add(t_end >= fill + at_least(backward, (m - 1) / fastest, f"rest_all{s}")).only_enforce_if(
+                self.r[s][0])
+            # With replicas, the stage's all-reduce (which downloads at least its parameters'
+            # bytes) starts after its own forwards and backwards, and after micro-batch 0 has
+            # gone forward through every layer and backward down to this stage.
+            sync = at_least(seg("param", s), dn, f"sync{s}")
+            lits = [~self.r[s][0], has_params[s]]
+            md.add(
+                t_end >= at_least(at["fw"][s], 1 / fastest, f"before{s}") + at_least(work, n_min / fastest, f"own{s}")
+                + sync
+            ).only_enforce_if(lits)
+            md.add(
+                t_end >= math.floor(0.999 * self.t_fw[-1] / fastest)
+                + at_least(self.t_bw[-1] - at["bw"][s], 1 / fastest, f"down_to{s}")
+                + 2 * lat * sum(self.act[1:]) + 3 * lat + sync
+            ).only_enforce_if(lits)
 
     @property
     def _cost_unit(self) -> float:
@@ -453,26 +527,32 @@ class _Builder:
             differs.append(~self.r[s][old.replicas[s] - 1])
         md.add_bool_or(differs)
 
-    def hint(self, candidate: Candidate) -> None:
-        """Start the search from ``candidate`` (CP-SAT completes and repairs a hint)."""
+    def hint(self, candidate: Candidate, *, fix: bool = False) -> None:
+        """Start the search from ``candidate``, or with ``fix`` allow nothing else."""
         md = self.model
+        if fix:
+
+            def add_hint(var: Expr, value: int | bool) -> None:
+                md.add(var == int(value))
+        else:
+            add_hint = md.add_hint
         stages = len(self.act)
         bounds = [0]
         for size in candidate.balance:
             bounds.append(bounds[-1] + size)
         bounds += [bounds[-1]] * (stages + 1 - len(bounds))
         for k in range(1, stages):
-            md.add_hint(self.cut[k], bounds[k])
+            add_hint(self.cut[k], bounds[k])
         tier_index = {t.memory_mb: i for i, t in enumerate(self.p.tiers)}
         for s in range(stages):
             active = s < len(candidate.balance)
-            md.add_hint(self.act[s], active)
+            add_hint(self.act[s], active)
             tier = tier_index.get(candidate.memory_mb[s], 0) if active else 0
             replicas = candidate.replicas[s] if active else 1
             for t, lit in enumerate(self.z[s]):
-                md.add_hint(lit, t == tier)
+                add_hint(lit, t == tier)
             for i, lit in enumerate(self.r[s]):
-                md.add_hint(lit, i + 1 == replicas)
+                add_hint(lit, i + 1 == replicas)
 
     def read(self, solver: cp_model.CpSolver) -> Candidate:
         stages = len(self.act)
@@ -497,8 +577,12 @@ def solve(
     time_limit_s: float = 30.0,
     workers: int = 0,
     hint: Candidate | None = None,
+    fix: Candidate | None = None,
 ) -> Solution | None:
     """Solve once; ``None`` when CP-SAT proves there is no solution.
+
+    ``hint`` starts the search from a candidate; ``fix`` allows only that candidate
+    (the model's value of one given plan).
 
     Raises:
         TimeoutError: no solution was found within the time limit.
@@ -508,6 +592,8 @@ def solve(
     builder.build(objective, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude)
     if hint is not None and hint not in exclude and set(hint.memory_mb) <= {t.memory_mb for t in problem.tiers}:
         builder.hint(hint)
+    if fix is not None:
+        builder.hint(fix, fix=True)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
     solver.parameters.num_workers = workers or 0
