@@ -92,7 +92,7 @@ def plan(
         raise ConfigError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ConfigError(f"candidates must be a positive integer, got {candidates!r}")
-    deadline = started + 2 * time_limit_s
+    give_up_at = started + 2 * time_limit_s  # wall clock, for the re-ranking's extra solves
 
     goal = Objective(weight)
     if 0 < weight < 1:  # normalise by the fastest and the cheapest plan
@@ -123,7 +123,7 @@ def plan(
     # re-ranks them, catching what the formula misses. Keep looking while none is
     # acceptable by the simulator (the formula may under-estimate a deadline).
     while (len(found) < candidates or not any(acceptable(sim) for _, sim in found)) and len(found) < 4 * candidates:
-        remaining = deadline - time.perf_counter()
+        remaining = give_up_at - time.perf_counter()
         if remaining <= 0.05:
             break
         limit = min(remaining, max(0.5, first.seconds))
@@ -145,7 +145,7 @@ def plan(
         )
     best_sim = min((sim for _, sim in ok), key=score)
     if goal.time_weight >= 1:
-        best_sim = search.cheapen(best_sim, deadline, acceptable)
+        best_sim = search.cheapen(best_sim, give_up_at, acceptable)
     return _to_plan(search, best_sim, first, time.perf_counter() - started)
 
 
@@ -347,10 +347,10 @@ class _Search:
             sync=self.problem.sync,
         )
 
-    def cheapen(self, best: Simulation, deadline: float, acceptable: Callable[[Simulation], bool]) -> Simulation:
+    def cheapen(self, best: Simulation, give_up_at: float, acceptable: Callable[[Simulation], bool]) -> Simulation:
         """Smaller tiers and fewer replicas, stage by stage, wherever the simulator says it costs no time."""
         improved = True
-        while improved and time.perf_counter() < deadline:
+        while improved and time.perf_counter() < give_up_at:
             improved = False
             plan = best.plan
             assert plan.memory_mb is not None
@@ -372,7 +372,7 @@ class _Search:
                             and acceptable(sim)):
                         best, improved = sim, True
                         break
-                if improved or time.perf_counter() >= deadline:
+                if improved or time.perf_counter() >= give_up_at:
                     break
         return best
 
