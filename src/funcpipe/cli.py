@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from funcpipe.errors import ConfigError, FuncpipeError
+from funcpipe.jsonfile import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -166,15 +167,7 @@ def _load_profile(source: str, args: argparse.Namespace, *, quiet: bool) -> Mode
 def _load_plan(path: str) -> Plan:
     from funcpipe.plan import Plan
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"no plan at {path!r}; hint: write one with `funcpipe plan ... --out {path}`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"plan {path!r} is not JSON ({exc})") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read plan {path!r} ({exc.strerror or exc})") from None
+    data = read_json(path, "plan", missing_hint=f"; hint: write one with `funcpipe plan ... --out {path}`")
     if not isinstance(data, dict):
         raise ConfigError(f"plan {path!r} must hold a JSON object, got {type(data).__name__}")
     data.pop("per_epoch", None)  # what `funcpipe plan --json` adds

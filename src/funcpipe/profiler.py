@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from funcpipe.errors import ConfigError
+from funcpipe.jsonfile import read_json
 
 __all__ = ["LayerProfile", "ModelProfile", "default_optimizer", "profile"]
 
@@ -150,16 +151,7 @@ class ModelProfile:
         Raises:
             ConfigError: the file is missing, not JSON, or not a profile.
         """
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"no profile at {os.fspath(path)!r}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"profile {os.fspath(path)!r} is not JSON ({exc})") from None
-        except OSError as exc:  # a directory, no permission...
-            raise ConfigError(f"cannot read profile {os.fspath(path)!r} ({exc})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "profile"))
 
 
 def default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
