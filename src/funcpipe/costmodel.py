@@ -258,10 +258,6 @@ def sync_s(param_bytes: float, replicas: int, tier: Tier, latency_s: float, algo
 
 def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: Plan) -> float:
     """Iteration seconds by the closed formula (see the module docstring)."""
-    return _formula(stages, platform, plan)[0]
-
-
-def _formula(stages: Sequence[StageCost], platform: Platform, plan: Plan) -> tuple[float, list[float]]:
     lat = platform.latency_s
     count = len(stages)
     dn_in = [st.down_s(st.input_bytes, lat) for st in stages]
@@ -312,7 +308,7 @@ def _formula(stages: Sequence[StageCost], platform: Platform, plan: Plan) -> tup
                 max(b0[s + 1], uo[s + 1]) + n[s + 1] * up_gin[s + 1] + dn_grad[s] + g[s],
                 grad0[s] + n[s] * dn_grad[s] + g[s],
             )
-    ends = []
+    end_max = 0.0
     for s, st in enumerate(stages):
         end = max(e[s] + st.update_s, e[s] + up_gin[s])
         if st.replicas > 1:
@@ -320,8 +316,8 @@ def _formula(stages: Sequence[StageCost], platform: Platform, plan: Plan) -> tup
             end = max(end, e[s] + up_gin[s] + sync + st.update_s)
         if s == count - 1:  # the report for the driver goes up after the update
             end += st.up_s(REPORT_BYTES, lat)
-        ends.append(end)
-    return max(ends), ends
+        end_max = max(end_max, end)
+    return end_max
 
 
 def requests_per_iteration(stages: Sequence[StageCost], plan: Plan) -> tuple[int, int]:

@@ -149,9 +149,9 @@ class Plan:
     def to_dict(self) -> dict[str, object]:
         """The plan as JSON-able data; prediction fields only when set."""
         data = dataclasses.asdict(self)
-        for name in _PREDICTION_FIELDS:
-            if data[name] is None:
-                del data[name]
+        for field in dataclasses.fields(self):
+            if not field.compare and data[field.name] is None:  # the prediction fields
+                del data[field.name]
         return data
 
     @classmethod
@@ -192,10 +192,6 @@ class Plan:
             rows.append(f"  solver: {self.solver_status}{gap} in {self.solve_s or 0:.2f} s")
         return "\n".join(rows)
 
-
-_PREDICTION_FIELDS = (
-    "platform", "predicted_iteration_s", "predicted_cost_usd", "solver_status", "solver_gap", "solve_s",
-)
 
 
 def _as_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:

@@ -358,6 +358,8 @@ class _Worker:
         self.downloads: list[_Item] = []
         self.received: dict[tuple[Any, ...], _Signal] = {}
         self.posted: dict[tuple[Any, ...], _Signal] = {}
+        self.sent: dict[tuple[Any, ...], _Signal] = {}  # an upload's key -> it is in storage
+        self.download_items: dict[tuple[Any, ...], _Item] = {}
         self.fetches: list[_Item] = []
 
     # -- building the queues ---------------------------------------------------
@@ -392,6 +394,7 @@ class _Worker:
         item = _Item(key, nbytes, label, posted)
         self.downloads.append(item)
         self.received[key] = item.done
+        self.download_items[key] = item
         return item
 
     def _upload(self, key: tuple[Any, ...], nbytes: float, label: str) -> _Item:
@@ -399,6 +402,7 @@ class _Worker:
         self.uploads.append(item)
         assert item.posted is not None
         self.posted[key] = item.posted
+        self.sent[key] = item.done
         return item
 
     def _sync_transfers(self) -> None:
@@ -486,26 +490,23 @@ class _Worker:
             for q in range(self.pieces):
                 for peer in self.from_peers:
                     yield self.received[("merged", s, peer, q)]
-            yield self.posted_done(("merged", s, r, self.pieces - 1))
+            yield self.sent[("merged", s, r, self.pieces - 1)]
             return
         shares = [("chunk", s, peer, r, 0) for peer in self.to_peers]
         for share in shares:
             engine.fire(self.posted[share])
         for share in shares:
-            yield self.posted_done(share)
+            yield self.sent[share]
         for phase in ("chunk", "merged"):
             if phase == "merged":
                 engine.fire(self.posted[("merged", s, r, 0)])
-                yield self.posted_done(("merged", s, r, 0))
+                yield self.sent[("merged", s, r, 0)]
             for peer in self.from_peers:
                 key: tuple[Any, ...] = ("chunk", s, r, peer, 0) if phase == "chunk" else ("merged", s, peer, 0)
-                item = next(i for i in self.downloads if i.key == key)
+                item = self.download_items[key]
                 assert item.posted is not None
                 engine.fire(item.posted)
                 yield item.done
-
-    def posted_done(self, key: tuple[Any, ...]) -> _Signal:
-        return next(item.done for item in self.uploads if item.key == key)
 
     def _uploader(self) -> _Process:
         engine = self.engine
