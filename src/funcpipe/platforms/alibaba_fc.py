@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from funcpipe.platforms.aws_lambda import S3_PRICE_PER_GET, S3_PRICE_PER_PUT
-from funcpipe.platforms.base import TORCH_RUNTIME_OVERHEAD_MB, Platform, Tier, estimated_speed
+from funcpipe.platforms.base import TORCH_RUNTIME_OVERHEAD_MB, Platform, estimated_tiers
 
 __all__ = ["PLATFORM"]
 
@@ -51,17 +51,8 @@ def vcpus(memory_mb: int) -> float:
 
 PLATFORM = Platform(
     name="alibaba_fc",
-    tiers=tuple(
-        Tier(
-            memory_mb=mb,
-            vcpus=vcpus(mb),
-            # Weak estimate, see funcpipe.platforms.base.PARALLEL_EFFICIENCY; override with a measurement.
-            speed=estimated_speed(vcpus(mb)),
-            uplink_mb_s=BANDWIDTH_MB_S,
-            downlink_mb_s=BANDWIDTH_MB_S,
-        )
-        for mb in MEMORY_TIERS_MB
-    ),
+    # Speed is a weak estimate, see funcpipe.platforms.base.PARALLEL_EFFICIENCY; override with a measurement.
+    tiers=estimated_tiers(MEMORY_TIERS_MB, vcpus, BANDWIDTH_MB_S),
     latency_s=LATENCY_S,
     price_per_gb_s=PRICE_PER_GB_S,
     price_per_vcpu_s=PRICE_PER_VCPU_S,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from funcpipe.errors import ConfigError
@@ -33,6 +34,17 @@ PARALLEL_EFFICIENCY = 0.5
 def estimated_speed(vcpus: float, parallel_efficiency: float = PARALLEL_EFFICIENCY) -> float:
     """Speed relative to one profiled thread: the first vCPU fully, each further one at ``parallel_efficiency``."""
     return min(vcpus, 1.0) + parallel_efficiency * max(0.0, vcpus - 1.0)
+
+
+def estimated_tiers(
+    memory_mb: Sequence[int], vcpus: Callable[[int], float], bandwidth_mb_s: float
+) -> tuple[Tier, ...]:
+    """Tiers of the given sizes, each with ``vcpus(size)``, :func:`estimated_speed` and one bandwidth both ways."""
+    return tuple(
+        Tier(memory_mb=mb, vcpus=vcpus(mb), speed=estimated_speed(vcpus(mb)),
+             uplink_mb_s=bandwidth_mb_s, downlink_mb_s=bandwidth_mb_s)
+        for mb in memory_mb
+    )
 
 
 _TIER_HINTS = {
