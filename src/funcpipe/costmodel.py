@@ -63,6 +63,7 @@ __all__ = [
     "formula_iteration_s",
     "requests_per_iteration",
     "stage_costs",
+    "stage_memory_bytes",
     "sync_s",
 ]
 
@@ -148,15 +149,7 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
         output_bytes = 0.0 if s == last else profiles[-1].output_bytes_per_sample * b
         target_bytes = profile.target_bytes_per_sample * b if s == last else 0.0
         params = sum(p.param_bytes for p in profiles)
-        needed = memory_bytes(
-            platform,
-            param_bytes=params,
-            optimizer_bytes=sum(p.optimizer_bytes for p in profiles),
-            held_bytes=sum(p.held_bytes_per_sample for p in profiles) * b,
-            message_bytes=input_bytes + output_bytes + target_bytes,
-            micro_batches=n,
-            replicas=d,
-        )
+        needed = stage_memory_bytes(profile, platform, plan, s)
         if plan.memory_mb is not None:
             tier = platform.tier(plan.memory_mb[s])
             if needed > tier.memory_mb * MIB:
@@ -193,6 +186,27 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
             )
         )
     return tuple(stages)
+
+
+def stage_memory_bytes(profile: ModelProfile, platform: Platform, plan: Plan, stage: int) -> int:
+    """Memory one replica of ``plan``'s stage ``stage`` needs, in bytes (:func:`memory_bytes` of its layers)."""
+    layers = plan.layer_range(stage)
+    profiles = profile.layers[layers.start : layers.stop]
+    b = plan.micro_batch_size
+    last = stage == plan.num_stages - 1
+    before = profile.input_bytes_per_sample if stage == 0 else profile.layers[layers.start - 1].output_bytes_per_sample
+    output = 0.0 if last else profiles[-1].output_bytes_per_sample
+    target = profile.target_bytes_per_sample if last else 0.0
+    d = plan.replicas[stage]
+    return memory_bytes(
+        platform,
+        param_bytes=sum(p.param_bytes for p in profiles),
+        optimizer_bytes=sum(p.optimizer_bytes for p in profiles),
+        held_bytes=sum(p.held_bytes_per_sample for p in profiles) * b,
+        message_bytes=before * b + output * b + target * b,
+        micro_batches=-(-plan.num_micro_batches // d),
+        replicas=d,
+    )
 
 
 def memory_bytes(

@@ -25,7 +25,7 @@ from funcpipe.platforms.base import MIB, Tier
 from funcpipe.profiler import ModelProfile
 from funcpipe.simulator import Simulation, simulate
 
-__all__ = ["pareto", "plan"]
+__all__ = ["DEFAULT_MAX_REPLICAS", "DEFAULT_MAX_STAGES", "objective_weight", "pareto", "plan"]
 
 #: Default ceilings of the search (the paper's experiments stay within these).
 DEFAULT_MAX_STAGES = 8
@@ -84,7 +84,7 @@ def plan(
         profile, platform, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
         max_stages=max_stages, max_replicas=max_replicas, memory_mb=memory_mb, sync=sync,
     )
-    weight = _objective_weight(objective)
+    weight = objective_weight(objective)
     for name, value in (("deadline_s", deadline_s), ("budget_usd", budget_usd)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
@@ -439,7 +439,8 @@ def _limit(name: str, value: int | None, default: int) -> int:
     return value
 
 
-def _objective_weight(objective: str | float) -> float:
+def objective_weight(objective: str | float) -> float:
+    """The weight of time in the objective ``"time"``, ``"cost"`` or ``w`` in [0, 1]."""
     if objective == "time":
         return 1.0
     if objective == "cost":
