@@ -1,0 +1,62 @@
+"""Measure the profiles of the paper's benchmark models on this machine.
+
+    python benchmarks/profile_models.py [--models resnet101 bert_large ...] [--rounds 5]
+
+Profiles each model of ``benchmarks/models`` at micro-batch sizes 1, 2 and 4
+with one torch thread (``funcpipe.profile``) and writes
+``benchmarks/profiles/<model>.json``, which records the machine and the torch
+version. The CNNs are profiled with SGD with momentum (their usual ImageNet
+recipe), BERT-Large with Adam; the optimizer sets the state bytes per
+parameter and the update time.
+
+Run it on an otherwise idle machine: the planner's predictions are only as
+good as these timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import funcpipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.models import MODELS, build
+
+PROFILES = Path(__file__).parent / "profiles"
+
+OPTIMIZERS = {
+    "resnet101": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "amoebanet_d18": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "amoebanet_d36": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "bert_large": lambda p: torch.optim.Adam(p, lr=1e-4),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    PROFILES.mkdir(exist_ok=True)
+    for name in args.models:
+        started = time.perf_counter()
+        model, inputs, targets, loss_fn = build(name, batch=4)
+        profile = funcpipe.profile(model, inputs, targets, loss_fn, micro_batch_sizes=(1, 2, 4),
+                                   optimizer=OPTIMIZERS[name], rounds=args.rounds, warmup=args.warmup)
+        path = PROFILES / f"{name}.json"
+        profile.save(path)
+        params = sum(lp.param_bytes for lp in profile.layers) / 4e6
+        step = sum(lp.forward_s(4) + lp.backward_s(4) for lp in profile.layers)
+        print(f"{name}: {profile.num_layers} layers, {params:.1f} M parameters, {step:.2f} s forward+backward "
+              f"per micro-batch of 4; profiled in {time.perf_counter() - started:.0f} s -> {path}")
+        del model
+
+
+if __name__ == "__main__":
+    main()
