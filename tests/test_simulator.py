@@ -94,6 +94,40 @@ def test_two_stages() -> None:
     assert [st.idle_s for st in sim.stages] == pytest.approx([2.1, 5.1])
 
 
+def test_two_stages_without_overlap() -> None:
+    # The ablation: the same two stages, but every download starts when the computation needs
+    # it and the computation waits for each upload. Worked out:
+    #   s0: input 0 [0, .2], F0 [.2, 1.2], act 0 up [1.2, 1.5]; input 1 [1.5, 1.7], F1 [1.7, 2.7],
+    #       act 1 up [2.7, 3.0]
+    #   s1: act 0 [1.5, 1.8], target 0 [1.8, 2.0], F0 [2.0, 2.5], B0 [2.5, 3.5], grad 0 up [3.5, 3.8];
+    #       act 1 [3.8, 4.1], target 1 [4.1, 4.3], F1 [4.3, 4.8], B1 [4.8, 5.8], grad 1 up [5.8, 6.1],
+    #       update at 6.1, report [6.1, 6.2+]
+    #   s0: grad 0 [3.8, 4.1], B0 [4.1, 6.1]; grad 1 [6.1, 6.4], B1 [6.4, 8.4]; update at 8.4
+    profile = ModelProfile(
+        (layer(1.0, 2.0, out=2e5), layer(0.5, 1.0)), input_bytes_per_sample=1e5, target_bytes_per_sample=1e5
+    )
+    plan = Plan.manual([1, 1], micro_batch_size=1, global_batch_size=2, memory_mb=1024)
+    sim = simulate(plan, profile, HAND, overlap=False)
+    assert spans(sim, 0, 0, "download") == [
+        ("input 0", 0.0, 0.2), ("input 1", 1.5, 1.7), ("grad 0", 3.8, 4.1), ("grad 1", 6.1, 6.4),
+    ]
+    assert spans(sim, 0, 0, "compute") == [
+        ("F0", 0.2, 1.2), ("F1", 1.7, 2.7), ("B0", 4.1, 6.1), ("B1", 6.4, 8.4), ("update", 8.4, 8.4),
+    ]
+    assert spans(sim, 0, 0, "upload") == [("act 0", 1.2, 1.5), ("act 1", 2.7, 3.0)]
+    assert spans(sim, 1, 0, "download") == [
+        ("act 0", 1.5, 1.8), ("target 0", 1.8, 2.0), ("act 1", 3.8, 4.1), ("target 1", 4.1, 4.3),
+    ]
+    assert spans(sim, 1, 0, "compute") == [
+        ("F0", 2.0, 2.5), ("B0", 2.5, 3.5), ("F1", 4.3, 4.8), ("B1", 4.8, 5.8), ("update", 6.1, 6.1),
+    ]
+    assert spans(sim, 1, 0, "upload") == [
+        ("grad 0", 3.5, 3.8), ("grad 1", 5.8, 6.1), ("report", 6.1, round(6.1 + REPORT, 6)),
+    ]
+    assert sim.iteration_s == pytest.approx(8.4)
+    assert simulate(plan, profile, HAND).iteration_s == pytest.approx(8.1)  # overlapped, as above
+
+
 def test_two_replicas_pipelined_scatter_reduce() -> None:
     # One stage, two replicas, one micro-batch each; 2e5 bytes of parameters: chunks of 1e5
     # (one piece each), 0.2 s per transfer. Each replica: input [0, .2], target [.2, .4],

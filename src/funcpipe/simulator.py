@@ -161,13 +161,17 @@ class Simulation:
         return "\n".join(rows)
 
 
-def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str) -> Simulation:
+def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, overlap: bool = True) -> Simulation:
     """Replay one iteration of ``plan`` on ``platform`` with the profile's durations.
 
     Args:
         plan: the plan; without ``memory_mb``, each stage gets the smallest tier it fits.
         profile: the model's profile (:func:`funcpipe.profile`).
         platform: a :class:`~funcpipe.platforms.Platform` or its name (``"aws_lambda"``).
+        overlap: ``False`` replays a worker that does not overlap transfers with
+            compute (an ablation: funcpipe's workers always do): each download
+            starts when the computation needs it, and the computation waits for
+            each upload to finish. ``formula_s`` stays the overlapped formula.
 
     Raises:
         ConfigError: the plan and the profile disagree, or the platform is unknown.
@@ -177,7 +181,7 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str) -> Sim
     stages = costmodel.stage_costs(profile, spec, plan)
     if plan.memory_mb is None:
         plan = dataclasses.replace(plan, memory_mb=tuple(st.tier.memory_mb for st in stages))
-    spans, ends = _replay(stages, spec, plan)
+    spans, ends = _replay(stages, spec, plan, overlap)
     iteration_s = max(ends.values())
     cost = costmodel.cost_per_iteration(iteration_s, stages, plan, spec)
     timeline = Timeline(tuple(spans), iteration_s)
@@ -300,7 +304,7 @@ class _Item:
 
 
 def _replay(
-    stages: Sequence[StageCost], platform: Platform, plan: Plan
+    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True
 ) -> tuple[list[Span], dict[tuple[int, int], float]]:
     engine = _Engine()
     objects: dict[tuple[Any, ...], _Signal] = {}
@@ -322,7 +326,7 @@ def _replay(
 
     for st in stages:
         for r in range(st.replicas):
-            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count).start()
+            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count, overlap).start()
     engine.run()
     missing = [(st.stage, r) for st in stages for r in range(st.replicas) if (st.stage, r) not in ends]
     if missing:  # pragma: no cover - a schedule bug, not a user error
@@ -345,8 +349,10 @@ class _Worker:
         plan: Plan,
         latency_s: float,
         count: int,
+        overlap: bool = True,
     ) -> None:
         self.engine, self.obj, self.spans, self.ends = engine, obj, spans, ends
+        self.overlap = overlap
         self.st, self.replica, self.plan, self.lat = st, replica, plan, latency_s
         self.s = st.stage
         self.first, self.last = st.stage == 0, st.stage == count - 1
@@ -391,6 +397,8 @@ class _Worker:
                 self.engine.start(self._fetcher(queue))
 
     def _download(self, key: tuple[Any, ...], nbytes: float, label: str, *, posted: _Signal | None = None) -> _Item:
+        if posted is None and not self.overlap:  # fetched only when the computation asks
+            posted = _Signal()
         item = _Item(key, nbytes, label, posted)
         self.downloads.append(item)
         self.received[key] = item.done
@@ -446,22 +454,28 @@ class _Worker:
         engine, st, s = self.engine, self.st, self.s
         for op, m in self.tasks:
             if op == "forward":
-                yield self.received[("input", m) if self.first else ("act", s, m)]
-                if self.last:
-                    yield self.received[("target", m)]
+                needed = [("input", m) if self.first else ("act", s, m)] + ([("target", m)] if self.last else [])
+                for key in needed:
+                    yield from self._fetch_now(key)
+                    yield self.received[key]
                 start = engine.now
                 yield st.forward_s
                 self._span("compute", start, f"F{m}")
             elif op == "send":
                 engine.fire(self.posted[("act", s + 1, m)])
+                if not self.overlap:
+                    yield self.sent[("act", s + 1, m)]
             elif op == "backward":
                 if not self.last:
+                    yield from self._fetch_now(("grad", s, m))
                     yield self.received[("grad", s, m)]
                 start = engine.now
                 yield st.backward_s
                 self._span("compute", start, f"B{m}")
             elif op == "send_grad":
                 engine.fire(self.posted[("grad", s - 1, m)])
+                if not self.overlap:
+                    yield self.sent[("grad", s - 1, m)]
             elif op == "sync" and st.param_bytes > 0:
                 start = engine.now
                 yield from self._sync()
@@ -475,6 +489,13 @@ class _Worker:
         if self.uploads:
             yield self.uploads[-1].done
         self.ends[(s, self.replica)] = engine.now
+
+    def _fetch_now(self, key: tuple[Any, ...]) -> _Process:
+        """Without overlap: start the download of ``key`` now (it was not prefetched)."""
+        item = self.download_items[key]
+        if not self.overlap and item.posted is not None and item.posted.time is None:
+            self.engine.fire(item.posted)
+        yield from ()
 
     def _sync(self) -> _Process:
         engine, s, r = self.engine, self.s, self.replica
