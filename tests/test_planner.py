@@ -334,3 +334,13 @@ def test_a_planned_plan_trains_like_plain_pytorch() -> None:
     trainer = Trainer(model, nn.functional.mse_loss, sgd, plan)
     trainer.fit(batches, progress=False)
     assert_same_parameters(trainer.model, expected)
+
+
+def test_no_plan_within_the_time_limit_is_a_named_error() -> None:
+    """CP-SAT needs seconds of presolve on 100 layers: a 0.05 s limit finds nothing, and says so."""
+    from benchmarks.planner import synthetic_profile
+
+    with pytest.raises(funcpipe.PlanTimeout, match=r"time_limit_s=0.05.*100 layers.*hint: raise time_limit_s"):
+        funcpipe.plan(synthetic_profile(100), "aws_lambda", global_batch_size=64, micro_batch_size=4,
+                      memory_mb=1024, time_limit_s=0.05)
+

@@ -10,6 +10,7 @@ from funcpipe.errors import (
     IntegrityError,
     ObjectNotFound,
     PlanInfeasible,
+    PlanTimeout,
     StorageError,
     WorkerFailed,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ObjectNotFound",
     "Plan",
     "PlanInfeasible",
+    "PlanTimeout",
     "Simulation",
     "StorageError",
     "Trainer",

@@ -41,6 +41,10 @@ class PlanInfeasible(FuncpipeError):
     """No plan satisfies the model, platform and constraints."""
 
 
+class PlanTimeout(FuncpipeError, TimeoutError):
+    """The planner's solver found no plan at all within its time limit."""
+
+
 class StorageError(FuncpipeError):
     """An object store operation failed."""
 

@@ -30,6 +30,7 @@ from ortools.sat.python import cp_model
 
 from funcpipe.collectives import MAX_PIECES, PIECE_BYTES
 from funcpipe.costmodel import REPORT_BYTES
+from funcpipe.errors import PlanTimeout
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
 
@@ -585,7 +586,7 @@ def solve(
     (the model's value of one given plan).
 
     Raises:
-        TimeoutError: no solution was found within the time limit.
+        PlanTimeout: no solution was found within the time limit.
     """
     started = time.perf_counter()
     builder = _Builder(problem)
@@ -604,7 +605,11 @@ def solve(
     if status == cp_model.INFEASIBLE:
         return None
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise TimeoutError(f"CP-SAT found no plan within {time_limit_s:g} s (status {solver.status_name(status)})")
+        raise PlanTimeout(
+            f"CP-SAT found no plan within time_limit_s={time_limit_s:g} (status {solver.status_name(status)}, "
+            f"{len(problem.profile.layers)} layers, tiers {[t.memory_mb for t in problem.tiers]} MB); hint: raise "
+            "time_limit_s, or allow more tiers, stages or replicas so that simple plans fit"
+        )
     objective_value = solver.objective_value
     bound = solver.best_objective_bound
     gap = 0.0 if status == cp_model.OPTIMAL else abs(objective_value - bound) / max(abs(objective_value), 1e-12)
