@@ -5,11 +5,13 @@ from __future__ import annotations
 from funcpipe import platforms
 from funcpipe.errors import (
     BackendError,
+    BucketNotFound,
     ConfigError,
     FuncpipeError,
     IntegrityError,
     ObjectNotFound,
     PlanInfeasible,
+    StorageAccessDenied,
     StorageError,
     WorkerFailed,
 )
@@ -21,6 +23,7 @@ from funcpipe.trainer import History, Trainer
 
 __all__ = [
     "BackendError",
+    "BucketNotFound",
     "ConfigError",
     "FuncpipeError",
     "History",
@@ -31,6 +34,7 @@ __all__ = [
     "Plan",
     "PlanInfeasible",
     "Simulation",
+    "StorageAccessDenied",
     "StorageError",
     "Trainer",
     "WorkerFailed",
