@@ -1,4 +1,4 @@
-"""Loopback HTTP fakes for object-store error paths that real servers here cannot produce."""
+"""Test doubles: a fake clock, and loopback HTTP fakes for error paths real servers here cannot produce."""
 
 from __future__ import annotations
 
@@ -57,3 +57,27 @@ def canned_http_server(response: CannedResponse) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+class FakeClock:
+    """A clock whose ``sleep`` records the request and, if ``advance``, moves time on.
+
+    With ``advance=False`` time stands still, so successive calls behave like
+    requests issued at the same instant by concurrent threads.
+    """
+
+    def __init__(self, *, advance: bool = True) -> None:
+        self.now = 0.0
+        self.advance = advance
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+            if self.advance:
+                self.now += seconds

@@ -18,10 +18,9 @@ import pytest
 
 import funcpipe.storage as storage_module
 from funcpipe.errors import BucketNotFound, ConfigError, ObjectNotFound, StorageAccessDenied, StorageError
-from funcpipe.storage import Storage, open_storage
+from funcpipe.storage import open_storage
 from funcpipe.storage.s3 import S3Storage
 from tests.conftest import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
-from tests.storage.conformance import StorageConformance
 from tests.storage.fakes import CannedResponse, canned_http_server
 
 MiB = 2**20
@@ -76,21 +75,6 @@ def s3(moto_endpoint: str, bucket: str) -> Iterator[S3Storage]:
     yield storage
     storage.delete(storage.list(""))  # moto keeps objects in memory for the whole session
     storage.close()
-
-
-class TestS3MotoConformance(StorageConformance):
-    @pytest.fixture
-    def storage(self, s3: S3Storage) -> Iterator[Storage]:
-        yield s3
-
-
-class TestS3MotoWithPrefixConformance(StorageConformance):
-    @pytest.fixture
-    def storage(self, moto_endpoint: str, bucket: str) -> Iterator[Storage]:
-        storage = make_storage(moto_endpoint, bucket, "runs/job-1")
-        yield storage
-        storage.delete(storage.list(""))
-        storage.close()
 
 
 # -- layout, transfers and request counts ---------------------------------------------
