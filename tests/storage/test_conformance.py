@@ -18,7 +18,8 @@ oss-moto           OSSStorage against moto's S3 server, which speaks enough of
 =================  ===========================================================
 
 Object stores use a 5 MiB multipart threshold here, so the large object below
-(11 MiB) is uploaded or downloaded in parts.
+(11 MiB) is uploaded or downloaded in parts, and s3-moto-prefix and
+s3-seaweedfs list 3 keys per request, so listings span pages.
 """
 
 from __future__ import annotations
@@ -123,9 +124,12 @@ def _object_store(request: pytest.FixtureRequest, backend: str) -> Iterator[Stor
     else:
         from funcpipe.storage.s3 import S3Storage
 
+        # Pages of 3 keys on two of the three, so every listing there spans pages;
+        # the default 1000 is covered by test_s3's 1005-key listing.
         store = S3Storage(
             bucket, "runs/job-1" if backend.endswith("prefix") else "", endpoint_url=endpoint,
             region="us-east-1", multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
+            page_size=1000 if backend == "s3-moto" else 3,
         )
     yield store
     store.close()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import oss2
 import oss2.credentials
@@ -77,6 +77,9 @@ _RAM_ACTION = {
     "DeleteMultipleObjects": "oss:DeleteObject",
     "ListObjects": "oss:ListObjects",
 }
+
+
+T = TypeVar("T")
 
 
 class _NoCredentials(Exception):
@@ -308,9 +311,8 @@ class OSSStorage(Storage):
             return oss2.models.PartInfo(number, result.etag, size=min(part_size, size - offset))
 
         try:
-            with ThreadPoolExecutor(min(self._max_concurrency, len(offsets))) as pool:
-                futures = [pool.submit(upload, number, offset) for number, offset in enumerate(offsets, 1)]
-                parts = [future.result() for future in futures]
+            calls = [(upload, (number, offset)) for number, offset in enumerate(offsets, 1)]
+            parts = _run_all(self._max_concurrency, calls)
             self._bucket.complete_multipart_upload(name, upload_id, parts)
         except _SDK_ERRORS as exc:
             self._abort(name, upload_id)
@@ -383,9 +385,7 @@ class OSSStorage(Storage):
                 )
             view[start : end + 1] = chunk
 
-        with ThreadPoolExecutor(min(self._max_concurrency, -(-size // part))) as pool:
-            for future in [pool.submit(fetch, start) for start in range(0, size, part)]:
-                future.result()
+        _run_all(self._max_concurrency, [(fetch, (start,)) for start in range(0, size, part)])
         return bytes(buffer)
 
     def exists(self, key: str) -> bool:
@@ -508,6 +508,22 @@ _SDK_ERRORS = (oss2.exceptions.OssError, _NoCredentials)
 # OSSAccessKeyId and the string to sign), and oss2 prints all details in str():
 # for these the SDK exception is not chained into ours.
 _CREDENTIAL_CODES = _BAD_CREDENTIALS | {"AccessDenied"}
+
+
+def _run_all(threads: int, calls: builtins.list[tuple[Callable[..., T], tuple[Any, ...]]]) -> builtins.list[T]:
+    """Run ``calls`` on up to ``threads`` threads; their results in order, or the first failure.
+
+    On a failure the calls not yet started are cancelled, so a failed part
+    does not wait for every other part to be sent.
+    """
+    with ThreadPoolExecutor(max(1, min(threads, len(calls)))) as pool:
+        futures = [pool.submit(function, *args) for function, args in calls]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _cause(exc: BaseException) -> BaseException | None:
