@@ -5,12 +5,14 @@ from __future__ import annotations
 from funcpipe import platforms
 from funcpipe.errors import (
     BackendError,
+    BucketNotFound,
     ConfigError,
     FuncpipeError,
     IntegrityError,
     ObjectNotFound,
     PlanInfeasible,
     PlanTimeout,
+    StorageAccessDenied,
     StorageError,
     WorkerFailed,
 )
@@ -22,6 +24,7 @@ from funcpipe.trainer import History, Trainer
 
 __all__ = [
     "BackendError",
+    "BucketNotFound",
     "ConfigError",
     "FuncpipeError",
     "History",
@@ -33,6 +36,7 @@ __all__ = [
     "PlanInfeasible",
     "PlanTimeout",
     "Simulation",
+    "StorageAccessDenied",
     "StorageError",
     "Trainer",
     "WorkerFailed",
