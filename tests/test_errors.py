@@ -17,6 +17,7 @@ from funcpipe.errors import (
     IntegrityError,
     ObjectNotFound,
     PlanInfeasible,
+    PlanTimeout,
     StorageAccessDenied,
     StorageError,
     WorkerFailed,
@@ -26,6 +27,7 @@ from funcpipe.errors import (
 TREE: list[tuple[type[Exception], type[Exception]]] = [
     (ConfigError, FuncpipeError),
     (PlanInfeasible, FuncpipeError),
+    (PlanTimeout, FuncpipeError),
     (StorageError, FuncpipeError),
     (ObjectNotFound, StorageError),
     (BucketNotFound, StorageError),

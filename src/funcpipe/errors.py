@@ -5,6 +5,7 @@
     FuncpipeError
     ├── ConfigError          the user asked for something that cannot work
     ├── PlanInfeasible       no plan fits the model on the platform
+    ├── PlanTimeout          the planner found no plan within its time limit (also a TimeoutError)
     ├── StorageError         an object store failed
     │   ├── ObjectNotFound   a key is not there (or did not appear in time)
     │   ├── BucketNotFound   the bucket a storage URL names does not exist
@@ -27,6 +28,7 @@ __all__ = [
     "IntegrityError",
     "ObjectNotFound",
     "PlanInfeasible",
+    "PlanTimeout",
     "StorageAccessDenied",
     "StorageError",
     "WorkerFailed",
