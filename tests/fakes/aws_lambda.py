@@ -21,9 +21,11 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from tests.fakes.http import Server, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 HANDLER_DIR = ROOT / "backends" / "aws_lambda"
@@ -43,27 +45,12 @@ class Invocation:
     ended: threading.Event = dataclasses.field(default_factory=threading.Event)  # its outcome is posted
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a runtime terminated mid-poll
-            super().handle_error(request, client_address)
-
-
-def serve(handler: type[BaseHTTPRequestHandler], owner: Any) -> _Server:
-    server = _Server(("127.0.0.1", 0), handler)
-    server.owner = owner  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 class _InvokeHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
     def do_POST(self) -> None:
-        fake: FakeLambda = self.server.owner  # type: ignore[attr-defined]
+        fake: FakeLambda = self.server.owner
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         path = self.path.split("?")[0]
         if not (path.startswith(INVOKE_PREFIX) and path.endswith("/invocations")):
@@ -98,7 +85,7 @@ class _RuntimeHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        runtime: _Runtime = self.server.owner  # type: ignore[attr-defined]
+        runtime: _Runtime = self.server.owner
         if self.path != RUNTIME_PREFIX + "invocation/next":
             self._reply(404, b"")
             return
@@ -122,7 +109,7 @@ class _RuntimeHandler(BaseHTTPRequestHandler):
         })
 
     def do_POST(self) -> None:
-        runtime: _Runtime = self.server.owner  # type: ignore[attr-defined]
+        runtime: _Runtime = self.server.owner
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         parts = self.path[len(RUNTIME_PREFIX):].split("/")  # invocation/<id>/response|error, init/error
         if parts[:2] == ["init", "error"]:
@@ -149,7 +136,7 @@ class _Runtime:
     fake: FakeLambda
     current: dict[str, Invocation] = dataclasses.field(default_factory=dict)
     polled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    server: _Server | None = None
+    server: Server | None = None
     process: subprocess.Popen[bytes] | None = None
 
 
