@@ -11,6 +11,7 @@ import funcpipe
 from funcpipe import errors
 from funcpipe.errors import (
     BackendError,
+    BucketNotFound,
     ConfigError,
     FuncpipeError,
     FunctionNotDeployed,
@@ -18,6 +19,7 @@ from funcpipe.errors import (
     ObjectNotFound,
     PayloadTooLarge,
     PlanInfeasible,
+    StorageAccessDenied,
     StorageError,
     WorkerFailed,
     WorkerNotStarted,
@@ -30,6 +32,8 @@ TREE: list[tuple[type[Exception], type[Exception]]] = [
     (PlanInfeasible, FuncpipeError),
     (StorageError, FuncpipeError),
     (ObjectNotFound, StorageError),
+    (BucketNotFound, StorageError),
+    (StorageAccessDenied, StorageError),
     (IntegrityError, StorageError),
     (WorkerFailed, FuncpipeError),
     (BackendError, FuncpipeError),
@@ -54,6 +58,8 @@ def test_base_is_an_exception() -> None:
     ("a", "b"),
     [
         (ObjectNotFound, IntegrityError),
+        (BucketNotFound, ObjectNotFound),
+        (StorageAccessDenied, BucketNotFound),
         (StorageError, ConfigError),
         (WorkerFailed, BackendError),
         (PlanInfeasible, ConfigError),
@@ -153,6 +159,30 @@ def test_package_all_names_resolve() -> None:
     namespace: dict[str, object] = {}
     exec("from funcpipe import *", namespace)
     assert set(funcpipe.__all__) <= set(namespace)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        BucketNotFound("bkt"),
+        BucketNotFound("bkt", "bucket 'bkt' does not exist; create it with `aws s3 mb s3://bkt`"),
+        StorageAccessDenied("bkt", "a/b"),
+        StorageAccessDenied("bkt", "", "access denied to 'bkt': check the IAM policy"),
+    ],
+    ids=repr,
+)
+def test_bucket_errors_pickle_with_their_fields(error: StorageError) -> None:
+    restored = pickle.loads(pickle.dumps(error))
+    assert type(restored) is type(error)
+    assert vars(restored) == vars(error)
+    assert str(restored) == str(error)
+
+
+def test_bucket_error_messages() -> None:
+    assert str(BucketNotFound("bkt")) == "bucket 'bkt' does not exist"
+    assert str(StorageAccessDenied("bkt", "a/b")) == "access denied to 'bkt/a/b'"
+    assert str(StorageAccessDenied("bkt", "")) == "access denied to 'bkt'"
+    assert StorageAccessDenied("bkt", "a/b").key == "a/b"
 
 
 @pytest.mark.parametrize(

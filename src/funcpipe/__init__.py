@@ -5,6 +5,7 @@ from __future__ import annotations
 from funcpipe import platforms
 from funcpipe.errors import (
     BackendError,
+    BucketNotFound,
     ConfigError,
     FuncpipeError,
     FunctionNotDeployed,
@@ -12,6 +13,7 @@ from funcpipe.errors import (
     ObjectNotFound,
     PayloadTooLarge,
     PlanInfeasible,
+    StorageAccessDenied,
     StorageError,
     WorkerFailed,
     WorkerNotStarted,
@@ -25,6 +27,7 @@ from funcpipe.trainer import History, Trainer
 
 __all__ = [
     "BackendError",
+    "BucketNotFound",
     "ConfigError",
     "FuncpipeError",
     "FunctionNotDeployed",
@@ -37,6 +40,7 @@ __all__ = [
     "Plan",
     "PlanInfeasible",
     "Simulation",
+    "StorageAccessDenied",
     "StorageError",
     "Trainer",
     "WorkerFailed",

@@ -7,6 +7,8 @@
     ├── PlanInfeasible       no plan fits the model on the platform
     ├── StorageError         an object store failed
     │   ├── ObjectNotFound   a key is not there (or did not appear in time)
+    │   ├── BucketNotFound   the bucket a storage URL names does not exist
+    │   ├── StorageAccessDenied  the credentials may not do an operation on a bucket/key
     │   └── IntegrityError   an object failed its signature or job/iteration check
     ├── WorkerFailed         a stage worker raised or died; carries the remote traceback
     │   ├── WorkerNotStarted a serverless call never reported that it started
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "BucketNotFound",
     "ConfigError",
     "FuncpipeError",
     "FunctionNotDeployed",
@@ -30,6 +33,7 @@ __all__ = [
     "ObjectNotFound",
     "PayloadTooLarge",
     "PlanInfeasible",
+    "StorageAccessDenied",
     "StorageError",
     "WorkerFailed",
     "WorkerNotStarted",
@@ -66,6 +70,40 @@ class ObjectNotFound(StorageError, KeyError):
     def __reduce__(self) -> tuple[type[ObjectNotFound], tuple[str, str]]:
         # Ray pickles a worker's exception; keep the key and the message apart.
         return (type(self), (self.key, str(self)))
+
+
+class BucketNotFound(StorageError):
+    """The bucket a storage URL names does not exist (or is not in that region/endpoint).
+
+    Attributes:
+        bucket: the bucket's name.
+    """
+
+    def __init__(self, bucket: str, message: str | None = None) -> None:
+        self.bucket = bucket
+        super().__init__(message or f"bucket {bucket!r} does not exist")
+
+    def __reduce__(self) -> tuple[type[BucketNotFound], tuple[str, str]]:
+        return (type(self), (self.bucket, str(self)))
+
+
+class StorageAccessDenied(StorageError):
+    """The credentials in use may not perform an operation on a bucket or key.
+
+    Attributes:
+        bucket: the bucket's name.
+        key: the object key (with the storage's prefix), or ``""`` for a
+            bucket-wide operation such as a listing.
+    """
+
+    def __init__(self, bucket: str, key: str, message: str | None = None) -> None:
+        self.bucket = bucket
+        self.key = key
+        where = f"{bucket}/{key}" if key else bucket
+        super().__init__(message or f"access denied to {where!r}")
+
+    def __reduce__(self) -> tuple[type[StorageAccessDenied], tuple[str, str, str]]:
+        return (type(self), (self.bucket, self.key, str(self)))
 
 
 class IntegrityError(StorageError):

@@ -8,6 +8,9 @@ group::
     [project.entry-points."funcpipe.storage"]
     gcs = "funcpipe_gcs:GCSStorage"
 
+Built in: ``file:///abs/path``, ``memory://name``, ``s3://bucket/prefix``
+(needs ``funcpipe[aws]``).
+
 ``throttled+<url>?up_mb_s=..&down_mb_s=..&latency_ms=..`` wraps any of them
 in a :class:`ThrottledStorage`.
 """
@@ -41,6 +44,7 @@ ENTRY_POINT_GROUP = "funcpipe.storage"
 _REGISTRY: dict[str, tuple[str | type[Storage], str]] = {
     "file": ("funcpipe.storage.file:FileStorage", ""),
     "memory": ("funcpipe.storage.memory:MemoryStorage", ""),
+    "s3": ("funcpipe.storage.s3:S3Storage", "pip install 'funcpipe[aws]'"),
 }
 
 #: Entry points of the ``funcpipe.storage`` group by name, read on first need.
@@ -102,8 +106,8 @@ def register(
 def open_storage(url: str) -> Storage:
     """Open the storage a URL names.
 
-    ``file:///abs/path``, ``memory://name``, ``throttled+<url>?up_mb_s=..``, or
-    any registered or entry-point scheme.
+    ``file:///abs/path``, ``memory://name``, ``s3://bucket/prefix?endpoint_url=..``,
+    ``throttled+<url>?up_mb_s=..``, or any registered or entry-point scheme.
 
     Raises:
         ConfigError: the scheme is unknown, its backend cannot be imported
