@@ -16,9 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-# Imported before the server listens, outside the time-limited invocation: torch takes seconds to load.
-import funcpipe.worker  # noqa: F401
-from funcpipe.executors.serverless import handle
+from funcpipe.executors.serverless import handle, preload
 
 log = logging.getLogger("funcpipe.fc")
 
@@ -62,6 +60,11 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
+    try:  # the storage this image is for; loaded before the server listens, like torch below
+        import funcpipe.storage.oss  # noqa: F401
+    except ImportError:
+        log.warning("funcpipe.storage.oss is not available; oss:// storage will load on first use")
+    preload()
     port = int(os.environ.get("FC_SERVER_PORT", "9000"))
     host = os.environ.get("FC_SERVER_HOST", "0.0.0.0")
     # One invocation at a time: FC sends an instance one request at a time (instance concurrency 1).

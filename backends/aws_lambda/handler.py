@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# Imported at init, outside the billed, time-limited invocation: torch takes seconds to load.
-import funcpipe.worker  # noqa: F401
-from funcpipe.executors.serverless import handle
+import funcpipe.storage.s3  # noqa: F401 - boto3 and S3's service model, loaded at init
+from funcpipe.executors.serverless import handle, preload
+
+# At init, outside the time-limited invocation: torch and its optimizers take seconds to load.
+preload()
 
 
 def handler(event: Any, context: Any) -> dict[str, Any]:

@@ -306,7 +306,7 @@ class Trainer:
         invoked = time.monotonic()
         calls = CallGroup([(h, h.call("run", first, total)) for h in handles])
         uploads: list[Future[None]] = []
-        started = time.perf_counter()
+        finished = [time.perf_counter()]  # when the last iteration finished (or the run began)
         done_before = len(history)
         fed = 0
         with ThreadPoolExecutor(4, thread_name_prefix="funcpipe-feed") as feeder:
@@ -326,9 +326,9 @@ class Trainer:
                 uploads += self._feed(feeder, first + fed, batch)
                 fed += 1
                 if fed > LOOKAHEAD:
-                    self._await(first + fed - 1 - LOOKAHEAD, calls, history, bar, started)
+                    self._await(first + fed - 1 - LOOKAHEAD, calls, history, bar, finished)
             for k in range(len(history) - done_before, fed):
-                self._await(first + k, calls, history, bar, started)
+                self._await(first + k, calls, history, bar, finished)
             for upload in uploads:
                 upload.result()
         for report in calls.results():
@@ -380,7 +380,7 @@ class Trainer:
         return futures
 
     def _await(
-        self, iteration: int, calls: CallGroup, history: History, bar: tqdm, started: float
+        self, iteration: int, calls: CallGroup, history: History, bar: tqdm, finished: list[float]
     ) -> None:
         last = self.plan.num_stages - 1
         loss = 0.0
@@ -399,7 +399,8 @@ class Trainer:
                 ) from None
             loss += float(json.loads(report)["loss"])
         now = time.perf_counter()
-        history.seconds.append(now - started - sum(history.seconds))
+        history.seconds.append(now - finished[0])
+        finished[0] = now
         history.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", s_per_it=f"{history.seconds[-1]:.3f}", refresh=False)
         bar.update(1)

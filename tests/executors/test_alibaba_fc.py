@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 from alibabacloud_credentials import models as credential_models
 from alibabacloud_credentials.client import Client as CredentialClient
 from torch import nn
@@ -15,9 +14,9 @@ from torch import nn
 from funcpipe import ConfigError, FunctionNotDeployed, PayloadTooLarge, Plan, Trainer
 from funcpipe.backends import AlibabaFC, Timing
 from tests.fakes.alibaba_fc import FakeFC
-from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches
+from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
 
-SGD_MOMENTUM = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
+SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
 FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=10.0, silence_timeout_s=2.0)
 

@@ -7,8 +7,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import boto3
 import pytest
-import torch
 from torch import nn
 
 from funcpipe import (
@@ -27,27 +27,31 @@ from funcpipe.executors.serverless import STATUS_PREFIX
 from funcpipe.storage import open_storage
 from tests.fakes.actors import Sleeper
 from tests.fakes.aws_lambda import FakeLambda
-from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches
+from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
 
-SGD_MOMENTUM = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
+SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
 FUNCTION_TIMEOUT_S = 900.0
 #: Fast polls and short deadlines, so failures show in seconds.
 FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=10.0, silence_timeout_s=2.0)
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "funcpipe-lambda-tests"
+
+
+class Bucket:
+    """URLs in a bucket on moto's S3 server, the storage the fake functions and the driver share."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def url(self, prefix: str, **params: str) -> str:
+        query = "&".join([f"endpoint_url={self.endpoint}", *(f"{k}={v}" for k, v in params.items())])
+        return f"s3://{BUCKET}/{prefix}?{query}"
 
 
 @pytest.fixture(scope="module")
-def aws_env() -> Iterator[dict[str, str]]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in CREDENTIALS.items():
-            patch.setenv(name, value)
-        yield dict(CREDENTIALS)
-
-
-@pytest.fixture(scope="module")
-def storage_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tmp_path_factory.mktemp("lambda-storage").as_uri()
+def bucket(moto_endpoint: str) -> Bucket:
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=BUCKET)
+    return Bucket(moto_endpoint)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ def fake_lambda(aws_env: dict[str, str]) -> Iterator[FakeLambda]:
 
 def executor(fake: FakeLambda, **options: Any) -> AWSLambda:
     options.setdefault("timing", FAST)
-    return AWSLambda("us-east-1", endpoint_url=fake.endpoint_url, allow_local_storage=True, **options)
+    return AWSLambda("us-east-1", endpoint_url=fake.endpoint_url, **options)
 
 
 def wait_for_status(url: str, timeout: float = 10.0) -> None:
@@ -78,13 +82,13 @@ def two_stage_plan() -> Plan:
     return Plan.manual([3, 4], replicas=[1, 2], micro_batch_size=2, global_batch_size=8)
 
 
-def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, storage_url: str) -> None:
+def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, bucket: Bucket) -> None:
     model = mlp7()
     batches = regression_batches(3, 8)
     expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches)
     before = len(fake_lambda.invocations)
     trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
-                      backend=executor(fake_lambda), storage=storage_url + "/equivalence")
+                      backend=executor(fake_lambda), storage=bucket.url("equivalence"))
     history = trainer.fit(batches, progress=False)
     assert len(history) == 3
     assert_same_parameters(trainer.model, expected)
@@ -94,7 +98,7 @@ def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, storag
     assert all(i.outcome == "response" for i in invocations), fake_lambda.errors
 
 
-def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, storage_url: str) -> None:
+def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, bucket: Bucket) -> None:
     # Functions that live 4 s, runs the driver ends 2.5 s before that. Every storage request
     # pays 20 ms, so twelve iterations take well over one run's 1.5 s and need several
     # invocations per worker; the parameters equal one uninterrupted plain run.
@@ -107,7 +111,7 @@ def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, storage_url:
     try:
         trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
                           backend=executor(fake_lambda, lifetime_s=lifetime_s, lifetime_margin_s=2.5),
-                          storage=f"throttled+{storage_url}/lifetime?latency_ms=20")
+                          storage="throttled+" + bucket.url("lifetime", latency_ms="20"))
         history = trainer.fit(batches, progress=False)
     finally:
         fake_lambda.functions[FUNCTION] = FUNCTION_TIMEOUT_S
@@ -122,28 +126,28 @@ def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, storage_url:
     assert len(stage0) == runs and sum(stage0) == 12
 
 
-def test_function_not_deployed_names_the_deploy_command(fake_lambda: FakeLambda, storage_url: str) -> None:
+def test_function_not_deployed_names_the_deploy_command(fake_lambda: FakeLambda, bucket: Bucket) -> None:
     plan = two_stage_plan()
     trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, plan,
                       backend=executor(fake_lambda, function_prefix="not-deployed"),
-                      storage=storage_url + "/missing")
+                      storage=bucket.url("missing"))
     with pytest.raises(FunctionNotDeployed, match=r"'not-deployed-2048'.*`funcpipe deploy aws_lambda`"):
         trainer.fit(regression_batches(1, 8), progress=False)
 
 
-def test_payload_over_the_limit_is_refused_before_invoking(fake_lambda: FakeLambda, storage_url: str) -> None:
+def test_payload_over_the_limit_is_refused_before_invoking(fake_lambda: FakeLambda, bucket: Bucket) -> None:
     before = len(fake_lambda.invocations)
     trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
-                      backend=executor(fake_lambda, payload_limit_bytes=512), storage=storage_url + "/big")
+                      backend=executor(fake_lambda, payload_limit_bytes=512), storage=bucket.url("big"))
     with pytest.raises(PayloadTooLarge, match=r"over the 512-byte asynchronous limit of AWS Lambda; hint:") as info:
         trainer.fit(regression_batches(1, 8), progress=False)
     assert info.value.size > 512
     assert len(fake_lambda.invocations) == before
 
 
-def test_a_failing_call_reports_the_remote_traceback(fake_lambda: FakeLambda, storage_url: str) -> None:
+def test_a_failing_call_reports_the_remote_traceback(fake_lambda: FakeLambda, bucket: Bucket) -> None:
     lam = executor(fake_lambda)
-    lam.check_storage(storage_url + "/fail")
+    lam.check_storage(bucket.url("fail"))
     handle = lam.launch(Sleeper, "x", name="sleeper", resources=Resources())
     with pytest.raises(WorkerFailed, match="ValueError: boom") as info:
         handle.call("fail", "boom").result(timeout=10)
@@ -151,9 +155,9 @@ def test_a_failing_call_reports_the_remote_traceback(fake_lambda: FakeLambda, st
     lam.shutdown()
 
 
-def test_kill_stops_a_running_call(fake_lambda: FakeLambda, storage_url: str) -> None:
+def test_kill_stops_a_running_call(fake_lambda: FakeLambda, bucket: Bucket) -> None:
     lam = executor(fake_lambda)
-    lam.check_storage(storage_url + "/kill")
+    lam.check_storage(bucket.url("kill"))
     handle = lam.launch(Sleeper, "x", name="sleeper", resources=Resources())
     before = len(fake_lambda.invocations)
     future = handle.call("sleep", 60.0)
@@ -169,11 +173,11 @@ def test_kill_stops_a_running_call(fake_lambda: FakeLambda, storage_url: str) ->
     lam.shutdown()
 
 
-def test_a_function_that_never_starts(aws_env: dict[str, str], storage_url: str) -> None:
+def test_a_function_that_never_starts(aws_env: dict[str, str], bucket: Bucket) -> None:
     fake = FakeLambda({FUNCTION: FUNCTION_TIMEOUT_S}, runtimes=0, env=aws_env)  # accepted, never run
     try:
         lam = executor(fake, timing=Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=1.0, silence_timeout_s=2.0))
-        lam.check_storage(storage_url + "/never")
+        lam.check_storage(bucket.url("never"))
         handle = lam.launch(Sleeper, "x", name="stage 0 replica 0", resources=Resources())
         started = time.monotonic()
         with pytest.raises(WorkerNotStarted, match=r"stage 0 replica 0 failed: the function never reported"):
@@ -184,15 +188,15 @@ def test_a_function_that_never_starts(aws_env: dict[str, str], storage_url: str)
         fake.close()
 
 
-def test_a_function_that_stops_reporting(aws_env: dict[str, str], storage_url: str) -> None:
+def test_a_function_that_stops_reporting(aws_env: dict[str, str], bucket: Bucket) -> None:
     fake = FakeLambda({FUNCTION: FUNCTION_TIMEOUT_S}, runtimes=1, env=aws_env)
     try:
         fake.wait_ready()
         lam = executor(fake)
-        lam.check_storage(storage_url + "/silent")
+        lam.check_storage(bucket.url("silent"))
         handle = lam.launch(Sleeper, "x", name="stage 1 replica 0", resources=Resources())
         future = handle.call("sleep", 60.0)
-        wait_for_status(storage_url + "/silent")  # it started: now it dies
+        wait_for_status(bucket.url("silent"))  # it started: now it dies
         fake.kill_runtime(0)
         killed = time.monotonic()
         with pytest.raises(WorkerSilent, match=r"stage 1 replica 0 failed: the function stopped reporting"):

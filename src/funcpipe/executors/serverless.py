@@ -52,7 +52,9 @@ from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.throttled import SCHEME_PREFIX
 
-__all__ = ["PAYLOAD_FORMAT", "STATUS_PREFIX", "ServerlessActor", "ServerlessExecutor", "Timing", "handle"]
+__all__ = [
+    "PAYLOAD_FORMAT", "STATUS_PREFIX", "ServerlessActor", "ServerlessExecutor", "Timing", "handle", "preload",
+]
 
 log = logging.getLogger(__name__)
 
@@ -511,6 +513,20 @@ class _Reporter:
                 self.write({"state": "running", "beat": self._beat})
             except StorageError as exc:  # a missed beat; the driver's silence timeout covers many
                 log.warning("heartbeat to %s failed: %s", self.key, exc)
+
+
+def preload() -> None:
+    """Import what a worker's first call would otherwise import inside the time-limited invocation.
+
+    Function entries call it at init (Lambda does not bill, nor count toward the
+    timeout, an init of up to 10 s): the stage worker and torch, and torch's
+    optimizer machinery, which the first optimizer built imports (about 2 s).
+    """
+    import torch
+
+    import funcpipe.worker  # noqa: F401
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
 
 def handle(event: Any, *, remaining_s: Callable[[], float] | None = None) -> dict[str, Any]:
