@@ -19,12 +19,15 @@ from funcpipe.errors import BackendError, ConfigError, FunctionNotDeployed, Payl
 from funcpipe.executors.serverless import ServerlessExecutor, Timing
 from funcpipe.platforms import aws_lambda as spec
 
-__all__ = ["DEFAULT_FUNCTION_PREFIX", "DEFAULT_MEMORY_MB", "AWSLambda", "Deployed", "deploy"]
+__all__ = ["DEFAULT_FUNCTION_PREFIX", "DEFAULT_MEMORY_MB", "DEFAULT_TIMEOUT_S", "AWSLambda", "Deployed", "deploy"]
 
 DEFAULT_FUNCTION_PREFIX = "funcpipe-worker"
 
 #: The tier of actors launched without ``memory_mb`` (about 1.2 vCPU).
 DEFAULT_MEMORY_MB = 2048
+
+#: The functions' timeout ``funcpipe deploy aws_lambda`` sets: Lambda's limit.
+DEFAULT_TIMEOUT_S = int(spec.LIFETIME_S)
 
 #: botocore's own retries ("standard" mode: throttling and transient errors, with backoff).
 MAX_ATTEMPTS = 5
@@ -135,7 +138,7 @@ def deploy(
     image_uri: str,
     role_arn: str,
     tiers: Sequence[int] = spec.MEMORY_TIERS_MB,
-    timeout_s: int = int(spec.LIFETIME_S),
+    timeout_s: int = DEFAULT_TIMEOUT_S,
     function_prefix: str = DEFAULT_FUNCTION_PREFIX,
     region: str | None = None,
     endpoint_url: str | None = None,
