@@ -105,7 +105,11 @@ class Trainer:
             builds its own.
         plan: how to cut and run the model (:meth:`Plan.manual`).
         backend: ``"ray"`` (default: local Ray), ``"thread"`` (in-process,
-            for debugging), or an :class:`~funcpipe.executors.Executor`.
+            for debugging), ``"aws_lambda"`` / ``"alibaba_fc"`` (configured
+            from the environment), or an executor object from
+            :mod:`funcpipe.backends` (``AWSLambda(region=...)``, ``Ray(address=...)``).
+            A backend that cannot reach ``storage`` is refused with
+            :class:`~funcpipe.ConfigError` before anything is launched.
         storage: a storage URL (``file:///dir``, ``memory://``, ...); default:
             a fresh local directory (in ``/dev/shm`` when it has room),
             removed when the trainer is.
