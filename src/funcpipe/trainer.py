@@ -314,18 +314,19 @@ class Trainer:
         done_before = len(history)
         fed = 0
         with ThreadPoolExecutor(4, thread_name_prefix="funcpipe-feed") as feeder:
-            while fed < total:
-                if budget is not None and fed > 0 and self._past_budget(
-                    first + fed, first + len(history) - done_before, history.seconds[done_before:],
-                    invoked + budget,
-                ):
-                    self.storage.put(self.keys.stop(first), json.dumps({"iteration": first + fed}).encode())
-                    break
+            stop_at: int | None = None  # the iteration the run ends before, once decided
+            while fed < total and stop_at != first + fed:
+                if budget is not None and stop_at is None:
+                    stop_at = self._stop_point(first, fed, total, history.seconds[done_before:], invoked + budget)
+                    if stop_at is not None:
+                        self.storage.put(self.keys.stop(first), json.dumps({"iteration": stop_at}).encode())
+                        if stop_at == first + fed:
+                            break
                 batch = next(batches, None)
                 if batch is None:
                     raise ConfigError(
-                        f"data ran out after {done_before + fed} batches, but {done_before + total} iterations were "
-                        "asked for; hint: pass data that can be iterated again (a list or a DataLoader)"
+                        f"data ran out after {done_before + fed} batches, but {done_before + total} iterations "
+                        "were asked for; hint: pass data that can be iterated again (a list or a DataLoader)"
                     )
                 uploads += self._feed(feeder, first + fed, batch)
                 fed += 1
@@ -347,9 +348,22 @@ class Trainer:
                 summary[field] = sum(it[field] for it in iterations)
             history.workers.append(summary)
         self._forget(first + fed - 1)
-        if fed < total:
+        if stop_at is not None:
             self.storage.delete([self.keys.stop(first)])
         return fed
+
+    def _stop_point(self, first: int, fed: int, total: int, seconds: list[float], deadline: float) -> int | None:
+        """The iteration to end this run before, if the next one or the one after would finish too late.
+
+        Deciding a step ahead lets workers read the stop at an iteration
+        boundary instead of noticing it while they wait for an iteration
+        that will not come. Every run makes at least one iteration.
+        """
+        next_done = first + len(seconds)
+        for candidate in (fed, fed + 1):
+            if 0 < candidate < total and self._past_budget(first + candidate, next_done, seconds, deadline):
+                return first + candidate
+        return None
 
     @staticmethod
     def _past_budget(iteration: int, next_done: int, seconds: list[float], deadline: float) -> bool:

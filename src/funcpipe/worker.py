@@ -114,6 +114,7 @@ class StageWorker(Actor):
             reports: list[dict[str, Any]] = []
             for iteration in range(first_iteration, first_iteration + count):
                 self._current = iteration
+                self._read_stop()  # one GET per iteration: the driver decides a step ahead
                 if self._stopping():
                     break
                 try:
@@ -191,11 +192,16 @@ class StageWorker(Actor):
             self._last_abort_check = now
             if self.storage.exists(self.keys.abort):
                 self._cancel.set()
-            elif self._stop_at is None:
-                stop = self.storage.get_if_exists(self.keys.stop(self._first))
-                if stop is not None:
-                    self._stop_at = _stop_iteration(stop, self.keys.stop(self._first))
+            else:
+                self._read_stop()
         return self._cancel.is_set() or self._stopping()
+
+    def _read_stop(self) -> None:
+        if self._stop_at is None:
+            key = self.keys.stop(self._first)
+            stop = self.storage.get_if_exists(key)
+            if stop is not None:
+                self._stop_at = _stop_iteration(stop, key)
 
     def _stopping(self) -> bool:
         """The driver's stop object names the current iteration or an earlier one."""

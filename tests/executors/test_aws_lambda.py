@@ -99,18 +99,18 @@ def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, bucket
 
 
 def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, bucket: Bucket) -> None:
-    # Functions that live 4 s, runs the driver ends 2.5 s before that. Every storage request
-    # pays 20 ms, so twelve iterations take well over one run's 1.5 s and need several
+    # Functions that live 5 s, runs the driver ends 3 s before that. Every storage request
+    # pays 20 ms, so twelve iterations take well over one run's 2 s and need several
     # invocations per worker; the parameters equal one uninterrupted plain run.
     model = mlp7()
     batches = regression_batches(12, 8)
     expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches)
     before = len(fake_lambda.invocations)
-    lifetime_s = 4.0
+    lifetime_s = 5.0
     fake_lambda.functions[FUNCTION] = lifetime_s
     try:
         trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
-                          backend=executor(fake_lambda, lifetime_s=lifetime_s, lifetime_margin_s=2.5),
+                          backend=executor(fake_lambda, lifetime_s=lifetime_s, lifetime_margin_s=3.0),
                           storage="throttled+" + bucket.url("lifetime", latency_ms="20"))
         history = trainer.fit(batches, progress=False)
     finally:
