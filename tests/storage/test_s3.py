@@ -18,10 +18,14 @@ import pytest
 
 import funcpipe.storage as storage_module
 from funcpipe.errors import BucketNotFound, ConfigError, ObjectNotFound, StorageAccessDenied, StorageError
-from funcpipe.storage import Storage, open_storage
+from funcpipe.storage import open_storage
 from funcpipe.storage.s3 import S3Storage
-from tests.conftest import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
-from tests.storage.conformance import StorageConformance
+from tests.conftest import (
+    FAKE_ACCESS_KEY_ID,
+    FAKE_SECRET_ACCESS_KEY,
+    READER_ACCESS_KEY_ID,
+    READER_SECRET_ACCESS_KEY,
+)
 from tests.storage.fakes import CannedResponse, canned_http_server
 
 MiB = 2**20
@@ -76,21 +80,6 @@ def s3(moto_endpoint: str, bucket: str) -> Iterator[S3Storage]:
     yield storage
     storage.delete(storage.list(""))  # moto keeps objects in memory for the whole session
     storage.close()
-
-
-class TestS3MotoConformance(StorageConformance):
-    @pytest.fixture
-    def storage(self, s3: S3Storage) -> Iterator[Storage]:
-        yield s3
-
-
-class TestS3MotoWithPrefixConformance(StorageConformance):
-    @pytest.fixture
-    def storage(self, moto_endpoint: str, bucket: str) -> Iterator[Storage]:
-        storage = make_storage(moto_endpoint, bucket, "runs/job-1")
-        yield storage
-        storage.delete(storage.list(""))
-        storage.close()
 
 
 # -- layout, transfers and request counts ---------------------------------------------
@@ -436,3 +425,60 @@ def test_repr_and_url_hold_no_credentials(s3: S3Storage) -> None:
     with pytest.raises(ObjectNotFound) as info:
         s3.get("missing")
     assert_no_credentials(info.value)
+
+
+# -- a real server that checks signatures and permissions: seaweedfs ---------------------------
+
+
+@pytest.fixture
+def seaweed_bucket(seaweedfs_endpoint: str) -> str:
+    return new_bucket(seaweedfs_endpoint)
+
+
+def test_seaweedfs_access_denied_for_a_read_only_identity(
+    monkeypatch: pytest.MonkeyPatch, seaweedfs_endpoint: str, seaweed_bucket: str
+) -> None:
+    make_storage(seaweedfs_endpoint, seaweed_bucket).put("k", b"by the writer")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER_ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER_SECRET_ACCESS_KEY)
+    reader = make_storage(seaweedfs_endpoint, seaweed_bucket)
+    assert reader.get("k") == b"by the writer"
+    assert reader.list("") == ["k"]
+    for name, operation in [
+        ("put", lambda: reader.put("k", b"by the reader")),
+        ("put large", lambda: reader.put("big", bytes(6 * MiB))),
+        ("delete", lambda: reader.delete(["k", "other"])),
+    ]:
+        with pytest.raises(StorageAccessDenied) as info:
+            operation()
+        assert info.value.bucket == seaweed_bucket, name
+        assert "IAM policy" in str(info.value), name
+        text = "".join(traceback.format_exception(info.value))
+        for secret in (READER_ACCESS_KEY_ID, READER_SECRET_ACCESS_KEY, FAKE_SECRET_ACCESS_KEY):
+            assert secret not in text, name
+    assert reader.get("k") == b"by the writer"
+
+
+def test_seaweedfs_rejects_unknown_credentials(
+    monkeypatch: pytest.MonkeyPatch, seaweedfs_endpoint: str, seaweed_bucket: str
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNTOSEAWEED")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unknown-secret-do-not-leak")
+    storage = make_storage(seaweedfs_endpoint, seaweed_bucket, max_attempts=1)
+    with pytest.raises(StorageAccessDenied) as info:
+        storage.get("k")
+    text = "".join(traceback.format_exception(info.value))
+    assert "unknown-secret-do-not-leak" not in text
+    assert "AKIAUNKNOWNTOSEAWEED" not in str(info.value)
+
+
+def test_seaweedfs_missing_bucket(seaweedfs_endpoint: str) -> None:
+    # Reads and deletes only: seaweedfs creates a missing bucket on the first
+    # PUT by an identity with the Admin action.
+    storage = make_storage(seaweedfs_endpoint, "no-such-bucket-funcpipe")
+    for name, operation in _every_operation(storage):
+        if name.startswith("put"):
+            continue
+        with pytest.raises(BucketNotFound) as info:
+            operation()
+        assert "aws s3 mb s3://no-such-bucket-funcpipe" in str(info.value), name

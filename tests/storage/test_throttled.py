@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,33 +16,9 @@ from funcpipe.storage import (
     open_storage,
     throttle,
 )
-from tests.storage.conformance import StorageConformance
+from tests.storage.fakes import FakeClock
 
 MB = 10**6
-
-
-class FakeClock:
-    """A clock whose ``sleep`` records the request and, if ``advance``, moves time on.
-
-    With ``advance=False`` time stands still, so successive calls behave like
-    requests issued at the same instant by concurrent threads.
-    """
-
-    def __init__(self, *, advance: bool = True) -> None:
-        self.now = 0.0
-        self.advance = advance
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.sleeps.append(seconds)
-            if self.advance:
-                self.now += seconds
 
 
 def memory() -> MemoryStorage:
@@ -67,24 +41,6 @@ def throttled(
         clock=clock,
         sleep=clock.sleep,
     )
-
-
-class TestThrottledOverMemoryConformance(StorageConformance):
-    """Every conformance test with bandwidth and latency on, in fake time."""
-
-    @pytest.fixture
-    def storage(self) -> Iterator[Storage]:
-        inner = memory()
-        yield throttled(FakeClock(), inner)
-        inner.clear()
-
-
-class TestThrottledOverFileConformance(StorageConformance):
-    """Every conformance test in real time, with the throttle passing requests through."""
-
-    @pytest.fixture
-    def storage(self, tmp_path: Path) -> Iterator[Storage]:
-        yield ThrottledStorage(FileStorage(tmp_path), uplink_bytes_per_s=None, downlink_bytes_per_s=None)
 
 
 # -- timing ---------------------------------------------------------------------

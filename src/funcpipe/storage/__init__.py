@@ -9,7 +9,7 @@ group::
     gcs = "funcpipe_gcs:GCSStorage"
 
 Built in: ``file:///abs/path``, ``memory://name``, ``s3://bucket/prefix``
-(needs ``funcpipe[aws]``).
+(needs ``funcpipe[aws]``), ``oss://bucket/prefix`` (needs ``funcpipe[alibaba]``).
 
 ``throttled+<url>?up_mb_s=..&down_mb_s=..&latency_ms=..`` wraps any of them
 in a :class:`ThrottledStorage`.
@@ -44,6 +44,7 @@ ENTRY_POINT_GROUP = "funcpipe.storage"
 _REGISTRY: dict[str, tuple[str | type[Storage], str]] = {
     "file": ("funcpipe.storage.file:FileStorage", ""),
     "memory": ("funcpipe.storage.memory:MemoryStorage", ""),
+    "oss": ("funcpipe.storage.oss:OSSStorage", "pip install 'funcpipe[alibaba]'"),
     "s3": ("funcpipe.storage.s3:S3Storage", "pip install 'funcpipe[aws]'"),
 }
 
@@ -107,6 +108,7 @@ def open_storage(url: str) -> Storage:
     """Open the storage a URL names.
 
     ``file:///abs/path``, ``memory://name``, ``s3://bucket/prefix?endpoint_url=..``,
+    ``oss://bucket/prefix?endpoint=..``,
     ``throttled+<url>?up_mb_s=..``, or any registered or entry-point scheme.
 
     Raises:

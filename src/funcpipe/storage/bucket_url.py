@@ -19,6 +19,7 @@ __all__ = [
     "BucketURL",
     "check_bucket",
     "compose_bucket_url",
+    "int_param",
     "join_key",
     "normalize_prefix",
     "parse_bucket_url",
@@ -125,6 +126,17 @@ def compose_bucket_url(scheme: str, bucket: str, prefix: str, params: Mapping[st
     if present:
         url += "?" + urlencode(present, safe=":/")
     return url
+
+
+def int_param(params: Mapping[str, str], name: str, default: int, url: str) -> int:
+    """The integer query parameter ``name``, or ``default`` when absent."""
+    text = params.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"parameter {name}={text!r} in {url!r} is not an integer") from None
 
 
 def join_key(prefix: str, key: str) -> str:

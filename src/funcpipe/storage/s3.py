@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import io
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import boto3
@@ -22,6 +22,7 @@ from funcpipe.storage.base import Storage
 from funcpipe.storage.bucket_url import (
     check_bucket,
     compose_bucket_url,
+    int_param,
     join_key,
     normalize_prefix,
     parse_bucket_url,
@@ -217,8 +218,8 @@ class S3Storage(Storage):
             region=params.get("region") or None,
             addressing_style=params.get("addressing_style") or None,
             retry_mode=params.get("retry_mode", DEFAULT_RETRY_MODE),
-            max_attempts=_int_param(params, "max_attempts", DEFAULT_MAX_ATTEMPTS, url),
-            multipart_threshold=_int_param(params, "multipart_threshold", DEFAULT_MULTIPART_THRESHOLD, url),
+            max_attempts=int_param(params, "max_attempts", DEFAULT_MAX_ATTEMPTS, url),
+            multipart_threshold=int_param(params, "multipart_threshold", DEFAULT_MULTIPART_THRESHOLD, url),
         )
 
     @property
@@ -487,12 +488,3 @@ def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
-
-def _int_param(params: Mapping[str, str], name: str, default: int, url: str) -> int:
-    text = params.get(name)
-    if text is None:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"parameter {name}={text!r} in {url!r} is not an integer") from None
