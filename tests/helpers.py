@@ -52,3 +52,8 @@ def assert_same_parameters(actual: nn.Module, expected: nn.Module) -> None:
     assert actual_state.keys() == expected_state.keys()
     for name, value in expected_state.items():
         torch.testing.assert_close(actual_state[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def sgd_momentum(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    """An optimizer factory workers in other processes load by reference from this light module."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)

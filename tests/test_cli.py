@@ -245,8 +245,8 @@ def test_plan_and_simulate_errors_are_one_line(tmp_path: Path, capsys: pytest.Ca
 def test_help_lists_every_command_on_one_line() -> None:
     help_text = build_parser().format_help()
     lines = {line.split()[0]: line for line in help_text.splitlines() if line.startswith("    ")}
-    assert set(lines) == {"demo", "profile", "plan", "simulate"}
+    assert set(lines) == {"demo", "profile", "plan", "simulate", "deploy"}
     for line in lines.values():
         assert len(line.split()) > 3  # the name and its one-line description
     commands = help_text.split("positional arguments:")[1].split("options:")[0]
-    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 4  # COMMAND, then one each
+    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 5  # COMMAND, then one each

@@ -14,13 +14,17 @@ from funcpipe.errors import (
     BucketNotFound,
     ConfigError,
     FuncpipeError,
+    FunctionNotDeployed,
     IntegrityError,
     ObjectNotFound,
+    PayloadTooLarge,
     PlanInfeasible,
     PlanTimeout,
     StorageAccessDenied,
     StorageError,
     WorkerFailed,
+    WorkerNotStarted,
+    WorkerSilent,
 )
 
 # (class, its parent in the tree of the errors module's docstring)
@@ -35,6 +39,10 @@ TREE: list[tuple[type[Exception], type[Exception]]] = [
     (IntegrityError, StorageError),
     (WorkerFailed, FuncpipeError),
     (BackendError, FuncpipeError),
+    (WorkerNotStarted, WorkerFailed),
+    (WorkerSilent, WorkerFailed),
+    (FunctionNotDeployed, BackendError),
+    (PayloadTooLarge, BackendError),
 ]
 
 
@@ -177,3 +185,28 @@ def test_bucket_error_messages() -> None:
     assert str(StorageAccessDenied("bkt", "a/b")) == "access denied to 'bkt/a/b'"
     assert str(StorageAccessDenied("bkt", "")) == "access denied to 'bkt'"
     assert StorageAccessDenied("bkt", "a/b").key == "a/b"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FunctionNotDeployed("funcpipe-worker-2048", "AWS Lambda us-east-1", "funcpipe deploy aws_lambda"),
+        PayloadTooLarge(300_000, 262_144, "AWS Lambda", "a smaller plan"),
+        WorkerNotStarted("stage 0 replica 1", "never started"),
+        WorkerSilent("stage 0 replica 1", "stopped reporting"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_serverless_errors_pickle_with_their_message(error: FuncpipeError) -> None:
+    restored = pickle.loads(pickle.dumps(error))
+    assert type(restored) is type(error)
+    assert str(restored) == str(error)
+
+
+def test_function_not_deployed_names_the_deploy_command() -> None:
+    error = FunctionNotDeployed("funcpipe-worker-2048", "AWS Lambda us-east-1", "funcpipe deploy aws_lambda")
+    assert "'funcpipe-worker-2048'" in str(error) and "`funcpipe deploy aws_lambda`" in str(error)
+
+
+def test_payload_too_large_names_size_and_limit() -> None:
+    assert "300,000 bytes, over the 262,144-byte" in str(PayloadTooLarge(300_000, 262_144, "AWS Lambda", "h"))

@@ -378,6 +378,62 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- funcpipe deploy ------------------------------------------------------------------
+
+#: Environment variables the deploy options fall back to.
+_DEPLOY_ENV = {"image": "FUNCPIPE_IMAGE", "role": "FUNCPIPE_ROLE"}
+
+
+def _environment(pairs: Sequence[str]) -> dict[str, str]:
+    variables = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise ConfigError(f"--env takes NAME=VALUE, got {pair!r}")
+        variables[name] = value
+    return variables
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    image = args.image or os.environ.get(_DEPLOY_ENV["image"])
+    role = args.role or os.environ.get(_DEPLOY_ENV["role"])
+    if not image:
+        raise ConfigError(
+            f"no container image; hint: --image URI or {_DEPLOY_ENV['image']}=URI (built from "
+            f"backends/{args.platform}/Dockerfile, see backends/README.md)"
+        )
+    environment = _environment(args.env)
+    deployed: Sequence[Any]
+    if args.platform == "aws_lambda":
+        from funcpipe.executors import aws_lambda
+
+        if not role:
+            raise ConfigError(
+                f"Lambda functions need an execution role; hint: --role arn:aws:iam::ACCOUNT:role/NAME or "
+                f"{_DEPLOY_ENV['role']}=... (backends/aws_lambda/template.yaml creates one)"
+            )
+        deployed = aws_lambda.deploy(
+            image_uri=image, role_arn=role, timeout_s=args.timeout or aws_lambda.DEFAULT_TIMEOUT_S,
+            function_prefix=args.prefix, region=args.region, endpoint_url=args.endpoint_url,
+            environment=environment, **({"tiers": args.tiers} if args.tiers else {}),
+        )
+    else:
+        from funcpipe.executors import alibaba_fc
+
+        deployed = alibaba_fc.deploy(
+            image=image, role=role, timeout_s=args.timeout or alibaba_fc.DEFAULT_TIMEOUT_S,
+            function_prefix=args.prefix, region=args.region, account_id=args.account_id,
+            endpoint=args.endpoint_url, protocol=args.protocol, environment=environment,
+            **({"tiers": args.tiers} if args.tiers else {}),
+        )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in deployed], indent=2))
+    else:
+        for function in deployed:
+            print(f"{function.action:>8} {function.name} ({function.memory_mb} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="funcpipe", description="Train PyTorch models as pipelines of serverless functions."
@@ -449,6 +505,29 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--png", metavar="PATH", help="save the Gantt chart of the iteration there")
     sim.add_argument("--json", action="store_true", help="print the result as JSON")
     sim.set_defaults(func=_simulate)
+
+    deploy = commands.add_parser(
+        "deploy", help="create or update the worker functions, one per memory tier",
+        description="Create one function per memory tier (named PREFIX-MEMORY) from a container image "
+        "built from backends/PLATFORM/Dockerfile, or update the ones that exist. See backends/README.md.",
+    )
+    deploy.add_argument("platform", choices=["aws_lambda", "alibaba_fc"])
+    deploy.add_argument("--image", help=f"container image URI (default: ${_DEPLOY_ENV['image']})")
+    deploy.add_argument("--role", help=f"execution role ARN (default: ${_DEPLOY_ENV['role']}; required on Lambda)")
+    deploy.add_argument("--tiers", type=int, nargs="+", metavar="MB",
+                        help="memory tiers (default: the platform spec's)")
+    deploy.add_argument("--timeout", type=int, metavar="S",
+                        help="function timeout: the lifetime_s to give the executor (default: 900 on Lambda, "
+                        "3600 on Function Compute)")
+    deploy.add_argument("--prefix", default="funcpipe-worker", help="function name prefix (default funcpipe-worker)")
+    deploy.add_argument("--region", help="region (default: the SDK's, or $ALIBABA_CLOUD_REGION)")
+    deploy.add_argument("--account-id", help="Function Compute: the account ID (default: $ALIBABA_CLOUD_ACCOUNT_ID)")
+    deploy.add_argument("--endpoint-url", help="another API endpoint (an emulator)")
+    deploy.add_argument("--protocol", default="https", help="Function Compute API protocol (default https)")
+    deploy.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable of the functions (repeatable)")
+    deploy.add_argument("--json", action="store_true", help="print what was deployed as JSON")
+    deploy.set_defaults(func=_deploy)
     return parser
 
 

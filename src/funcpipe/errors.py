@@ -12,7 +12,11 @@
     │   ├── StorageAccessDenied  the credentials may not do an operation on a bucket/key
     │   └── IntegrityError   an object failed its signature or job/iteration check
     ├── WorkerFailed         a stage worker raised or died; carries the remote traceback
+    │   ├── WorkerNotStarted a serverless call never reported that it started
+    │   └── WorkerSilent     a serverless call stopped heart-beating
     └── BackendError         an executor backend (Ray, Lambda, FC) failed
+        ├── FunctionNotDeployed  the function a call needs does not exist
+        └── PayloadTooLarge      an invocation payload is over the platform's limit
 
 Third-party exceptions are translated where they cross into funcpipe, with
 ``raise Mapped(...) from exc``, so callers only ever catch these.
@@ -25,13 +29,17 @@ __all__ = [
     "BucketNotFound",
     "ConfigError",
     "FuncpipeError",
+    "FunctionNotDeployed",
     "IntegrityError",
     "ObjectNotFound",
+    "PayloadTooLarge",
     "PlanInfeasible",
     "PlanTimeout",
     "StorageAccessDenied",
     "StorageError",
     "WorkerFailed",
+    "WorkerNotStarted",
+    "WorkerSilent",
 ]
 
 
@@ -132,3 +140,55 @@ class WorkerFailed(FuncpipeError):
 
     def __reduce__(self) -> tuple[type[WorkerFailed], tuple[str, str, str]]:
         return (type(self), (self.worker, self.cause, self.remote_traceback))
+
+
+class WorkerNotStarted(WorkerFailed):
+    """A serverless call was accepted but its function never reported that it started."""
+
+
+class WorkerSilent(WorkerFailed):
+    """A serverless call started, then stopped writing heartbeats (the function died or hung)."""
+
+
+class FunctionNotDeployed(BackendError):
+    """The function a call needs does not exist on the platform.
+
+    Attributes:
+        function: the function's name.
+        where: the platform and region or account it was looked for in.
+        deploy_command: the command that creates it.
+    """
+
+    def __init__(self, function: str, where: str, deploy_command: str) -> None:
+        self.function = function
+        self.where = where
+        self.deploy_command = deploy_command
+        super().__init__(
+            f"function {function!r} is not deployed in {where}; hint: run `{deploy_command}` "
+            "(backends/README.md) to create one function per memory tier"
+        )
+
+    def __reduce__(self) -> tuple[type[FunctionNotDeployed], tuple[str, str, str]]:
+        return (type(self), (self.function, self.where, self.deploy_command))
+
+
+class PayloadTooLarge(BackendError):
+    """An invocation payload is larger than the platform accepts for asynchronous calls.
+
+    Attributes:
+        size: the payload's bytes.
+        limit: the platform's limit in bytes.
+    """
+
+    def __init__(self, size: int, limit: int, platform: str, hint: str) -> None:
+        self.size = size
+        self.limit = limit
+        self.platform = platform
+        self.hint = hint
+        super().__init__(
+            f"invocation payload is {size:,} bytes, over the {limit:,}-byte asynchronous limit of "
+            f"{platform}; hint: {hint}"
+        )
+
+    def __reduce__(self) -> tuple[type[PayloadTooLarge], tuple[int, int, str, str]]:
+        return (type(self), (self.size, self.limit, self.platform, self.hint))

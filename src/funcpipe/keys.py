@@ -61,6 +61,17 @@ class JobKeys:
         """
         return f"{self.job}/checkpoint/i{iteration:08d}/s{stage}"
 
+    def stop(self, first_iteration: int) -> str:
+        """Written by the driver to end the run that began at ``first_iteration`` early.
+
+        It holds the iteration (JSON ``{"iteration": N}``) before which every
+        worker of that run stops, checkpoints and returns, so a run that would
+        outlive the function's lifetime ends at one boundary for all stages and
+        replicas. Keyed by the run's first iteration, so the run that continues
+        from ``N`` never sees it.
+        """
+        return f"{self.root}/stop.from{first_iteration:08d}"
+
     @property
     def abort(self) -> str:
         """Written by the driver to tell workers of this attempt to stop."""

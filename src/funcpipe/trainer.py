@@ -105,7 +105,11 @@ class Trainer:
             builds its own.
         plan: how to cut and run the model (:meth:`Plan.manual`).
         backend: ``"ray"`` (default: local Ray), ``"thread"`` (in-process,
-            for debugging), or an :class:`~funcpipe.executors.Executor`.
+            for debugging), ``"aws_lambda"`` / ``"alibaba_fc"`` (configured
+            from the environment), or an executor object from
+            :mod:`funcpipe.backends` (``AWSLambda(region=...)``, ``Ray(address=...)``).
+            A backend that cannot reach ``storage`` is refused with
+            :class:`~funcpipe.ConfigError` before anything is launched.
         storage: a storage URL (``file:///dir``, ``memory://``, ...); default:
             a fresh local directory (in ``/dev/shm`` when it has room),
             removed when the trainer is.
@@ -207,10 +211,23 @@ class Trainer:
         first = self._iteration
         if first == 0:
             self._upload_definitions()
-        handles = self._launch(resume=first > 0)
         bar = tqdm(total=total, disable=not progress, unit="it", desc="funcpipe")
+        handles: list[ActorHandle] = []
         try:
-            self._run(handles, batches, first, total, history, bar)
+            # One run per launch; on a platform with a lifetime limit the driver ends a
+            # run early at an iteration boundary and the next run resumes from there.
+            while len(history) < total:
+                start = first + len(history)
+                handles = self._launch(resume=start > 0)
+                ran = self._run(handles, batches, start, total - len(history), history, bar)
+                for handle in handles:
+                    handle.release()
+                handles = []
+                if start > first:  # an intermediate checkpoint the next run has loaded
+                    self._drop_checkpoints(start)
+                if len(history) < total:
+                    log.info("run from iteration %d stopped after %d iterations (lifetime limit); "
+                             "continuing from the checkpoint", start, ran)
         except BaseException:
             for handle in handles:
                 handle.kill()
@@ -221,15 +238,12 @@ class Trainer:
             # The next fit is a new attempt: fresh keys, no abort object, no stale messages.
             self.keys = JobKeys(self.keys.job, self.keys.attempt + 1)
             raise
-        else:
-            for handle in handles:
-                handle.release()
         finally:
             bar.close()
         self._iteration = first + len(history)
         self._gather()
         if first > 0:
-            self.storage.delete([self.keys.checkpoint(s, first) for s in range(self.plan.num_stages)])
+            self._drop_checkpoints(first)
         return history
 
     # -- internals -----------------------------------------------------------
@@ -283,33 +297,92 @@ class Trainer:
         total: int,
         history: History,
         bar: tqdm,
-    ) -> None:
+    ) -> int:
+        """One call of ``run`` on every worker, fed and awaited; returns the iterations it ran.
+
+        When the executor's calls have a time budget (a function's lifetime),
+        the driver stops the run before the first iteration that would end
+        after it: it writes the stop object *before* that iteration's
+        micro-batches, which it then does not feed, so every worker stops at
+        the same boundary with nothing of that iteration done.
+        """
+        budget = self.executor.call_budget_s
+        invoked = time.monotonic()
         calls = CallGroup([(h, h.call("run", first, total)) for h in handles])
         uploads: list[Future[None]] = []
-        started = time.perf_counter()
+        finished = [time.perf_counter()]  # when the last iteration finished (or the run began)
+        done_before = len(history)
+        fed = 0
         with ThreadPoolExecutor(4, thread_name_prefix="funcpipe-feed") as feeder:
-            fed = 0
-            for batch in itertools.islice(batches, total):
+            stop_at: int | None = None  # the iteration the run ends before, once decided
+            while fed < total and stop_at != first + fed:
+                if budget is not None and stop_at is None:
+                    stop_at = self._stop_point(first, fed, total, history.seconds[done_before:], invoked + budget)
+                    if stop_at is not None:
+                        self.storage.put(self.keys.stop(first), json.dumps({"iteration": stop_at}).encode())
+                        if stop_at == first + fed:
+                            break
+                batch = next(batches, None)
+                if batch is None:
+                    raise ConfigError(
+                        f"data ran out after {done_before + fed} batches, but {done_before + total} iterations "
+                        "were asked for; hint: pass data that can be iterated again (a list or a DataLoader)"
+                    )
                 uploads += self._feed(feeder, first + fed, batch)
                 fed += 1
                 if fed > LOOKAHEAD:
-                    self._await(first + fed - 1 - LOOKAHEAD, calls, history, bar, started)
-            if fed < total:
-                raise ConfigError(
-                    f"data ran out after {fed} batches, but {total} iterations were asked for; "
-                    "hint: pass data that can be iterated again (a list or a DataLoader)"
-                )
-            for k in range(len(history), total):
-                self._await(first + k, calls, history, bar, started)
+                    self._await(first + fed - 1 - LOOKAHEAD, calls, history, bar, finished)
+            for k in range(len(history) - done_before, fed):
+                self._await(first + k, calls, history, bar, finished)
             for upload in uploads:
                 upload.result()
         for report in calls.results():
             iterations = report["iterations"]
+            if len(iterations) != fed:
+                raise BackendError(
+                    f"stage {report['stage']} replica {report['replica']} ran {len(iterations)} "
+                    f"iterations from {first}, the driver fed {fed}"
+                )
             summary = {"stage": report["stage"], "replica": report["replica"], "iterations": len(iterations)}
             for field in ("compute_s", "wait_s", "sync_s", "update_s", "total_s"):
                 summary[field] = sum(it[field] for it in iterations)
             history.workers.append(summary)
-        self._forget(first + total - 1)
+        self._forget(first + fed - 1)
+        if stop_at is not None:
+            self.storage.delete([self.keys.stop(first)])
+        return fed
+
+    def _stop_point(self, first: int, fed: int, total: int, seconds: list[float], deadline: float) -> int | None:
+        """The iteration to end this run before, if the next one or the one after would finish too late.
+
+        Deciding a step ahead lets workers read the stop at an iteration
+        boundary instead of noticing it while they wait for an iteration
+        that will not come. Every run makes at least one iteration.
+        """
+        next_done = first + len(seconds)
+        for candidate in (fed, fed + 1):
+            if 0 < candidate < total and self._past_budget(first + candidate, next_done, seconds, deadline):
+                return first + candidate
+        return None
+
+    @staticmethod
+    def _past_budget(iteration: int, next_done: int, seconds: list[float], deadline: float) -> bool:
+        """Whether ``iteration``, fed now, would likely finish after ``deadline`` (monotonic).
+
+        ``next_done`` is the first iteration of this run not finished yet and
+        ``seconds`` the finish-to-finish times of those that are; the first
+        of them includes starting the workers, so it counts only while it is
+        the only measure.
+        """
+        if seconds:
+            recent = seconds[1:][-5:] or seconds
+            per_iteration = max(recent)
+        else:
+            per_iteration = 0.0  # nothing measured yet: feed (each run makes progress)
+        return time.monotonic() + (iteration - next_done + 1) * per_iteration > deadline
+
+    def _drop_checkpoints(self, iteration: int) -> None:
+        self.storage.delete([self.keys.checkpoint(s, iteration) for s in range(self.plan.num_stages)])
 
     def _feed(self, feeder: ThreadPoolExecutor, iteration: int, batch: Batch) -> list[Future[None]]:
         plan = self.plan
@@ -325,7 +398,7 @@ class Trainer:
         return futures
 
     def _await(
-        self, iteration: int, calls: CallGroup, history: History, bar: tqdm, started: float
+        self, iteration: int, calls: CallGroup, history: History, bar: tqdm, finished: list[float]
     ) -> None:
         last = self.plan.num_stages - 1
         loss = 0.0
@@ -344,7 +417,8 @@ class Trainer:
                 ) from None
             loss += float(json.loads(report)["loss"])
         now = time.perf_counter()
-        history.seconds.append(now - started - sum(history.seconds))
+        history.seconds.append(now - finished[0])
+        finished[0] = now
         history.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", s_per_it=f"{history.seconds[-1]:.3f}", refresh=False)
         bar.update(1)

@@ -21,7 +21,7 @@ from torch import nn
 
 from funcpipe import checkpoint, signed
 from funcpipe.collectives import Comm, all_reduce
-from funcpipe.errors import ConfigError, WorkerFailed
+from funcpipe.errors import ConfigError, IntegrityError, WorkerFailed
 from funcpipe.executors.base import Actor
 from funcpipe.keys import JobKeys
 from funcpipe.plan import Plan
@@ -82,6 +82,9 @@ class StageWorker(Actor):
         self.keys = JobKeys(self.config.job, self.config.attempt)
         self._cancel = threading.Event()
         self._last_abort_check = 0.0
+        self._first = 0  # first iteration of the current run
+        self._current = 0  # iteration the worker is in
+        self._stop_at: int | None = None  # from the driver's stop object, once seen
         self._ready = False
         # Guards the thread pools: cancel() may come from another thread while _setup makes them.
         self._pools_lock = threading.Lock()
@@ -92,20 +95,37 @@ class StageWorker(Actor):
     def run(self, first_iteration: int, count: int) -> dict[str, Any]:
         """Train iterations ``first_iteration .. first_iteration + count - 1``.
 
-        Returns a JSON-able report: per iteration, the seconds this worker
+        Stops earlier, at the iteration the driver's stop object names
+        (:meth:`JobKeys.stop`): the driver writes it before it feeds that
+        iteration's micro-batches, so no worker has begun to change its state
+        for it, and every stage and replica ends at the same boundary.
+
+        Returns a JSON-able report: per iteration run, the seconds this worker
         spent computing, blocked on downloads, syncing gradients and
-        updating. Replica 0 of each stage writes a checkpoint at the end.
+        updating. Replica 0 of each stage writes a checkpoint of the state
+        before the first iteration not run.
 
         Raises:
             WorkerFailed: anything went wrong; carries the traceback text.
         """
         try:
             self._setup(first_iteration)
-            end = first_iteration + count
-            reports = [self._iteration(i) for i in range(first_iteration, end)]
+            self._first = first_iteration
+            reports: list[dict[str, Any]] = []
+            for iteration in range(first_iteration, first_iteration + count):
+                self._current = iteration
+                self._read_stop()  # one GET per iteration: the driver decides a step ahead
+                if self._stopping():
+                    break
+                try:
+                    reports.append(self._iteration(iteration))
+                except WaitCancelled:
+                    if not self._stopping():
+                        raise
+                    break
             if self.config.replica == 0:
                 self.storage.put(
-                    self.keys.checkpoint(self.config.stage, end),
+                    self.keys.checkpoint(self.config.stage, first_iteration + len(reports)),
                     checkpoint.encode_state(self.layers, self.optimizer),
                 )
             return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports}
@@ -164,6 +184,7 @@ class StageWorker(Actor):
         self._ready = True
 
     def _cancelled(self) -> bool:
+        """Whether waits should give up: aborted, or the driver stopped the run at this iteration."""
         if self._cancel.is_set():
             return True
         now = time.monotonic()
@@ -171,7 +192,20 @@ class StageWorker(Actor):
             self._last_abort_check = now
             if self.storage.exists(self.keys.abort):
                 self._cancel.set()
-        return self._cancel.is_set()
+            else:
+                self._read_stop()
+        return self._cancel.is_set() or self._stopping()
+
+    def _read_stop(self) -> None:
+        if self._stop_at is None:
+            key = self.keys.stop(self._first)
+            stop = self.storage.get_if_exists(key)
+            if stop is not None:
+                self._stop_at = _stop_iteration(stop, key)
+
+    def _stopping(self) -> bool:
+        """The driver's stop object names the current iteration or an earlier one."""
+        return self._stop_at is not None and self._stop_at <= self._current
 
     # -- one iteration ---------------------------------------------------------
 
@@ -302,3 +336,13 @@ class StageWorker(Actor):
             n = p.numel()
             p.grad = total[offset : offset + n].view_as(p)
             offset += n
+
+
+def _stop_iteration(data: bytes, key: str) -> int:
+    try:
+        iteration = json.loads(data)["iteration"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"stop object {key!r} is not {{\"iteration\": N}}: {data[:80]!r}") from exc
+    if not isinstance(iteration, int) or isinstance(iteration, bool):
+        raise IntegrityError(f"stop object {key!r} names iteration {iteration!r}, not an integer")
+    return iteration

@@ -172,5 +172,5 @@ def test_get_executor_passes_an_instance_through() -> None:
 
 
 def test_get_executor_unknown_backend_lists_the_names() -> None:
-    with pytest.raises(ConfigError, match=r"unknown backend 'lambda'; choose one of ray, thread"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'lambda'; choose one of alibaba_fc, aws_lambda, ray, thr"):
         get_executor("lambda")

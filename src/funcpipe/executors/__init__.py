@@ -1,4 +1,7 @@
-"""Executors: where stage workers run (local threads, Ray; serverless backends later)."""
+"""Executors: where stage workers run (local threads, Ray, AWS Lambda, Function Compute).
+
+The public names are in :mod:`funcpipe.backends`; this package holds the implementations.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ __all__ = [
 ]
 
 #: Backend names ``Trainer(backend=...)`` accepts.
-BACKENDS = ("ray", "thread")
+BACKENDS = ("alibaba_fc", "aws_lambda", "ray", "thread")
 
 
 def get_executor(backend: str | Executor) -> Executor:
@@ -30,7 +33,15 @@ def get_executor(backend: str | Executor) -> Executor:
         return Ray()
     if backend == "thread":
         return ThreadExecutor()
+    if backend == "aws_lambda":  # cloud SDKs are imported only when asked for
+        from funcpipe.executors.aws_lambda import AWSLambda
+
+        return AWSLambda()
+    if backend == "alibaba_fc":
+        from funcpipe.executors.alibaba_fc import AlibabaFC
+
+        return AlibabaFC()
     raise ConfigError(
         f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or pass an Executor "
-        "(e.g. funcpipe.executors.ray.Ray(address=...))"
+        "(e.g. funcpipe.backends.Ray(address=...), funcpipe.backends.AWSLambda(region=...))"
     )

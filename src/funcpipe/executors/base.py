@@ -73,6 +73,10 @@ class Executor(abc.ABC):
     #: The name ``Trainer(backend=...)`` accepts for this executor.
     name: str = ""
 
+    #: Seconds one call may run before the platform ends it, less a margin for stopping
+    #: and checkpointing; ``None``: no limit. The driver ends a run before it and re-invokes.
+    call_budget_s: float | None = None
+
     @abc.abstractmethod
     def launch(
         self, actor_cls: type[Actor], *args: Any, name: str, resources: Resources

@@ -1,0 +1,580 @@
+"""Serverless actors: each call is one asynchronous function invocation that reports through storage.
+
+A function platform (AWS Lambda, Function Compute) runs a call and returns
+nothing to the caller: an asynchronous invocation is only *accepted*. So the
+call's payload names a *status object* in the job's storage, and the function
+writes its progress there::
+
+    driver                                   function (backends/<platform>/, handle())
+    ------                                   -----------------------------------------
+    call(): payload = actor + args +         {"state": "started"}
+            method + status key   ──invoke──▶ builds the actor, runs the method;
+    watcher polls the status key ◀────────── {"state": "running", "beat": n} every heartbeat_s
+    future resolved               ◀────────── {"state": "done", "result": ...}
+                                              | {"state": "failed", "cause": ..., "traceback": ...}
+    kill(): writes <status key>.cancel ─────▶ the heartbeat thread sees it, cancels the actor
+
+The driver notices a function that never starts (no status within
+``start_timeout_s``) or stops heart-beating (no new beat within
+``silence_timeout_s``, by the driver's own clock) and fails the call with
+:class:`~funcpipe.WorkerNotStarted` / :class:`~funcpipe.WorkerSilent`.
+
+Functions keep no state between invocations, so every call builds its actor
+anew from the launch arguments. The payload is JSON and carries no cloud
+credentials: the function gets those from its own role.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import json
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+from urllib.parse import urlsplit
+
+from funcpipe.errors import (
+    ConfigError,
+    PayloadTooLarge,
+    StorageError,
+    WorkerFailed,
+    WorkerNotStarted,
+    WorkerSilent,
+)
+from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
+from funcpipe.storage import Storage, open_storage
+from funcpipe.storage.throttled import SCHEME_PREFIX
+
+__all__ = [
+    "PAYLOAD_FORMAT", "STATUS_PREFIX", "ServerlessActor", "ServerlessExecutor", "Timing", "handle", "preload",
+]
+
+log = logging.getLogger(__name__)
+
+#: Version of the invocation payload; a function refuses any other.
+PAYLOAD_FORMAT = 1
+
+#: Where status objects live in the job's storage, one per call.
+STATUS_PREFIX = "funcpipe-calls/"
+
+#: Suffix of the object that asks a running call to stop.
+CANCEL_SUFFIX = ".cancel"
+
+#: Storage schemes a function in the cloud cannot reach.
+LOCAL_SCHEMES = ("file", "memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How the driver and the functions keep track of each other (seconds).
+
+    Attributes:
+        poll_s: how often the driver reads the status objects of running calls.
+        heartbeat_s: how often a running function writes its status.
+        start_timeout_s: longest wait from invocation to the first status
+            (queueing, a cold start pulling the container image, importing torch).
+        silence_timeout_s: longest wait for a new heartbeat from a call that started.
+    """
+
+    poll_s: float = 1.0
+    heartbeat_s: float = 5.0
+    start_timeout_s: float = 300.0
+    silence_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"Timing.{field.name} must be a positive number of seconds, got {value!r}")
+        if self.silence_timeout_s <= self.heartbeat_s:
+            raise ConfigError(
+                f"Timing.silence_timeout_s ({self.silence_timeout_s:g} s) must exceed heartbeat_s "
+                f"({self.heartbeat_s:g} s), or every call would look silent; hint: a few heartbeats"
+            )
+
+
+class ServerlessExecutor(Executor):
+    """The platform-independent part of a function backend; subclasses implement :meth:`invoke`.
+
+    Args:
+        function_prefix: functions are named ``{function_prefix}-{memory_mb}``,
+            one per memory tier (``funcpipe deploy`` creates them).
+        default_memory_mb: the tier of actors launched without ``memory_mb``.
+        lifetime_s: the functions' timeout: the longest one invocation runs.
+        lifetime_margin_s: how long before ``lifetime_s`` the driver ends a run
+            (time to notice the stop, write the checkpoint and report).
+        payload_limit_bytes: the platform's asynchronous payload limit.
+        timing: polling, heartbeat and deadline settings.
+        allow_local_storage: accept ``file://`` storage, for functions that run on
+            this machine (tests, local emulators). Off: storage the cloud cannot
+            reach is refused before anything is launched.
+    """
+
+    #: Shown in errors: "AWS Lambda", "Function Compute".
+    platform_label: str = ""
+    #: The CLI command that creates the functions.
+    deploy_command: str = ""
+
+    def __init__(
+        self,
+        *,
+        function_prefix: str,
+        default_memory_mb: int,
+        lifetime_s: float,
+        lifetime_margin_s: float,
+        payload_limit_bytes: int,
+        timing: Timing | None = None,
+        allow_local_storage: bool = False,
+    ) -> None:
+        if not function_prefix or not all(c.isalnum() or c in "-_" for c in function_prefix):
+            raise ConfigError(
+                f"function_prefix {function_prefix!r} must be letters, digits, '-' or '_'; "
+                "hint: the default 'funcpipe-worker'"
+            )
+        if not 0 <= lifetime_margin_s < lifetime_s:
+            raise ConfigError(
+                f"lifetime_margin_s must be >= 0 and below lifetime_s (got {lifetime_margin_s:g} and "
+                f"{lifetime_s:g}); hint: leave a minute on a 900 s Lambda"
+            )
+        self.function_prefix = function_prefix
+        self.default_memory_mb = default_memory_mb
+        self.lifetime_s = float(lifetime_s)
+        self.lifetime_margin_s = float(lifetime_margin_s)
+        self.call_budget_s = self.lifetime_s - self.lifetime_margin_s
+        self.payload_limit_bytes = payload_limit_bytes
+        self.timing = timing or Timing()
+        self.allow_local_storage = allow_local_storage
+        self._storage_url: str | None = None
+        self._watcher = _Watcher(self.timing.poll_s)
+
+    # -- what a platform implements -----------------------------------------------
+
+    @abc.abstractmethod
+    def invoke(self, function: str, payload: bytes) -> None:
+        """Start one asynchronous invocation of ``function``; return once the platform accepted it.
+
+        Raises:
+            FunctionNotDeployed: no function of that name.
+            PayloadTooLarge: the platform refused the payload's size.
+            BackendError: any other refusal or transport failure (after the SDK's retries).
+        """
+
+    # -- the executor interface ------------------------------------------------------
+
+    def function_name(self, resources: Resources) -> str:
+        """The function that runs an actor with ``resources``: one per memory tier."""
+        return f"{self.function_prefix}-{resources.memory_mb or self.default_memory_mb}"
+
+    def check_storage(self, url: str) -> None:
+        """Refuse storage the functions cannot reach; calls of later launches report through ``url``."""
+        inner = url[len(SCHEME_PREFIX):] if url.startswith(SCHEME_PREFIX) else url
+        parts = urlsplit(inner)
+        scheme = parts.scheme.lower()
+        if parts.password:
+            raise ConfigError(
+                "the storage URL carries a password, and it would travel in every invocation payload; "
+                "hint: give credentials through the SDK's standard chain (environment, role), not the URL"
+            )
+        if scheme == "memory" or (scheme in LOCAL_SCHEMES and not self.allow_local_storage):
+            raise ConfigError(
+                f"storage {url!r} is on this machine, which {self.platform_label} functions cannot reach; "
+                "hint: use object storage (s3://bucket/prefix on AWS Lambda, oss://bucket/prefix on "
+                "Function Compute); for functions that run on this machine (tests), "
+                f"{type(self).__name__}(..., allow_local_storage=True) accepts file://"
+            )
+        self._storage_url = url
+
+    def launch(self, actor_cls: type[Actor], *args: Any, name: str, resources: Resources) -> ServerlessActor:
+        if self._storage_url is None:
+            raise ConfigError(
+                f"{type(self).__name__} reports calls through the job's storage, but none was given; "
+                "hint: call check_storage(url) first (Trainer does)"
+            )
+        module = actor_cls.__module__
+        if module == "__main__" or "<locals>" in actor_cls.__qualname__:
+            raise ConfigError(
+                f"actor class {actor_cls.__qualname__} is not importable by name in a function "
+                f"(module {module!r}); hint: define it at the top level of an installed module"
+            )
+        return ServerlessActor(
+            self, f"{module}:{actor_cls.__qualname__}", list(args), name, self.function_name(resources),
+            self._storage_url,
+        )
+
+    def shutdown(self) -> None:
+        self._watcher.stop()
+
+
+class ServerlessActor(ActorHandle):
+    """A launched serverless actor: the arguments each call rebuilds it from."""
+
+    def __init__(
+        self,
+        executor: ServerlessExecutor,
+        actor: str,
+        args: list[Any],
+        name: str,
+        function: str,
+        storage_url: str,
+    ) -> None:
+        self.name = name
+        self.function = function
+        self._executor = executor
+        self._actor = actor
+        self._args = args
+        self._storage_url = storage_url
+        self._calls: list[_Call] = []
+
+    def payload(self, method: str, args: tuple[Any, ...], status_key: str) -> bytes:
+        """The JSON bytes one invocation carries."""
+        document = {
+            "funcpipe": PAYLOAD_FORMAT,
+            "name": self.name,
+            "actor": self._actor,
+            "args": self._args,
+            "method": method,
+            "call_args": list(args),
+            "storage_url": self._storage_url,
+            "status_key": status_key,
+            "heartbeat_s": self._executor.timing.heartbeat_s,
+        }
+        try:
+            return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.name}: the arguments of {method}() are not JSON ({exc})") from exc
+
+    def call(self, method: str, *args: Any) -> Future[Any]:
+        if method.startswith("_"):
+            raise ConfigError(f"{self.name}: cannot call private method {method!r} in a function")
+        status_key = f"{STATUS_PREFIX}{uuid.uuid4().hex}"
+        body = self.payload(method, args, status_key)
+        limit = self._executor.payload_limit_bytes
+        if len(body) > limit:
+            raise PayloadTooLarge(
+                len(body), limit, self._executor.platform_label,
+                f"the payload of {self.name} holds its actor's arguments (the worker config with the "
+                "plan and storage URL); keep them small and move data through storage, or raise "
+                "payload_limit_bytes if your platform allows more",
+            )
+        call = _Call(self.name, status_key, Future())
+        call.future.set_running_or_notify_cancel()
+        storage = self._executor._watcher.storage_for(self._storage_url)
+        self._executor.invoke(self.function, body)  # raises before anything is watched
+        call.invoked = time.monotonic()
+        self._calls.append(call)
+        self._executor._watcher.watch(call, storage, self._executor.timing)
+        return call.future
+
+    def kill(self) -> None:
+        """Ask every running call to stop (a cancel object its function polls) and fail its future."""
+        calls, self._calls = self._calls, []
+        for call in calls:
+            if call.future.done():
+                continue
+            self._executor._watcher.forget(call)
+            try:
+                storage = self._executor._watcher.storage_for(self._storage_url)
+                storage.put(call.status_key + CANCEL_SUFFIX, b"")
+            except (StorageError, ConfigError) as exc:
+                log.warning("%s: could not write the cancel object of %s: %s", self.name, call.status_key, exc)
+            _settle(call.future, exception=WorkerFailed(self.name, "killed by the driver"))
+
+    def release(self) -> None:
+        """No call is running: nothing is held between invocations."""
+        self._calls = [c for c in self._calls if not c.future.done()]
+        if self._calls:
+            self.kill()
+
+
+@dataclasses.dataclass
+class _Call:
+    name: str
+    status_key: str
+    future: Future[Any]
+    invoked: float = 0.0
+    beat: int = -1  # last heartbeat seen; -1: not started
+    last_change: float = 0.0
+
+
+def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
+    """Resolve ``future`` unless it already is (a kill and the watcher may race)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except Exception:  # concurrent.futures.InvalidStateError: already resolved
+        return
+
+
+class _Watcher:
+    """One thread that polls the status objects of an executor's running calls."""
+
+    def __init__(self, poll_s: float) -> None:
+        self._poll_s = poll_s
+        self._lock = threading.Lock()
+        self._calls: dict[str, tuple[_Call, Storage, Timing]] = {}
+        self._storages: dict[str, Storage] = {}
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def storage_for(self, url: str) -> Storage:
+        with self._lock:
+            if url not in self._storages:
+                self._storages[url] = open_storage(url)
+            return self._storages[url]
+
+    def watch(self, call: _Call, storage: Storage, timing: Timing) -> None:
+        with self._lock:
+            call.last_change = call.invoked
+            self._calls[call.status_key] = (call, storage, timing)
+            if self._thread is None or not self._thread.is_alive():
+                self._stopped.clear()
+                self._thread = threading.Thread(target=self._loop, name="funcpipe-serverless-watch", daemon=True)
+                self._thread.start()
+
+    def forget(self, call: _Call) -> None:
+        with self._lock:
+            self._calls.pop(call.status_key, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            thread = self._thread
+            for call, _, _ in self._calls.values():
+                _settle(call.future, exception=WorkerFailed(call.name, "the executor was shut down"))
+            self._calls.clear()
+            for storage in self._storages.values():
+                storage.close()
+            self._storages.clear()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self._poll_s):
+            with self._lock:
+                if not self._calls:
+                    self._thread = None
+                    return
+                pending = list(self._calls.values())
+            for call, storage, timing in pending:
+                try:
+                    finished = self._check(call, storage, timing)
+                except StorageError as exc:  # the deadlines bound how long this may go on
+                    log.warning("%s: could not read status %s: %s", call.name, call.status_key, exc)
+                    finished = self._overdue(call, timing, time.monotonic())
+                except Exception as exc:
+                    _settle(call.future, exception=WorkerFailed(
+                        call.name, f"unreadable status object {call.status_key!r}: {type(exc).__name__}: {exc}"
+                    ))
+                    finished = True
+                if finished:
+                    self.forget(call)
+                    try:
+                        storage.delete([call.status_key, call.status_key + CANCEL_SUFFIX])
+                    except StorageError as exc:
+                        log.warning("could not delete status object %s: %s", call.status_key, exc)
+
+    def _check(self, call: _Call, storage: Storage, timing: Timing) -> bool:
+        """Read one call's status and resolve its future if it ended; ``True`` once it is resolved."""
+        if call.future.done():
+            return True
+        data = storage.get_if_exists(call.status_key)
+        now = time.monotonic()
+        if data is None:
+            return self._overdue(call, timing, now)
+        status = json.loads(data)
+        state = status["state"]
+        if state == "done":
+            _settle(call.future, result=status["result"])
+            return True
+        if state == "failed":
+            _settle(call.future, exception=WorkerFailed(call.name, status["cause"], status.get("traceback", "")))
+            return True
+        beat = int(status["beat"])
+        if beat != call.beat:
+            call.beat, call.last_change = beat, now
+            return False
+        return self._overdue(call, timing, now)
+
+    @staticmethod
+    def _overdue(call: _Call, timing: Timing, now: float) -> bool:
+        """Fail a call that never started or went silent; ``True`` if it did."""
+        waited = now - call.last_change
+        if call.beat < 0 and waited > timing.start_timeout_s:
+            _settle(call.future, exception=WorkerNotStarted(
+                call.name,
+                f"the function never reported that it started ({waited:.1f} s after it was invoked, "
+                f"start_timeout_s={timing.start_timeout_s:g}); hint: look at the platform's logs for the "
+                "invocation (cold start, image pull, throttling, or a crash on import), or raise "
+                "Timing(start_timeout_s=...)",
+            ))
+            return True
+        if call.beat >= 0 and waited > timing.silence_timeout_s:
+            _settle(call.future, exception=WorkerSilent(
+                call.name,
+                f"the function stopped reporting: no heartbeat for {waited:.1f} s after beat {call.beat} "
+                f"(silence_timeout_s={timing.silence_timeout_s:g}); it was killed (out of memory, lifetime "
+                "limit) or hangs; hint: look at the platform's logs",
+            ))
+            return True
+        return False
+
+
+# -- the function side ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    name: str
+    actor: str
+    args: list[Any]
+    method: str
+    call_args: list[Any]
+    storage_url: str
+    status_key: str
+    heartbeat_s: float
+
+    @classmethod
+    def from_event(cls, event: Any) -> _Request:
+        if not isinstance(event, dict) or event.get("funcpipe") != PAYLOAD_FORMAT:
+            got = event.get("funcpipe") if isinstance(event, dict) else type(event).__name__
+            raise ConfigError(
+                f"not a funcpipe invocation payload (format {got!r}, expected {PAYLOAD_FORMAT}); "
+                "hint: driver and function must run the same funcpipe version"
+            )
+        fields: dict[str, Any] = {f.name: event.get(f.name) for f in dataclasses.fields(cls)}
+        missing = sorted(k for k, v in fields.items() if v is None)
+        if missing:
+            raise ConfigError(f"invocation payload lacks {missing}")
+        if not str(fields["status_key"]).startswith(STATUS_PREFIX) or str(fields["method"]).startswith("_"):
+            raise ConfigError("invocation payload has a malformed status key or method")
+        return cls(**fields)
+
+
+def _load_actor(target: str) -> type[Actor]:
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Actor)):
+        raise ConfigError(f"{target!r} is not a funcpipe Actor class")
+    return obj
+
+
+class _Reporter:
+    """Writes a call's status object: started, heartbeats, then done or failed (exactly once)."""
+
+    def __init__(
+        self, storage: Storage, key: str, heartbeat_s: float, remaining_s: Callable[[], float] | None
+    ) -> None:
+        self.storage = storage
+        self.key = key
+        self.heartbeat_s = heartbeat_s
+        self.remaining_s = remaining_s
+        #: Seconds before the platform's hard end at which the call gives up and says so.
+        self.lifetime_guard_s = 2 * heartbeat_s + 0.5
+        self.expired = False
+        self._beat = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def write(self, status: dict[str, Any]) -> None:
+        self.storage.put(self.key, json.dumps(status, allow_nan=False).encode())
+
+    def watch(self, actor: Actor) -> None:
+        self._thread = threading.Thread(target=self._run, args=(actor,), name="funcpipe-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self, actor: Actor) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if self.storage.exists(self.key + CANCEL_SUFFIX):
+                    actor.cancel()
+                if (
+                    not self.expired and self.remaining_s is not None
+                    and self.remaining_s() < self.lifetime_guard_s
+                ):
+                    self.expired = True
+                    actor.cancel()
+                self._beat += 1
+                self.write({"state": "running", "beat": self._beat})
+            except StorageError as exc:  # a missed beat; the driver's silence timeout covers many
+                log.warning("heartbeat to %s failed: %s", self.key, exc)
+
+
+def preload() -> None:
+    """Import what a worker's first call would otherwise import inside the time-limited invocation.
+
+    Function entries call it at init (Lambda does not bill, nor count toward the
+    timeout, an init of up to 10 s): the stage worker and torch, and torch's
+    optimizer machinery, which the first optimizer built imports (about 2 s).
+    """
+    import torch
+
+    import funcpipe.worker  # noqa: F401
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+
+def handle(event: Any, *, remaining_s: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Run one invocation: build the actor, call the method, report through storage.
+
+    The function entries in ``backends/`` call this with the decoded payload
+    and, where the platform says, a callable giving the seconds left before
+    it ends the invocation. Failures of the call are *reported* (so the
+    platform does not retry the invocation); only a payload that names no
+    status object to report to raises.
+
+    Returns:
+        ``{"state": "done"}`` or ``{"state": "failed", "cause": ...}``, for the platform's logs.
+    """
+    request = _Request.from_event(event)
+    storage = open_storage(request.storage_url)
+    reporter = _Reporter(storage, request.status_key, float(request.heartbeat_s), remaining_s)
+    try:
+        reporter.write({"state": "started", "beat": 0})
+        status: dict[str, Any]
+        try:
+            actor = _load_actor(request.actor)(*request.args)
+            reporter.watch(actor)
+            try:
+                result = getattr(actor, request.method)(*request.call_args)
+            finally:
+                reporter.stop()
+                actor.cancel()  # release its threads: a warm function serves the next invocation
+            json.dumps(result, allow_nan=False)  # a result the driver cannot read is a failure here
+            status = {"state": "done", "result": result}
+        except BaseException as exc:
+            reporter.stop()
+            status = _failure(request.name, exc, reporter.expired)
+        reporter.write(status)
+        return {"state": status["state"], **({"cause": status["cause"]} if "cause" in status else {})}
+    finally:
+        storage.close()
+
+
+def _failure(name: str, exc: BaseException, expired: bool) -> dict[str, Any]:
+    if expired:
+        return {
+            "state": "failed",
+            "cause": "the function reached its lifetime limit before the call ended; hint: the driver "
+                     "ends runs lifetime_margin_s before lifetime_s: make lifetime_s the functions' "
+                     "timeout and leave a larger margin",
+            "traceback": "",
+        }
+    if isinstance(exc, WorkerFailed):
+        return {"state": "failed", "cause": exc.cause, "traceback": exc.remote_traceback}
+    return {"state": "failed", "cause": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}

@@ -1,0 +1,227 @@
+"""AWS Lambda backend end to end: boto3 invokes a loopback Invoke API whose payloads the real
+``backends/aws_lambda`` handler runs under awslambdaric in separate processes; workers talk through storage."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from torch import nn
+
+from funcpipe import (
+    ConfigError,
+    FunctionNotDeployed,
+    PayloadTooLarge,
+    Plan,
+    Trainer,
+    WorkerFailed,
+    WorkerNotStarted,
+    WorkerSilent,
+)
+from funcpipe.backends import AWSLambda, Timing
+from funcpipe.executors.base import Resources
+from funcpipe.executors.serverless import STATUS_PREFIX
+from funcpipe.storage import open_storage
+from tests.fakes.actors import Sleeper
+from tests.fakes.aws_lambda import FakeLambda
+from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
+
+SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
+FUNCTION = "funcpipe-worker-2048"
+FUNCTION_TIMEOUT_S = 900.0
+#: Fast polls and short deadlines, so failures show in seconds.
+FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=10.0, silence_timeout_s=2.0)
+BUCKET = "funcpipe-lambda-tests"
+
+
+class Bucket:
+    """URLs in a bucket on moto's S3 server, the storage the fake functions and the driver share."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def url(self, prefix: str, **params: str) -> str:
+        query = "&".join([f"endpoint_url={self.endpoint}", *(f"{k}={v}" for k, v in params.items())])
+        return f"s3://{BUCKET}/{prefix}?{query}"
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_endpoint: str) -> Bucket:
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=BUCKET)
+    return Bucket(moto_endpoint)
+
+
+@pytest.fixture(scope="module")
+def fake_lambda(aws_env: dict[str, str]) -> Iterator[FakeLambda]:
+    fake = FakeLambda({FUNCTION: FUNCTION_TIMEOUT_S}, runtimes=3, env=aws_env)
+    try:
+        fake.wait_ready()
+        yield fake
+    finally:
+        fake.close()
+
+
+def executor(fake: FakeLambda, **options: Any) -> AWSLambda:
+    options.setdefault("timing", FAST)
+    return AWSLambda("us-east-1", endpoint_url=fake.endpoint_url, **options)
+
+
+def wait_for_status(url: str, timeout: float = 10.0) -> None:
+    """Block until a call has written its first status object (the function started)."""
+    storage = open_storage(url)
+    deadline = time.monotonic() + timeout
+    while not storage.list(STATUS_PREFIX):
+        assert time.monotonic() < deadline, "the function did not start"
+        time.sleep(0.01)
+
+
+def two_stage_plan() -> Plan:
+    return Plan.manual([3, 4], replicas=[1, 2], micro_batch_size=2, global_batch_size=8)
+
+
+def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    model = mlp7()
+    batches = regression_batches(3, 8)
+    expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches)
+    before = len(fake_lambda.invocations)
+    trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                      backend=executor(fake_lambda), storage=bucket.url("equivalence"))
+    history = trainer.fit(batches, progress=False)
+    assert len(history) == 3
+    assert_same_parameters(trainer.model, expected)
+    # One invocation per worker (3), each through the Invoke API and run by a runtime.
+    invocations = fake_lambda.invocations[before:]
+    assert [i.function for i in invocations] == [FUNCTION] * 3
+    assert all(i.outcome == "response" for i in invocations), fake_lambda.errors
+
+
+def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    # Functions that live 5 s, runs the driver ends 3 s before that. Every storage request
+    # pays 20 ms, so twelve iterations take well over one run's 2 s and need several
+    # invocations per worker; the parameters equal one uninterrupted plain run.
+    model = mlp7()
+    batches = regression_batches(12, 8)
+    expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches)
+    before = len(fake_lambda.invocations)
+    lifetime_s = 5.0
+    fake_lambda.functions[FUNCTION] = lifetime_s
+    try:
+        trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                          backend=executor(fake_lambda, lifetime_s=lifetime_s, lifetime_margin_s=3.0),
+                          storage="throttled+" + bucket.url("lifetime", latency_ms="20"))
+        history = trainer.fit(batches, progress=False)
+    finally:
+        fake_lambda.functions[FUNCTION] = FUNCTION_TIMEOUT_S
+    assert len(history) == 12
+    assert_same_parameters(trainer.model, expected)
+    invocations = fake_lambda.invocations[before:]
+    runs = len(invocations) // 3
+    assert len(invocations) == 3 * runs and runs >= 2, f"{len(invocations)} invocations"
+    # Every invocation ended before its deadline, with a response (not killed, not failed).
+    assert all(i.outcome == "response" and i.finished < i.deadline for i in invocations), fake_lambda.errors
+    stage0 = [w["iterations"] for w in history.workers if w["stage"] == 0]
+    assert len(stage0) == runs and sum(stage0) == 12
+
+
+def test_function_not_deployed_names_the_deploy_command(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    plan = two_stage_plan()
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, plan,
+                      backend=executor(fake_lambda, function_prefix="not-deployed"),
+                      storage=bucket.url("missing"))
+    with pytest.raises(FunctionNotDeployed, match=r"'not-deployed-2048'.*`funcpipe deploy aws_lambda`"):
+        trainer.fit(regression_batches(1, 8), progress=False)
+
+
+def test_payload_over_the_limit_is_refused_before_invoking(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    before = len(fake_lambda.invocations)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                      backend=executor(fake_lambda, payload_limit_bytes=512), storage=bucket.url("big"))
+    with pytest.raises(PayloadTooLarge, match=r"over the 512-byte asynchronous limit of AWS Lambda; hint:") as info:
+        trainer.fit(regression_batches(1, 8), progress=False)
+    assert info.value.size > 512
+    assert len(fake_lambda.invocations) == before
+
+
+def test_a_failing_call_reports_the_remote_traceback(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    lam = executor(fake_lambda)
+    lam.check_storage(bucket.url("fail"))
+    handle = lam.launch(Sleeper, "x", name="sleeper", resources=Resources())
+    with pytest.raises(WorkerFailed, match="ValueError: boom") as info:
+        handle.call("fail", "boom").result(timeout=10)
+    assert "Traceback" in info.value.remote_traceback and "fakes/actors.py" in info.value.remote_traceback
+    lam.shutdown()
+
+
+def test_kill_stops_a_running_call(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    lam = executor(fake_lambda)
+    lam.check_storage(bucket.url("kill"))
+    handle = lam.launch(Sleeper, "x", name="sleeper", resources=Resources())
+    before = len(fake_lambda.invocations)
+    future = handle.call("sleep", 60.0)
+    invocation = fake_lambda.invocations[before]
+    assert invocation.taken.wait(10)
+    killed = time.time()
+    handle.kill()
+    with pytest.raises(WorkerFailed, match="killed by the driver"):
+        future.result(timeout=1)
+    # The function saw the cancel object at a heartbeat and ended its 60 s sleep.
+    assert invocation.ended.wait(5)
+    assert invocation.outcome == "response" and invocation.finished - killed < 2
+    lam.shutdown()
+
+
+def test_a_function_that_never_starts(aws_env: dict[str, str], bucket: Bucket) -> None:
+    fake = FakeLambda({FUNCTION: FUNCTION_TIMEOUT_S}, runtimes=0, env=aws_env)  # accepted, never run
+    try:
+        lam = executor(fake, timing=Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=1.0, silence_timeout_s=2.0))
+        lam.check_storage(bucket.url("never"))
+        handle = lam.launch(Sleeper, "x", name="stage 0 replica 0", resources=Resources())
+        started = time.monotonic()
+        with pytest.raises(WorkerNotStarted, match=r"stage 0 replica 0 failed: the function never reported"):
+            handle.call("sleep", 1.0).result(timeout=10)
+        assert 1.0 <= time.monotonic() - started < 3.0
+        lam.shutdown()
+    finally:
+        fake.close()
+
+
+def test_a_function_that_stops_reporting(aws_env: dict[str, str], bucket: Bucket) -> None:
+    fake = FakeLambda({FUNCTION: FUNCTION_TIMEOUT_S}, runtimes=1, env=aws_env)
+    try:
+        fake.wait_ready()
+        lam = executor(fake)
+        lam.check_storage(bucket.url("silent"))
+        handle = lam.launch(Sleeper, "x", name="stage 1 replica 0", resources=Resources())
+        future = handle.call("sleep", 60.0)
+        wait_for_status(bucket.url("silent"))  # it started: now it dies
+        fake.kill_runtime(0)
+        killed = time.monotonic()
+        with pytest.raises(WorkerSilent, match=r"stage 1 replica 0 failed: the function stopped reporting"):
+            future.result(timeout=10)
+        assert time.monotonic() - killed < 2.0 + 1.0
+        lam.shutdown()
+    finally:
+        fake.close()
+
+
+class TestStorageChecks:
+    def test_local_storage_is_refused_by_default(self, aws_env: dict[str, str]) -> None:
+        with pytest.raises(ConfigError, match=r"AWS Lambda functions cannot reach; hint: use object storage"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                    backend=AWSLambda("us-east-1"), storage="file:///tmp/x")
+
+    def test_memory_storage_is_refused_even_when_local_is_allowed(self, aws_env: dict[str, str]) -> None:
+        with pytest.raises(ConfigError, match="cannot reach"):
+            AWSLambda("us-east-1", allow_local_storage=True).check_storage("memory://x")
+
+    def test_backend_by_name(self, aws_env: dict[str, str]) -> None:
+        with pytest.raises(ConfigError, match="cannot reach"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                    backend="aws_lambda", storage="file:///tmp/x")
+
+    def test_password_in_the_storage_url_is_refused(self, aws_env: dict[str, str]) -> None:
+        with pytest.raises(ConfigError, match="carries a password"):
+            AWSLambda("us-east-1").check_storage("s3://user:secret@bucket/prefix")
