@@ -42,14 +42,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=PROFILES, help="directory for the <model>.json profiles")
     args = parser.parse_args()
-    PROFILES.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         started = time.perf_counter()
         model, inputs, targets, loss_fn = build(name, batch=4)
         profile = funcpipe.profile(model, inputs, targets, loss_fn, micro_batch_sizes=(1, 2, 4),
                                    optimizer=OPTIMIZERS[name], rounds=args.rounds, warmup=args.warmup)
-        path = PROFILES / f"{name}.json"
+        path = args.out / f"{name}.json"
         profile.save(path)
         params = sum(lp.param_bytes for lp in profile.layers) / 4e6
         step = sum(lp.forward_s(4) + lp.backward_s(4) for lp in profile.layers)

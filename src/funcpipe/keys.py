@@ -10,6 +10,11 @@ directory, made once and removed at once, instead of a tree of them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from funcpipe.plan import Plan
 
 __all__ = ["JobKeys"]
 
@@ -48,6 +53,35 @@ class JobKeys:
     def metrics(self, iteration: int, stage: int, replica: int) -> str:
         """Per-iteration report of one worker (loss, timings), JSON."""
         return f"{self.iteration_prefix(iteration)}metrics.s{stage}.r{replica}"
+
+    def iteration_keys(self, iteration: int, plan: Plan, gradient_bytes: Sequence[int]) -> list[str]:
+        """Every key the driver and the workers write for ``iteration`` of ``plan``.
+
+        ``gradient_bytes[s]`` is the size of stage ``s``'s flat gradient (0: the
+        stage has nothing to train, so it does not sync). The driver deletes a
+        finished iteration by these keys — storage is never listed on the data
+        path (some S3-compatible stores' listings are slow or differ).
+        """
+        from funcpipe.collectives import piece_count  # collectives imports this module
+
+        last = plan.num_stages - 1
+        out = []
+        for m in range(plan.num_micro_batches):
+            out.append(self.message(iteration, "input", 0, m % plan.replicas[0], m))
+            out.append(self.message(iteration, "target", last, m % plan.replicas[last], m))
+            for s in range(1, plan.num_stages):
+                out.append(self.message(iteration, "act", s, m % plan.replicas[s], m))
+                out.append(self.message(iteration, "grad", s - 1, m % plan.replicas[s - 1], m))
+        out += [self.metrics(iteration, last, r) for r in range(plan.replicas[last])]
+        for s, d in enumerate(plan.replicas):
+            if d == 1 or gradient_bytes[s] == 0:
+                continue
+            pieces = piece_count(gradient_bytes[s], d) if plan.sync == "pipelined" else 1
+            for owner in range(d):
+                for q in range(pieces):
+                    out += [self.chunk(iteration, s, owner, sender, q) for sender in range(d) if sender != owner]
+                    out.append(self.merged(iteration, s, owner, q))
+        return out
 
     def model_blob(self, stage: int) -> str:
         """The signed definition of one stage (layers, optimizer factory, loss)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -248,6 +249,15 @@ class Trainer:
 
     # -- internals -----------------------------------------------------------
 
+    @functools.cached_property
+    def _gradient_bytes(self) -> list[int]:
+        """Bytes of each stage's flat gradient (its trainable parameters), as the workers sync it."""
+        return [
+            sum(p.numel() * p.element_size() for i in self.plan.layer_range(s) for p in self._model[i].parameters()
+                if p.requires_grad)
+            for s in range(self.plan.num_stages)
+        ]
+
     def _upload_definitions(self) -> None:
         for stage in range(self.plan.num_stages):
             layers = nn.Sequential(collections.OrderedDict(
@@ -432,7 +442,7 @@ class Trainer:
         of every stage owns a micro-batch of it, so each has finished reading
         (and sending) everything of this one.
         """
-        self.storage.delete(self.storage.list(self.keys.iteration_prefix(iteration)))
+        self.storage.delete(self.keys.iteration_keys(iteration, self.plan, self._gradient_bytes))
 
     def _gather(self) -> None:
         merged: dict[str, torch.Tensor] = {}
