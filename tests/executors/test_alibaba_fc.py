@@ -28,16 +28,24 @@ def credential() -> CredentialClient:
     ))
 
 
-@pytest.fixture(scope="module")
-def storage_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    # file://, not OSS on moto: the driver deletes each finished iteration's messages by
-    # listing their prefix, and oss2 cannot parse moto's listing (no IsTruncated).
-    return tmp_path_factory.mktemp("fc-storage").as_uri()
+BUCKET = "funcpipe-fc-test"
 
 
 @pytest.fixture(scope="module")
-def fake_fc() -> Iterator[FakeFC]:
-    fake = FakeFC([FUNCTION], instances=3, env={})
+def storage_url(moto_endpoint: str, oss_env: dict[str, str]) -> str:
+    """An OSS bucket on moto's S3-compatible server: oss2 does objects by key there (the whole data
+    path: the driver deletes finished iterations by their known keys, never by listing).
+
+    Uploads stay single PUTs (moto cannot parse oss2's multipart upload)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    return f"oss://{BUCKET}/fc?endpoint={moto_endpoint}&multipart_threshold={64 * 2**20}"
+
+
+@pytest.fixture(scope="module")
+def fake_fc(oss_env: dict[str, str]) -> Iterator[FakeFC]:
+    fake = FakeFC([FUNCTION], instances=3, env=oss_env)  # the functions' own credentials
     try:
         fake.wait_ready()
         yield fake
@@ -45,10 +53,14 @@ def fake_fc() -> Iterator[FakeFC]:
         fake.close()
 
 
+def under(url: str, name: str) -> str:
+    """The storage URL of one test: its own prefix in the bucket."""
+    return url.replace("/fc?", f"/fc/{name}?")
+
+
 def executor(fake: FakeFC, **options: Any) -> AlibabaFC:
     options.setdefault("timing", FAST)
-    return AlibabaFC("cn-hangzhou", endpoint=fake.endpoint, protocol="http", credential=credential(),
-                     allow_local_storage=True, **options)
+    return AlibabaFC("cn-hangzhou", endpoint=fake.endpoint, protocol="http", credential=credential(), **options)
 
 
 def two_stage_plan() -> Plan:
@@ -61,7 +73,7 @@ def test_training_on_function_compute_equals_plain_pytorch(fake_fc: FakeFC, stor
     expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches)
     before = len(fake_fc.invocations)
     trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
-                      backend=executor(fake_fc), storage=storage_url + "/equivalence")
+                      backend=executor(fake_fc), storage=under(storage_url, "equivalence"))
     history = trainer.fit(batches, progress=False)
     assert len(history) == 3
     assert_same_parameters(trainer.model, expected)
@@ -72,7 +84,7 @@ def test_training_on_function_compute_equals_plain_pytorch(fake_fc: FakeFC, stor
 
 def test_function_not_deployed_names_the_deploy_command(fake_fc: FakeFC, storage_url: str) -> None:
     trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
-                      backend=executor(fake_fc, function_prefix="not-deployed"), storage=storage_url + "/missing")
+                      backend=executor(fake_fc, function_prefix="not-deployed"), storage=under(storage_url, "missing"))
     with pytest.raises(FunctionNotDeployed, match=r"'not-deployed-2048'.*`funcpipe deploy alibaba_fc`"):
         trainer.fit(regression_batches(1, 8), progress=False)
 
@@ -80,7 +92,7 @@ def test_function_not_deployed_names_the_deploy_command(fake_fc: FakeFC, storage
 def test_payload_over_the_limit_is_refused_before_invoking(fake_fc: FakeFC, storage_url: str) -> None:
     before = len(fake_fc.invocations)
     trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
-                      backend=executor(fake_fc, payload_limit_bytes=512), storage=storage_url + "/big")
+                      backend=executor(fake_fc, payload_limit_bytes=512), storage=under(storage_url, "big"))
     with pytest.raises(PayloadTooLarge, match=r"over the 512-byte asynchronous limit of Function Compute"):
         trainer.fit(regression_batches(1, 8), progress=False)
     assert len(fake_fc.invocations) == before

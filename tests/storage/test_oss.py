@@ -165,6 +165,14 @@ def test_list_with_a_key_prefix_sends_it_whole() -> None:
     assert query(adapter.requests[0])["max-keys"] == ["1000"]
 
 
+def test_a_listing_oss2_cannot_parse_is_a_storage_error() -> None:
+    """An S3 server's listing (no IsTruncated where OSS puts it) is not OSS's: say so, not a RuntimeError."""
+    s3_listing = b"<ListBucketResult><Name>b</Name><Prefix></Prefix></ListBucketResult>"
+    storage = replay(ReplayAdapter(lambda request: (200, {}, s3_listing)), "runs/job-1")
+    with pytest.raises(StorageError, match=r"not OSS's format.*hint: is the endpoint an OSS endpoint"):
+        storage.list("")
+
+
 # -- batch delete ---------------------------------------------------------------------
 
 

@@ -439,6 +439,14 @@ class OSSStorage(Storage):
                     keys.append(name[strip:])
         except _SDK_ERRORS as exc:
             raise self._error(exc, "ListObjects", full) from _cause(exc)
+        except RuntimeError as exc:  # oss2's XML parser: the answer is not OSS's listing format
+            if not str(exc).startswith("parse xml"):
+                raise
+            raise StorageError(
+                f"cannot list {full!r} in OSS bucket {self.bucket!r}: the server's ListObjects answer is not "
+                f"OSS's format ({exc}); "
+                "hint: is the endpoint an OSS endpoint? S3-compatible servers serve OSS objects by key only"
+            ) from None
         keys.sort()
         return keys
 
