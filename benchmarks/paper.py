@@ -1,0 +1,216 @@
+"""The FuncPipe paper's comparison: funcpipe vs LambdaML, by the simulator.
+
+    python benchmarks/paper.py [--models resnet101 ...] [--platforms aws_lambda alibaba_fc]
+                               [--time-limit 20]
+
+For each benchmark model (profiles in ``benchmarks/profiles/``, measured by
+``benchmarks/profile_models.py``) on AWS Lambda + S3 and Function Compute + OSS,
+at global batch 64 and micro-batch 4:
+
+* funcpipe's time-optimal and cost-optimal plans (``funcpipe.plan``);
+* LambdaML's best configuration under the same objectives (``funcpipe.baselines.lambdaml``:
+  whole model per function, four-phase scatter-reduce), or "does not fit";
+* the speed-up (LambdaML's fastest seconds / funcpipe's fastest) and the cost saving
+  (1 - funcpipe's cheapest dollars / LambdaML's cheapest);
+* an ablation of funcpipe's time-optimal plan: without the download/compute/upload
+  overlap (the same plan, simulated without it), with the four-phase scatter-reduce
+  instead of the pipelined one (re-planned), and with one memory tier for all stages
+  (re-planned on each tier, the best kept);
+* the cost–time frontier (``funcpipe.pareto``) with LambdaML's configurations.
+
+Every figure is the simulator's prediction per iteration. Writes
+``benchmarks/results/paper.json``, ``paper.md`` and ``paper_<model>_<platform>.png`` /
+``paper_bars.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as host
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import funcpipe
+from funcpipe.baselines import lambdaml
+from funcpipe.errors import PlanInfeasible, PlanTimeout
+from funcpipe.plan import Plan
+
+HERE = Path(__file__).parent
+PROFILES = HERE / "profiles"
+RESULTS = HERE / "results"
+MODELS = ("resnet101", "amoebanet_d18", "amoebanet_d36", "bert_large")
+PLATFORMS = ("aws_lambda", "alibaba_fc")
+GLOBAL_BATCH, MICRO_BATCH = 64, 4
+#: The paper's claims (Liu et al., arXiv 2204.13561, abstract): speed-up and cost saving over LambdaML.
+PAPER_SPEEDUP = (1.3, 2.2)
+PAPER_SAVING = (0.07, 0.77)
+
+
+def summary(plan: Plan | None) -> dict[str, Any] | None:
+    if plan is None:
+        return None
+    return {
+        "balance": list(plan.balance), "replicas": list(plan.replicas), "memory_mb": list(plan.memory_mb or ()),
+        "sync": plan.sync, "micro_batch_size": plan.micro_batch_size,
+        "seconds": plan.predicted_iteration_s, "dollars": plan.predicted_cost_usd,
+        "solver_status": plan.solver_status, "solver_gap": plan.solver_gap, "solve_s": plan.solve_s,
+    }
+
+
+def compare(name: str, spec: funcpipe.platforms.Platform, limit: float, profiles: Path) -> dict[str, Any]:
+    profile = funcpipe.ModelProfile.load(profiles / f"{name}.json")
+    kwargs: dict[str, Any] = {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH}
+    started = time.perf_counter()
+    fastest = funcpipe.plan(profile, spec, objective="time", time_limit_s=limit, **kwargs)
+    cheapest = funcpipe.plan(profile, spec, objective="cost", time_limit_s=limit, **kwargs)
+    try:
+        lm_fastest: Plan | None = lambdaml(profile, spec, global_batch_size=GLOBAL_BATCH, objective="time")
+        lm_cheapest: Plan | None = lambdaml(profile, spec, global_batch_size=GLOBAL_BATCH, objective="cost")
+        lm_note = ""
+    except PlanInfeasible as exc:
+        lm_fastest = lm_cheapest = None
+        lm_note = str(exc)
+    assert fastest.predicted_iteration_s is not None and cheapest.predicted_cost_usd is not None
+
+    # Ablation of the time-optimal plan.
+    no_overlap = funcpipe.simulate(fastest, profile, spec, overlap=False).iteration_s
+    four_phase = funcpipe.plan(profile, spec, objective="time", time_limit_s=limit / 2, sync="four_phase", **kwargs)
+    one_tier: Plan | None = None
+    for tier in spec.tiers:
+        try:
+            candidate = funcpipe.plan(profile, spec, objective="time", time_limit_s=limit / 4,
+                                      memory_mb=tier.memory_mb, **kwargs)
+        except (PlanInfeasible, PlanTimeout):  # the tier is too small, or no plan of it found in time
+            continue
+        if one_tier is None or candidate.predicted_iteration_s < one_tier.predicted_iteration_s:  # type: ignore[operator]
+            one_tier = candidate
+    frontier = funcpipe.pareto(profile, spec, time_limit_s=2 * limit, **kwargs)
+
+    row: dict[str, Any] = {
+        "model": name, "platform": spec.name, "layers": profile.num_layers,
+        "parameters_m": sum(lp.param_bytes for lp in profile.layers) / 4e6,
+        "funcpipe_fastest": summary(fastest), "funcpipe_cheapest": summary(cheapest),
+        "lambdaml_fastest": summary(lm_fastest), "lambdaml_cheapest": summary(lm_cheapest),
+        "lambdaml_note": lm_note,
+        "ablation_seconds": {
+            "funcpipe": fastest.predicted_iteration_s,
+            "no_overlap": no_overlap,
+            "four_phase": four_phase.predicted_iteration_s,
+            "one_tier": None if one_tier is None else one_tier.predicted_iteration_s,
+        },
+        "frontier": [summary(p) for p in frontier],
+        "wall_s": time.perf_counter() - started,
+    }
+    if lm_fastest is not None and lm_cheapest is not None:
+        assert lm_fastest.predicted_iteration_s is not None and lm_cheapest.predicted_cost_usd is not None
+        row["speedup"] = lm_fastest.predicted_iteration_s / fastest.predicted_iteration_s
+        row["cost_saving"] = 1 - cheapest.predicted_cost_usd / lm_cheapest.predicted_cost_usd
+    return row
+
+
+def plot_frontier(row: dict[str, Any], path: Path) -> None:
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    points = sorted((p["seconds"], p["dollars"]) for p in row["frontier"])
+    ax.plot([s for s, _ in points], [d for _, d in points], "o-", label="funcpipe frontier")
+    for key, marker in (("lambdaml_fastest", "s"), ("lambdaml_cheapest", "D")):
+        if row[key] is not None:
+            ax.plot(row[key]["seconds"], row[key]["dollars"], marker, color="tab:red",
+                    label=key.replace("_", " ").replace("lambdaml", "LambdaML"))
+    ax.set_xlabel("seconds per iteration")
+    ax.set_ylabel("dollars per iteration")
+    ax.set_title(f"{row['model']} on {row['platform']}")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_bars(rows: list[dict[str, Any]], path: Path) -> None:
+    figure, (ax_t, ax_c) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['model']}\n{r['platform']}" for r in rows]
+    x = range(len(rows))
+    width = 0.38
+    panels = ((ax_t, "funcpipe_fastest", "lambdaml_fastest", "seconds", "s / iteration"),
+              (ax_c, "funcpipe_cheapest", "lambdaml_cheapest", "dollars", "$ / iteration"))
+    for ax, fp_key, lm_key, field, unit in panels:
+        ax.bar([i - width / 2 for i in x], [r[fp_key][field] for r in rows], width, label="funcpipe")
+        ax.bar([i + width / 2 for i in x], [r[lm_key][field] if r[lm_key] else 0 for r in rows], width,
+               label="LambdaML (0: does not fit)")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_ylabel(unit)
+        ax.legend()
+    ax_t.set_title("time-optimal plans")
+    ax_c.set_title("cost-optimal plans")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-", suffix: str = "") -> str:
+    return missing if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(rows: list[dict[str, Any]], limit: float) -> str:
+    lines = [
+        f"funcpipe vs LambdaML by the simulator: global batch {GLOBAL_BATCH}, micro-batch {MICRO_BATCH}, "
+        f"planner time limit {limit:g} s. Paper's claim: {PAPER_SPEEDUP[0]}x-{PAPER_SPEEDUP[1]}x faster, "
+        f"{PAPER_SAVING[0]:.0%}-{PAPER_SAVING[1]:.0%} cheaper.",
+        "",
+        "| model | platform | funcpipe fastest s | LambdaML fastest s | speed-up | funcpipe cheapest $ "
+        "| LambdaML cheapest $ | saving | no overlap s | four-phase s | one tier s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lm_t, lm_c, ab = r["lambdaml_fastest"], r["lambdaml_cheapest"], r["ablation_seconds"]
+        cells = [
+            r["model"], r["platform"], _fmt(r["funcpipe_fastest"]["seconds"], ".2f"),
+            _fmt(lm_t and lm_t["seconds"], ".2f", "does not fit"), _fmt(r.get("speedup"), ".2f", suffix="x"),
+            _fmt(r["funcpipe_cheapest"]["dollars"], ".5f"), _fmt(lm_c and lm_c["dollars"], ".5f", "does not fit"),
+            _fmt(r.get("cost_saving"), ".0%"), _fmt(ab["no_overlap"], ".2f"), _fmt(ab["four_phase"], ".2f"),
+            _fmt(ab["one_tier"], ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--platforms", nargs="+", default=list(PLATFORMS), choices=PLATFORMS)
+    parser.add_argument("--time-limit", type=float, default=20.0)
+    parser.add_argument("--profiles", type=Path, default=PROFILES, help="where the <model>.json profiles are")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    rows = []
+    for name in args.models:
+        for platform_name in args.platforms:
+            row = compare(name, funcpipe.platforms.get(platform_name), args.time_limit, args.profiles)
+            rows.append(row)
+            plot_frontier(row, RESULTS / f"paper_{name}_{platform_name}.png")
+            versus = "does not fit" if row["lambdaml_fastest"] is None else (
+                f"{row['lambdaml_fastest']['seconds']:.2f} s / ${row['lambdaml_cheapest']['dollars']:.5f}; "
+                f"speed-up {row['speedup']:.2f}x, saving {row['cost_saving']:.0%}"
+            )
+            print(f"{name} on {platform_name}: funcpipe {row['funcpipe_fastest']['seconds']:.2f} s / "
+                  f"${row['funcpipe_cheapest']['dollars']:.5f}; LambdaML {versus} ({row['wall_s']:.0f} s)", flush=True)
+    plot_bars(rows, RESULTS / "paper_bars.png")
+    (RESULTS / "paper.json").write_text(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "processor": host.processor() or host.machine()},
+        "global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH, "time_limit_s": args.time_limit,
+        "paper": {"speedup": PAPER_SPEEDUP, "cost_saving": PAPER_SAVING}, "rows": rows,
+    }, indent=1) + "\n")
+    (RESULTS / "paper.md").write_text(markdown(rows, args.time_limit))
+
+
+if __name__ == "__main__":
+    main()
