@@ -19,7 +19,8 @@ from typing import NoReturn
 from funcpipe import costmodel
 from funcpipe.errors import ConfigError, PlanInfeasible
 from funcpipe.plan import Plan
-from funcpipe.planner.model import Candidate, Objective, Problem, Solution, solve
+from funcpipe.planner import dp
+from funcpipe.planner.model import Candidate, Objective, Problem, Solution, rounding, solve
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MIB, Tier
 from funcpipe.profiler import ModelProfile
@@ -32,6 +33,10 @@ DEFAULT_MAX_STAGES = 8
 DEFAULT_MAX_REPLICAS = 8
 #: How many of CP-SAT's best solutions the simulator re-ranks.
 DEFAULT_CANDIDATES = 6
+#: Share of a solve's time limit, and most seconds, the dynamic program may take before
+#: CP-SAT (for time and cost without budget or exclusions); past it CP-SAT solves alone.
+DP_SHARE = 0.5
+DP_LIMIT_S = 5.0
 
 
 def plan(
@@ -298,8 +303,51 @@ class _Search:
             # For time alone, a tier with at least as much memory, speed and bandwidth as
             # another is never worse: drop the dominated ones (fewer choices, same optimum).
             problem = dataclasses.replace(problem, tiers=_undominated(problem.tiers))
+        started = time.perf_counter()
+        proven = None
+        if not exclude and budget_usd is None and goal.time_weight in (0.0, 1.0):
+            proven = self.formula_bound(problem, goal, deadline_s, min(DP_SHARE * time_limit_s, DP_LIMIT_S))
+        if proven is None:
+            return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
+                         time_limit_s=time_limit_s, hint=self.heuristic(problem, goal))
+        hint, bound, fastest = proven
+        remaining = max(time_limit_s - (time.perf_counter() - started), time_limit_s / 2)
         return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
-                     time_limit_s=time_limit_s, hint=self.heuristic(problem, goal))
+                     time_limit_s=remaining, hint=hint or self.heuristic(problem, goal), lower_bound=bound,
+                     fastest_s=fastest)
+
+    def formula_bound(
+        self, problem: Problem, goal: Objective, deadline_s: float | None, time_limit_s: float,
+    ) -> tuple[Candidate | None, float, float | None] | None:
+        """The formula's optimum by the dynamic program (:mod:`funcpipe.planner.dp`), for CP-SAT:
+        ``(plan to start from, proven lower bound of the objective, of the seconds)``.
+
+        The bound is over every plan the CP-SAT model admits: stages may exceed their tier by
+        the model's byte rounding and the deadline is relaxed by its time rounding (both
+        from :func:`funcpipe.planner.model.rounding`). ``None`` when the program runs out of
+        time or finds no plan.
+        """
+        started = time.perf_counter()
+        slack = rounding(problem)
+        memory = slack.memory_slack_bytes(problem.num_micro_batches)
+        fastest_problem = dataclasses.replace(problem, tiers=_undominated(problem.tiers))
+        try:
+            fastest = dp.optimum(fastest_problem, "time", memory_slack_bytes=memory, time_limit_s=time_limit_s)
+            if fastest is None:
+                return None
+            if goal.time_weight >= 1:
+                best = fastest if problem.tiers == fastest_problem.tiers else dp.optimum(
+                    problem, "time", memory_slack_bytes=memory,
+                    time_limit_s=time_limit_s - (time.perf_counter() - started))
+            else:
+                relaxed = None if deadline_s is None else slack.formula_deadline_s(deadline_s)
+                best = dp.optimum(problem, "cost", deadline_s=relaxed, invocations=False, memory_slack_bytes=memory,
+                                  time_limit_s=time_limit_s - (time.perf_counter() - started))
+        except TimeoutError:
+            return None
+        if best is None:
+            return None
+        return (best.candidate if best.fits else None), best.bound, fastest.bound
 
     def heuristic(self, problem: Problem, goal: Objective) -> Candidate | None:
         """A starting point for CP-SAT: the best, by the formula, of simple plans.

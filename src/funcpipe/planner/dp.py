@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +60,10 @@ NEG = -np.inf
 DEADLINE_SLACK = 1e-9
 #: Labels per cut of the narrow first pass, which finds the incumbent.
 BEAM = 16
+#: Levels of the iteration seconds at which the cost bound of the rest is tabulated.
+GRID = 64
+#: The grid spans iteration seconds from its top divided by this to its top.
+SPAN = 12.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +72,12 @@ class Optimum:
 
     candidate: Candidate
     value: float  # the objective: iteration seconds or dollars, by funcpipe.costmodel
+    bound: float  # a proven lower bound on every plan's objective (= value when solved with gap 0)
     iteration_s: float
     cost_usd: float
     seconds: float
     labels: int  # labels kept over all cuts (the search's size)
+    fits: bool = True  # False only with memory_slack_bytes: the plan needs more than its tier
 
 
 class _Tables:
@@ -82,7 +87,7 @@ class _Tables:
     is not the last (``j < L``), ``ls_*`` for the last (``j == L``).
     """
 
-    def __init__(self, problem: Problem, cost: bool) -> None:
+    def __init__(self, problem: Problem, memory_slack_bytes: float = 0.0) -> None:
         prof, plat = problem.profile, problem.platform
         b = problem.micro_batch_size
         m = problem.num_micro_batches
@@ -114,9 +119,9 @@ class _Tables:
                 p_acc += layers[j - 1].param_bytes
                 o_acc += layers[j - 1].optimizer_bytes
                 params[i][j] = p_acc
-                for synced in (0, 1):
-                    sync_buffers = 2 * p_acc if synced else 0
-                    base[i][j][synced] = plat.runtime_overhead_mb * MIB + 2 * p_acc + o_acc + sync_buffers
+                for with_sync in (0, 1):
+                    sync_buffers = 2 * p_acc if with_sync else 0
+                    base[i][j][with_sync] = plat.runtime_overhead_mb * MIB + 2 * p_acc + o_acc + sync_buffers
         pbytes = np.array(params, dtype=np.float64)
         cross = np.array([prof.input_bytes_per_sample * b] + [lp.output_bytes_per_sample * b for lp in layers])
         target = prof.target_bytes_per_sample * b
@@ -124,7 +129,7 @@ class _Tables:
         speed = np.array([t.speed for t in tiers])
         up = np.array([t.uplink_mb_s * MB_RATE for t in tiers])
         down = np.array([t.downlink_mb_s * MB_RATE for t in tiers])
-        cap = np.array([t.memory_mb * MIB for t in tiers], dtype=np.float64)
+        cap = np.array([t.memory_mb * MIB + memory_slack_bytes for t in tiers], dtype=np.float64)
         reps = np.arange(1, nr + 1, dtype=np.float64)
         n = np.array([-(-m // d) for d in range(1, nr + 1)], dtype=np.float64)
         self.n = n
@@ -202,6 +207,9 @@ class _Tables:
         self.ls_g = g + 0.0 * n4
         self.ls_G = k1 + f + g + 0.0 * n4
         self.ls_tail = tail + report
+        # What one stage alone forces on the iteration: its last backward and its tail.
+        self.nl_time = self.nl_K + self.nl_tail
+        self.ls_time = np.maximum(self.ls_K, self.ls_A1 + self.ls_g) + self.ls_tail
 
         # Cost: replica prices and request dollars per stage.
         prices = np.array([plat.price_per_s(t) for t in tiers])
@@ -213,7 +221,6 @@ class _Tables:
         self.ls_req = (sync_writes + d4) * put + (sync_reads + d4) * get + 0.0 * p4
         self.base_req = 2 * m * put + 2 * m * get
         self.d4 = d4
-        del cost
 
         # Lower bounds on what the rest adds after a cut at j (see _Search._time_bound):
         # rest_e[j] <= e[s+1] - a[s+1] + u[s+1] and rest_b[j] <= B[s+1] - a[s+1] + u[s+1] for
@@ -221,11 +228,14 @@ class _Tables:
         # in Δ, in B (for e) and in the next stages' inputs (all non-negative).
         rest_e = np.full(count + 1, np.inf)
         rest_b = np.full(count + 1, np.inf)
+        rest_d = np.full(count + 1, np.inf)  # as rest_e, less the Δ of the stage before
         u3 = self.u[:, :, None]  # [i, t, 1]
         for j in range(count - 1, 0, -1):
             k_last = np.maximum(self.ls_K[j, count], self.ls_A1[j, count] + self.ls_g[j, count])
             e_best = np.min(np.where(self.ls_ok[j, count], u3[j] + k_last, np.inf), initial=np.inf)
             b_best = np.min(np.where(self.ls_ok[j, count], u3[j] + self.ls_G[j, count], np.inf), initial=np.inf)
+            d_best = np.min(np.where(self.ls_ok[j, count], u3[j] + self.a2[j, count] + self.ls_g[j, count], np.inf),
+                            initial=np.inf)
             for j2 in range(j + 1, count):
                 ok = self.nl_ok[j, j2]
                 if not ok.any():
@@ -233,20 +243,57 @@ class _Tables:
                 chain = self.nl_inc[j, j2] + self.nl_Dg[j, j2]
                 e_val = u3[j] + np.maximum(self.nl_K[j, j2], chain + rest_e[j2])
                 b_val = u3[j] + np.maximum(self.nl_G[j, j2], chain + rest_b[j2])
+                d_val = u3[j] + np.maximum(self.a2[j, j2] + self.nl_Kx[j, j2], chain + rest_d[j2])
                 e_best = min(e_best, float(np.min(np.where(ok, e_val, np.inf))))
+                d_best = min(d_best, float(np.min(np.where(ok, d_val, np.inf))))
                 b_best = min(b_best, float(np.min(np.where(ok, b_val, np.inf))))
-            rest_e[j], rest_b[j] = e_best, b_best
-        self.rest_e, self.rest_b = rest_e, rest_b
-        per_work = float(np.min(prices / speed))
-        self.rest_work_usd = m * (fsum[:, count] + gsum[:, count]) * per_work
-        self.rest_req = put + get  # the last stage's report
+            rest_e[j], rest_b[j], rest_d[j] = e_best, b_best, d_best
+        self.rest_e, self.rest_b, self.rest_d = rest_e, rest_b, rest_d
+        # Dollars of a stage at least, besides its requests: every replica is billed for the
+        # whole iteration, which lasts at least the stage's n (f + g), and d n >= M.
+        self.work_usd = m * (fsum.reshape(seg4) + gsum.reshape(seg4)) / speed4 * prices.reshape(sh_t) + 0.0 * d4
         self.min_price = float(prices.min())
+
+    def rest_usd(self, levels: Array) -> Array:
+        """``[k, j]``: the least dollars stages from cut ``j`` to the end cost in an iteration
+        of ``levels[k]`` to ``levels[k+1]`` seconds (``inf`` for ``k`` last).
+
+        Per stage ``max(levels[k] d price, M (f + g) price)`` plus its requests, over the
+        stages whose own lower bound on the iteration (:attr:`nl_time`) is below
+        ``levels[k+1]``.
+        """
+        count = self.count
+        tops = np.append(levels[1:], np.inf)
+        out = np.empty((len(levels), count + 1))
+        for k, (seconds, top) in enumerate(zip(levels, tops, strict=True)):
+            usd = np.maximum(seconds * self.price, self.work_usd)
+            nl = np.where(self.nl_ok & (self.nl_time < top), usd + self.nl_req, np.inf)
+            ls = np.where(self.ls_ok & (self.ls_time < top), usd + self.ls_req, np.inf)
+            nl_min = nl.min(axis=(2, 3))  # [i, j]
+            ls_min = ls[:, count].min(axis=(1, 2))  # [i]
+            rest = out[k]
+            rest[count] = 0.0
+            for i in range(count - 1, -1, -1):
+                rest[i] = min(float(ls_min[i]), float(np.min(nl_min[i, i + 1:count] + rest[i + 1:count],
+                                                             initial=np.inf)))
+        return out
+
+    def least_price(self) -> float:
+        """The least sum of replica prices of any plan whose stages fit."""
+        count = self.count
+        nl = np.where(self.nl_ok, self.price, np.inf).min(axis=(2, 3))
+        ls = np.where(self.ls_ok, self.price, np.inf)[:, count].min(axis=(1, 2))
+        rest = np.full(count + 1, np.inf)
+        rest[count] = 0.0
+        for i in range(count - 1, -1, -1):
+            rest[i] = min(float(ls[i]), float(np.min(nl[i, i + 1:count] + rest[i + 1:count], initial=np.inf)))
+        return float(rest[0])
 
 
 class _Labels:
     """Labels at one cut: coordinates (rows) and back-pointers."""
 
-    __slots__ = ("vals", "parent_cut", "parent_row", "tier", "reps")
+    __slots__ = ("parent_cut", "parent_row", "reps", "tier", "vals")
 
     def __init__(self, vals: Array, parent_cut: npt.NDArray[np.int64], parent_row: npt.NDArray[np.int64],
                  tier: npt.NDArray[np.int64], reps: npt.NDArray[np.int64]) -> None:
@@ -274,47 +321,89 @@ def _pareto(vals: Array) -> npt.NDArray[np.int64]:
     return np.array(kept, dtype=np.int64)
 
 
-def optimum(problem: Problem, objective: str, *, deadline_s: float | None = None) -> Optimum | None:
+def optimum(problem: Problem, objective: str, *, deadline_s: float | None = None, gap: float = 0.0,
+            invocations: bool = True, time_limit_s: float = math.inf,
+            memory_slack_bytes: float = 0.0) -> Optimum | None:
     """The plan with the smallest formula value, or ``None`` when no plan fits (or meets the deadline).
 
     Args:
         problem: the planner's problem (profile, platform, tiers, batch, limits).
         objective: ``"time"`` (iteration seconds) or ``"cost"`` (dollars per iteration).
         deadline_s: for ``"cost"``, the most iteration seconds a plan may take by the formula.
+        gap: 0 for the optimum; else stop proving below ``incumbent / (1 + gap)``: the plan is
+            then within ``gap`` of :attr:`Optimum.bound`, a proven lower bound.
+        invocations: with ``False``, cost leaves out the invocation fee (as the CP-SAT model does).
+        time_limit_s: wall seconds after which to give up.
+        memory_slack_bytes: let stages exceed their tier by this much (a relaxation: the
+            bound is then a lower bound over more plans, and the plan may not fit,
+            :attr:`Optimum.fits`).
+
+    Raises:
+        TimeoutError: the search took longer than ``time_limit_s``.
     """
     if objective not in ("time", "cost"):
         raise ValueError(f"objective must be 'time' or 'cost', got {objective!r}")
     started = time.perf_counter()
     cost = objective == "cost"
-    tab = _Tables(problem, cost)
+    tab = _Tables(problem, memory_slack_bytes)
+    give_up = started + time_limit_s
     # A narrow pass first (the best few labels per cut): a good incumbent prunes the exact pass.
-    narrow = _Search(problem, tab, cost, deadline_s, beam=BEAM)
+    narrow = _Search(problem, tab, cost, deadline_s, invocations, give_up, beam=BEAM)
+    narrow.prepare(math.inf)
     narrow.run()
-    search = _Search(problem, tab, cost, deadline_s)
+    search = _Search(problem, tab, cost, deadline_s, invocations, give_up, gap=gap)
     search.best, search.best_plan = narrow.best, narrow.best_plan
-    found = search.run()
-    if found is None:
+    search.prepare(search.best)
+    threshold = search.best / (1 + gap)
+    candidate = search.run()
+    if candidate is None:
         return None
-    candidate = found
     plan = Plan(candidate.balance, candidate.replicas, problem.micro_batch_size,
                 problem.micro_batch_size * problem.num_micro_batches, candidate.memory_mb, problem.sync)
-    stages = costmodel.stage_costs(problem.profile, problem.platform, plan)
+    try:
+        stages = costmodel.stage_costs(problem.profile, problem.platform, plan)
+    except PlanInfeasible:  # only with memory_slack_bytes: the program's own values
+        bound = search.best if gap == 0 else min(search.best, threshold)
+        return Optimum(candidate, search.best, bound, math.nan, math.nan, time.perf_counter() - started,
+                       search.kept, fits=False)
     seconds = costmodel.formula_iteration_s(stages, problem.platform, plan)
     dollars = costmodel.cost_per_iteration(seconds, stages, plan, problem.platform)
-    return Optimum(candidate, dollars if cost else seconds, seconds, dollars, time.perf_counter() - started,
-                   search.kept)
+    if not invocations:
+        writes, reads = costmodel.requests_per_iteration(stages, plan)
+        plat = problem.platform
+        dollars = (seconds * sum(st.replicas * plat.price_per_s(st.tier) for st in stages)
+                   + writes * plat.price_per_put + reads * plat.price_per_get)
+    value = dollars if cost else seconds
+    bound = value if gap == 0 else min(value, threshold)
+    return Optimum(candidate, value, bound, seconds, dollars, time.perf_counter() - started, search.kept)
 
 
 class _Search:
-    def __init__(self, problem: Problem, tab: _Tables, cost: bool, deadline_s: float | None,
-                 beam: int | None = None) -> None:
+    def __init__(self, problem: Problem, tab: _Tables, cost: bool, deadline_s: float | None, invocations: bool,
+                 give_up: float, *, beam: int | None = None, gap: float = 0.0) -> None:
         self.p, self.tab, self.cost, self.beam = problem, tab, cost, beam
+        self.invocations, self.give_up, self.gap = invocations, give_up, gap
         self.deadline = math.inf if deadline_s is None else deadline_s * (1 + DEADLINE_SLACK)
         self.exact_deadline = deadline_s
         self.best = math.inf
         self.best_plan: Candidate | None = None
         self.kept = 0
         self.labels: list[_Labels | None] = [None] * (tab.count + 1)
+        self.grid = np.zeros(1)
+        self.rest = np.zeros((1, tab.count + 1))
+
+    def prepare(self, upper: float) -> None:
+        """The least dollars of the rest (:meth:`_Tables.rest_usd`) on a geometric grid of
+        iteration seconds up to the longest a plan cheaper than ``upper`` dollars can take."""
+        if not self.cost:
+            return
+        least = self.tab.least_price()
+        levels = [0.0]
+        if math.isfinite(upper) and least > 0:
+            top = upper / least
+            levels += list(np.geomspace(top / SPAN, top, GRID))
+        self.grid = np.array(levels)
+        self.rest = self.tab.rest_usd(self.grid)
 
     # -- objective and bounds ----------------------------------------------------
 
@@ -323,7 +412,8 @@ class _Search:
             return seconds
         plat = self.p.platform
         per_invocation = np.maximum(1.0, np.floor(plat.lifetime_s / np.maximum(seconds, 1e-9)))
-        return seconds * price + req + self.tab.base_req + replicas * plat.price_per_invocation / per_invocation
+        fee = replicas * plat.price_per_invocation / per_invocation if self.invocations else 0.0
+        return seconds * price + req + self.tab.base_req + fee
 
     def _bound(self, vals: Array, cut: int) -> Array:
         """A lower bound on the objective of every plan that completes labels at ``cut`` (not the end)."""
@@ -331,8 +421,13 @@ class _Search:
         seconds = self._time_bound(vals, cut)
         if not self.cost:
             return seconds
-        rest = np.maximum(seconds * tab.min_price, tab.rest_work_usd[cut])
-        return seconds * vals[:, R] + rest + vals[:, W] + tab.rest_req + tab.base_req
+        # The iteration lies between two levels: at least the lower one, the rest's dollars at
+        # that level; levels entirely below the bound on the seconds are out.
+        tops = np.append(self.grid[1:], np.inf)
+        usd = np.maximum(self.grid[None, :], seconds[:, None]) * vals[:, R, None] + self.rest[None, :, cut]
+        usd = np.where(tops[None, :] > seconds[:, None], usd, np.inf)
+        bound: Array = usd.min(axis=1) + vals[:, W] + tab.base_req
+        return bound
 
     def _time_bound(self, vals: Array, cut: int) -> Array:
         """A lower bound on the iteration seconds of every plan that completes labels at ``cut``.
@@ -341,17 +436,21 @@ class _Search:
         and ``Q >= ρ + u`` (``u`` the next stage's input-gradient upload).
         """
         tab = self.tab
-        return np.maximum(np.maximum(vals[:, C], vals[:, A] + vals[:, PI] + tab.rest_e[cut]),
-                          vals[:, A] + vals[:, RHO] + tab.rest_b[cut])
+        bound: Array = np.maximum(np.maximum(vals[:, C], vals[:, A] + vals[:, PI] + tab.rest_e[cut]),
+                                  np.maximum(vals[:, A] + vals[:, RHO] + tab.rest_b[cut],
+                                             vals[:, A] + vals[:, DL] + vals[:, PI] + tab.rest_d[cut]))
+        return bound
 
     # -- the program ---------------------------------------------------------------
 
     def run(self) -> Candidate | None:
-        tab, p = self.tab, self.p
+        tab = self.tab
         count = tab.count
         start = np.array([[0.0, NEG, NEG, NEG, NEG, 0.0, 0.0, 0.0, 0.0]])
         self.labels[0] = _Labels(start, np.array([-1]), np.array([-1]), np.array([-1]), np.array([-1]))
         for j in range(1, count + 1):
+            if time.perf_counter() > self.give_up:
+                raise TimeoutError("the dynamic program ran out of time")
             src_cut, src_row, vals = self._sources(j)
             if vals is None:
                 continue
@@ -456,8 +555,11 @@ class _Search:
         rows = np.flatnonzero(mask)
         new = new[rows]
         bound = self._bound(new, j)
-        alive = (bound < self.best) & (self._time_bound(new, j) <= self.deadline)
-        rows, new = rows[alive], new[alive]
+        alive = (bound < self.best / (1 + self.gap)) & (self._time_bound(new, j) <= self.deadline)
+        rows, new, bound = rows[alive], new[alive], bound[alive]
+        if self.beam is not None and len(new) > 8 * self.beam:
+            keep = np.argpartition(bound, 8 * self.beam)[:8 * self.beam]
+            rows, new = rows[keep], new[keep]
         keep = _pareto(new if self.cost else new[:, :K + 1])
         rows, new = rows[keep], new[keep]
         if self.beam is not None and len(new) > self.beam:
