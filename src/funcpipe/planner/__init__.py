@@ -1,8 +1,11 @@
 """Planner: stage cuts, memory tiers and replica counts chosen together with CP-SAT.
 
 :func:`plan` solves the mixed-integer program of :mod:`funcpipe.planner.model`
-(the FuncPipe paper's §5, with the cost model of :mod:`funcpipe.costmodel`),
-then re-ranks the best few solutions with the simulator, which sees what the
+(the FuncPipe paper's §5, with the cost model of :mod:`funcpipe.costmodel`);
+for time or cost without a budget it first runs the exact dynamic program of
+:mod:`funcpipe.planner.dp`, whose plan CP-SAT starts from and whose optimum
+(less the model's rounding) bounds CP-SAT's objective, so CP-SAT closes its gap
+where its LP bound alone cannot. It then re-ranks the best few solutions with the simulator, which sees what the
 closed formula misses, and returns the simulator's best. :func:`pareto`
 sweeps deadlines to trace the cost–time frontier.
 """
@@ -307,11 +310,11 @@ class _Search:
         proven = None
         if not exclude and budget_usd is None and goal.time_weight in (0.0, 1.0):
             proven = self.formula_bound(problem, goal, deadline_s, min(DP_SHARE * time_limit_s, DP_LIMIT_S))
+        remaining = max(time_limit_s - (time.perf_counter() - started), time_limit_s / 2)
         if proven is None:
             return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
-                         time_limit_s=time_limit_s, hint=self.heuristic(problem, goal))
+                         time_limit_s=remaining, hint=self.heuristic(problem, goal))
         hint, bound, fastest = proven
-        remaining = max(time_limit_s - (time.perf_counter() - started), time_limit_s / 2)
         return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
                      time_limit_s=remaining, hint=hint or self.heuristic(problem, goal), lower_bound=bound,
                      fastest_s=fastest)

@@ -536,6 +536,7 @@ class _Builder:
                         model_q = min(MAX_PIECES, max(1, -(-size_units // (d * self.piece_units))))
                         missing = max(missing, d * (true_q - model_q))
             units += missing * (self.lat + 1)
+            self.fewer_pieces = missing > 0
         return rel, units
 
     def _add_lower_bound(self, weight: float, lower_bound: float, fastest_s: float | None) -> None:
@@ -549,8 +550,8 @@ class _Builder:
             t_end = self.T
             md.add(t_end >= floor_units)
             return
-        if fastest_s is None or fastest_s <= 0:
-            return
+        if fastest_s is None or fastest_s <= 0 or getattr(self, "fewer_pieces", False):
+            return  # (fewer pieces would also mean fewer requests than the formula's)
         # T_model >= T (1 - rel) / unit - units >= T / unit (1 - rel - units unit / fastest).
         time_rel = rel + units * self.unit_s / fastest_s
         p = self.p
@@ -716,6 +717,11 @@ def solve(
     objective_value = solver.objective_value
     bound = solver.best_objective_bound
     gap = 0.0 if status == cp_model.OPTIMAL else abs(objective_value - bound) / max(abs(objective_value), 1e-12)
+    if lower_bound is not None and status == cp_model.OPTIMAL:
+        # Stopped by relative_gap_limit, which CP-SAT also reports as OPTIMAL: keep the real gap.
+        gap = abs(objective_value - bound) / max(abs(objective_value), 1e-12)
+        if gap > 0:
+            status = cp_model.FEASIBLE
     return Solution(
         candidate=builder.read(solver),
         iteration_s=solver.value(builder.T) * builder.unit_s,
