@@ -37,7 +37,8 @@ DEFAULT_MAX_REPLICAS = 8
 #: How many of CP-SAT's best solutions the simulator re-ranks.
 DEFAULT_CANDIDATES = 6
 #: Share of a solve's time limit, and most seconds, the dynamic program may take before
-#: CP-SAT (for time and cost without budget or exclusions); past it CP-SAT solves alone.
+#: CP-SAT (for time and cost without budget or exclusions), on top of CP-SAT's limit;
+#: past it CP-SAT solves alone.
 DP_SHARE = 0.5
 DP_LIMIT_S = 5.0
 
@@ -306,17 +307,17 @@ class _Search:
             # For time alone, a tier with at least as much memory, speed and bandwidth as
             # another is never worse: drop the dominated ones (fewer choices, same optimum).
             problem = dataclasses.replace(problem, tiers=_undominated(problem.tiers))
-        started = time.perf_counter()
+        # The program's time comes on top of CP-SAT's (which keeps its whole limit: without the
+        # program's bound it needs it, and with the bound it stops within 1% early).
         proven = None
         if not exclude and budget_usd is None and goal.time_weight in (0.0, 1.0):
             proven = self.formula_bound(problem, goal, deadline_s, min(DP_SHARE * time_limit_s, DP_LIMIT_S))
-        remaining = max(time_limit_s - (time.perf_counter() - started), time_limit_s / 2)
         if proven is None:
             return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
-                         time_limit_s=remaining, hint=self.heuristic(problem, goal))
+                         time_limit_s=time_limit_s, hint=self.heuristic(problem, goal))
         hint, bound, fastest = proven
         return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
-                     time_limit_s=remaining, hint=hint or self.heuristic(problem, goal), lower_bound=bound,
+                     time_limit_s=time_limit_s, hint=hint or self.heuristic(problem, goal), lower_bound=bound,
                      fastest_s=fastest)
 
     def formula_bound(
