@@ -3,8 +3,10 @@
 Synthetic profiles (20, 30 and 100 layers) shaped like a deep CNN (activations shrink and
 parameters grow with depth, with per-layer noise), on AWS Lambda's 8 memory
 tiers, up to 8 stages and 8 replicas per stage, global batch 64 in
-micro-batches of 4. For each objective: CP-SAT's status, gap and wall time of
-one solve with a 10 s limit, then the whole ``funcpipe.plan`` call (solve,
+micro-batches of 4. For each objective: the dynamic program's wall time alone
+(:mod:`funcpipe.planner.dp`, the formula's proven optimum, or "-" when it ran out of
+its share of the limit), CP-SAT's status, gap and wall time of one solve with a
+10 s limit (the program included, whose plan and bound it starts from), then the whole ``funcpipe.plan`` call (solve,
 re-ranking by the simulator) and its predicted seconds and dollars.
 
     python benchmarks/planner.py [--time-limit 10] [--layers 20 30 100]
@@ -15,6 +17,7 @@ Writes ``benchmarks/results/planner.json`` and ``planner.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 import funcpipe
-from funcpipe.planner import _Search
+from funcpipe.planner import DP_LIMIT_S, DP_SHARE, _Search, _undominated
 from funcpipe.planner.model import Objective
 from funcpipe.profiler import LayerProfile, ModelProfile
 
@@ -59,6 +62,12 @@ def main() -> None:
     for layers, (name, weight) in itertools.product(args.layers, (("time", 1.0), ("cost", 0.0))):
         profile = synthetic_profile(layers)
         search = _Search.create(profile, spec, memory_mb=None, sync="pipelined", **kwargs)  # type: ignore[arg-type]
+        problem = search.problem
+        if weight >= 1:
+            problem = dataclasses.replace(problem, tiers=_undominated(problem.tiers))
+        started = time.perf_counter()
+        proven = search.formula_bound(problem, Objective(weight), None, min(DP_SHARE * args.time_limit, DP_LIMIT_S))
+        dp_wall = time.perf_counter() - started
         started = time.perf_counter()
         solution = search.solve(Objective(weight), None, None, (), args.time_limit)
         wall = time.perf_counter() - started
@@ -69,6 +78,8 @@ def main() -> None:
         row = {
             "layers": layers,
             "objective": name,
+            "dp_seconds": dp_wall if proven is not None else None,
+            "dp_bound": proven[1] if proven is not None else None,
             "cpsat_status": solution.status,
             "cpsat_gap": solution.gap,
             "cpsat_seconds": wall,
@@ -81,7 +92,9 @@ def main() -> None:
             "predicted_cost_usd": plan.predicted_cost_usd,
         }
         rows.append(row)
-        print(f"{layers:>3} layers, {name:>4}: CP-SAT {solution.status} gap {solution.gap:.2%} in {wall:.1f} s; "
+        dp_text = f"{dp_wall:.2f} s" if proven is not None else f"gave up after {dp_wall:.1f} s"
+        print(f"{layers:>3} layers, {name:>4}: DP {dp_text}; CP-SAT {solution.status} gap {solution.gap:.2%} "
+              f"in {wall:.1f} s; "
               f"funcpipe.plan {plan_wall:.1f} s -> {plan.num_stages} stages {list(plan.replicas)} replicas, "
               f"{plan.predicted_iteration_s:.3f} s and ${plan.predicted_cost_usd:.5f} per iteration")
     result = {
@@ -96,13 +109,15 @@ def main() -> None:
         f"{len(spec.tiers)} tiers, up to 8 stages "
         f"and 8 replicas, batch 64 / micro-batch 4, {os.cpu_count()} cores, {args.time_limit:g} s limit.",
         "",
-        "| layers | objective | CP-SAT status | gap | CP-SAT s | plan() s | stages | predicted s/iter "
-        "| predicted $/iter |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layers | objective | DP s | CP-SAT status | gap | CP-SAT s (DP included) | plan() s | stages "
+        "| predicted s/iter | predicted $/iter |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['layers']} | {row['objective']} | {row['cpsat_status']} | {row['cpsat_gap']:.2%} | "
+            f"| {row['layers']} | {row['objective']} | "
+            f"{'-' if row['dp_seconds'] is None else format(row['dp_seconds'], '.2f')} | "
+            f"{row['cpsat_status']} | {row['cpsat_gap']:.2%} | "
             f"{row['cpsat_seconds']:.1f} | "
             f"{row['plan_seconds']:.1f} | {len(row['plan_balance'])} | {row['predicted_iteration_s']:.3f} | "
             f"{row['predicted_cost_usd']:.5f} |"

@@ -1,8 +1,11 @@
 """Planner: stage cuts, memory tiers and replica counts chosen together with CP-SAT.
 
 :func:`plan` solves the mixed-integer program of :mod:`funcpipe.planner.model`
-(the FuncPipe paper's §5, with the cost model of :mod:`funcpipe.costmodel`),
-then re-ranks the best few solutions with the simulator, which sees what the
+(the FuncPipe paper's §5, with the cost model of :mod:`funcpipe.costmodel`);
+for time or cost without a budget it first runs the exact dynamic program of
+:mod:`funcpipe.planner.dp`, whose plan CP-SAT starts from and whose optimum
+(less the model's rounding) bounds CP-SAT's objective, so CP-SAT closes its gap
+where its LP bound alone cannot. It then re-ranks the best few solutions with the simulator, which sees what the
 closed formula misses, and returns the simulator's best. :func:`pareto`
 sweeps deadlines to trace the cost–time frontier.
 """
@@ -19,7 +22,8 @@ from typing import NoReturn
 from funcpipe import costmodel
 from funcpipe.errors import ConfigError, PlanInfeasible
 from funcpipe.plan import Plan
-from funcpipe.planner.model import Candidate, Objective, Problem, Solution, solve
+from funcpipe.planner import dp
+from funcpipe.planner.model import Candidate, Objective, Problem, Solution, rounding, solve
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MIB, Tier
 from funcpipe.profiler import ModelProfile
@@ -32,6 +36,11 @@ DEFAULT_MAX_STAGES = 8
 DEFAULT_MAX_REPLICAS = 8
 #: How many of CP-SAT's best solutions the simulator re-ranks.
 DEFAULT_CANDIDATES = 6
+#: Share of a solve's time limit, and most seconds, the dynamic program may take before
+#: CP-SAT (for time and cost without budget or exclusions), on top of CP-SAT's limit;
+#: past it CP-SAT solves alone.
+DP_SHARE = 0.5
+DP_LIMIT_S = 5.0
 
 
 def plan(
@@ -298,8 +307,51 @@ class _Search:
             # For time alone, a tier with at least as much memory, speed and bandwidth as
             # another is never worse: drop the dominated ones (fewer choices, same optimum).
             problem = dataclasses.replace(problem, tiers=_undominated(problem.tiers))
+        # The program's time comes on top of CP-SAT's (which keeps its whole limit: without the
+        # program's bound it needs it, and with the bound it stops within 1% early).
+        proven = None
+        if not exclude and budget_usd is None and goal.time_weight in (0.0, 1.0):
+            proven = self.formula_bound(problem, goal, deadline_s, min(DP_SHARE * time_limit_s, DP_LIMIT_S))
+        if proven is None:
+            return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
+                         time_limit_s=time_limit_s, hint=self.heuristic(problem, goal))
+        hint, bound, fastest = proven
         return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
-                     time_limit_s=time_limit_s, hint=self.heuristic(problem, goal))
+                     time_limit_s=time_limit_s, hint=hint or self.heuristic(problem, goal), lower_bound=bound,
+                     fastest_s=fastest)
+
+    def formula_bound(
+        self, problem: Problem, goal: Objective, deadline_s: float | None, time_limit_s: float,
+    ) -> tuple[Candidate | None, float, float | None] | None:
+        """The formula's optimum by the dynamic program (:mod:`funcpipe.planner.dp`), for CP-SAT:
+        ``(plan to start from, proven lower bound of the objective, of the seconds)``.
+
+        The bound is over every plan the CP-SAT model admits: stages may exceed their tier by
+        the model's byte rounding and the deadline is relaxed by its time rounding (both
+        from :func:`funcpipe.planner.model.rounding`). ``None`` when the program runs out of
+        time or finds no plan.
+        """
+        started = time.perf_counter()
+        slack = rounding(problem)
+        memory = slack.memory_slack_bytes(problem.num_micro_batches)
+        fastest_problem = dataclasses.replace(problem, tiers=_undominated(problem.tiers))
+        try:
+            fastest = dp.optimum(fastest_problem, "time", memory_slack_bytes=memory, time_limit_s=time_limit_s)
+            if fastest is None:
+                return None
+            if goal.time_weight >= 1:
+                best = fastest if problem.tiers == fastest_problem.tiers else dp.optimum(
+                    problem, "time", memory_slack_bytes=memory,
+                    time_limit_s=time_limit_s - (time.perf_counter() - started))
+            else:
+                relaxed = None if deadline_s is None else slack.formula_deadline_s(deadline_s)
+                best = dp.optimum(problem, "cost", deadline_s=relaxed, invocations=False, memory_slack_bytes=memory,
+                                  time_limit_s=time_limit_s - (time.perf_counter() - started))
+        except TimeoutError:
+            return None
+        if best is None:
+            return None
+        return (best.candidate if best.fits else None), best.bound, fastest.bound
 
     def heuristic(self, problem: Problem, goal: Objective) -> Candidate | None:
         """A starting point for CP-SAT: the best, by the formula, of simple plans.

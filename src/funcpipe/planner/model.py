@@ -28,13 +28,13 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
-from funcpipe.collectives import MAX_PIECES, PIECE_BYTES
+from funcpipe.collectives import MAX_PIECES, PIECE_BYTES, piece_count
 from funcpipe.costmodel import REPORT_BYTES
 from funcpipe.errors import PlanTimeout
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
 
-__all__ = ["Candidate", "Objective", "Problem", "Solution", "solve"]
+__all__ = ["Candidate", "Objective", "Problem", "Rounding", "Solution", "rounding", "solve"]
 
 #: A CP-SAT linear expression or literal. ortools' stubs type these as unions with
 #: numpy scalars that reject the library's own operator overloads, so expressions are
@@ -189,7 +189,8 @@ class _Builder:
     # -- the model ------------------------------------------------------------
 
     def build(self, objective: Objective, *, deadline_s: float | None, budget_usd: float | None,
-              exclude: Sequence[Candidate]) -> None:
+              exclude: Sequence[Candidate], lower_bound: float | None = None,
+              fastest_s: float | None = None) -> None:
         p = self.p
         md = cp_model.CpModel()
         self.model = md
@@ -435,6 +436,8 @@ class _Builder:
         for old in exclude:
             self._exclude(old)
         w = objective.time_weight
+        if lower_bound is not None:
+            self._add_lower_bound(w, lower_bound, fastest_s)
         if w >= 1:  # time, then (among equally fast plans) the fewest resources
             md.minimize(t_end * (self.r_max + 1) + self.R)
         elif w <= 0:
@@ -495,6 +498,74 @@ class _Builder:
                 + at_least(self.t_bw[-1] - at["bw"][s], 1 / fastest, f"down_to{s}")
                 + 2 * lat * sum(self.act[1:]) + 3 * lat + sync
             ).only_enforce_if(lits)
+
+    def rounding_slack(self) -> tuple[float, float]:
+        """How far below the formula the model's iteration time of a plan can fall.
+
+        Returns ``(rel, units)``: for every plan, the model's ``T >= (1 - rel) * formula /
+        unit_s - units``. The model rounds each term of the formula: prefix sums of times and
+        bytes to whole units (a segment is off by at most one unit), the latency to whole
+        units, coefficients to fractions (:func:`_ratio`, off by ``rel``); the pipelined
+        all-reduce's piece count comes from rounded bytes. A path of the formula adds at
+        most ``10 S + 7 M + 12`` terms (forward chain, the turn, both backward chains, the
+        tail), and one all-reduce of at most ``d q`` latencies.
+        """
+        p = self.p
+        lat_err = max(0.0, p.platform.latency_s / self.unit_s - self.lat)
+        rel = 0.0
+        per_term = 0.0
+        for tier in p.tiers:
+            for ratio in (1.0 / tier.speed, self._sec_per_unit_byte(tier.downlink_mb_s),
+                          self._sec_per_unit_byte(tier.uplink_mb_s)):
+                num, den = _ratio(ratio)
+                rel = max(rel, (ratio - num / den) / ratio)
+                per_term = max(per_term, num / den)
+        per_term += lat_err
+        m, stages, d_max = p.num_micro_batches, min(p.max_stages, len(self.layers)), p.max_replicas
+        units = (10 * stages + 7 * m + 12) * per_term + 2 * d_max * MAX_PIECES * lat_err + 4 * per_term
+        if p.sync != "four_phase" and d_max > 1:
+            # Pieces the model may count fewer of than funcpipe.collectives.piece_count.
+            params = [0]
+            for lp in self.layers:
+                params.append(params[-1] + lp.param_bytes)
+            missing = 0
+            for i in range(len(self.layers)):
+                for j in range(i + 1, len(self.layers) + 1):
+                    size, size_units = params[j] - params[i], self.b_param[j] - self.b_param[i]
+                    for d in range(2, d_max + 1):
+                        true_q = piece_count(size, d)
+                        model_q = min(MAX_PIECES, max(1, -(-size_units // (d * self.piece_units))))
+                        missing = max(missing, d * (true_q - model_q))
+            units += missing * (self.lat + 1)
+            self.fewer_pieces = missing > 0
+        return rel, units
+
+    def _add_lower_bound(self, weight: float, lower_bound: float, fastest_s: float | None) -> None:
+        """Constrain the objective to be at least what ``lower_bound`` (a proven lower bound of the
+        formula's optimum: seconds for time, dollars without invocations for cost) gives after
+        :meth:`rounding_slack`, so that no plan's model value is cut off."""
+        rel, units = self.rounding_slack()
+        md = self.model
+        if weight >= 1:
+            floor_units = math.floor(lower_bound / self.unit_s * (1 - rel) - units)
+            t_end = self.T
+            md.add(t_end >= floor_units)
+            return
+        if fastest_s is None or fastest_s <= 0 or getattr(self, "fewer_pieces", False):
+            return  # (fewer pieces would also mean fewer requests than the formula's)
+        # T_model >= T (1 - rel) / unit - units >= T / unit (1 - rel - units unit / fastest).
+        time_rel = rel + units * self.unit_s / fastest_s
+        p = self.p
+        prices = [p.platform.price_per_s(t) / self.price_unit for t in p.tiers]
+        price_rel = max(max(0.0, (x - y) / x) for x, y in zip(prices, self.price, strict=True) if x > 0)
+        request_rel = 0.0
+        for price, units_of in ((p.platform.price_per_put, self._put), (p.platform.price_per_get, self._get)):
+            if price > 0:
+                request_rel = max(request_rel, (price / self._cost_unit - units_of) / (price / self._cost_unit))
+        shrink = (1 - time_rel) * (1 - price_rel) * (1 - max(0.0, request_rel))
+        if shrink > 0:
+            floor_cost = math.floor(lower_bound / self._cost_unit * shrink)
+            md.add(self.cost >= floor_cost)
 
     @property
     def _cost_unit(self) -> float:
@@ -568,6 +639,32 @@ class _Builder:
         return Candidate(tuple(balance), tuple(memory), tuple(replicas))
 
 
+@dataclasses.dataclass(frozen=True)
+class Rounding:
+    """How the model of a problem rounds the formula (see :meth:`_Builder.rounding_slack`)."""
+
+    rel: float
+    units: float
+    unit_s: float
+    byte_unit: float
+
+    def formula_deadline_s(self, deadline_s: float) -> float:
+        """The most formula seconds of a plan the model lets through ``deadline_s``."""
+        return (math.floor(deadline_s / self.unit_s) + self.units) * self.unit_s / (1 - self.rel)
+
+    def memory_slack_bytes(self, num_micro_batches: int) -> float:
+        """The most bytes a stage the model lets fit can exceed its tier by the formula: each
+        of its byte tables off by at most one unit, the micro-batch terms ``n`` times."""
+        return (8 + 3 * num_micro_batches) * self.byte_unit
+
+
+def rounding(problem: Problem) -> Rounding:
+    """The model's rounding of ``problem``: what a proven bound of the formula must allow for."""
+    builder = _Builder(problem)
+    rel, units = builder.rounding_slack()
+    return Rounding(rel, units, builder.unit_s, builder.byte_unit)
+
+
 def solve(
     problem: Problem,
     objective: Objective,
@@ -579,18 +676,27 @@ def solve(
     workers: int = 0,
     hint: Candidate | None = None,
     fix: Candidate | None = None,
+    lower_bound: float | None = None,
+    fastest_s: float | None = None,
 ) -> Solution | None:
     """Solve once; ``None`` when CP-SAT proves there is no solution.
 
     ``hint`` starts the search from a candidate; ``fix`` allows only that candidate
-    (the model's value of one given plan).
+    (the model's value of one given plan). ``lower_bound`` is a proven lower bound of the
+    formula's optimum (seconds for time; for cost, dollars without the invocation fee,
+    which the model leaves out, and then ``fastest_s``, a lower bound of any plan's
+    seconds, is needed too), for objective weights 1 and 0 only: the model is constrained
+    to at least that, less its rounding (:meth:`_Builder.rounding_slack`).
 
     Raises:
         PlanTimeout: no solution was found within the time limit.
     """
     started = time.perf_counter()
     builder = _Builder(problem)
-    builder.build(objective, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude)
+    if lower_bound is not None and 0 < objective.time_weight < 1:
+        raise ValueError("lower_bound is for the time (weight 1) or cost (weight 0) objective")
+    builder.build(objective, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
+                  lower_bound=lower_bound, fastest_s=fastest_s)
     if hint is not None and hint not in exclude and set(hint.memory_mb) <= {t.memory_mb for t in problem.tiers}:
         builder.hint(hint)
     if fix is not None:
@@ -601,6 +707,9 @@ def solve(
     # More LP cuts for the enforced (big-M) constraints: on the 100-layer benchmark this
     # halves the time to prove a fixed stage count optimal.
     solver.parameters.linearization_level = 2
+    if lower_bound is not None:
+        # What is left above a proven bound is the model's rounding: stop within 1%.
+        solver.parameters.relative_gap_limit = 0.01
     status = solver.solve(builder.model)
     if status == cp_model.INFEASIBLE:
         return None
@@ -613,6 +722,11 @@ def solve(
     objective_value = solver.objective_value
     bound = solver.best_objective_bound
     gap = 0.0 if status == cp_model.OPTIMAL else abs(objective_value - bound) / max(abs(objective_value), 1e-12)
+    if lower_bound is not None and status == cp_model.OPTIMAL:
+        # Stopped by relative_gap_limit, which CP-SAT also reports as OPTIMAL: keep the real gap.
+        gap = abs(objective_value - bound) / max(abs(objective_value), 1e-12)
+        if gap > 0:
+            status = cp_model.FEASIBLE
     return Solution(
         candidate=builder.read(solver),
         iteration_s=solver.value(builder.T) * builder.unit_s,
