@@ -464,7 +464,7 @@ def run_all_reduce(
 
 
 def schedule_bound(algorithm: str, n: int, size_bytes: float, bandwidth: float, latency_s: float) -> float:
-    """The least time ``algorithm`` can take on ThrottledStorage links, with instant polling.
+    """About the least time ``algorithm`` can take on ThrottledStorage links, with instant polling.
 
     An object is stored, then forwarded (never streamed), so its download
     cannot overlap its upload.
@@ -473,10 +473,12 @@ def schedule_bound(algorithm: str, n: int, size_bytes: float, bandwidth: float, 
       direction, each ``t = chunk / B + L``: ``(n-1) t`` up, ``(n-1) t`` down,
       ``t`` up, ``(n-1) t`` down: ``(3n-2) t``.
     * pipelined: chunks in ``p`` pieces (:func:`piece_count`), uploads and
-      downloads on parallel connections, so latencies overlap: the downlink carries the
-      bandwidth bound ``2 (n-1)/n * size / B`` and idles only while the first
-      share piece and the first reduced piece are uploaded (``size / (n p) / B``
-      each), plus one latency for each.
+      downloads on parallel connections, so latencies overlap: the downlink
+      carries the bandwidth bound ``2 (n-1)/n * size / B`` and idles only
+      while the first share piece and the first reduced piece are uploaded
+      (``size / (n p) / B`` each), plus one latency for each. (The second
+      upload can overlap the last shares' on the parallel upload connections,
+      so this one is an estimate rather than a strict bound.)
     """
     if algorithm == "pipelined":
         piece = size_bytes / n / piece_count(int(size_bytes), n)
@@ -667,8 +669,9 @@ def all_reduce_details(b: dict[str, Any]) -> list[str]:
         "whole chunks one request after another, so with t = size/n / bandwidth + latency it needs at "
         f"least (3n-2) t. pipelined moves pieces of about {PIECE_BYTES // 2**20} MiB on "
         f"{PUSH_CONNECTIONS} upload and {FETCH_CONNECTIONS} download connections, so "
-        "it needs at least the bound plus two piece uploads and two latencies (the first share piece "
-        "and the first reduced piece). \"unthrottled\" is the same "
+        "it needs about the bound plus two piece uploads and two latencies (the first share piece "
+        "and the first reduced piece; a little less when a reduced piece goes up alongside the last "
+        "shares, so pipelined / schedule bound can dip just below 1). \"unthrottled\" is the same "
         "all-reduce on the bare `MemoryStorage` (no bandwidth or latency limit): the cost of everything "
         "but the emulated transfers (encode, decode, copies, sums, page faults of fresh buffers, thread "
         "hand-offs), with all n replicas sharing this machine's cores and one address space.",
