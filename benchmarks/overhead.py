@@ -49,7 +49,7 @@ from funcpipe import Plan, Trainer
 from funcpipe.collectives import ALGORITHMS, PIECE_BYTES, Comm, all_reduce, piece_count
 from funcpipe.keys import JobKeys
 from funcpipe.storage import MemoryStorage, throttle
-from funcpipe.worker import FETCH_CONNECTIONS
+from funcpipe.worker import FETCH_CONNECTIONS, PUSH_CONNECTIONS
 
 log = logging.getLogger("funcpipe.benchmarks.overhead")
 
@@ -434,8 +434,9 @@ def run_all_reduce(
         download = ThreadPoolExecutor(1, thread_name_prefix=f"down-{rank}")
         # As in a StageWorker of a replicated stage: parallel connections for the all-reduce.
         fetch = ThreadPoolExecutor(FETCH_CONNECTIONS, thread_name_prefix=f"fetch-{rank}")
+        push = ThreadPoolExecutor(PUSH_CONNECTIONS, thread_name_prefix=f"push-{rank}")
         try:
-            comm = Comm(storage, upload, download, timeout_s, fetch=fetch)
+            comm = Comm(storage, upload, download, timeout_s, fetch=fetch, push=push)
             barrier.wait()
             results[rank] = all_reduce(
                 comm, flats[rank], keys=keys, iteration=0, stage=0, rank=rank, world=world, algorithm=algorithm
@@ -448,6 +449,7 @@ def run_all_reduce(
             upload.shutdown(wait=True)
             download.shutdown(wait=True)
             fetch.shutdown(wait=True)
+            push.shutdown(wait=True)
 
     threads = [threading.Thread(target=replica, args=(rank,), name=f"replica-{rank}") for rank in range(world)]
     for thread in threads:
@@ -462,7 +464,7 @@ def run_all_reduce(
 
 
 def schedule_bound(algorithm: str, n: int, size_bytes: float, bandwidth: float, latency_s: float) -> float:
-    """The least time ``algorithm`` can take on ThrottledStorage links, with instant polling.
+    """About the least time ``algorithm`` can take on ThrottledStorage links, with instant polling.
 
     An object is stored, then forwarded (never streamed), so its download
     cannot overlap its upload.
@@ -470,11 +472,13 @@ def schedule_bound(algorithm: str, n: int, size_bytes: float, bandwidth: float, 
     * four_phase: whole chunks of ``size / n``, one request after another per
       direction, each ``t = chunk / B + L``: ``(n-1) t`` up, ``(n-1) t`` down,
       ``t`` up, ``(n-1) t`` down: ``(3n-2) t``.
-    * pipelined: chunks in ``p`` pieces (:func:`piece_count`), downloads on
-      parallel connections, so latencies overlap: the downlink carries the
-      bandwidth bound ``2 (n-1)/n * size / B`` and idles only while the first
-      share piece and the first reduced piece are uploaded (``size / (n p) / B``
-      each), plus one latency for each.
+    * pipelined: chunks in ``p`` pieces (:func:`piece_count`), uploads and
+      downloads on parallel connections, so latencies overlap: the downlink
+      carries the bandwidth bound ``2 (n-1)/n * size / B`` and idles only
+      while the first share piece and the first reduced piece are uploaded
+      (``size / (n p) / B`` each), plus one latency for each. (The second
+      upload can overlap the last shares' on the parallel upload connections,
+      so this one is an estimate rather than a strict bound.)
     """
     if algorithm == "pipelined":
         piece = size_bytes / n / piece_count(int(size_bytes), n)
@@ -595,6 +599,22 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def record_load_at_end(machine: dict[str, Any]) -> None:
+    try:
+        machine["load_average_1min_at_end"] = os.getloadavg()[0]
+    except OSError:
+        machine["load_average_1min_at_end"] = float("nan")
+
+
+def write_results(output_dir: Path, name: str, report: dict[str, Any], markdown: str) -> None:
+    """Write ``name.json`` and ``name.md`` into ``output_dir``; print the markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (output_dir / f"{name}.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"wrote {output_dir / f'{name}.json'} and {output_dir / f'{name}.md'}")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -605,19 +625,69 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
-def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[str, Any] | None, command: str) -> str:
-    out = [
-        "# funcpipe overhead benchmark",
-        "",
+def machine_line(machine: dict[str, Any]) -> str:
+    return (
         f"Machine: {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable, {machine['cpu_model']}), "
         f"load average {machine['load_average_1min_at_start']:.2f} at start, "
         f"{machine['load_average_1min_at_end']:.2f} at end; Python {machine['python']}, "
         f"torch {machine['torch']}, Ray {machine['ray']}, funcpipe {machine['funcpipe']} "
-        f"(commit {machine['git_commit'] or '?'}); {machine['date']}.",
+        f"(commit {machine['git_commit'] or '?'}); {machine['date']}."
+    )
+
+
+def all_reduce_setup(b: dict[str, Any]) -> str:
+    """How Part B (and ``allreduce.py``) runs the all-reduce, for the report."""
+    return (
+        "`funcpipe.collectives.all_reduce` among n replicas, each a thread with its own "
+        f"`throttle(MemoryStorage, up_mb_s={b['bandwidth_mb_s']:g}, down_mb_s={b['bandwidth_mb_s']:g}, "
+        f"latency_ms={b['latency_ms']:g})` over one shared `MemoryStorage` and its own `Comm` (as a "
+        f"StageWorker's: an upload and a download thread, and for the pipelined all-reduce "
+        f"{PUSH_CONNECTIONS} upload and {FETCH_CONNECTIONS} download connections); size = float32 gradient "
+        "per replica (MB = 10^6 bytes); wall time from a common start until every replica has the sum; "
+        f"medians over {b['repeats']} interleaved repeats; torch threads {b['torch_threads']}. "
+        "Bound = 2(n-1)/n * size / bandwidth."
+    )
+
+
+def all_reduce_details(b: dict[str, Any]) -> list[str]:
+    """Part B's schedule bounds and unthrottled times: a paragraph and a table (markdown lines)."""
+    rows = [
+        [
+            str(row["n"]),
+            f"{row['size_mb']:g}",
+            f"{row['pipelined_schedule_bound_s']:.3f}",
+            f"{row['pipelined_schedule_ratio']:.2f}",
+            f"{row['four_phase_schedule_bound_s']:.3f}",
+            f"{row['four_phase_schedule_ratio']:.2f}",
+            f"{row['pipelined/unthrottled_s']:.3f}",
+            f"{row['four_phase/unthrottled_s']:.3f}",
+        ]
+        for row in b["rows"]
+    ]
+    return [
+        "What the bound leaves out. An object is stored, then forwarded, never streamed. four_phase moves "
+        "whole chunks one request after another, so with t = size/n / bandwidth + latency it needs at "
+        f"least (3n-2) t. pipelined moves pieces of about {PIECE_BYTES // 2**20} MiB on "
+        f"{PUSH_CONNECTIONS} upload and {FETCH_CONNECTIONS} download connections, so "
+        "it needs about the bound plus two piece uploads and two latencies (the first share piece "
+        "and the first reduced piece; a little less when a reduced piece goes up alongside the last "
+        "shares, so pipelined / schedule bound can dip just below 1). \"unthrottled\" is the same "
+        "all-reduce on the bare `MemoryStorage` (no bandwidth or latency limit): the cost of everything "
+        "but the emulated transfers (encode, decode, copies, sums, page faults of fresh buffers, thread "
+        "hand-offs), with all n replicas sharing this machine's cores and one address space.",
         "",
-        f"Command: `{command}`",
+        _table(
+            ["n", "size MB", "pipelined schedule bound s", "pipelined / schedule bound",
+             "four_phase schedule bound s", "four_phase / schedule bound", "pipelined unthrottled s",
+             "four_phase unthrottled s"],
+            rows,
+        ),
         "",
     ]
+
+
+def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[str, Any] | None, command: str) -> str:
+    out = ["# funcpipe overhead benchmark", "", machine_line(machine), "", f"Command: `{command}`", ""]
     if a is not None:
         model, summary = a["model"], a["summary"]
         rows = [
@@ -684,9 +754,8 @@ def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[s
                 "",
             ]
     if b is not None:
-        main_rows, detail_rows = [], []
-        for row in b["rows"]:
-            main_rows.append([
+        main_rows = [
+            [
                 str(row["n"]),
                 f"{row['size_mb']:g}",
                 f"{row['bound_s']:.3f}",
@@ -695,27 +764,13 @@ def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[s
                 f"{row['four_phase_s']:.3f}",
                 f"{row['four_phase_ratio']:.2f}",
                 f"{row['four_phase_s'] / row['pipelined_s']:.2f}",
-            ])
-            detail_rows.append([
-                str(row["n"]),
-                f"{row['size_mb']:g}",
-                f"{row['pipelined_schedule_bound_s']:.3f}",
-                f"{row['pipelined_schedule_ratio']:.2f}",
-                f"{row['four_phase_schedule_bound_s']:.3f}",
-                f"{row['four_phase_schedule_ratio']:.2f}",
-                f"{row['pipelined/unthrottled_s']:.3f}",
-                f"{row['four_phase/unthrottled_s']:.3f}",
-            ])
+            ]
+            for row in b["rows"]
+        ]
         out += [
             "## B. Scatter-reduce on throttled storage",
             "",
-            "`funcpipe.collectives.all_reduce` among n replicas, each a thread with its own "
-            f"`throttle(MemoryStorage, up_mb_s={b['bandwidth_mb_s']:g}, down_mb_s={b['bandwidth_mb_s']:g}, "
-            f"latency_ms={b['latency_ms']:g})` over one shared `MemoryStorage` and its own single-thread "
-            "upload and download executors (a `Comm`); size = float32 gradient per replica (MB = 10^6 bytes); "
-            "wall time from a common start until every replica has the sum; medians over "
-            f"{b['repeats']} interleaved repeats; torch threads {b['torch_threads']}. "
-            "Bound = 2(n-1)/n * size / bandwidth.",
+            all_reduce_setup(b),
             "",
             _table(
                 ["n", "size MB", "bound s", "pipelined s", "pipelined / bound", "four_phase s",
@@ -723,39 +778,61 @@ def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[s
                 main_rows,
             ),
             "",
-            "What the bound leaves out. An object is stored, then forwarded, never streamed. four_phase moves "
-            "whole chunks one request after another, so with t = size/n / bandwidth + latency it needs at "
-            f"least (3n-2) t. pipelined moves pieces of about {PIECE_BYTES // 2**20} MiB on "
-            f"{FETCH_CONNECTIONS} parallel download connections, so "
-            "it needs at least the bound plus two piece uploads and two latencies (the first share piece "
-            "and the first reduced piece). \"unthrottled\" is the same "
-            "all-reduce on the bare `MemoryStorage` (no bandwidth or latency limit): the cost of everything "
-            "but the emulated transfers (encode, decode, copies, sums, page faults of fresh buffers, thread "
-            "hand-offs), with all n replicas sharing this machine's cores and one address space.",
-            "",
-            _table(
-                ["n", "size MB", "pipelined schedule bound s", "pipelined / schedule bound",
-                 "four_phase schedule bound s", "four_phase / schedule bound", "pipelined unthrottled s",
-                 "four_phase unthrottled s"],
-                detail_rows,
-            ),
-            "",
+            *all_reduce_details(b),
         ]
     return "\n".join(out)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    def numbers(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-        def parse(text: str) -> list[Any]:
-            try:
-                values = [kind(part) for part in text.split(",") if part.strip()]
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-            if not values or any(v <= 0 for v in values):
-                raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-            return values
-        return parse
+def numbers(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An argparse type: comma-separated positive numbers of ``kind``."""
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+        return values
+    return parse
 
+
+def add_all_reduce_arguments(parser: argparse.ArgumentParser, *, part: str, sizes_mb: list[float]) -> None:
+    """The options of :func:`part_b` (``part``: the prefix of their help, such as "B: ")."""
+    sizes = ",".join(f"{size:g}" for size in sizes_mb)
+    parser.add_argument("--sizes-mb", type=numbers(float), default=sizes_mb,
+                        help=f"{part}gradient sizes per replica, MB, comma-separated (default: {sizes})")
+    parser.add_argument("--replicas", type=numbers(int), default=[2, 4, 8],
+                        help=f"{part}replica counts, comma-separated (default: 2,4,8)")
+    parser.add_argument("--bandwidth-mb-s", type=float, default=100.0,
+                        help=f"{part}per-replica up- and downlink bandwidth, MB/s (default: %(default)s)")
+    parser.add_argument("--latency-ms", type=float, default=10.0,
+                        help=f"{part}latency per request, ms (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=120.0,
+                        help=f"{part}longest wait for one object (default: %(default)s)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """--seed, --output-dir (where ``name``.json and .md go) and --verbose."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
+                        help=f"where to write {name}.json and {name}.md (default: benchmarks/results)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+
+def start_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def check_all_reduce_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.bandwidth_mb_s <= 0 or args.latency_ms < 0:
+        parser.error("--bandwidth-mb-s must be > 0 and --latency-ms >= 0")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="AB", help="which parts to run: A, B or AB (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=200,
@@ -773,20 +850,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-dir", default=tempfile.gettempdir(),
                         help="A: also run the funcpipe variants with storage under this directory; "
                         "'' to skip (default: %(default)s)")
-    parser.add_argument("--sizes-mb", type=numbers(float), default=[10.0, 50.0],
-                        help="B: gradient sizes per replica, MB, comma-separated (default: 10,50)")
-    parser.add_argument("--replicas", type=numbers(int), default=[2, 4, 8],
-                        help="B: replica counts, comma-separated (default: 2,4,8)")
-    parser.add_argument("--bandwidth-mb-s", type=float, default=100.0,
-                        help="B: per-replica up- and downlink bandwidth, MB/s (default: %(default)s)")
-    parser.add_argument("--latency-ms", type=float, default=10.0,
-                        help="B: latency per request, ms (default: %(default)s)")
-    parser.add_argument("--timeout-s", type=float, default=120.0,
-                        help="B: longest wait for one object (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
-                        help="where to write overhead.json and overhead.md (default: benchmarks/results)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    add_all_reduce_arguments(parser, part="B: ", sizes_mb=[10.0, 50.0])
+    add_run_arguments(parser, "overhead")
     args = parser.parse_args(argv)
     args.parts = args.parts.upper()
     if not args.parts or set(args.parts) - {"A", "B"}:
@@ -796,18 +861,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if len(args.balance) != 2 or sum(args.balance) != 5:
         parser.error(f"--balance takes two layer counts that sum to 5, got {args.balance}")
-    if args.bandwidth_mb_s <= 0 or args.latency_ms < 0:
-        parser.error("--bandwidth-mb-s must be > 0 and --latency-ms >= 0")
+    check_all_reduce_arguments(parser, args)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    start_logging(args.verbose)
     given = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python benchmarks/overhead.py", *given])
     machine = machine_info()
@@ -825,17 +885,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ray.is_initialized():
                 ray.shutdown()
     elapsed = time.perf_counter() - started
-    try:
-        machine["load_average_1min_at_end"] = os.getloadavg()[0]
-    except OSError:
-        machine["load_average_1min_at_end"] = float("nan")
+    record_load_at_end(machine)
     report = {"machine": machine, "command": command, "elapsed_s": elapsed, "part_a": a, "part_b": b}
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "overhead.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     markdown = render_markdown(machine, a, b, command) + f"\nTotal benchmark time: {elapsed:.0f} s.\n"
-    (args.output_dir / "overhead.md").write_text(markdown, encoding="utf-8")
-    print(markdown)
-    print(f"wrote {args.output_dir / 'overhead.json'} and {args.output_dir / 'overhead.md'}")
+    write_results(args.output_dir, "overhead", report, markdown)
     return 0
 
 

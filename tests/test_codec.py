@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from funcpipe.codec import decode, decode_tensor, encode, encode_tensor
+from funcpipe.codec import decode, decode_tensor, encode, encode_tensor, read_tensor
 from funcpipe.errors import ConfigError, IntegrityError
 
 
@@ -244,6 +244,8 @@ def test_decode_never_unpickles(tmp_path: Path, protocol: int) -> None:
         decode(payload)
     with pytest.raises(IntegrityError):
         decode_tensor(payload)
+    with pytest.raises(IntegrityError):
+        read_tensor(payload)
     assert not marker.exists()
 
 
@@ -252,3 +254,119 @@ def test_decode_refuses_torch_save(tmp_path: Path) -> None:
     torch.save({"t": torch.ones(2)}, buffer)
     with pytest.raises(IntegrityError):
         decode_tensor(buffer.getvalue())
+    with pytest.raises(IntegrityError):
+        read_tensor(buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- read_tensor: into the caller's tensor
+
+READ_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
+    torch.uint8, torch.bool, torch.complex64,  # complex64: laid out by safetensors, decoded
+]
+
+
+@pytest.mark.parametrize("dtype", READ_DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 4)])
+def test_read_tensor_copies_and_adds_like_the_decoded_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(len(shape))
+    tensor = (torch.randn(shape, generator=generator) * 50).to(dtype)
+    base = (torch.randn(shape, generator=generator) * 50).to(dtype)
+    data = encode_tensor(tensor, {"key": "k"})
+    received = read_tensor(data)
+    assert received.metadata == {"key": "k"}
+    assert (received.dtype, received.shape) == (dtype, shape)
+    out = torch.empty(shape, dtype=dtype)
+    received.copy_to(out)
+    assert torch.equal(out, tensor)
+    if dtype != torch.bool:
+        summed = base.clone()
+        received.add_to(summed)
+        expected = base.clone().add_(decode_tensor(data)[0])
+        assert torch.equal(summed.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))  # same bits
+    assert data == encode_tensor(tensor, {"key": "k"})  # the bytes were only read
+
+
+def test_read_tensor_reads_into_views() -> None:
+    result = torch.zeros(10)
+    read_tensor(encode_tensor(torch.arange(3.0))).copy_to(result[4:7])
+    read_tensor(encode_tensor(torch.ones(2))).add_to(result[5:7])
+    assert result.tolist() == [0, 0, 0, 0, 0, 2, 3, 0, 0, 0]
+
+
+def test_read_tensor_reads_the_reference_writer() -> None:
+    tensor = torch.arange(6.0).reshape(2, 3)
+    out = torch.empty(2, 3)
+    read_tensor(safetensors.torch.save({"t": tensor}, {"key": "k"})).copy_to(out)
+    assert torch.equal(out, tensor)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [(torch.float64, (3,)), (torch.float32, (4,)), (torch.float32, (1, 3)), (torch.float32, ())]
+)
+def test_read_tensor_refuses_a_destination_of_another_dtype_or_shape(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    received = read_tensor(encode_tensor(torch.ones(3)))
+    with pytest.raises(IntegrityError, match="expected"):
+        received.copy_to(torch.zeros(shape, dtype=dtype))
+    with pytest.raises(IntegrityError, match="expected"):
+        received.add_to(torch.zeros(shape, dtype=dtype))
+
+
+def test_read_tensor_wants_exactly_one_t() -> None:
+    for data in (encode({"a": torch.ones(1), "b": torch.ones(1)}), encode({}), encode({"a": torch.ones(1)})):
+        with pytest.raises(IntegrityError, match="'t'"):
+            read_tensor(data)
+
+
+def test_read_tensor_requires_bytes() -> None:
+    with pytest.raises(IntegrityError, match="bytearray"):
+        read_tensor(bytearray(encode_tensor(torch.ones(1))))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"short", b"\xff" * 64, struct.pack("<Q", 4) + b"nope", struct.pack("<Q", 2) + b"[]"],
+)
+def test_read_tensor_rejects_garbage(data: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        read_tensor(data)
+
+
+def test_read_tensor_rejects_truncated_or_padded_payloads() -> None:
+    data = encode_tensor(torch.ones(100), {"key": "k"})
+    for cut in (1, 7, 8, 20, len(data) // 2, len(data) - 1):
+        with pytest.raises(IntegrityError):
+            read_tensor(data[:cut])
+    with pytest.raises(IntegrityError):
+        read_tensor(data + b"\0" * 4)
+
+
+def test_read_tensor_rejects_corrupt_headers() -> None:
+    def payload(entry: bytes, data: bytes = b"\0" * 8) -> bytes:
+        header = b'{"t": ' + entry + b"}"
+        header += b" " * (-len(header) % 8)
+        return struct.pack("<Q", len(header)) + header + data
+
+    for entry in (
+        b'{"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}',  # shape needs 12 bytes
+        b'{"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}',  # past the end
+        b'{"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}',
+        b'{"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}',
+        b'{"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}',
+        b'{"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}',
+        b'{"dtype": "F32", "shape": [true, 2], "data_offsets": [0, 8]}',
+        b'{"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}',
+        b'{"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}',
+        b'{"dtype": "F32", "shape": [2]}',
+        b'{"dtype": "NOPE", "shape": [2], "data_offsets": [0, 8]}',
+        b'{"shape": [2], "data_offsets": [0, 8]}',
+        b'"F32"',
+    ):
+        with pytest.raises(IntegrityError):
+            read_tensor(payload(entry))
+    ok = payload(b'{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}')
+    out = torch.ones(2)
+    read_tensor(ok).copy_to(out)
+    assert out.tolist() == [0.0, 0.0]

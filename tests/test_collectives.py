@@ -554,7 +554,7 @@ def test_recv_stops_waiting_when_cancelled(memory: MemoryStorage, keys: JobKeys)
 # --------------------------------------------------------------------------- pieces and connections
 
 
-@pytest.mark.parametrize("connections", [None, 3], ids=["download-thread", "3-connections"])
+@pytest.mark.parametrize("connections", [None, 3], ids=["one-thread-each-way", "3-connections"])
 @pytest.mark.parametrize(("world", "size"), [(2, 101), (3, 1000), (5, 777)])
 def test_pipelined_in_pieces_sums_exactly(
     memory: MemoryStorage, keys: JobKeys, world: int, size: int, connections: int | None
@@ -566,14 +566,17 @@ def test_pipelined_in_pieces_sums_exactly(
 
     def replica(rank: int) -> torch.Tensor:
         comm = make_comm(memory)
-        comm.fetch = None if connections is None else ThreadPoolExecutor(connections, thread_name_prefix="test-fetch")
+        if connections is not None:  # download and upload connections, as a StageWorker has
+            comm.fetch = ThreadPoolExecutor(connections, thread_name_prefix="test-fetch")
+            comm.push = ThreadPoolExecutor(connections, thread_name_prefix="test-push")
         try:
             return all_reduce(comm, inputs[rank], keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
                               world=world, algorithm="pipelined", piece_bytes=piece_bytes)
         finally:
             close_comm(comm)
-            if comm.fetch is not None:
-                comm.fetch.shutdown(wait=True)
+            for pool in (comm.fetch, comm.push):
+                if pool is not None:
+                    pool.shutdown(wait=True)
 
     with ThreadPoolExecutor(max_workers=world, thread_name_prefix="test-replica") as pool:
         results = [f.result(timeout=THREAD_TIMEOUT_S) for f in [pool.submit(replica, r) for r in range(world)]]
@@ -593,3 +596,45 @@ def test_pipelined_in_pieces_sums_exactly(
 )
 def test_piece_count(size_bytes: int, world: int, piece_bytes: int, expected: int) -> None:
     assert piece_count(size_bytes, world, piece_bytes) == expected
+
+
+class ConcurrencyStorage(Wrapper):
+    """Counts the most puts in flight at once; each put takes a little while."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            threading.Event().wait(0.02)
+            super().put(key, data)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_pipelined_uploads_overlap_on_the_push_connections(memory: MemoryStorage, keys: JobKeys) -> None:
+    world, size, piece_bytes = 3, 600, 8 * 32  # several pieces per chunk
+    storages = [ConcurrencyStorage(memory) for _ in range(world)]
+    inputs = integer_inputs(world, size)
+
+    def replica(rank: int) -> torch.Tensor:
+        comm = make_comm(storages[rank])
+        comm.push = ThreadPoolExecutor(2, thread_name_prefix="test-push")
+        try:
+            return all_reduce(comm, inputs[rank], keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
+                              world=world, algorithm="pipelined", piece_bytes=piece_bytes)
+        finally:
+            close_comm(comm)
+            comm.push.shutdown(wait=True)
+
+    with ThreadPoolExecutor(max_workers=world, thread_name_prefix="test-replica") as pool:
+        results = [f.result(timeout=THREAD_TIMEOUT_S) for f in [pool.submit(replica, r) for r in range(world)]]
+    assert all(torch.equal(result, torch.stack(inputs).sum(0)) for result in results)
+    assert [storage.most for storage in storages] == [2] * world

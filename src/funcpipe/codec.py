@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -13,7 +16,7 @@ from safetensors.torch import save as _st_save
 
 from funcpipe.errors import ConfigError, IntegrityError
 
-__all__ = ["decode", "decode_tensor", "encode", "encode_tensor"]
+__all__ = ["TensorBytes", "decode", "decode_tensor", "encode", "encode_tensor", "read_tensor"]
 
 #: The name :func:`encode_tensor` stores its single tensor under.
 TENSOR_NAME = "t"
@@ -36,8 +39,18 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 # safetensors stores little-endian; on a big-endian host let safetensors byte-swap.
 _LITTLE_ENDIAN = sys.byteorder == "little"
+
+# torch warns once per process, on the first tensor made over read-only memory, that
+# writing to it would be undefined. TensorBytes reads through such tensors (views of
+# bytes from storage) and never writes or hands them out; take that one warning here,
+# at import, rather than in some worker thread (where a filter turning warnings into
+# errors would fail the transfer).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(bytes(1), dtype=torch.uint8)
 
 
 def encode(
@@ -179,8 +192,123 @@ def decode_tensor(data: bytes) -> tuple[torch.Tensor, dict[str, str]]:
     return tensors[TENSOR_NAME], metadata
 
 
+class TensorBytes:
+    """The tensor in :func:`encode_tensor`'s bytes, checked but not copied out of them.
+
+    :meth:`copy_to` and :meth:`add_to` read the elements straight from the
+    bytes into a tensor the caller owns: receiving this way allocates no
+    tensor (:func:`decode_tensor` allocates one, which the caller would then
+    copy or add from). Made by :func:`read_tensor`.
+    """
+
+    __slots__ = ("_data", "_offset", "_tensor", "dtype", "metadata", "shape")
+
+    def __init__(
+        self,
+        metadata: dict[str, str],
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        *,
+        data: bytes = b"",
+        offset: int = 0,
+        tensor: torch.Tensor | None = None,
+    ) -> None:
+        self.metadata = metadata
+        self.dtype = dtype
+        self.shape = shape
+        self._data = data
+        self._offset = offset
+        self._tensor = tensor  # set when the tensor had to be decoded (a dtype laid out by safetensors)
+
+    def copy_to(self, out: torch.Tensor) -> None:
+        """``out.copy_(tensor)``.
+
+        Raises:
+            IntegrityError: ``out`` has another dtype or shape than the stored tensor.
+        """
+        out.copy_(self._source(out))
+
+    def add_to(self, out: torch.Tensor) -> None:
+        """``out.add_(tensor)``: the same operation, so the same bits, as adding the decoded tensor.
+
+        Raises:
+            IntegrityError: ``out`` has another dtype or shape than the stored tensor.
+        """
+        out.add_(self._source(out))
+
+    def _source(self, out: torch.Tensor) -> torch.Tensor:
+        if out.dtype != self.dtype or tuple(out.shape) != self.shape:
+            raise IntegrityError(
+                f"received a {self.dtype} tensor of shape {self.shape} where a {out.dtype} "
+                f"tensor of shape {tuple(out.shape)} was expected"
+            )
+        if self._tensor is not None:
+            return self._tensor
+        numel = math.prod(self.shape)
+        if not numel:
+            return torch.empty(self.shape, dtype=self.dtype)
+        # A read-only view of the bytes: only ever read, and it never leaves this object.
+        view = torch.frombuffer(self._data, dtype=self.dtype, count=numel, offset=self._offset)
+        return view.view(self.shape)
+
+
+def read_tensor(data: bytes) -> TensorBytes:
+    """Check bytes written by :func:`encode_tensor` and return the tensor in them, uncopied.
+
+    The header is checked as strictly as safetensors checks it (one tensor
+    named ``"t"``, a known dtype, a shape whose size is exactly the bytes
+    after the header); nothing is unpickled. Dtypes that :func:`encode`
+    leaves to safetensors, and any host that is not little-endian, are
+    decoded by safetensors instead (one copy).
+
+    Raises:
+        IntegrityError: ``data`` is malformed or does not hold exactly one
+            tensor named ``"t"``.
+    """
+    if not isinstance(data, bytes):
+        raise IntegrityError(f"cannot decode a {type(data).__name__}: expected bytes from storage")
+    header, start = _read_header(data)
+    metadata = _metadata_of(header)
+    names = sorted(name for name in header if name != _METADATA_KEY)
+    if names != [TENSOR_NAME]:
+        raise IntegrityError(f"expected a single tensor named {TENSOR_NAME!r}, found {names}")
+    entry = header[TENSOR_NAME]
+    name = entry.get("dtype") if isinstance(entry, dict) else None
+    dtype = _DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
+    if dtype is None or not _LITTLE_ENDIAN:
+        tensor, metadata = decode_tensor(data)
+        return TensorBytes(metadata, tensor.dtype, tuple(tensor.shape), tensor=tensor)
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+        raise IntegrityError(f"corrupt safetensors header: tensor {TENSOR_NAME!r} has shape {shape!r:.200}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(offset) is int for offset in offsets)
+        or offsets != [0, nbytes]
+        or start + nbytes != len(data)
+    ):
+        raise IntegrityError(
+            f"corrupt safetensors payload ({len(data)} bytes): tensor {TENSOR_NAME!r} of shape {shape} "
+            f"and dtype {name} needs {nbytes} data bytes after the {start}-byte header, "
+            f"data_offsets are {offsets!r:.200}"
+        )
+    if start % itemsize:  # unaligned (not our writer's layout): let safetensors copy it out
+        tensor, metadata = decode_tensor(data)
+        return TensorBytes(metadata, tensor.dtype, tuple(tensor.shape), tensor=tensor)
+    return TensorBytes(metadata, dtype, tuple(shape), data=data, offset=start)
+
+
 def _read_metadata(data: bytes) -> dict[str, str]:
     """Parse the header (8-byte little-endian length + JSON) and return its metadata."""
+    return _metadata_of(_read_header(data)[0])
+
+
+def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """Parse the header (8-byte little-endian length + JSON); return it and where the data starts."""
     if len(data) < 8:
         raise IntegrityError(
             f"truncated safetensors payload: {len(data)} bytes, need at least 8 for the header length"
@@ -199,6 +327,10 @@ def _read_metadata(data: bytes) -> dict[str, str]:
         raise IntegrityError(
             f"not a safetensors payload: header is a JSON {type(header).__name__}, not an object"
         )
+    return header, 8 + length
+
+
+def _metadata_of(header: dict[str, Any]) -> dict[str, str]:
     metadata = header.get(_METADATA_KEY)
     if metadata is None:
         return {}

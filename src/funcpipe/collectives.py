@@ -9,20 +9,26 @@ storage. The gradient, flattened, is cut into ``n`` chunks of balanced sizes
 (``torch.tensor_split``: sizes differ by at most one element); replica ``k``
 owns chunk ``k``. Two algorithms:
 
-* ``pipelined`` (funcpipe, paper §4.3): the upload thread sends my shares of
-  the peers' chunks while the downloads fetch the peers' shares of my chunk
-  and the compute thread adds each into my chunk as it arrives (my own share
+* ``pipelined`` (funcpipe, paper §4.3): the uploads send my shares of the
+  peers' chunks while the downloads fetch the peers' shares of my chunk and
+  the compute thread adds each into my chunk as it arrives (my own share
   *is* the starting value); each reduced piece goes up as soon as it is
   summed while the peers' reduced pieces come down. Chunks travel in pieces
   of about ``piece_bytes`` so a piece can be forwarded before the whole chunk
-  has arrived, and the downloads run on several connections (``Comm.fetch``)
-  so the per-request latencies overlap. Uplink, downlink and sums overlap.
+  has arrived, and uploads and downloads run on several connections
+  (``Comm.push``, ``Comm.fetch``) so the per-request latencies overlap (and
+  one piece is encoded while another is on the wire). Uplink, downlink and
+  sums overlap.
 * ``four_phase`` (LambdaML's scatter-reduce, the baseline): upload all
   shares; then download and sum; then upload the merged chunk; then download
-  the merged chunks. Each phase waits for the one before.
+  the merged chunks. Each phase waits for the one before, and each moves
+  its objects one after another on the upload or the download thread.
 
 Both move the same bytes: each replica uploads ``size`` and downloads
 ``2 (n-1)/n * size``, so ``2 (n-1)/n * size / bandwidth`` bounds the time.
+Received tensors are added or copied straight from the downloaded bytes into
+the result (:class:`funcpipe.codec.TensorBytes`), with no tensor allocated per
+object.
 """
 
 from __future__ import annotations
@@ -63,31 +69,59 @@ class Comm:
     #: Connections for the all-reduce's downloads (several, so request latencies
     #: overlap; they share the one downlink); ``None``: the download thread.
     fetch: ThreadPoolExecutor | None = None
+    #: Connections for the all-reduce's uploads (several, so request latencies and
+    #: the encoding of one piece overlap another's transfer; they share the one
+    #: uplink, and start in the order posted); ``None``: the upload thread.
+    push: ThreadPoolExecutor | None = None
 
     def send(self, key: str, tensor: torch.Tensor) -> Future[None]:
         """Post ``tensor`` to the upload thread; it is written to ``key``."""
         return self.upload.submit(self.put_now, key, tensor)
 
+    def push_send(self, key: str, tensor: torch.Tensor) -> Future[None]:
+        """Like :meth:`send`, on the all-reduce's upload connections."""
+        return (self.push or self.upload).submit(self.put_now, key, tensor)
+
     def recv(self, key: str) -> Future[torch.Tensor]:
         """Post a download of ``key`` (waiting for it to appear) to the download thread."""
         return self.download.submit(self.get_now, key)
 
-    def fetch_recv(self, key: str) -> Future[torch.Tensor]:
-        """Like :meth:`recv`, on the all-reduce's download connections."""
-        return (self.fetch or self.download).submit(self.get_now, key)
+    def recv_bytes(self, key: str) -> Future[codec.TensorBytes]:
+        """Like :meth:`recv`, the tensor left in the downloaded bytes (to add or copy from)."""
+        return self.download.submit(self.read_now, key)
+
+    def fetch_bytes(self, key: str) -> Future[codec.TensorBytes]:
+        """Like :meth:`recv_bytes`, on the all-reduce's download connections."""
+        return (self.fetch or self.download).submit(self.read_now, key)
+
+    def fetch_into(self, key: str, out: torch.Tensor) -> Future[None]:
+        """Download ``key`` on the all-reduce's download connections and copy its tensor into ``out``."""
+        return (self.fetch or self.download).submit(lambda: self.read_now(key).copy_to(out))
 
     def put_now(self, key: str, tensor: torch.Tensor) -> None:
         put_tensor(self.storage, key, tensor)
 
     def get_now(self, key: str) -> torch.Tensor:
+        """Wait for ``key`` and decode it into a fresh tensor."""
         data = self.storage.wait(key, self.timeout_s, cancelled=self.cancelled)
         tensor, metadata = codec.decode_tensor(data)
-        if metadata.get("key") != key:
-            raise IntegrityError(
-                f"object at {key!r} was written for key {metadata.get('key')!r}; refusing "
-                "a stale or misplaced object"
-            )
+        _check_key(key, metadata)
         return tensor
+
+    def read_now(self, key: str) -> codec.TensorBytes:
+        """Wait for ``key``; its tensor, checked, still in the downloaded bytes (no copy yet)."""
+        data = self.storage.wait(key, self.timeout_s, cancelled=self.cancelled)
+        received = codec.read_tensor(data)
+        _check_key(key, received.metadata)
+        return received
+
+
+def _check_key(key: str, metadata: dict[str, str]) -> None:
+    if metadata.get("key") != key:
+        raise IntegrityError(
+            f"object at {key!r} was written for key {metadata.get('key')!r}; refusing "
+            "a stale or misplaced object"
+        )
 
 
 def put_tensor(storage: Storage, key: str, tensor: torch.Tensor) -> None:
@@ -147,21 +181,22 @@ def all_reduce(
         parts = [torch.tensor_split(chunk, pieces) for chunk in chunks]
         out_parts = [torch.tensor_split(chunk, pieces) for chunk in out_chunks]
         sends = [
-            comm.send(chunk_key(peer, rank, q), parts[peer][q]) for q in range(pieces) for peer in to_peers
+            comm.push_send(chunk_key(peer, rank, q), parts[peer][q]) for q in range(pieces) for peer in to_peers
         ]
         # Every share download is queued before any merged one, so a connection
         # waiting for a peer's reduced piece never holds up a share that piece needs.
-        shares = [[comm.fetch_recv(chunk_key(rank, peer, q)) for peer in from_peers] for q in range(pieces)]
-        merged = [[(peer, comm.fetch_recv(merged_key(peer, q))) for peer in from_peers] for q in range(pieces)]
+        shares = [[comm.fetch_bytes(chunk_key(rank, peer, q)) for peer in from_peers] for q in range(pieces)]
+        merged = [
+            comm.fetch_into(merged_key(peer, q), out_parts[peer][q]) for q in range(pieces) for peer in from_peers
+        ]
         for q in range(pieces):
             mine = out_parts[rank][q]
             mine.copy_(parts[rank][q])
-            for share in shares[q]:
-                mine.add_(share.result())
-            sends.append(comm.send(merged_key(rank, q), mine))
-        for q in range(pieces):
-            for peer, future in merged[q]:
-                out_parts[peer][q].copy_(future.result())
+            for share in shares[q]:  # always in this order: the sum's bits do not depend on timing
+                share.result().add_to(mine)
+            sends.append(comm.push_send(merged_key(rank, q), mine))
+        for future in merged:
+            future.result()
         for send in sends:
             send.result()
     else:
@@ -170,8 +205,8 @@ def all_reduce(
         mine = out_chunks[rank]
         mine.copy_(chunks[rank])
         for peer in from_peers:
-            mine.add_(comm.recv(chunk_key(rank, peer)).result())
+            comm.recv_bytes(chunk_key(rank, peer)).result().add_to(mine)
         comm.send(merged_key(rank), mine).result()
         for peer in from_peers:
-            out_chunks[peer].copy_(comm.recv(merged_key(peer)).result())
+            comm.recv_bytes(merged_key(peer)).result().copy_to(out_chunks[peer])
     return result

@@ -35,6 +35,9 @@ ABORT_CHECK_S = 1.0
 
 #: Parallel download connections for the gradient all-reduce (overlapping request latencies).
 FETCH_CONNECTIONS = 4
+#: Parallel upload connections for the gradient all-reduce (overlapping request latencies,
+#: and the encoding of one piece with the transfer of another).
+PUSH_CONNECTIONS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,11 +179,14 @@ class StageWorker(Actor):
             self._upload = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-upload-{name}")
             self._download = ThreadPoolExecutor(1, thread_name_prefix=f"funcpipe-download-{name}")
             self._pools = [self._upload, self._download]
-            fetch = None
+            fetch = push = None
             if self.plan.replicas[config.stage] > 1:
                 fetch = ThreadPoolExecutor(FETCH_CONNECTIONS, thread_name_prefix=f"funcpipe-fetch-{name}")
-                self._pools.append(fetch)
-        self.comm = Comm(self.storage, self._upload, self._download, config.timeout_s, self._cancelled, fetch)
+                push = ThreadPoolExecutor(PUSH_CONNECTIONS, thread_name_prefix=f"funcpipe-push-{name}")
+                self._pools += [fetch, push]
+        self.comm = Comm(
+            self.storage, self._upload, self._download, config.timeout_s, self._cancelled, fetch, push
+        )
         self._ready = True
 
     def _cancelled(self) -> bool:
