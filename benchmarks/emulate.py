@@ -425,21 +425,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("compute alone, per stage: %s", solo)
 
     variants: list[Variant] = []
-    for name, system, plan in systems:
-        sim = funcpipe.simulate(plan, profile, spec)
-        plan = sim.plan  # memory filled in
-        variants.append(make_variant(name, system, plan, sim, throttled=True, args=args))
-        if not args.no_floor:
-            floor = funcpipe.simulate(plan, profile, floor_spec)
-            variants.append(make_variant(f"{name}/unthrottled", system, plan, floor, throttled=False, args=args))
-
-    cpus = _usable_cpus()
-    log.info("starting Ray (num_cpus=%d)", cpus)
-    if not ray.is_initialized():
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     samples: list[dict[str, Any]] = []
     warmup: dict[str, dict[str, Any]] = {}
+    cpus = _usable_cpus()
     try:
+        for name, system, plan in systems:
+            sim = funcpipe.simulate(plan, profile, spec)
+            plan = sim.plan  # memory filled in
+            variants.append(make_variant(name, system, plan, sim, throttled=True, args=args))
+            if not args.no_floor:
+                floor = funcpipe.simulate(plan, profile, floor_spec)
+                variants.append(make_variant(f"{name}/unthrottled", system, plan, floor, throttled=False, args=args))
+        log.info("starting Ray (num_cpus=%d)", cpus)
+        if not ray.is_initialized():
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
         for variant in variants:
             warmup[variant.name] = run_fit(variant, batches, args.warmup_iterations, args.seed)
             log.info("warm-up fit of %s: %.1f s", variant.name, warmup[variant.name]["wall_s"])
