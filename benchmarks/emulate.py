@@ -37,14 +37,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
-import platform as host
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +59,9 @@ from funcpipe import ModelProfile, Plan, Simulation, Trainer
 from funcpipe.baselines import lambdaml
 from funcpipe.errors import PlanInfeasible
 from funcpipe.platforms import Platform, aws_lambda
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.overhead import _table, machine_info  # the same machine record and tables as overhead.py
 
 log = logging.getLogger("funcpipe.benchmarks.emulate")
 
@@ -550,51 +550,6 @@ def _usable_cpus() -> int:
 
 
 # -- reporting ---------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = host.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = ""
-    try:
-        import ray
-
-        ray_version = ray.__version__
-    except ImportError:
-        ray_version = ""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": _usable_cpus(),
-        "cpu_model": cpu_model,
-        "load_average_1min_at_start": load,
-        "python": host.python_version(),
-        "torch": torch.__version__,
-        "ray": ray_version,
-        "funcpipe": funcpipe.__version__,
-        "git_commit": commit,
-        "platform": host.platform(),
-    }
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _pct(x: float) -> str:
