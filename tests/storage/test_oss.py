@@ -524,3 +524,14 @@ def test_repr_and_url_hold_no_credentials(moto_oss: OSSStorage) -> None:
     with pytest.raises(ObjectNotFound) as info:
         moto_oss.get("absent")
     assert_no_secrets(info.value)
+
+
+def test_moto_serves_an_oss_signature_that_looks_like_a_sigv4_scope(moto_oss: OSSStorage) -> None:
+    """The test server itself: an OSS V1 signature holding four ``/`` once made moto answer HTTP 500.
+
+    (conftest's moto fixture routes OSS-signed requests to S3; without that, this GET fails.)
+    """
+    moto_oss.put("k", b"payload")
+    url = f"{moto_oss.endpoint}/{moto_oss.bucket}/p/k"
+    answer = requests.get(url, headers={"Authorization": "OSS LTAIid:a/b/c/d/e="}, timeout=10)
+    assert (answer.status_code, answer.content) == (200, b"payload")
