@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,6 +33,57 @@ def test_demo_prints_accuracy_and_time_per_stage(capsys: pytest.CaptureFixture[s
     assert "test accuracy:" in out and "where the time went" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [row[:2] for row in rows] == [["0", "1"], ["1", "2"], ["2", "1"]]
+
+
+KILLED_DEMO = """
+import os, signal, sys
+from funcpipe import trainer
+from funcpipe.cli import main
+
+original = trainer._Replay.get
+
+def get(self, iteration):
+    if iteration == 10:  # the driver dies once it has seen iteration 7 finish
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, iteration)
+
+trainer._Replay.get = get
+main(["demo", "--epochs", "1", "--backend", "thread", "--storage", sys.argv[1], "--job", "digits",
+      "--checkpoint-every", "4", "--json"])
+"""
+
+
+def test_resume_continues_a_killed_demo_to_the_same_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = (tmp_path / "killed").as_uri()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_DEMO, url], env=env, capture_output=True, timeout=300,
+                            check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert main(["resume", "--storage", url, "--backend", "thread", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["iterations"] == 22 - 4  # from the checkpoint before iteration 4
+    assert main(["demo", "--epochs", "1", "--backend", "thread", "--storage", (tmp_path / "whole").as_uri(),
+                 "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert resumed["accuracy_after"] == pytest.approx(whole["accuracy_after"], abs=1e-9)
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-4)
+
+
+def test_resume_of_a_job_started_from_python_says_how(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch import nn
+
+    from funcpipe import Trainer
+    from tests.helpers import mlp7, regression_batches, sgd_momentum
+
+    url = (tmp_path / "py").as_uri()
+    plan = Plan.manual([7], micro_batch_size=4, global_batch_size=8)
+    Trainer(mlp7(), nn.functional.mse_loss, sgd_momentum, plan, backend="thread", storage=url,
+            job="from-python").fit(regression_batches(1, 8), progress=False)
+    assert main(["resume", "--storage", url, "--job", "from-python"]) == 2
+    err = capsys.readouterr().err
+    assert "job 'from-python'" in err and "was started from Python" in err and "resume=True" in err
 
 
 def test_bad_argument_is_one_line_and_exit_code_2() -> None:
@@ -245,8 +298,8 @@ def test_plan_and_simulate_errors_are_one_line(tmp_path: Path, capsys: pytest.Ca
 def test_help_lists_every_command_on_one_line() -> None:
     help_text = build_parser().format_help()
     lines = {line.split()[0]: line for line in help_text.splitlines() if line.startswith("    ")}
-    assert set(lines) == {"demo", "profile", "plan", "simulate", "deploy"}
+    assert set(lines) == {"demo", "resume", "profile", "plan", "simulate", "deploy"}
     for line in lines.values():
         assert len(line.split()) > 3  # the name and its one-line description
     commands = help_text.split("positional arguments:")[1].split("options:")[0]
-    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 5  # COMMAND, then one each
+    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 6  # COMMAND, then one each

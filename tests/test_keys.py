@@ -38,9 +38,10 @@ def test_every_key_is_distinct() -> None:
         for iteration in (0, 1, 10, 100):
             everything += iteration_keys(keys, iteration)
         everything.append(keys.abort)
-    # model and checkpoint keys belong to the job, not the attempt
+    # model keys belong to the job, not the attempt
     for job in ("job", "other"):
-        everything += [k for k in job_keys(JobKeys(job)) if k != JobKeys(job).abort]
+        everything.append(JobKeys(job).model_blob(0))
+        everything += [JobKeys(job, attempt).checkpoint(stage, 5) for attempt in (0, 1) for stage in (0, 1)]
     assert len(everything) == len(set(everything))
 
 
@@ -67,10 +68,11 @@ def test_keys_differ_in_each_component(a: str, b: str) -> None:
     assert a != b
 
 
-def test_model_and_checkpoint_keys_survive_a_retry() -> None:
-    # A retried attempt reads the same model blob and checkpoint as the first one.
+def test_model_key_survives_a_retry_and_checkpoint_keys_do_not() -> None:
+    # A retried attempt reads the same model blob as the first one; a worker of a failed
+    # attempt still running cannot overwrite the checkpoint a later attempt restores from.
     assert JobKeys("job", 0).model_blob(1) == JobKeys("job", 3).model_blob(1)
-    assert JobKeys("job", 0).checkpoint(1, 5) == JobKeys("job", 3).checkpoint(1, 5)
+    assert JobKeys("job", 0).checkpoint(1, 5) != JobKeys("job", 3).checkpoint(1, 5)
 
 
 @pytest.mark.parametrize("iteration", [0, 1, 10, 100, 12345678])

@@ -32,12 +32,37 @@ __all__ = ["build_parser", "load_model", "main"]
 def _demo(args: argparse.Namespace) -> int:
     from funcpipe.demo import run_demo
 
-    result = run_demo(epochs=args.epochs, backend=args.backend, storage=args.storage,
-                      progress=not args.json)
+    result = run_demo(epochs=args.epochs, backend=args.backend, storage=args.storage, progress=not args.json,
+                      job=args.job, max_retries=args.max_retries, checkpoint_every=args.checkpoint_every)
+    return _print_demo(result, args)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from funcpipe.demo import run_demo
+    from funcpipe.manifest import find_job
+    from funcpipe.storage import open_storage
+
+    manifest = find_job(open_storage(args.storage), args.job)
+    cli = manifest.extra.get("cli")
+    if not isinstance(cli, dict) or cli.get("command") != "demo" or not isinstance(cli.get("epochs"), int):
+        raise ConfigError(
+            f"job {manifest.job!r} in {args.storage} was started from Python, not by `funcpipe demo`, so only its "
+            f"code can rebuild the model; hint: Trainer(model, loss_fn, optimizer, plan, storage={args.storage!r}, "
+            f"job={manifest.job!r}).fit(data, ..., resume=True)"
+        )
+    result = run_demo(epochs=cli["epochs"], backend=args.backend, storage=args.storage, progress=not args.json,
+                      job=manifest.job, resume=True, max_retries=args.max_retries)
+    return _print_demo(result, args)
+
+
+def _print_demo(result: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     print(result.plan)
+    if not result.history.losses:
+        print(f"\nnothing to train: the job had finished; test accuracy {result.accuracy_after:.1%}")
+        return 0
     print(f"\ntest accuracy: {result.accuracy_before:.1%} before, {result.accuracy_after:.1%} after "
           f"{len(result.history)} iterations in {result.seconds:.1f} s "
           f"(final loss {result.history.losses[-1]:.4f})")
@@ -449,7 +474,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="ray", help="ray (default) or thread")
     demo.add_argument("--storage", default=None, help="storage URL (default: a fresh local directory)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON, no progress bar")
+    demo.add_argument("--job", help="name the job (its key prefix in the storage), to resume it by name")
+    demo.add_argument("--max-retries", type=int, default=0, metavar="N",
+                      help="times to roll back to the last checkpoint and run again when a worker fails (default 0)")
+    demo.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                      help="iterations between checkpoints of every stage (default 10; 0: only at the end)")
     demo.set_defaults(func=_demo)
+
+    resume = commands.add_parser(
+        "resume", help="continue a killed `funcpipe demo` job from its checkpoint",
+        description="Continue the job a killed `funcpipe demo --storage URL` left in URL (the one named --job, "
+        "else the most recently updated unfinished one) from its last complete checkpoint.",
+    )
+    resume.add_argument("--storage", required=True, help="the storage URL the job ran with")
+    resume.add_argument("--job", help="the job's name (default: the most recently updated unfinished job)")
+    resume.add_argument("--backend", default="ray", help="ray (default) or thread")
+    resume.add_argument("--max-retries", type=int, default=0, metavar="N", help="as for demo (default 0)")
+    resume.add_argument("--json", action="store_true", help="print the result as JSON, no progress bar")
+    resume.set_defaults(func=_resume)
 
     profiling = argparse.ArgumentParser(add_help=False)
     measure = profiling.add_argument_group("profiling (when given a MODEL)")

@@ -10,7 +10,7 @@ from torch import nn
 
 from funcpipe.errors import ConfigError
 from funcpipe.plan import Plan
-from funcpipe.trainer import History, Trainer
+from funcpipe.trainer import DEFAULT_CHECKPOINT_EVERY, History, Trainer
 
 __all__ = ["DemoResult", "demo_plan", "digits_model", "load_digits", "run_demo"]
 
@@ -81,8 +81,16 @@ def run_demo(
     backend: str = "ray",
     storage: str | None = None,
     progress: bool = True,
+    job: str | None = None,
+    resume: bool = False,
+    max_retries: int = 0,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
 ) -> DemoResult:
-    """Train the digits classifier with :func:`demo_plan` and measure test accuracy."""
+    """Train the digits classifier with :func:`demo_plan` and measure test accuracy.
+
+    With ``resume``, continue the demo job a killed run left in ``storage``
+    (``funcpipe resume``); the job's manifest records how the CLI started it.
+    """
     import time
 
     train_x, train_y, test_x, test_y = load_digits()
@@ -101,8 +109,11 @@ def run_demo(
         plan,
         backend=backend,
         storage=storage,
+        job=job,
     )
+    trainer._extra = {"cli": {"command": "demo", "epochs": epochs}}  # for `funcpipe resume`
     started = time.perf_counter()
-    history = trainer.fit(batches, epochs=epochs, progress=progress)
+    history = trainer.fit(batches, epochs=epochs, progress=progress, resume=resume, max_retries=max_retries,
+                          checkpoint_every=checkpoint_every)
     seconds = time.perf_counter() - started
     return DemoResult(before, accuracy(trainer.model, test_x, test_y), history, plan, seconds)

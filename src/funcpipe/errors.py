@@ -133,6 +133,8 @@ class WorkerFailed(FuncpipeError):
         self.worker = worker
         self.cause = cause
         self.remote_traceback = remote_traceback
+        #: After ``fit(max_retries=N)`` gave up: every attempt's error, in order.
+        self.attempts: list[BaseException] = []
         message = f"{worker} failed: {cause}"
         if remote_traceback:
             message += "\n\nRemote traceback:\n" + remote_traceback.rstrip()

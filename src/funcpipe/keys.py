@@ -88,12 +88,15 @@ class JobKeys:
         return f"{self.job}/model/s{stage}"
 
     def checkpoint(self, stage: int, iteration: int) -> str:
-        """Weights and optimizer state of one stage before ``iteration`` (after the ones before it).
+        """Weights and optimizer state of one stage before ``iteration``, as this attempt wrote them.
 
         Keyed by iteration, so stages that stopped at different points never
-        mix: a run resumes every stage from the same iteration.
+        mix: a run resumes every stage from the same iteration. Keyed by
+        attempt, so a worker of a failed attempt that is still running (a
+        serverless call cannot be killed) never overwrites the checkpoint a
+        later attempt restores from.
         """
-        return f"{self.job}/checkpoint/i{iteration:08d}/s{stage}"
+        return f"{self.root}/checkpoint/i{iteration:08d}/s{stage}"
 
     def stop(self, first_iteration: int) -> str:
         """Written by the driver to end the run that began at ``first_iteration`` early.

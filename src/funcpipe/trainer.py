@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from funcpipe import checkpoint, signed
 from funcpipe.collectives import put_tensor
-from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, StorageError
+from funcpipe.errors import BackendError, ConfigError, IntegrityError, ObjectNotFound, StorageError, WorkerFailed
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
 from funcpipe.keys import JobKeys
+from funcpipe.manifest import JobManifest, check_job_name, find_job, manifest_key
 from funcpipe.plan import Plan
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
@@ -45,6 +46,9 @@ SHM_MIN_FREE_BYTES = 2 * 2**30
 
 #: Global batches the driver uploads ahead of the slowest finished iteration.
 LOOKAHEAD = 2
+
+#: Iterations between checkpoints of every stage (the rollback point of a retry or resume).
+DEFAULT_CHECKPOINT_EVERY = 10
 
 
 @dataclasses.dataclass
@@ -116,6 +120,8 @@ class Trainer:
             removed when the trainer is.
         timeout_s: longest a worker or the driver waits for one object.
         threads_per_worker: torch threads (and CPUs asked for) per worker.
+        job: the job's name, its key prefix in ``storage`` (default: a fresh
+            random one); name it to resume it by name after the driver died.
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class Trainer:
         storage: str | None = None,
         timeout_s: float = 300.0,
         threads_per_worker: int = 1,
+        job: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Sequential):
             raise ConfigError(
@@ -172,9 +179,17 @@ class Trainer:
         self.storage: Storage = open_storage(self.storage_url)
         self.timeout_s = timeout_s
         self.threads_per_worker = threads_per_worker
-        self.keys = JobKeys(f"job-{uuid.uuid4().hex[:12]}")
+        self._named = job is not None
+        self.keys = JobKeys(check_job_name(job) if job is not None else f"job-{uuid.uuid4().hex[:12]}")
         self._signing_key = signed.new_key()
         self._iteration = 0  # iterations finished by this trainer so far
+        self._uploaded = False  # the signed stage definitions are in storage
+        # The latest state every stage has a checkpoint of: (iteration, attempt that wrote it),
+        # or None: the initial weights, in the model blobs.
+        self._restore: tuple[int, int] | None = None
+        self._extra: dict[str, Any] = {}  # attached to the job's manifest (see manifest.JobManifest)
+        self._fit_span = (0, 0)  # (first iteration, iterations asked for) of the current fit
+        self._fed = 0  # the iteration after the last one the current run was fed
 
     @property
     def model(self) -> nn.Sequential:
@@ -188,6 +203,9 @@ class Trainer:
         iterations: int | None = None,
         epochs: int | None = None,
         progress: bool = True,
+        max_retries: int = 0,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        resume: bool = False,
     ) -> History:
         """Train on global batches of ``(inputs, targets)``; a ``DataLoader`` works.
 
@@ -196,56 +214,99 @@ class Trainer:
             iterations: optimizer steps to take, cycling over ``data`` if needed.
             epochs: passes over ``data`` (default 1 when ``iterations`` is not given).
             progress: show a progress bar.
+            max_retries: when a worker fails (raises, dies, never starts, stops
+                reporting) or an iteration times out, roll every stage back to
+                the last checkpoint every stage completed and run again from
+                there, at most this many times. The retried iterations get the
+                same batches again, so the result equals an undisturbed run.
+            checkpoint_every: every stage checkpoints its weights and optimizer
+                state (safetensors, in storage) before every iteration that is
+                a multiple of this, the rollback point of a retry or a resume;
+                0: only at the end of the fit.
+            resume: continue the job a driver that died left in ``storage`` —
+                the one named ``Trainer(job=...)``, else the most recently
+                updated unfinished one — from its last complete checkpoint.
+                Pass the same ``data`` and ``iterations`` / ``epochs`` as the
+                interrupted call: the batches it finished are skipped. Of a
+                job that had finished, the final weights are loaded and
+                nothing is trained.
 
         Raises:
-            WorkerFailed: a worker raised or died; every other worker is stopped.
+            WorkerFailed: a worker failed and no retry was left (with
+                ``max_retries``, the message lists every attempt's cause).
+                Every other worker is stopped; the model holds the weights of
+                the last complete checkpoint, from which the next ``fit``
+                continues.
+            BackendError: an iteration did not finish within ``timeout_s`` and no retry was left.
+            ConfigError: a malformed argument or batch, or nothing to resume.
         """
         if iterations is not None and epochs is not None:
             raise ConfigError("give iterations or epochs, not both")
-        for name, value in (("iterations", iterations), ("epochs", epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, least in (("iterations", iterations, 1), ("epochs", epochs, 1),
+                                   ("max_retries", max_retries, 0), ("checkpoint_every", checkpoint_every, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         batches, total = _batches(data, iterations, epochs or 1)
+        if resume:
+            done = self._resume_job(total)
+            if done is None:  # the job had finished: its final weights are loaded
+                return History()
+            batches = itertools.islice(batches, done, None)
+            fit_first, total = self._iteration - done, total - done
+        else:
+            fit_first = self._iteration
         history = History()
         if total == 0:
             return history
         first = self._iteration
-        if first == 0:
+        if not self._uploaded:
             self._upload_definitions()
+        self._write_manifest(fit_first, total + first - fit_first, finished=False)
+        replay = _Replay(batches, first)
         bar = tqdm(total=total, disable=not progress, unit="it", desc="funcpipe")
-        handles: list[ActorHandle] = []
+        failures: list[BaseException] = []
         try:
             # One run per launch; on a platform with a lifetime limit the driver ends a
             # run early at an iteration boundary and the next run resumes from there.
             while len(history) < total:
                 start = first + len(history)
-                handles = self._launch(resume=start > 0)
-                ran = self._run(handles, batches, start, total - len(history), history, bar)
-                for handle in handles:
-                    handle.release()
-                handles = []
-                if start > first:  # an intermediate checkpoint the next run has loaded
-                    self._drop_checkpoints(start)
+                try:
+                    ran = self._launch_and_run(replay, start, total - len(history), history, bar, checkpoint_every)
+                except (WorkerFailed, BackendError, StorageError) as exc:
+                    if not _retryable(exc) or len(failures) >= max_retries:
+                        if not failures:
+                            raise
+                        raise _final_failure(exc, failures) from exc
+                    failures.append(exc)
+                    restart = self._rollback(first, history, bar, replay)
+                    log.warning("attempt %d of %d failed (%s); rolling back to iteration %d and running again",
+                                len(failures), max_retries + 1, _one_line(exc), restart)
+                    continue
                 if len(history) < total:
                     log.info("run from iteration %d stopped after %d iterations (lifetime limit); "
                              "continuing from the checkpoint", start, ran)
         except BaseException:
-            for handle in handles:
-                handle.kill()
-            try:  # tell workers we could not kill (serverless ones) to stop
-                self.storage.put(self.keys.abort, b"")
-            except StorageError as exc:
-                log.warning("could not write the abort object %s: %s", self.keys.abort, exc)
-            # The next fit is a new attempt: fresh keys, no abort object, no stale messages.
-            self.keys = JobKeys(self.keys.job, self.keys.attempt + 1)
+            self._after_final_failure()
             raise
         finally:
             bar.close()
         self._iteration = first + len(history)
-        self._gather()
-        if first > 0:
-            self._drop_checkpoints(first)
+        self._gather(self._iteration)
+        self._write_manifest(fit_first, total + first - fit_first, finished=True)
         return history
+
+    def clean(self, *, checkpoints: bool = True) -> None:
+        """Delete what the job keeps in storage: its model blobs, manifest and (by default) checkpoints.
+
+        Messages are deleted as iterations finish; what a fit keeps is the
+        state the next ``fit`` (or a resume) continues from.
+        """
+        keys = [self.keys.model_blob(s) for s in range(self.plan.num_stages)] + [manifest_key(self.keys.job)]
+        keys += [JobKeys(self.keys.job, attempt).abort for attempt in range(self.keys.attempt)]
+        if checkpoints and self._restore is not None:
+            keys += self._checkpoint_keys(self._restore)
+        self.storage.delete(keys)
+        self._uploaded = False
 
     # -- internals -----------------------------------------------------------
 
@@ -267,9 +328,149 @@ class Trainer:
             definition = StageDefinition(layers, self.optimizer, self.loss_fn if last else None)
             key = self.keys.model_blob(stage)
             self.storage.put(key, signed.seal(definition, self._signing_key, name=key))
+        self._uploaded = True
 
-    def _launch(self, *, resume: bool) -> list[ActorHandle]:
+    def _launch_and_run(
+        self, replay: _Replay, start: int, count: int, history: History, bar: tqdm, checkpoint_every: int
+    ) -> int:
+        """Launch a run of every worker from ``start`` and drive it; on any failure, abandon the attempt.
+
+        Abandoning kills the workers, writes the attempt's abort object (for
+        workers that cannot be killed), deletes what the attempt fed, and moves
+        this trainer to a fresh attempt: new keys, so nothing of the failed
+        one is ever consumed.
+        """
+        handles: list[ActorHandle] = []
+        self._fed = start
+        try:
+            handles = self._launch(start, checkpoint_every)
+            ran = self._run(handles, replay, start, count, history, bar, checkpoint_every)
+        except BaseException:
+            for handle in handles:
+                handle.kill()
+            self._abandon_attempt(start, checkpoint_every, replay)
+            raise
+        for handle in handles:
+            handle.release()
+        return ran
+
+    def _abandon_attempt(self, start: int, checkpoint_every: int, replay: _Replay) -> None:
+        """Stop the attempt's workers, keep its newest complete checkpoint, delete the rest of what it wrote."""
+        failed, self.keys = self.keys, JobKeys(self.keys.job, self.keys.attempt + 1)
+        try:  # tell workers we could not kill (serverless ones) to stop
+            self.storage.put(failed.abort, b"")
+            # A checkpoint every stage wrote that the driver had not yet seen complete: the
+            # workers write one before they begin an iteration, and may have got further.
+            points = [i for i in range(start + 1, self._fed + 1) if checkpoint_every and i % checkpoint_every == 0]
+            known = self._restore[0] if self._restore is not None else 0
+            for point in reversed([p for p in points if p > known]):
+                if all(self.storage.exists(key) for key in self._checkpoint_keys((point, failed.attempt))):
+                    self._checkpoint_complete((point, failed.attempt), replay)
+                    break
+            # Iterations before these were deleted as they finished (see _await).
+            unfinished = range(max(start, self._fed - LOOKAHEAD - 2), self._fed)
+            stale = [key for i in unfinished for key in failed.iteration_keys(i, self.plan, self._gradient_bytes)]
+            stale += [key for i in points if (i, failed.attempt) != self._restore
+                      for key in self._checkpoint_keys((i, failed.attempt))]
+            self.storage.delete(stale)
+        except StorageError as exc:  # the next attempt has keys of its own: nothing is mixed up
+            log.warning("could not clean up after failed attempt %d: %s", failed.attempt, exc)
+
+    def _rollback(self, first: int, history: History, bar: tqdm, replay: _Replay) -> int:
+        """Forget the iterations after the last complete checkpoint; the iteration to run again from."""
+        restart = self._restore[0] if self._restore is not None else 0
+        done = restart - first
+        del history.losses[done:], history.seconds[done:]
+        replay.rewind(restart)
+        bar.n = done
+        bar.refresh()
+        return restart
+
+    def _checkpoint_complete(self, point: tuple[int, int], replay: _Replay) -> None:
+        """Every stage has a checkpoint ``(iteration, attempt)``: make it the restore point."""
+        old, self._restore = self._restore, point
+        replay.forget_before(point[0])
+        if old is not None and old != self._restore:
+            try:
+                self.storage.delete(self._checkpoint_keys(old))
+            except StorageError as exc:
+                log.warning("could not delete the checkpoint before iteration %d: %s", old[0], exc)
+        self._write_manifest(*self._fit_span, finished=False)
+
+    def _checkpoint_keys(self, point: tuple[int, int]) -> list[str]:
+        iteration, attempt = point
+        keys = JobKeys(self.keys.job, attempt)
+        return [keys.checkpoint(s, iteration) for s in range(self.plan.num_stages)]
+
+    def _after_final_failure(self) -> None:
+        """Leave the trainer at the last complete checkpoint, the model holding its weights."""
+        try:
+            if self._restore is not None:
+                self._iteration = self._restore[0]
+                self._gather(self._iteration)
+            self._write_manifest(*self._fit_span, finished=False)
+        except StorageError as exc:  # do not hide the failure that got us here
+            log.warning("could not load the last checkpoint after the failure: %s", exc)
+
+    def _write_manifest(self, fit_first: int, fit_total: int, *, finished: bool) -> None:
+        self._fit_span = (fit_first, fit_total)
+        JobManifest(
+            job=self.keys.job,
+            attempt=self.keys.attempt,
+            plan=self.plan.to_dict(),
+            layers=len(self._model),
+            fit_first=fit_first,
+            fit_total=fit_total,
+            restore_iteration=self._restore[0] if self._restore is not None else None,
+            restore_attempt=self._restore[1] if self._restore is not None else None,
+            finished=finished,
+            extra=self._extra,
+        ).put(self.storage)
+
+    def _resume_job(self, total: int) -> int | None:
+        """Take over the job in storage; how many of its fit's iterations are done (None: all)."""
+        manifest = find_job(self.storage, self.keys.job if self._named else None)
+        if Plan.from_dict(manifest.plan) != self.plan or manifest.layers != len(self._model):
+            raise ConfigError(
+                f"job {manifest.job!r} in storage was trained with plan {Plan.from_dict(manifest.plan)} on a "
+                f"model of {manifest.layers} layers, not this trainer's plan {self.plan} and {len(self._model)} "
+                "layers; hint: resume with the same model and plan, or start a new job without resume=True"
+            )
+        self.keys = JobKeys(manifest.job, manifest.attempt + 1)
+        self._extra = dict(manifest.extra)
+        self._fit_span = (manifest.fit_first, manifest.fit_total)
+        try:  # workers the dead driver left running (serverless calls) stop
+            self.storage.put(JobKeys(manifest.job, manifest.attempt).abort, b"")
+        except StorageError as exc:
+            log.warning("could not write the abort object of attempt %d: %s", manifest.attempt, exc)
+        if manifest.restore_iteration is None or manifest.restore_attempt is None:
+            if manifest.fit_first != 0:
+                raise IntegrityError(
+                    f"job manifest of {manifest.job!r} has no checkpoint but its fit began at iteration "
+                    f"{manifest.fit_first}; cannot resume it"
+                )
+            self._restore, self._iteration, done = None, 0, 0
+        else:
+            self._restore = (manifest.restore_iteration, manifest.restore_attempt)
+            self._iteration = manifest.restore_iteration
+            self._gather(self._iteration)  # also proves every stage's checkpoint is there
+            done = manifest.restore_iteration - manifest.fit_first
+        if manifest.finished:
+            log.info("job %s had finished %d iterations; its final weights are loaded, nothing to resume",
+                     manifest.job, self._iteration)
+            return None
+        if manifest.fit_total != total:
+            raise ConfigError(
+                f"job {manifest.job!r} was interrupted in a fit of {manifest.fit_total} iterations, but this fit "
+                f"asks for {total}; hint: resume with the same data and iterations/epochs as the interrupted call"
+            )
+        log.info("resuming job %s at iteration %d (%d of its fit's %d iterations done)",
+                 manifest.job, self._iteration, done, manifest.fit_total)
+        return done
+
+    def _launch(self, start: int, checkpoint_every: int) -> list[ActorHandle]:
         plan = self.plan
+        assert (self._restore[0] if self._restore is not None else 0) == start
         workers = [(s, r) for s in range(plan.num_stages) for r in range(plan.replicas[s])]
         requested = [
             Resources(self.threads_per_worker, plan.memory_mb[s] if plan.memory_mb else None)
@@ -287,7 +488,8 @@ class Trainer:
                     plan=plan.to_dict(),
                     timeout_s=self.timeout_s,
                     threads=self.threads_per_worker,
-                    resume=resume,
+                    resume_attempt=self._restore[1] if self._restore is not None else None,
+                    checkpoint_every=checkpoint_every,
                     signing_key=self._signing_key,
                 )
                 handles.append(self.executor.launch(
@@ -302,11 +504,12 @@ class Trainer:
     def _run(
         self,
         handles: list[ActorHandle],
-        batches: Iterator[Batch],
+        replay: _Replay,
         first: int,
         total: int,
         history: History,
         bar: tqdm,
+        checkpoint_every: int,
     ) -> int:
         """One call of ``run`` on every worker, fed and awaited; returns the iterations it ran.
 
@@ -320,6 +523,14 @@ class Trainer:
         invoked = time.monotonic()
         calls = CallGroup([(h, h.call("run", first, total)) for h in handles])
         uploads: list[Future[None]] = []
+        feed_errors: list[BaseException] = []  # a failed upload ends the waits at once (workers would hang)
+
+        def failed() -> BaseException | None:
+            return feed_errors[0] if feed_errors else calls.failure()
+
+        def note(upload: Future[None]) -> None:
+            if not upload.cancelled() and upload.exception() is not None:
+                feed_errors.append(upload.exception())  # type: ignore[arg-type]
         finished = [time.perf_counter()]  # when the last iteration finished (or the run began)
         done_before = len(history)
         fed = 0
@@ -332,18 +543,23 @@ class Trainer:
                         self.storage.put(self.keys.stop(first), json.dumps({"iteration": stop_at}).encode())
                         if stop_at == first + fed:
                             break
-                batch = next(batches, None)
+                batch = replay.get(first + fed)
                 if batch is None:
                     raise ConfigError(
                         f"data ran out after {done_before + fed} batches, but {done_before + total} iterations "
                         "were asked for; hint: pass data that can be iterated again (a list or a DataLoader)"
                     )
-                uploads += self._feed(feeder, first + fed, batch)
+                for upload in self._feed(feeder, first + fed, batch):
+                    upload.add_done_callback(note)
+                    uploads.append(upload)
                 fed += 1
+                self._fed = first + fed
                 if fed > LOOKAHEAD:
-                    self._await(first + fed - 1 - LOOKAHEAD, calls, history, bar, finished)
+                    self._await(first + fed - 1 - LOOKAHEAD, failed, history, bar, finished)
+                    self._note_checkpoint(first + fed - 1 - LOOKAHEAD, first, checkpoint_every, replay)
             for k in range(len(history) - done_before, fed):
-                self._await(first + k, calls, history, bar, finished)
+                self._await(first + k, failed, history, bar, finished)
+                self._note_checkpoint(first + k, first, checkpoint_every, replay)
             for upload in uploads:
                 upload.result()
         for report in calls.results():
@@ -360,7 +576,14 @@ class Trainer:
         self._forget(first + fed - 1)
         if stop_at is not None:
             self.storage.delete([self.keys.stop(first)])
+        self._checkpoint_complete((first + fed, self.keys.attempt), replay)  # every worker wrote its own
         return fed
+
+    def _note_checkpoint(self, iteration: int, first: int, checkpoint_every: int, replay: _Replay) -> None:
+        """After the last stage reported ``iteration``: every worker has begun it, and so wrote its
+        checkpoint before it if one was due (see :meth:`StageWorker.run`)."""
+        if checkpoint_every and iteration % checkpoint_every == 0 and iteration != first:
+            self._checkpoint_complete((iteration, self.keys.attempt), replay)
 
     def _stop_point(self, first: int, fed: int, total: int, seconds: list[float], deadline: float) -> int | None:
         """The iteration to end this run before, if the next one or the one after would finish too late.
@@ -391,9 +614,6 @@ class Trainer:
             per_iteration = 0.0  # nothing measured yet: feed (each run makes progress)
         return time.monotonic() + (iteration - next_done + 1) * per_iteration > deadline
 
-    def _drop_checkpoints(self, iteration: int) -> None:
-        self.storage.delete([self.keys.checkpoint(s, iteration) for s in range(self.plan.num_stages)])
-
     def _feed(self, feeder: ThreadPoolExecutor, iteration: int, batch: Batch) -> list[Future[None]]:
         plan = self.plan
         inputs, targets = _check_batch(batch, plan.global_batch_size, iteration)
@@ -408,16 +628,22 @@ class Trainer:
         return futures
 
     def _await(
-        self, iteration: int, calls: CallGroup, history: History, bar: tqdm, finished: list[float]
+        self,
+        iteration: int,
+        failed: Callable[[], BaseException | None],
+        history: History,
+        bar: tqdm,
+        finished: list[float],
     ) -> None:
+        """Wait for the last stage's reports of ``iteration``; ``failed()`` ends the wait with its error."""
         last = self.plan.num_stages - 1
         loss = 0.0
         for replica in range(self.plan.replicas[last]):
             key = self.keys.metrics(iteration, last, replica)
             try:
-                report = self.storage.wait(key, self.timeout_s, cancelled=calls.failed)
+                report = self.storage.wait(key, self.timeout_s, cancelled=lambda: failed() is not None)
             except WaitCancelled:
-                failure = calls.failure()
+                failure = failed()
                 assert failure is not None
                 raise failure from None
             except ObjectNotFound:
@@ -444,12 +670,12 @@ class Trainer:
         """
         self.storage.delete(self.keys.iteration_keys(iteration, self.plan, self._gradient_bytes))
 
-    def _gather(self) -> None:
+    def _gather(self, iteration: int) -> None:
+        """Load the restore point's checkpoints (before ``iteration``) into the model."""
+        assert self._restore is not None and self._restore[0] == iteration
         merged: dict[str, torch.Tensor] = {}
-        for stage in range(self.plan.num_stages):
-            state, _ = checkpoint.decode_state(
-                self.storage.get(self.keys.checkpoint(stage, self._iteration))
-            )
+        for key in self._checkpoint_keys(self._restore):
+            state, _ = checkpoint.decode_state(self.storage.get(key))
             merged.update(state)
         with torch.no_grad():
             self._model.load_state_dict(merged)
@@ -509,3 +735,56 @@ def _check_batch(batch: Any, size: int, iteration: int) -> tuple[torch.Tensor, t
                 f"{size} samples; hint: DataLoader(..., batch_size={size}, drop_last=True)"
             )
     return inputs, targets
+
+
+class _Replay:
+    """The batches of a fit by iteration, kept from the last checkpoint on so a retry feeds them again."""
+
+    def __init__(self, batches: Iterator[Batch], first: int) -> None:
+        self._source = batches
+        self._kept: dict[int, Batch] = {}
+        self._next = first  # the iteration the next batch from the source is for
+
+    def get(self, iteration: int) -> Batch | None:
+        """The batch of ``iteration``, or ``None`` when the data ran out."""
+        if iteration in self._kept:
+            return self._kept[iteration]
+        assert iteration == self._next, (iteration, self._next)
+        batch = next(self._source, None)
+        if batch is not None:
+            self._kept[iteration] = batch
+            self._next += 1
+        return batch
+
+    def rewind(self, iteration: int) -> None:
+        assert iteration in self._kept or iteration == self._next, (iteration, sorted(self._kept))
+
+    def forget_before(self, iteration: int) -> None:
+        for old in [i for i in self._kept if i < iteration]:
+            del self._kept[old]
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether running again may help: not when a worker found the user's code or data at fault."""
+    if isinstance(exc, WorkerFailed):
+        return not exc.cause.startswith("ConfigError")
+    return not isinstance(exc, ConfigError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).split("\n", 1)[0]
+
+
+def _final_failure(exc: BaseException, earlier: list[BaseException]) -> BaseException:
+    """The error ``fit`` raises when no retry is left: ``exc`` itself, or, after retries, a
+    :class:`WorkerFailed` that names every attempt's cause."""
+    if not earlier:
+        return exc
+    causes = [f"attempt {n}: {_one_line(e)}" for n, e in enumerate([*earlier, exc], 1)]
+    worker = exc.worker if isinstance(exc, WorkerFailed) else "the job"
+    trace = exc.remote_traceback if isinstance(exc, WorkerFailed) else ""
+    failure = WorkerFailed(
+        worker, f"{len(causes)} attempts failed (max_retries={len(earlier)}): " + "; ".join(causes), trace
+    )
+    failure.attempts = [*earlier, exc]
+    return failure

@@ -61,7 +61,12 @@ class WorkerConfig:
     plan: dict[str, Any]
     timeout_s: float
     threads: int = 1
-    resume: bool = False  # start from the checkpoint before the first iteration run
+    #: Start from the checkpoint (of this attempt) before the first iteration run;
+    #: ``None``: from the weights in the model blob.
+    resume_attempt: int | None = None
+    #: Replica 0 also checkpoints the state before every iteration that is a
+    #: multiple of this (0: only at the end of a run).
+    checkpoint_every: int = 0
     signing_key: str = dataclasses.field(default="", repr=False)  # never logged
 
     def to_payload(self) -> dict[str, Any]:
@@ -106,7 +111,10 @@ class StageWorker(Actor):
         Returns a JSON-able report: per iteration run, the seconds this worker
         spent computing, blocked on downloads, syncing gradients and
         updating. Replica 0 of each stage writes a checkpoint of the state
-        before the first iteration not run.
+        before the first iteration not run, and, every ``checkpoint_every``
+        iterations, one of the state before that iteration, written before
+        the worker sends anything of it: when the last stage has reported an
+        iteration, every stage's checkpoint before it is in storage.
 
         Raises:
             WorkerFailed: anything went wrong; carries the traceback text.
@@ -120,6 +128,8 @@ class StageWorker(Actor):
                 self._read_stop()  # one GET per iteration: the driver decides a step ahead
                 if self._stopping():
                     break
+                if iteration != first_iteration and self._checkpoint_due(iteration):
+                    self._save_checkpoint(iteration)
                 try:
                     reports.append(self._iteration(iteration))
                 except WaitCancelled:
@@ -127,10 +137,7 @@ class StageWorker(Actor):
                         raise
                     break
             if self.config.replica == 0:
-                self.storage.put(
-                    self.keys.checkpoint(self.config.stage, first_iteration + len(reports)),
-                    checkpoint.encode_state(self.layers, self.optimizer),
-                )
+                self._save_checkpoint(first_iteration + len(reports))
             return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports}
         except BaseException as exc:
             self.cancel()
@@ -164,10 +171,9 @@ class StageWorker(Actor):
         self.optimizer: torch.optim.Optimizer | None = (
             definition.optimizer(self.layers.parameters()) if has_params else None
         )
-        if config.resume:
-            state, optim_state = checkpoint.decode_state(
-                self.storage.get(self.keys.checkpoint(config.stage, first_iteration))
-            )
+        if config.resume_attempt is not None:
+            source = JobKeys(config.job, config.resume_attempt).checkpoint(config.stage, first_iteration)
+            state, optim_state = checkpoint.decode_state(self.storage.get(source))
             self.layers.load_state_dict(state)
             if optim_state is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(optim_state)
@@ -188,6 +194,15 @@ class StageWorker(Actor):
             self.storage, self._upload, self._download, config.timeout_s, self._cancelled, fetch, push
         )
         self._ready = True
+
+    def _checkpoint_due(self, iteration: int) -> bool:
+        every = self.config.checkpoint_every
+        return self.config.replica == 0 and every > 0 and iteration % every == 0
+
+    def _save_checkpoint(self, iteration: int) -> None:
+        self.storage.put(
+            self.keys.checkpoint(self.config.stage, iteration), checkpoint.encode_state(self.layers, self.optimizer)
+        )
 
     def _cancelled(self) -> bool:
         """Whether waits should give up: aborted, or the driver stopped the run at this iteration."""
