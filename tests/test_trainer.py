@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
@@ -9,7 +10,9 @@ import torch
 from torch import nn
 
 from funcpipe import ConfigError, Plan, Trainer
-from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches
+from funcpipe.executors.thread import ThreadActor, ThreadExecutor
+from funcpipe.worker import StageWorker
+from tests.helpers import SpyExecutor, assert_same_parameters, mlp7, plain_training, regression_batches
 
 SGD_MOMENTUM = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
 ADAM = lambda p: torch.optim.Adam(p, lr=0.01)
@@ -108,6 +111,44 @@ def test_storage_is_cleaned_of_messages_after_fit(width: int, sync: str) -> None
     trainer.fit(regression_batches(2, 8), progress=False)
     left = open_storage(url).list(trainer.keys.job)
     assert left and all("/model/" in key or "/checkpoint/" in key for key in left), left
+
+
+class TestTimeout:
+    """Issue 6: every wait has a timeout derived from the plan's predicted times, with a floor."""
+
+    def plan(self, predicted_iteration_s: float | None) -> Plan:
+        plan = Plan.manual([3, 4], micro_batch_size=2, global_batch_size=8)
+        return dataclasses.replace(plan, predicted_iteration_s=predicted_iteration_s)
+
+    @pytest.mark.parametrize(
+        ("predicted_s", "timeout_s"),
+        [(None, 300.0), (12.5, 125.0), (0.2, 60.0)],
+        ids=["no-prediction", "ten-predicted-iterations", "floor"],
+    )
+    def test_derived_from_the_plan(self, predicted_s: float | None, timeout_s: float) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(predicted_s),
+                          backend="thread", storage="memory://derived-timeout")
+        assert trainer.timeout_s == timeout_s
+
+    def test_a_given_timeout_wins(self) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(12.5), backend="thread",
+                          storage="memory://given-timeout", timeout_s=7)
+        assert trainer.timeout_s == 7
+
+    @pytest.mark.parametrize("timeout_s", [0, -1.0])
+    def test_a_timeout_must_be_positive(self, timeout_s: float) -> None:
+        with pytest.raises(ConfigError, match=rf"timeout_s must be > 0 .*\(got {timeout_s}, 1\)"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(None), backend="thread",
+                    storage="memory://bad-timeout", timeout_s=timeout_s)
+
+    def test_workers_wait_twice_as_long_as_the_driver(self) -> None:
+        # So the driver, which sees every worker, is the one to judge a hang and name who causes it.
+        executor = SpyExecutor(ThreadExecutor())
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(12.5), backend=executor,
+                          storage="memory://worker-timeout")
+        trainer.fit(regression_batches(1, 8), progress=False)
+        workers = [handle.instance for handle in executor.launched if isinstance(handle, ThreadActor)]
+        assert [w.config.timeout_s for w in workers if isinstance(w, StageWorker)] == [250.0, 250.0]
 
 
 class TestBadInput:

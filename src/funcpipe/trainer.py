@@ -26,11 +26,19 @@ from tqdm.auto import tqdm
 
 from funcpipe import checkpoint, signed
 from funcpipe.collectives import put_tensor
-from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, StorageError
+from funcpipe.errors import (
+    BackendError,
+    ConfigError,
+    ObjectNotFound,
+    StorageError,
+    WorkerNotStarted,
+    WorkerTimeout,
+)
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
 from funcpipe.keys import JobKeys
 from funcpipe.plan import Plan
+from funcpipe.stall import find_stall
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
 
@@ -45,6 +53,16 @@ SHM_MIN_FREE_BYTES = 2 * 2**30
 
 #: Global batches the driver uploads ahead of the slowest finished iteration.
 LOOKAHEAD = 2
+
+#: The driver's wait for one iteration, when the plan predicts none (:meth:`Plan.manual`).
+DEFAULT_TIMEOUT_S = 300.0
+#: With a predicted iteration time, the wait is this many predicted iterations...
+TIMEOUT_PREDICTED_ITERATIONS = 10.0
+#: ... but never less than this: start-up, a cold cache and a loaded machine are not in the prediction.
+TIMEOUT_FLOOR_S = 60.0
+#: Workers wait this many times longer than the driver for one object: the driver, which sees
+#: every worker, is the one to judge a hang and name the worker that causes it.
+WORKER_TIMEOUT_FACTOR = 2.0
 
 
 @dataclasses.dataclass
@@ -114,7 +132,13 @@ class Trainer:
         storage: a storage URL (``file:///dir``, ``memory://``, ...); default:
             a fresh local directory (in ``/dev/shm`` when it has room),
             removed when the trainer is.
-        timeout_s: longest a worker or the driver waits for one object.
+        timeout_s: longest the driver waits for one iteration before it names the worker
+            that hangs (:class:`~funcpipe.WorkerTimeout`); workers wait
+            ``WORKER_TIMEOUT_FACTOR`` times longer for one object. Default: derived
+            from the plan, ``max(TIMEOUT_FLOOR_S, TIMEOUT_PREDICTED_ITERATIONS *
+            plan.predicted_iteration_s)`` (60 s floor, 10 predicted iterations), or
+            ``DEFAULT_TIMEOUT_S`` (300 s) for a plan without a prediction. The
+            value in use is :attr:`timeout_s`.
         threads_per_worker: torch threads (and CPUs asked for) per worker.
     """
 
@@ -127,7 +151,7 @@ class Trainer:
         *,
         backend: str | Executor = "ray",
         storage: str | None = None,
-        timeout_s: float = 300.0,
+        timeout_s: float | None = None,
         threads_per_worker: int = 1,
     ) -> None:
         if not isinstance(model, nn.Sequential):
@@ -153,6 +177,8 @@ class Trainer:
         dtypes = {p.dtype for p in model.parameters()}
         if len(dtypes) > 1:
             raise ConfigError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        if timeout_s is None:
+            timeout_s = _derived_timeout(plan)
         if timeout_s <= 0 or threads_per_worker < 1:
             raise ConfigError(
                 f"timeout_s must be > 0 and threads_per_worker >= 1 (got {timeout_s}, {threads_per_worker})"
@@ -175,6 +201,7 @@ class Trainer:
         self.keys = JobKeys(f"job-{uuid.uuid4().hex[:12]}")
         self._signing_key = signed.new_key()
         self._iteration = 0  # iterations finished by this trainer so far
+        self._run_first = 0  # the first iteration of the run in progress
 
     @property
     def model(self) -> nn.Sequential:
@@ -285,7 +312,7 @@ class Trainer:
                     stage=stage,
                     replica=replica,
                     plan=plan.to_dict(),
-                    timeout_s=self.timeout_s,
+                    timeout_s=WORKER_TIMEOUT_FACTOR * self.timeout_s + self.executor.start_timeout_s,
                     threads=self.threads_per_worker,
                     resume=resume,
                     signing_key=self._signing_key,
@@ -318,6 +345,7 @@ class Trainer:
         """
         budget = self.executor.call_budget_s
         invoked = time.monotonic()
+        self._run_first = first  # its wait allows for the workers' start
         calls = CallGroup([(h, h.call("run", first, total)) for h in handles])
         uploads: list[Future[None]] = []
         finished = [time.perf_counter()]  # when the last iteration finished (or the run began)
@@ -346,7 +374,17 @@ class Trainer:
                 self._await(first + k, calls, history, bar, finished)
             for upload in uploads:
                 upload.result()
-        for report in calls.results():
+        try:
+            reports = calls.results(timeout=self.timeout_s)
+        except TimeoutError:
+            late = calls.unfinished()
+            raise WorkerTimeout(
+                late[0],
+                f"did not return within {self.timeout_s:g} s after iteration {first + fed - 1}, the run's "
+                f"last, finished (unfinished: {', '.join(late)}); it hangs in a backward, the all-reduce, "
+                "the update or its checkpoint; hint: raise Trainer(timeout_s=...) if it is only slow",
+            ) from None
+        for report in reports:
             iterations = report["iterations"]
             if len(iterations) != fed:
                 raise BackendError(
@@ -412,19 +450,19 @@ class Trainer:
     ) -> None:
         last = self.plan.num_stages - 1
         loss = 0.0
+        wait_s = self.timeout_s
+        if iteration == self._run_first:
+            wait_s += self.executor.start_timeout_s
         for replica in range(self.plan.replicas[last]):
             key = self.keys.metrics(iteration, last, replica)
             try:
-                report = self.storage.wait(key, self.timeout_s, cancelled=calls.failed)
+                report = self.storage.wait(key, wait_s, cancelled=calls.failed)
             except WaitCancelled:
                 failure = calls.failure()
                 assert failure is not None
                 raise failure from None
             except ObjectNotFound:
-                raise BackendError(
-                    f"iteration {iteration} did not finish within {self.timeout_s:g} s "
-                    "(no worker reported an error); hint: raise Trainer(timeout_s=...)"
-                ) from None
+                raise self._stalled(iteration, wait_s, calls) from None
             loss += float(json.loads(report)["loss"])
         now = time.perf_counter()
         history.seconds.append(now - finished[0])
@@ -434,6 +472,33 @@ class Trainer:
         bar.update(1)
         if len(history) > 1:
             self._forget(iteration - 1)
+
+    def _stalled(self, iteration: int, waited_s: float, calls: CallGroup) -> Exception:
+        """The error for an iteration that did not finish in time: who never started, or who hangs."""
+        failure = calls.failure()  # a worker may have failed just now
+        if failure is not None:
+            return failure
+        hint = "hint: raise Trainer(timeout_s=...) if it is only slow"
+        not_started = calls.not_started()
+        if not_started:
+            return WorkerNotStarted(
+                not_started[0],
+                f"it had not started {waited_s:g} s after it was launched, when iteration {iteration} should "
+                f"have finished (not started: {', '.join(not_started)}); the backend could not place or start "
+                f"it (too few free resources, a cold start); {hint}",
+            )
+        stall = find_stall(self.storage, self.keys, self.plan, self._gradient_bytes, iteration)
+        if stall is None:
+            return BackendError(
+                f"iteration {iteration} did not finish within {waited_s:g} s, and no worker reported an error "
+                f"or can be blamed; {hint}"
+            )
+        return WorkerTimeout(
+            stall.worker,
+            f"no progress in iteration {stall.iteration} for {waited_s:g} s: stage {stall.stage} has not "
+            f"written {stall.missing}, though its inputs are there; it hangs (a layer, the loss or an "
+            f"upload blocks) or is far slower than planned; {hint}",
+        )
 
     def _forget(self, iteration: int) -> None:
         """Delete the messages of a finished iteration, so storage holds about two at a time.
@@ -453,6 +518,13 @@ class Trainer:
             merged.update(state)
         with torch.no_grad():
             self._model.load_state_dict(merged)
+
+
+def _derived_timeout(plan: Plan) -> float:
+    """The driver's wait for one iteration when the user gives none: see :class:`Trainer`'s ``timeout_s``."""
+    if plan.predicted_iteration_s is None:
+        return DEFAULT_TIMEOUT_S
+    return max(TIMEOUT_FLOOR_S, TIMEOUT_PREDICTED_ITERATIONS * plan.predicted_iteration_s)
 
 
 def _fresh_directory() -> str:

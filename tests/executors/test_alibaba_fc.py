@@ -3,6 +3,7 @@ real ``backends/alibaba_fc`` container server runs in separate processes; worker
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,10 +12,17 @@ from alibabacloud_credentials import models as credential_models
 from alibabacloud_credentials.client import Client as CredentialClient
 from torch import nn
 
-from funcpipe import ConfigError, FunctionNotDeployed, PayloadTooLarge, Plan, Trainer
+from funcpipe import ConfigError, FunctionNotDeployed, PayloadTooLarge, Plan, Trainer, WorkerNotStarted
 from funcpipe.backends import AlibabaFC, Timing
 from tests.fakes.alibaba_fc import FakeFC
-from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
+from tests.helpers import (
+    assert_no_funcpipe_thread_left,
+    assert_same_parameters,
+    mlp7,
+    plain_training,
+    regression_batches,
+    sgd_momentum,
+)
 
 SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
@@ -82,6 +90,23 @@ def test_training_on_function_compute_equals_plain_pytorch(fake_fc: FakeFC, stor
     assert all(i.ended.wait(5) and (i.status, i.x_fc_status) == (200, "200") for i in invocations)
 
 
+def test_a_function_that_never_starts_fails_fit_within_the_start_timeout(storage_url: str) -> None:
+    fake = FakeFC([FUNCTION], instances=0, env={})  # accepted, never run
+    try:
+        start_timeout_s = 2.0
+        timing = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=start_timeout_s, silence_timeout_s=2.0)
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                          backend=executor(fake, timing=timing), storage=under(storage_url, "never"))
+        started = time.monotonic()
+        with pytest.raises(WorkerNotStarted, match=r"stage \d replica \d failed: the function never reported"):
+            trainer.fit(regression_batches(2, 8), progress=False)
+        assert start_timeout_s <= time.monotonic() - started < start_timeout_s + 30
+        assert len(fake.invocations) == 3
+        assert_no_funcpipe_thread_left(within_s=10)  # the watcher stops once no call is left
+    finally:
+        fake.close()
+
+
 def test_function_not_deployed_names_the_deploy_command(fake_fc: FakeFC, storage_url: str) -> None:
     trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
                       backend=executor(fake_fc, function_prefix="not-deployed"), storage=under(storage_url, "missing"))
@@ -115,3 +140,4 @@ def test_region_and_account_are_required_without_an_endpoint(monkeypatch: pytest
     monkeypatch.delenv("ALIBABA_CLOUD_ACCOUNT_ID", raising=False)
     with pytest.raises(ConfigError, match="needs a region and an account ID"):
         AlibabaFC(credential=credential())
+
