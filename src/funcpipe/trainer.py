@@ -164,7 +164,8 @@ class Trainer:
         if sum(plan.balance) != len(model):
             raise ConfigError(
                 f"model and sum of balance have different length (model: {len(model)} layers, "
-                f"sum of balance {list(plan.balance)}: {sum(plan.balance)})"
+                f"sum of balance {list(plan.balance)}: {sum(plan.balance)}); hint: the balance gives the "
+                f"layers of each stage and must add up to len(model) = {len(model)}"
             )
         if isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -184,6 +185,7 @@ class Trainer:
                 f"timeout_s must be > 0 and threads_per_worker >= 1 (got {timeout_s}, {threads_per_worker})"
             )
         self._model = model
+        self._input_dtype = _input_dtype(model)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.plan = plan
@@ -236,6 +238,15 @@ class Trainer:
         history = History()
         if total == 0:
             return history
+        # The first batch is checked before anything is launched; later ones as they are fed.
+        head = next(batches, None)
+        if head is None:
+            raise ConfigError(
+                f"data yielded no batch, but {total} iterations were asked for; hint: pass a non-empty list "
+                "or DataLoader (a generator that was iterated before yields nothing)"
+            )
+        _check_batch(head, self.plan.global_batch_size, self._iteration, self._input_dtype)
+        batches = itertools.chain([head], batches)
         first = self._iteration
         if first == 0:
             self._upload_definitions()
@@ -434,7 +445,7 @@ class Trainer:
 
     def _feed(self, feeder: ThreadPoolExecutor, iteration: int, batch: Batch) -> list[Future[None]]:
         plan = self.plan
-        inputs, targets = _check_batch(batch, plan.global_batch_size, iteration)
+        inputs, targets = _check_batch(batch, plan.global_batch_size, iteration, self._input_dtype)
         last = plan.num_stages - 1
         futures = []
         micro = plan.micro_batch_size
@@ -565,7 +576,36 @@ def _batches(data: Iterable[Batch], iterations: int | None, epochs: int) -> tupl
     return itertools.chain.from_iterable(data for _ in range(epochs)), per_epoch * epochs
 
 
-def _check_batch(batch: Any, size: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: Layers that pass their input's dtype through and hold no parameters: the layer after them decides.
+_DTYPE_TRANSPARENT: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+#: Layers that compute with their weight and accept only inputs of the weight's (floating) dtype.
+_DTYPE_BOUND: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.LayerNorm, nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
+
+
+def _input_dtype(model: nn.Sequential) -> tuple[torch.dtype, str] | None:
+    """The dtype the model's inputs must have and the layer that decides it; ``None``: undecidable.
+
+    An ``nn.Embedding`` first takes integer indices, a custom module anything:
+    only layers whose arithmetic needs inputs of their weight's dtype are judged.
+    """
+    for index, layer in enumerate(model):
+        if isinstance(layer, _DTYPE_TRANSPARENT):
+            continue
+        weight = next(layer.parameters(), None) if isinstance(layer, _DTYPE_BOUND) else None
+        if weight is None or not weight.is_floating_point():
+            return None
+        return weight.dtype, f"layer {index} ({type(layer).__name__})"
+    return None
+
+
+def _check_batch(
+    batch: Any, size: int, iteration: int, input_dtype: tuple[torch.dtype, str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ConfigError(
             f"batch {iteration} is a {type(batch).__name__}, not an (inputs, targets) pair"
@@ -580,4 +620,10 @@ def _check_batch(batch: Any, size: int, iteration: int) -> tuple[torch.Tensor, t
                 f"batch {iteration}: {name} has shape {shape}, but the plan's global batch is "
                 f"{size} samples; hint: DataLoader(..., batch_size={size}, drop_last=True)"
             )
+    if input_dtype is not None and inputs.dtype != input_dtype[0]:
+        dtype, layer = input_dtype
+        raise ConfigError(
+            f"batch {iteration}: inputs are {inputs.dtype}, but the model's {layer} computes in {dtype}; "
+            f"hint: convert them with inputs.to({dtype}), e.g. in the Dataset or a DataLoader collate_fn"
+        )
     return inputs, targets

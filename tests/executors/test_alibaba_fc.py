@@ -3,8 +3,12 @@ real ``backends/alibaba_fc`` container server runs in separate processes; worker
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,3 +145,27 @@ def test_region_and_account_are_required_without_an_endpoint(monkeypatch: pytest
     with pytest.raises(ConfigError, match="needs a region and an account ID"):
         AlibabaFC(credential=credential())
 
+
+def test_missing_credentials_are_named_before_anything_is_launched(tmp_path: Path) -> None:
+    """In a process of its own: the credential SDK reads the environment once, when it is imported."""
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from funcpipe import ConfigError, Plan, Trainer\n"
+        "plan = Plan.manual([1], micro_batch_size=1, global_batch_size=1)\n"
+        "try:\n"
+        "    Trainer(nn.Sequential(nn.Linear(2, 2)), nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.1),\n"
+        "            plan, backend='alibaba_fc', storage='oss://bucket/p?endpoint=http://127.0.0.1:9')\n"
+        "except ConfigError as exc:\n"
+        "    print(f'ConfigError: {exc}')\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path),
+        "ALIBABA_CLOUD_REGION": "cn-hangzhou", "ALIBABA_CLOUD_ACCOUNT_ID": "123",
+        "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true",  # no instance-role lookup
+    }
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = "ConfigError: no Alibaba Cloud credentials to call Function Compute with ("
+    assert done.stdout.startswith(expected), done.stdout
+    assert "hint: set ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET" in done.stdout

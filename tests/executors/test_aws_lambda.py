@@ -284,6 +284,17 @@ class TestStorageChecks:
             Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
                     backend="aws_lambda", storage="file:///tmp/x")
 
+    def test_missing_credentials_are_named_before_anything_is_launched(
+        self, aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+        with pytest.raises(ConfigError, match=r"no AWS credentials to call Lambda in us-east-1 with; hint: set "
+                                              r"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                    backend="aws_lambda", storage=f"s3://{BUCKET}/p")
+
     def test_password_in_the_storage_url_is_refused(self, aws_env: dict[str, str]) -> None:
         with pytest.raises(ConfigError, match="carries a password"):
             AWSLambda("us-east-1").check_storage("s3://user:secret@bucket/prefix")
