@@ -3,6 +3,7 @@ real ``backends/alibaba_fc`` container server runs in separate processes; worker
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,16 +28,22 @@ from tests.helpers import (
     regression_batches,
     sgd_momentum,
 )
+from tests.leaks import SECRETS, capture_logs, every_version, leaks, record_leaks, versioned_bucket
 
 SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
 FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=10.0, silence_timeout_s=2.0)
 
 
+#: The driver's keys for the FC API (the fake does not check them); scanned for like the others.
+FC_ACCESS_KEY_ID = "LTAIfuncpipeFcInvokeKeyId"
+FC_ACCESS_KEY_SECRET = "funcpipe-fc-invoke-secret-do-not-leak"
+
+
 def credential() -> CredentialClient:
     """Explicit test keys: the SDK's default chain reads the environment once, at import."""
     return CredentialClient(credential_models.Config(
-        type="access_key", access_key_id="testing", access_key_secret="testing"
+        type="access_key", access_key_id=FC_ACCESS_KEY_ID, access_key_secret=FC_ACCESS_KEY_SECRET
     ))
 
 
@@ -92,6 +99,32 @@ def test_training_on_function_compute_equals_plain_pytorch(fake_fc: FakeFC, stor
     invocations = fake_fc.invocations[before:]
     assert [i.function for i in invocations] == [FUNCTION] * 3
     assert all(i.ended.wait(5) and (i.status, i.x_fc_status) == (200, "200") for i in invocations)
+
+
+def test_training_writes_no_credential_anywhere(
+    fake_fc: FakeFC, moto_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 6: no credential value (the OSS keys and STS token of the functions and the driver, the
+    driver's FC API keys) in any invocation payload, stored object, or log record of a training run.
+    The bucket keeps every version, so objects the driver deleted during the run are read too."""
+    bucket = "funcpipe-fc-leaks"
+    versioned_bucket(moto_endpoint, bucket)
+    secrets = (*SECRETS, FC_ACCESS_KEY_ID, FC_ACCESS_KEY_SECRET)
+    capture_logs(caplog)
+    before = len(fake_fc.invocations)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(), backend=executor(fake_fc),
+                      storage=f"oss://{bucket}/run?endpoint={moto_endpoint}&multipart_threshold={64 * 2**20}")
+    trainer.fit(regression_batches(2, 8), progress=False)
+    payloads = [i.payload for i in fake_fc.invocations[before:]]
+    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == 1 for p in payloads)
+    assert [leaks(p, secrets) for p in payloads] == [[]] * 3
+    objects = list(every_version(moto_endpoint, bucket, "run/"))
+    kinds = {key.split("/")[-1].split(".")[0] for key, _ in objects}
+    assert {"input", "target", "act", "grad", "chunk", "merged", "metrics", "s0", "s1"} <= kinds, kinds
+    assert any("/model/" in key for key, _ in objects) and any("/checkpoint/" in key for key, _ in objects)
+    assert any(key.startswith("run/funcpipe-calls/") for key, _ in objects)
+    assert {key: leaks(data, secrets) for key, data in objects if leaks(data, secrets)} == {}
+    assert caplog.records and record_leaks(caplog.records, secrets) == []
 
 
 def test_a_function_that_never_starts_fails_fit_within_the_start_timeout(storage_url: str) -> None:

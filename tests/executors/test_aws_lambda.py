@@ -39,6 +39,7 @@ from tests.helpers import (
     regression_batches,
     sgd_momentum,
 )
+from tests.leaks import SECRETS, capture_logs, every_version, leaks, record_leaks, versioned_bucket
 
 SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
@@ -216,6 +217,33 @@ def test_a_function_that_stops_reporting(aws_env: dict[str, str], bucket: Bucket
         lam.shutdown()
     finally:
         fake.close()
+
+
+def test_training_writes_no_credential_anywhere(
+    fake_lambda: FakeLambda, moto_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 6: no credential value in any invocation payload, stored object (model blob, checkpoint,
+    message, status) or log record of a training run. The bucket keeps every version, so objects the
+    driver deleted during the run are read too."""
+    bucket = "funcpipe-lambda-leaks"
+    versioned_bucket(moto_endpoint, bucket)
+    capture_logs(caplog)
+    before = len(fake_lambda.invocations)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                      backend=executor(fake_lambda), storage=f"s3://{bucket}/run?endpoint_url={moto_endpoint}")
+    trainer.fit(regression_batches(2, 8), progress=False)
+    payloads = [i.payload for i in fake_lambda.invocations[before:]]
+    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == 1 for p in payloads)
+    assert [leaks(p) for p in payloads] == [[]] * 3
+    objects = list(every_version(moto_endpoint, bucket, "run/"))
+    kinds = {key.split("/")[-1].split(".")[0] for key, _ in objects}
+    # What was scanned: messages of every kind, reports, status objects, the model blobs, checkpoints.
+    assert {"input", "target", "act", "grad", "chunk", "merged", "metrics", "s0", "s1"} <= kinds, kinds
+    assert any("/model/" in key for key, _ in objects) and any("/checkpoint/" in key for key, _ in objects)
+    assert any(key.startswith("run/funcpipe-calls/") for key, _ in objects)
+    assert {key: leaks(data) for key, data in objects if leaks(data)} == {}
+    assert caplog.records and record_leaks(caplog.records) == []
+    assert all(secret.encode() not in trainer.storage.get(trainer.keys.model_blob(0)) for secret in SECRETS)
 
 
 def test_a_function_that_never_starts_fails_fit_within_the_start_timeout(
