@@ -227,7 +227,10 @@ class Trainer:
             progress: show a progress bar.
 
         Raises:
-            WorkerFailed: a worker raised or died; every other worker is stopped.
+            ConfigError: bad data; the first batch is checked before anything is launched.
+            WorkerFailed: a worker raised or died; every other worker is stopped. Its
+                subclasses name a worker that never started (:class:`~funcpipe.WorkerNotStarted`)
+                or that an iteration waited on for ``timeout_s`` (:class:`~funcpipe.WorkerTimeout`).
         """
         if iterations is not None and epochs is not None:
             raise ConfigError("give iterations or epochs, not both")
