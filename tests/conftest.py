@@ -172,7 +172,7 @@ def seaweedfs_endpoint(aws_env: dict[str, str], tmp_path_factory: pytest.TempPat
     # each +10000 for gRPC) may be taken on a shared machine.
     names = [
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "metricsPort",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "metricsPort",
     ]
     ports = dict(zip(names, _free_ports(len(names)), strict=True))
     (root / "data").mkdir()

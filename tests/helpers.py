@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
@@ -57,3 +62,41 @@ def assert_same_parameters(actual: nn.Module, expected: nn.Module) -> None:
 def sgd_momentum(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     """An optimizer factory workers in other processes load by reference from this light module."""
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+class SpyExecutor(Executor):
+    """Another executor that records every actor it launches (to check that nothing was, or what)."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.call_budget_s = inner.call_budget_s
+        self.start_timeout_s = inner.start_timeout_s
+        self.launched: list[ActorHandle] = []
+
+    def launch(self, actor_cls: type[Actor], *args: Any, name: str, resources: Resources) -> ActorHandle:
+        handle = self.inner.launch(actor_cls, *args, name=name, resources=resources)
+        self.launched.append(handle)
+        return handle
+
+    def fit_resources(self, requested: Sequence[Resources]) -> list[Resources]:
+        return self.inner.fit_resources(requested)
+
+    def check_storage(self, url: str) -> None:
+        self.inner.check_storage(url)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+def funcpipe_threads() -> list[threading.Thread]:
+    """The threads of this process that funcpipe started (they are all named ``funcpipe...``)."""
+    return [thread for thread in threading.enumerate() if thread.name.startswith("funcpipe")]
+
+
+def assert_no_funcpipe_thread_left(within_s: float) -> None:
+    """Every funcpipe thread of this process ends within ``within_s`` seconds (all of them together)."""
+    deadline = time.monotonic() + within_s
+    for thread in funcpipe_threads():
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not funcpipe_threads(), [thread.name for thread in funcpipe_threads()]

@@ -25,6 +25,7 @@ from funcpipe.errors import (
     WorkerFailed,
     WorkerNotStarted,
     WorkerSilent,
+    WorkerTimeout,
 )
 
 # (class, its parent in the tree of the errors module's docstring)
@@ -41,6 +42,7 @@ TREE: list[tuple[type[Exception], type[Exception]]] = [
     (BackendError, FuncpipeError),
     (WorkerNotStarted, WorkerFailed),
     (WorkerSilent, WorkerFailed),
+    (WorkerTimeout, WorkerFailed),
     (FunctionNotDeployed, BackendError),
     (PayloadTooLarge, BackendError),
 ]
@@ -194,6 +196,7 @@ def test_bucket_error_messages() -> None:
         PayloadTooLarge(300_000, 262_144, "AWS Lambda", "a smaller plan"),
         WorkerNotStarted("stage 0 replica 1", "never started"),
         WorkerSilent("stage 0 replica 1", "stopped reporting"),
+        WorkerTimeout("stage 0 replica 1", "no progress in iteration 3 for 60 s"),
     ],
     ids=lambda e: type(e).__name__,
 )

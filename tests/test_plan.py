@@ -117,7 +117,8 @@ def test_bad_balance_entries(bad: object) -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, True])
 def test_bad_replica_entries(bad: object) -> None:
-    with pytest.raises(ConfigError, match=r"replicas must hold positive integers.*" + re.escape(repr(bad))):
+    with pytest.raises(ConfigError, match=r"replicas must hold positive integers.*" + re.escape(repr(bad)) +
+                       re.escape("]; hint: at least 1 per stage, e.g. replicas=[1, 1]")):
         Plan.manual([2, 2], replicas=[1, bad], micro_batch_size=1, global_batch_size=4)  # type: ignore[list-item]
 
 
@@ -140,7 +141,7 @@ def test_bad_batch_sizes(field: str, bad: object) -> None:
 
 
 def test_global_batch_not_divisible() -> None:
-    with pytest.raises(ConfigError, match="global_batch_size 10 is not divisible into micro-batches of 4"):
+    with pytest.raises(ConfigError, match="global_batch_size 10 is not divisible into micro-batches of 4; hint: "):
         Plan.manual([1], micro_batch_size=4, global_batch_size=10)
 
 

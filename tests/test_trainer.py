@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from funcpipe import ConfigError, Plan, Trainer
-from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches
+from funcpipe import ConfigError, Plan, StorageAccessDenied, Trainer, WorkerFailed
+from funcpipe.executors.thread import ThreadActor, ThreadExecutor
+from funcpipe.worker import StageWorker
+from tests.helpers import SpyExecutor, assert_same_parameters, mlp7, plain_training, regression_batches
 
 SGD_MOMENTUM = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
 ADAM = lambda p: torch.optim.Adam(p, lr=0.01)
@@ -110,18 +113,110 @@ def test_storage_is_cleaned_of_messages_after_fit(width: int, sync: str) -> None
     assert left and all("/model/" in key or "/checkpoint/" in key for key in left), left
 
 
+class TestTimeout:
+    """Issue 6: every wait has a timeout derived from the plan's predicted times, with a floor."""
+
+    def plan(self, predicted_iteration_s: float | None) -> Plan:
+        plan = Plan.manual([3, 4], micro_batch_size=2, global_batch_size=8)
+        return dataclasses.replace(plan, predicted_iteration_s=predicted_iteration_s)
+
+    @pytest.mark.parametrize(
+        ("predicted_s", "timeout_s"),
+        [(None, 300.0), (12.5, 125.0), (0.2, 60.0)],
+        ids=["no-prediction", "ten-predicted-iterations", "floor"],
+    )
+    def test_derived_from_the_plan(self, predicted_s: float | None, timeout_s: float) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(predicted_s),
+                          backend="thread", storage="memory://derived-timeout")
+        assert trainer.timeout_s == timeout_s
+
+    def test_a_given_timeout_wins(self) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(12.5), backend="thread",
+                          storage="memory://given-timeout", timeout_s=7)
+        assert trainer.timeout_s == 7
+
+    @pytest.mark.parametrize("timeout_s", [0, -1.0])
+    def test_a_timeout_must_be_positive(self, timeout_s: float) -> None:
+        with pytest.raises(ConfigError, match=rf"timeout_s must be > 0 .*\(got {timeout_s}, 1\)"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(None), backend="thread",
+                    storage="memory://bad-timeout", timeout_s=timeout_s)
+
+    def test_workers_wait_twice_as_long_as_the_driver(self) -> None:
+        # So the driver, which sees every worker, is the one to judge a hang and name who causes it.
+        executor = SpyExecutor(ThreadExecutor())
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(12.5), backend=executor,
+                          storage="memory://worker-timeout")
+        trainer.fit(regression_batches(1, 8), progress=False)
+        workers = [handle.instance for handle in executor.launched if isinstance(handle, ThreadActor)]
+        assert [w.config.timeout_s for w in workers if isinstance(w, StageWorker)] == [250.0, 250.0]
+
+
 class TestBadInput:
+    """Issue 6: bad input is refused with a named error, naming the value, before anything is launched."""
+
     def plan(self) -> Plan:
         return Plan.manual([3, 4], micro_batch_size=2, global_batch_size=8)
 
     def test_not_sequential(self) -> None:
-        with pytest.raises(ConfigError, match=r"nn\.Sequential"):
+        with pytest.raises(ConfigError, match=r"got Linear; hint: wrap your layers in nn\.Sequential"):
             Trainer(nn.Linear(2, 2), nn.functional.mse_loss, SGD_MOMENTUM, self.plan())  # type: ignore[arg-type]
 
     def test_balance_does_not_match_the_model(self) -> None:
-        with pytest.raises(ConfigError, match=r"model: 7 layers.*: 6\)"):
+        with pytest.raises(ConfigError, match=r"model: 7 layers.*: 6\); hint: .* add up to len\(model\) = 7"):
             Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, Plan.manual([3, 3], micro_batch_size=2,
                                                                              global_batch_size=8))
+
+    def test_unknown_storage_url(self) -> None:
+        with pytest.raises(ConfigError, match=r"'ftp://x'.*known schemes"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="thread", storage="ftp://x")
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+    def test_inputs_of_another_dtype_than_the_model(self, dtype: torch.dtype) -> None:
+        executor = SpyExecutor(ThreadExecutor())
+        model = nn.Sequential(nn.Flatten(), *mlp7()[:6])  # Flatten keeps the dtype: Linear decides it
+        trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend=executor,
+                          storage="memory://bad-dtype")
+        x, y = regression_batches(1, 8)[0]
+        with pytest.raises(ConfigError, match=(
+            rf"batch 0: inputs are {dtype}, but the model's layer 1 \(Linear\) computes in torch.float32; "
+            r"hint: convert them with inputs.to\(torch.float32\)"
+        )):
+            trainer.fit([(x.to(dtype), y)], progress=False)
+        assert executor.launched == []
+
+    def test_integer_inputs_of_an_embedding_are_fine(self) -> None:
+        model = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(16, 3))
+        plan = Plan.manual([1, 2], micro_batch_size=2, global_batch_size=4)
+        trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, plan, backend="thread",
+                          storage="memory://embedding")
+        indices = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+        assert len(trainer.fit([(indices, torch.zeros(4, 3))], progress=False)) == 1
+
+    def test_targets_a_loss_cannot_take_fail_the_worker_with_its_message(self) -> None:
+        # Which targets a loss takes is the loss's business: the worker's error names it.
+        trainer = Trainer(mlp7(), nn.functional.cross_entropy, SGD_MOMENTUM, self.plan(), backend="thread",
+                          storage="memory://bad-targets")
+        x = regression_batches(1, 8)[0][0]
+        with pytest.raises(WorkerFailed, match=r"stage 1 replica 0 failed: RuntimeError: .*Long.*Float") as info:
+            trainer.fit([(x, torch.zeros(8))], progress=False)  # class indices as floats
+        assert "cross_entropy" in info.value.remote_traceback
+
+    @pytest.mark.parametrize("scheme", ["s3", "oss"])
+    def test_storage_without_credentials(
+        self, scheme: str, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ALIBABA_CLOUD_ACCESS_KEY_ID",
+                     "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+        url = (f"s3://no-credentials/p?endpoint_url={moto_endpoint}" if scheme == "s3"
+               else f"oss://no-credentials/p?endpoint={moto_endpoint}")
+        executor = SpyExecutor(ThreadExecutor())
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend=executor, storage=url)
+        hint = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" if scheme == "s3" else "ALIBABA_CLOUD_ACCESS_KEY_ID"
+        with pytest.raises(StorageAccessDenied, match=rf"no (usable AWS|OSS) credentials .*{hint}"):
+            trainer.fit(regression_batches(1, 8), progress=False)
+        assert executor.launched == []
 
     def test_optimizer_instance_instead_of_factory(self) -> None:
         model = mlp7()
@@ -137,11 +232,27 @@ class TestBadInput:
         with pytest.raises(ConfigError, match="memory://x"):
             Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), storage="memory://x")
 
-    def test_wrong_batch_size_is_named_before_any_worker_waits_long(self) -> None:
-        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="thread",
+    def test_wrong_batch_size_is_named_before_any_worker_is_launched(self) -> None:
+        executor = SpyExecutor(ThreadExecutor())
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend=executor,
                           storage="memory://bad-batch")
-        with pytest.raises(ConfigError, match=r"inputs has shape \(6, 8\).*global batch is 8"):
+        with pytest.raises(ConfigError, match=r"inputs has shape \(6, 8\).*batch is 8 samples; hint: DataLoader"):
             trainer.fit(regression_batches(1, 6), progress=False)
+        assert executor.launched == []
+
+    def test_a_later_batch_of_the_wrong_size_is_named_when_it_is_fed(self) -> None:
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="thread",
+                          storage="memory://bad-later-batch")
+        with pytest.raises(ConfigError, match=r"batch 1: targets has shape \(6, 3\)"):
+            trainer.fit([regression_batches(1, 8)[0], (torch.randn(8, 8), torch.randn(6, 3))], progress=False)
+
+    def test_no_data_is_named_before_any_worker_is_launched(self) -> None:
+        executor = SpyExecutor(ThreadExecutor())
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend=executor,
+                          storage="memory://no-data")
+        with pytest.raises(ConfigError, match="data yielded no batch, but 3 iterations were asked for; hint:"):
+            trainer.fit(iter([]), iterations=3, progress=False)
+        assert executor.launched == []
 
     def test_generator_without_length_needs_iterations(self) -> None:
         trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, self.plan(), backend="thread",
@@ -156,8 +267,6 @@ class TestBadInput:
             trainer.fit(iter(regression_batches(1, 8)), iterations=3, progress=False)
 
     def test_non_scalar_loss(self) -> None:
-        from funcpipe import WorkerFailed
-
         trainer = Trainer(mlp7(), lambda out, y: (out - y) ** 2, SGD_MOMENTUM, self.plan(), backend="thread",
                           storage="memory://non-scalar")
         with pytest.raises(WorkerFailed, match=r"stage 1 replica 0 failed: ConfigError: loss_fn returned \(2, 3\)"):

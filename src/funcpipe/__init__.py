@@ -19,6 +19,7 @@ from funcpipe.errors import (
     WorkerFailed,
     WorkerNotStarted,
     WorkerSilent,
+    WorkerTimeout,
 )
 from funcpipe.plan import Plan
 from funcpipe.planner import pareto, plan
@@ -48,6 +49,7 @@ __all__ = [
     "WorkerFailed",
     "WorkerNotStarted",
     "WorkerSilent",
+    "WorkerTimeout",
     "__version__",
     "pareto",
     "plan",

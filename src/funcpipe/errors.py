@@ -12,8 +12,9 @@
     │   ├── StorageAccessDenied  the credentials may not do an operation on a bucket/key
     │   └── IntegrityError   an object failed its signature or job/iteration check
     ├── WorkerFailed         a stage worker raised or died; carries the remote traceback
-    │   ├── WorkerNotStarted a serverless call never reported that it started
-    │   └── WorkerSilent     a serverless call stopped heart-beating
+    │   ├── WorkerNotStarted a worker never started (a serverless call never reported, a Ray actor was never placed)
+    │   ├── WorkerSilent     a serverless call stopped heart-beating
+    │   └── WorkerTimeout    a worker made no progress within the driver's timeout (it hangs)
     └── BackendError         an executor backend (Ray, Lambda, FC) failed
         ├── FunctionNotDeployed  the function a call needs does not exist
         └── PayloadTooLarge      an invocation payload is over the platform's limit
@@ -40,6 +41,7 @@ __all__ = [
     "WorkerFailed",
     "WorkerNotStarted",
     "WorkerSilent",
+    "WorkerTimeout",
 ]
 
 
@@ -145,11 +147,23 @@ class WorkerFailed(FuncpipeError):
 
 
 class WorkerNotStarted(WorkerFailed):
-    """A serverless call was accepted but its function never reported that it started."""
+    """A worker was launched but never started.
+
+    A serverless call was accepted but its function never reported that it
+    started, or a Ray actor was never placed (the cluster lacks what it asks for).
+    """
 
 
 class WorkerSilent(WorkerFailed):
     """A serverless call started, then stopped writing heartbeats (the function died or hung)."""
+
+
+class WorkerTimeout(WorkerFailed):
+    """A worker made no progress within the driver's timeout: it hangs, or is far slower than planned.
+
+    ``worker`` is the one the stalled iteration waits on, as the driver found it
+    from the messages in storage; ``cause`` names the iteration and what is missing.
+    """
 
 
 class FunctionNotDeployed(BackendError):

@@ -206,5 +206,6 @@ def _check_counts(name: str, values: tuple[int, ...], what: str) -> None:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(
-                f"{name} must hold positive integers ({what}), got {list(values)}"
+                f"{name} must hold positive integers ({what}), got {list(values)}; "
+                f"hint: at least 1 per stage, e.g. {name}={[max(1, v) if isinstance(v, int) else 1 for v in values]}"
             )

@@ -26,12 +26,22 @@ from tqdm.auto import tqdm
 
 from funcpipe import checkpoint, signed
 from funcpipe.collectives import put_tensor
-from funcpipe.errors import BackendError, ConfigError, IntegrityError, ObjectNotFound, StorageError, WorkerFailed
+from funcpipe.errors import (
+    BackendError,
+    ConfigError,
+    IntegrityError,
+    ObjectNotFound,
+    StorageError,
+    WorkerFailed,
+    WorkerNotStarted,
+    WorkerTimeout,
+)
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
 from funcpipe.keys import JobKeys
 from funcpipe.manifest import JobManifest, check_job_name, find_job, manifest_key
 from funcpipe.plan import Plan
+from funcpipe.stall import find_stall
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
 
@@ -49,6 +59,16 @@ LOOKAHEAD = 2
 
 #: Iterations between checkpoints of every stage (the rollback point of a retry or resume).
 DEFAULT_CHECKPOINT_EVERY = 10
+
+#: The driver's wait for one iteration, when the plan predicts none (:meth:`Plan.manual`).
+DEFAULT_TIMEOUT_S = 300.0
+#: With a predicted iteration time, the wait is this many predicted iterations...
+TIMEOUT_PREDICTED_ITERATIONS = 10.0
+#: ... but never less than this: start-up, a cold cache and a loaded machine are not in the prediction.
+TIMEOUT_FLOOR_S = 60.0
+#: Workers wait this many times longer than the driver for one object: the driver, which sees
+#: every worker, is the one to judge a hang and name the worker that causes it.
+WORKER_TIMEOUT_FACTOR = 2.0
 
 
 @dataclasses.dataclass
@@ -118,7 +138,13 @@ class Trainer:
         storage: a storage URL (``file:///dir``, ``memory://``, ...); default:
             a fresh local directory (in ``/dev/shm`` when it has room),
             removed when the trainer is.
-        timeout_s: longest a worker or the driver waits for one object.
+        timeout_s: longest the driver waits for one iteration before it names the worker
+            that hangs (:class:`~funcpipe.WorkerTimeout`); workers wait
+            ``WORKER_TIMEOUT_FACTOR`` times longer for one object. Default: derived
+            from the plan, ``max(TIMEOUT_FLOOR_S, TIMEOUT_PREDICTED_ITERATIONS *
+            plan.predicted_iteration_s)`` (60 s floor, 10 predicted iterations), or
+            ``DEFAULT_TIMEOUT_S`` (300 s) for a plan without a prediction. The
+            value in use is :attr:`timeout_s`.
         threads_per_worker: torch threads (and CPUs asked for) per worker.
         job: the job's name, its key prefix in ``storage`` (default: a fresh
             random one); name it to resume it by name after the driver died.
@@ -133,7 +159,7 @@ class Trainer:
         *,
         backend: str | Executor = "ray",
         storage: str | None = None,
-        timeout_s: float = 300.0,
+        timeout_s: float | None = None,
         threads_per_worker: int = 1,
         job: str | None = None,
     ) -> None:
@@ -147,7 +173,8 @@ class Trainer:
         if sum(plan.balance) != len(model):
             raise ConfigError(
                 f"model and sum of balance have different length (model: {len(model)} layers, "
-                f"sum of balance {list(plan.balance)}: {sum(plan.balance)})"
+                f"sum of balance {list(plan.balance)}: {sum(plan.balance)}); hint: the balance gives the "
+                f"layers of each stage and must add up to len(model) = {len(model)}"
             )
         if isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -160,11 +187,14 @@ class Trainer:
         dtypes = {p.dtype for p in model.parameters()}
         if len(dtypes) > 1:
             raise ConfigError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        if timeout_s is None:
+            timeout_s = _derived_timeout(plan)
         if timeout_s <= 0 or threads_per_worker < 1:
             raise ConfigError(
                 f"timeout_s must be > 0 and threads_per_worker >= 1 (got {timeout_s}, {threads_per_worker})"
             )
         self._model = model
+        self._input_dtype = _input_dtype(model)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.plan = plan
@@ -190,6 +220,7 @@ class Trainer:
         self._extra: dict[str, Any] = {}  # attached to the job's manifest (see manifest.JobManifest)
         self._fit_span = (0, 0)  # (first iteration, iterations asked for) of the current fit
         self._fed = 0  # the iteration after the last one the current run was fed
+        self._run_first = 0  # the first iteration of the run in progress
 
     @property
     def model(self) -> nn.Sequential:
@@ -232,13 +263,14 @@ class Trainer:
                 nothing is trained.
 
         Raises:
-            WorkerFailed: a worker failed and no retry was left (with
-                ``max_retries``, the message lists every attempt's cause).
-                Every other worker is stopped; the model holds the weights of
-                the last complete checkpoint, from which the next ``fit``
-                continues.
-            BackendError: an iteration did not finish within ``timeout_s`` and no retry was left.
-            ConfigError: a malformed argument or batch, or nothing to resume.
+            ConfigError: a malformed argument or bad data (the first batch is checked
+                before anything is launched), or nothing to resume.
+            WorkerFailed: a worker raised or died, and no retry was left (with
+                ``max_retries``, the message lists every attempt's cause). Every other
+                worker is stopped; the model holds the weights of the last complete
+                checkpoint, from which the next ``fit`` continues. Its subclasses name
+                a worker that never started (:class:`~funcpipe.WorkerNotStarted`) or
+                that an iteration waited on for ``timeout_s`` (:class:`~funcpipe.WorkerTimeout`).
         """
         if iterations is not None and epochs is not None:
             raise ConfigError("give iterations or epochs, not both")
@@ -258,6 +290,15 @@ class Trainer:
         history = History()
         if total == 0:
             return history
+        # The first batch is checked before anything is launched; later ones as they are fed.
+        head = next(batches, None)
+        if head is None:
+            raise ConfigError(
+                f"data yielded no batch, but {total} iterations were asked for; hint: pass a non-empty list "
+                "or DataLoader (a generator that was iterated before yields nothing)"
+            )
+        _check_batch(head, self.plan.global_batch_size, self._iteration, self._input_dtype)
+        batches = itertools.chain([head], batches)
         first = self._iteration
         if not self._uploaded:
             self._upload_definitions()
@@ -486,7 +527,7 @@ class Trainer:
                     stage=stage,
                     replica=replica,
                     plan=plan.to_dict(),
-                    timeout_s=self.timeout_s,
+                    timeout_s=WORKER_TIMEOUT_FACTOR * self.timeout_s + self.executor.start_timeout_s,
                     threads=self.threads_per_worker,
                     resume_attempt=self._restore[1] if self._restore is not None else None,
                     checkpoint_every=checkpoint_every,
@@ -521,6 +562,7 @@ class Trainer:
         """
         budget = self.executor.call_budget_s
         invoked = time.monotonic()
+        self._run_first = first  # its wait allows for the workers' start
         calls = CallGroup([(h, h.call("run", first, total)) for h in handles])
         uploads: list[Future[None]] = []
         feed_errors: list[BaseException] = []  # a failed upload ends the waits at once (workers would hang)
@@ -531,6 +573,7 @@ class Trainer:
         def note(upload: Future[None]) -> None:
             if not upload.cancelled() and upload.exception() is not None:
                 feed_errors.append(upload.exception())  # type: ignore[arg-type]
+
         finished = [time.perf_counter()]  # when the last iteration finished (or the run began)
         done_before = len(history)
         fed = 0
@@ -555,14 +598,24 @@ class Trainer:
                 fed += 1
                 self._fed = first + fed
                 if fed > LOOKAHEAD:
-                    self._await(first + fed - 1 - LOOKAHEAD, failed, history, bar, finished)
+                    self._await(first + fed - 1 - LOOKAHEAD, calls, failed, history, bar, finished)
                     self._note_checkpoint(first + fed - 1 - LOOKAHEAD, first, checkpoint_every, replay)
             for k in range(len(history) - done_before, fed):
-                self._await(first + k, failed, history, bar, finished)
+                self._await(first + k, calls, failed, history, bar, finished)
                 self._note_checkpoint(first + k, first, checkpoint_every, replay)
             for upload in uploads:
                 upload.result()
-        for report in calls.results():
+        try:
+            reports = calls.results(timeout=self.timeout_s)
+        except TimeoutError:
+            late = calls.unfinished()
+            raise WorkerTimeout(
+                late[0],
+                f"did not return within {self.timeout_s:g} s after iteration {first + fed - 1}, the run's "
+                f"last, finished (unfinished: {', '.join(late)}); it hangs in a backward, the all-reduce, "
+                "the update or its checkpoint; hint: raise Trainer(timeout_s=...) if it is only slow",
+            ) from None
+        for report in reports:
             iterations = report["iterations"]
             if len(iterations) != fed:
                 raise BackendError(
@@ -616,7 +669,7 @@ class Trainer:
 
     def _feed(self, feeder: ThreadPoolExecutor, iteration: int, batch: Batch) -> list[Future[None]]:
         plan = self.plan
-        inputs, targets = _check_batch(batch, plan.global_batch_size, iteration)
+        inputs, targets = _check_batch(batch, plan.global_batch_size, iteration, self._input_dtype)
         last = plan.num_stages - 1
         futures = []
         micro = plan.micro_batch_size
@@ -630,27 +683,31 @@ class Trainer:
     def _await(
         self,
         iteration: int,
+        calls: CallGroup,
         failed: Callable[[], BaseException | None],
         history: History,
         bar: tqdm,
         finished: list[float],
     ) -> None:
-        """Wait for the last stage's reports of ``iteration``; ``failed()`` ends the wait with its error."""
+        """Wait for the last stage's reports of ``iteration``; ``failed()`` ends the wait with its error.
+
+        ``failed()`` is the first failure of ``calls`` or of the driver's own uploads.
+        """
         last = self.plan.num_stages - 1
         loss = 0.0
+        wait_s = self.timeout_s
+        if iteration == self._run_first:
+            wait_s += self.executor.start_timeout_s
         for replica in range(self.plan.replicas[last]):
             key = self.keys.metrics(iteration, last, replica)
             try:
-                report = self.storage.wait(key, self.timeout_s, cancelled=lambda: failed() is not None)
+                report = self.storage.wait(key, wait_s, cancelled=lambda: failed() is not None)
             except WaitCancelled:
                 failure = failed()
                 assert failure is not None
                 raise failure from None
             except ObjectNotFound:
-                raise BackendError(
-                    f"iteration {iteration} did not finish within {self.timeout_s:g} s "
-                    "(no worker reported an error); hint: raise Trainer(timeout_s=...)"
-                ) from None
+                raise self._stalled(iteration, wait_s, calls) from None
             loss += float(json.loads(report)["loss"])
         now = time.perf_counter()
         history.seconds.append(now - finished[0])
@@ -660,6 +717,33 @@ class Trainer:
         bar.update(1)
         if len(history) > 1:
             self._forget(iteration - 1)
+
+    def _stalled(self, iteration: int, waited_s: float, calls: CallGroup) -> Exception:
+        """The error for an iteration that did not finish in time: who never started, or who hangs."""
+        failure = calls.failure()  # a worker may have failed just now
+        if failure is not None:
+            return failure
+        hint = "hint: raise Trainer(timeout_s=...) if it is only slow"
+        not_started = calls.not_started()
+        if not_started:
+            return WorkerNotStarted(
+                not_started[0],
+                f"it had not started {waited_s:g} s after it was launched, when iteration {iteration} should "
+                f"have finished (not started: {', '.join(not_started)}); the backend could not place or start "
+                f"it (too few free resources, a cold start); {hint}",
+            )
+        stall = find_stall(self.storage, self.keys, self.plan, self._gradient_bytes, iteration)
+        if stall is None:
+            return BackendError(
+                f"iteration {iteration} did not finish within {waited_s:g} s, and no worker reported an error "
+                f"or can be blamed; {hint}"
+            )
+        return WorkerTimeout(
+            stall.worker,
+            f"no progress in iteration {stall.iteration} for {waited_s:g} s: stage {stall.stage} has not "
+            f"written {stall.missing}, though its inputs are there; it hangs (a layer, the loss or an "
+            f"upload blocks) or is far slower than planned; {hint}",
+        )
 
     def _forget(self, iteration: int) -> None:
         """Delete the messages of a finished iteration, so storage holds about two at a time.
@@ -679,6 +763,13 @@ class Trainer:
             merged.update(state)
         with torch.no_grad():
             self._model.load_state_dict(merged)
+
+
+def _derived_timeout(plan: Plan) -> float:
+    """The driver's wait for one iteration when the user gives none: see :class:`Trainer`'s ``timeout_s``."""
+    if plan.predicted_iteration_s is None:
+        return DEFAULT_TIMEOUT_S
+    return max(TIMEOUT_FLOOR_S, TIMEOUT_PREDICTED_ITERATIONS * plan.predicted_iteration_s)
 
 
 def _fresh_directory() -> str:
@@ -719,7 +810,36 @@ def _batches(data: Iterable[Batch], iterations: int | None, epochs: int) -> tupl
     return itertools.chain.from_iterable(data for _ in range(epochs)), per_epoch * epochs
 
 
-def _check_batch(batch: Any, size: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: Layers that pass their input's dtype through and hold no parameters: the layer after them decides.
+_DTYPE_TRANSPARENT: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+#: Layers that compute with their weight and accept only inputs of the weight's (floating) dtype.
+_DTYPE_BOUND: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.LayerNorm, nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
+
+
+def _input_dtype(model: nn.Sequential) -> tuple[torch.dtype, str] | None:
+    """The dtype the model's inputs must have and the layer that decides it; ``None``: undecidable.
+
+    An ``nn.Embedding`` first takes integer indices, a custom module anything:
+    only layers whose arithmetic needs inputs of their weight's dtype are judged.
+    """
+    for index, layer in enumerate(model):
+        if isinstance(layer, _DTYPE_TRANSPARENT):
+            continue
+        weight = next(layer.parameters(), None) if isinstance(layer, _DTYPE_BOUND) else None
+        if weight is None or not weight.is_floating_point():
+            return None
+        return weight.dtype, f"layer {index} ({type(layer).__name__})"
+    return None
+
+
+def _check_batch(
+    batch: Any, size: int, iteration: int, input_dtype: tuple[torch.dtype, str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ConfigError(
             f"batch {iteration} is a {type(batch).__name__}, not an (inputs, targets) pair"
@@ -734,6 +854,12 @@ def _check_batch(batch: Any, size: int, iteration: int) -> tuple[torch.Tensor, t
                 f"batch {iteration}: {name} has shape {shape}, but the plan's global batch is "
                 f"{size} samples; hint: DataLoader(..., batch_size={size}, drop_last=True)"
             )
+    if input_dtype is not None and inputs.dtype != input_dtype[0]:
+        dtype, layer = input_dtype
+        raise ConfigError(
+            f"batch {iteration}: inputs are {inputs.dtype}, but the model's {layer} computes in {dtype}; "
+            f"hint: convert them with inputs.to({dtype}), e.g. in the Dataset or a DataLoader collate_fn"
+        )
     return inputs, targets
 
 

@@ -3,7 +3,13 @@ real ``backends/alibaba_fc`` container server runs in separate processes; worker
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,20 +17,33 @@ from alibabacloud_credentials import models as credential_models
 from alibabacloud_credentials.client import Client as CredentialClient
 from torch import nn
 
-from funcpipe import ConfigError, FunctionNotDeployed, PayloadTooLarge, Plan, Trainer
+from funcpipe import ConfigError, FunctionNotDeployed, PayloadTooLarge, Plan, Trainer, WorkerNotStarted
 from funcpipe.backends import AlibabaFC, Timing
 from tests.fakes.alibaba_fc import FakeFC
-from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
+from tests.helpers import (
+    assert_no_funcpipe_thread_left,
+    assert_same_parameters,
+    mlp7,
+    plain_training,
+    regression_batches,
+    sgd_momentum,
+)
+from tests.leaks import SECRETS, capture_logs, every_version, leaks, record_leaks, versioned_bucket
 
 SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
 FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=10.0, silence_timeout_s=2.0)
 
 
+#: The driver's keys for the FC API (the fake does not check them); scanned for like the others.
+FC_ACCESS_KEY_ID = "LTAIfuncpipeFcInvokeKeyId"
+FC_ACCESS_KEY_SECRET = "funcpipe-fc-invoke-secret-do-not-leak"
+
+
 def credential() -> CredentialClient:
     """Explicit test keys: the SDK's default chain reads the environment once, at import."""
     return CredentialClient(credential_models.Config(
-        type="access_key", access_key_id="testing", access_key_secret="testing"
+        type="access_key", access_key_id=FC_ACCESS_KEY_ID, access_key_secret=FC_ACCESS_KEY_SECRET
     ))
 
 
@@ -82,6 +101,49 @@ def test_training_on_function_compute_equals_plain_pytorch(fake_fc: FakeFC, stor
     assert all(i.ended.wait(5) and (i.status, i.x_fc_status) == (200, "200") for i in invocations)
 
 
+def test_training_writes_no_credential_anywhere(
+    fake_fc: FakeFC, moto_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 6: no credential value (the OSS keys and STS token of the functions and the driver, the
+    driver's FC API keys) in any invocation payload, stored object, or log record of a training run.
+    The bucket keeps every version, so objects the driver deleted during the run are read too."""
+    bucket = "funcpipe-fc-leaks"
+    versioned_bucket(moto_endpoint, bucket)
+    secrets = (*SECRETS, FC_ACCESS_KEY_ID, FC_ACCESS_KEY_SECRET)
+    capture_logs(caplog)
+    before = len(fake_fc.invocations)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(), backend=executor(fake_fc),
+                      storage=f"oss://{bucket}/run?endpoint={moto_endpoint}&multipart_threshold={64 * 2**20}")
+    trainer.fit(regression_batches(2, 8), progress=False)
+    payloads = [i.payload for i in fake_fc.invocations[before:]]
+    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == 1 for p in payloads)
+    assert [leaks(p, secrets) for p in payloads] == [[]] * 3
+    objects = list(every_version(moto_endpoint, bucket, "run/"))
+    kinds = {key.split("/")[-1].split(".")[0] for key, _ in objects}
+    assert {"input", "target", "act", "grad", "chunk", "merged", "metrics", "s0", "s1"} <= kinds, kinds
+    assert any("/model/" in key for key, _ in objects) and any("/checkpoint/" in key for key, _ in objects)
+    assert any(key.startswith("run/funcpipe-calls/") for key, _ in objects)
+    assert {key: leaks(data, secrets) for key, data in objects if leaks(data, secrets)} == {}
+    assert caplog.records and record_leaks(caplog.records, secrets) == []
+
+
+def test_a_function_that_never_starts_fails_fit_within_the_start_timeout(storage_url: str) -> None:
+    fake = FakeFC([FUNCTION], instances=0, env={})  # accepted, never run
+    try:
+        start_timeout_s = 2.0
+        timing = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=start_timeout_s, silence_timeout_s=2.0)
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                          backend=executor(fake, timing=timing), storage=under(storage_url, "never"))
+        started = time.monotonic()
+        with pytest.raises(WorkerNotStarted, match=r"stage \d replica \d failed: the function never reported"):
+            trainer.fit(regression_batches(2, 8), progress=False)
+        assert start_timeout_s <= time.monotonic() - started < start_timeout_s + 30
+        assert len(fake.invocations) == 3
+        assert_no_funcpipe_thread_left(within_s=10)  # the watcher stops once no call is left
+    finally:
+        fake.close()
+
+
 def test_function_not_deployed_names_the_deploy_command(fake_fc: FakeFC, storage_url: str) -> None:
     trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
                       backend=executor(fake_fc, function_prefix="not-deployed"), storage=under(storage_url, "missing"))
@@ -115,3 +177,28 @@ def test_region_and_account_are_required_without_an_endpoint(monkeypatch: pytest
     monkeypatch.delenv("ALIBABA_CLOUD_ACCOUNT_ID", raising=False)
     with pytest.raises(ConfigError, match="needs a region and an account ID"):
         AlibabaFC(credential=credential())
+
+
+def test_missing_credentials_are_named_before_anything_is_launched(tmp_path: Path) -> None:
+    """In a process of its own: the credential SDK reads the environment once, when it is imported."""
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from funcpipe import ConfigError, Plan, Trainer\n"
+        "plan = Plan.manual([1], micro_batch_size=1, global_batch_size=1)\n"
+        "try:\n"
+        "    Trainer(nn.Sequential(nn.Linear(2, 2)), nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.1),\n"
+        "            plan, backend='alibaba_fc', storage='oss://bucket/p?endpoint=http://127.0.0.1:9')\n"
+        "except ConfigError as exc:\n"
+        "    print(f'ConfigError: {exc}')\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path),
+        "ALIBABA_CLOUD_REGION": "cn-hangzhou", "ALIBABA_CLOUD_ACCOUNT_ID": "123",
+        "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true",  # no instance-role lookup
+    }
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = "ConfigError: no Alibaba Cloud credentials to call Function Compute with ("
+    assert done.stdout.startswith(expected), done.stdout
+    assert "hint: set ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET" in done.stdout

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -20,6 +22,7 @@ from funcpipe import (
     WorkerFailed,
     WorkerNotStarted,
     WorkerSilent,
+    WorkerTimeout,
 )
 from funcpipe.backends import AWSLambda, Timing
 from funcpipe.executors.base import Resources
@@ -27,7 +30,16 @@ from funcpipe.executors.serverless import STATUS_PREFIX
 from funcpipe.storage import open_storage
 from tests.fakes.actors import Sleeper
 from tests.fakes.aws_lambda import FakeLambda
-from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
+from tests.fakes.layers import Hang
+from tests.helpers import (
+    assert_no_funcpipe_thread_left,
+    assert_same_parameters,
+    mlp7,
+    plain_training,
+    regression_batches,
+    sgd_momentum,
+)
+from tests.leaks import SECRETS, capture_logs, every_version, leaks, record_leaks, versioned_bucket
 
 SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
@@ -207,6 +219,84 @@ def test_a_function_that_stops_reporting(aws_env: dict[str, str], bucket: Bucket
         fake.close()
 
 
+def test_training_writes_no_credential_anywhere(
+    fake_lambda: FakeLambda, moto_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 6: no credential value in any invocation payload, stored object (model blob, checkpoint,
+    message, status) or log record of a training run. The bucket keeps every version, so objects the
+    driver deleted during the run are read too."""
+    bucket = "funcpipe-lambda-leaks"
+    versioned_bucket(moto_endpoint, bucket)
+    capture_logs(caplog)
+    before = len(fake_lambda.invocations)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                      backend=executor(fake_lambda), storage=f"s3://{bucket}/run?endpoint_url={moto_endpoint}")
+    trainer.fit(regression_batches(2, 8), progress=False)
+    payloads = [i.payload for i in fake_lambda.invocations[before:]]
+    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == 1 for p in payloads)
+    assert [leaks(p) for p in payloads] == [[]] * 3
+    objects = list(every_version(moto_endpoint, bucket, "run/"))
+    kinds = {key.split("/")[-1].split(".")[0] for key, _ in objects}
+    # What was scanned: messages of every kind, reports, status objects, the model blobs, checkpoints.
+    assert {"input", "target", "act", "grad", "chunk", "merged", "metrics", "s0", "s1"} <= kinds, kinds
+    assert any("/model/" in key for key, _ in objects) and any("/checkpoint/" in key for key, _ in objects)
+    assert any(key.startswith("run/funcpipe-calls/") for key, _ in objects)
+    assert {key: leaks(data) for key, data in objects if leaks(data)} == {}
+    assert caplog.records and record_leaks(caplog.records) == []
+    assert all(secret.encode() not in trainer.storage.get(trainer.keys.model_blob(0)) for secret in SECRETS)
+
+
+def test_a_function_that_never_starts_fails_fit_within_the_start_timeout(
+    aws_env: dict[str, str], bucket: Bucket
+) -> None:
+    fake = FakeLambda({FUNCTION: FUNCTION_TIMEOUT_S}, runtimes=0, env=aws_env)  # accepted, never run
+    try:
+        start_timeout_s = 2.0
+        timing = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=start_timeout_s, silence_timeout_s=2.0)
+        trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                          backend=executor(fake, timing=timing), storage=bucket.url("never-fit"))
+        started = time.monotonic()
+        with pytest.raises(WorkerNotStarted, match=r"stage \d replica \d failed: the function never reported"):
+            trainer.fit(regression_batches(2, 8), progress=False)
+        assert start_timeout_s <= time.monotonic() - started < start_timeout_s + 30
+        assert len(fake.invocations) == 3
+        assert_no_funcpipe_thread_left(within_s=10)  # the watcher stops once no call is left
+    finally:
+        fake.close()
+
+
+def test_a_function_that_hangs_mid_iteration_is_named_and_stopped(
+    fake_lambda: FakeLambda, bucket: Bucket, tmp_path: Path
+) -> None:
+    timeout_s = 15.0
+    release = tmp_path / "release"
+    # Stage 0 (layers 0-2) runs 4 forwards per iteration: the 5th, micro-batch 0 of iteration 1, hangs.
+    model = nn.Sequential(nn.Linear(8, 16), Hang(str(release), after=4), nn.Tanh(),
+                          nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Linear(16, 3))
+    before = len(fake_lambda.invocations)
+    trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                      backend=executor(fake_lambda), storage=bucket.url("hang"), timeout_s=timeout_s)
+    started = time.monotonic()
+    try:
+        with pytest.raises(WorkerTimeout) as info:
+            trainer.fit(regression_batches(3, 8), progress=False)
+        elapsed = time.monotonic() - started
+    finally:
+        release.touch()
+    assert timeout_s <= elapsed < timeout_s + 30
+    assert str(info.value).startswith(
+        "stage 0 replica 0 failed: no progress in iteration 1 for 15 s: stage 0 has not written its activation "
+        "of micro-batch 0 for stage 1"
+    )
+    assert Path(f"{release}.entered").exists()
+    # The driver asked every call to stop: released, the hung one ends at once (it would otherwise
+    # wait 2 * 15 + 10 s for its next object), and so did the others; no runtime stays busy.
+    invocations = fake_lambda.invocations[before:]
+    assert len(invocations) == 3
+    assert all(i.ended.wait(20) for i in invocations), [json.loads(i.payload)["name"] for i in invocations]
+    assert_no_funcpipe_thread_left(within_s=10)
+
+
 class TestStorageChecks:
     def test_local_storage_is_refused_by_default(self, aws_env: dict[str, str]) -> None:
         with pytest.raises(ConfigError, match=r"AWS Lambda functions cannot reach; hint: use object storage"):
@@ -221,6 +311,17 @@ class TestStorageChecks:
         with pytest.raises(ConfigError, match="cannot reach"):
             Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
                     backend="aws_lambda", storage="file:///tmp/x")
+
+    def test_missing_credentials_are_named_before_anything_is_launched(
+        self, aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+        with pytest.raises(ConfigError, match=r"no AWS credentials to call Lambda in us-east-1 with; hint: set "
+                                              r"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+            Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
+                    backend="aws_lambda", storage=f"s3://{BUCKET}/p")
 
     def test_password_in_the_storage_url_is_refused(self, aws_env: dict[str, str]) -> None:
         with pytest.raises(ConfigError, match="carries a password"):

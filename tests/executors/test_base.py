@@ -174,3 +174,14 @@ def test_get_executor_passes_an_instance_through() -> None:
 def test_get_executor_unknown_backend_lists_the_names() -> None:
     with pytest.raises(ConfigError, match=r"unknown backend 'lambda'; choose one of alibaba_fc, aws_lambda, ray, thr"):
         get_executor("lambda")
+
+
+def test_call_group_names_the_unfinished_and_the_not_started() -> None:
+    handles, futures, group = group_of(["a", "b", "c"])
+    assert group.unfinished() == ["a", "b", "c"]
+    assert group.not_started() == []  # the default: a handle that cannot tell counts as started
+    futures[1].set_result(None)
+    assert group.unfinished() == ["a", "c"]
+    handles[0].started = lambda: False  # type: ignore[method-assign]
+    handles[2].started = lambda: True  # type: ignore[method-assign]
+    assert group.not_started() == ["a"]

@@ -53,3 +53,28 @@ def test_a_constructor_that_raises_fails_every_call() -> None:
     assert failure.worker == "broken actor"
     assert failure.cause == "RuntimeError: cannot build"
     handle.kill()
+
+
+def test_release_kills_a_host_that_does_not_stop_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import ray
+    import ray.exceptions
+
+    from funcpipe.executors import ray as ray_executor
+    from funcpipe.executors.base import Actor
+
+    class StuckInCancel(Actor):
+        def ping(self) -> str:
+            return "pong"
+
+        def cancel(self) -> None:
+            threading.Event().wait()  # never returns
+
+    monkeypatch.setattr(ray_executor, "RELEASE_TIMEOUT_S", 1.0)
+    handle = Ray().launch(StuckInCancel, name="stuck", resources=Resources(0.1))
+    assert handle.call("ping").result(timeout=60) == "pong"
+    handle.release()
+    assert all(handle.host not in hosts for hosts in ray_executor._IDLE.values())
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.host.stop.remote(), timeout=60)

@@ -18,12 +18,17 @@ import requests.structures
 
 @dataclass
 class CannedResponse:
-    """What :func:`canned_http_server` answers to every request, and what it was asked."""
+    """What :func:`canned_http_server` answers to every request, and what it was asked.
+
+    ``first``: answers ``(status, body)`` given to the first requests, one each, in
+    order, before every later request gets ``status`` and ``body``.
+    """
 
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    first: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 @contextmanager
@@ -33,6 +38,8 @@ def canned_http_server(response: CannedResponse) -> Iterator[str]:
     Records ``(method, path, headers)`` of each request in ``response.requests``.
     """
 
+    lock = threading.Lock()
+
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -40,14 +47,17 @@ def canned_http_server(response: CannedResponse) -> Iterator[str]:
             length = int(self.headers.get("Content-Length") or 0)
             if length:
                 self.rfile.read(length)
-            response.requests.append((self.command, self.path, dict(self.headers)))
-            self.send_response(response.status)
+            with lock:
+                answer = len(response.requests)
+                response.requests.append((self.command, self.path, dict(self.headers)))
+            status, body = response.first[answer] if answer < len(response.first) else (response.status, response.body)
+            self.send_response(status)
             for name, value in response.headers.items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", str(len(response.body)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(response.body)
+                self.wfile.write(body)
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _answer
 

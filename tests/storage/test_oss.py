@@ -23,7 +23,14 @@ import oss2
 import pytest
 import requests
 
-from funcpipe.errors import BucketNotFound, ConfigError, ObjectNotFound, StorageAccessDenied, StorageError
+from funcpipe.errors import (
+    BucketNotFound,
+    ConfigError,
+    IntegrityError,
+    ObjectNotFound,
+    StorageAccessDenied,
+    StorageError,
+)
 from funcpipe.storage import open_storage
 from funcpipe.storage.oss import OSSStorage
 from tests.conftest import FAKE_OSS_ENV
@@ -470,6 +477,44 @@ def test_retries_5xx_with_the_session_s_retry_policy() -> None:
         with pytest.raises(StorageError, match="ServiceUnavailable"):
             storage.get("k")
     assert len(response.requests) == 3
+
+
+@pytest.mark.parametrize(("operation", "method"), [("put", "PUT"), ("get", "GET")])
+def test_throttling_twice_then_ok_succeeds_through_the_session_s_retries(operation: str, method: str) -> None:
+    """OSS's 503 is retried by urllib3's Retry in the oss2 session, not by a loop of ours."""
+    busy = error_xml("ServiceUnavailable", "Please reduce your request rate.")
+    response = CannedResponse(200, b"payload", first=[(503, busy)] * 2)
+    with canned_http_server(response) as endpoint:
+        storage = OSSStorage(BUCKET, endpoint=endpoint, access_key_id="LTAIx", access_key_secret="s")
+        if operation == "put":
+            storage.put("k", b"payload")
+        else:
+            assert storage.get("k") == b"payload"
+        storage.close()
+    assert [(m, path) for m, path, _ in response.requests] == [(method, f"/{BUCKET}/k")] * 3
+
+
+@pytest.mark.parametrize("altered", [False, True], ids=["same", "altered"])
+@pytest.mark.parametrize("operation", ["put", "get"])
+def test_the_crc_oss_reports_is_checked(operation: str, altered: bool) -> None:
+    """oss2's own check is off (its one-shot body streams broke retries): the storage checks instead."""
+    data = b"payload"
+    crc = oss2.utils.Crc64(0)
+    crc.update(data)
+    headers = {"x-oss-hash-crc64ecma": str(crc.crc ^ 1 if altered else crc.crc), "ETag": '"E"'}
+    storage = replay(ReplayAdapter(lambda request: (200, headers, b"" if request.method == "PUT" else data)))
+
+    def run() -> None:
+        if operation == "put":
+            storage.put("k", data)
+        else:
+            assert storage.get("k") == data
+
+    if not altered:
+        run()
+        return
+    with pytest.raises(IntegrityError, match=rf"the CRC-64 of the 7 bytes here is {crc.crc}, OSS reports"):
+        run()
 
 
 def test_unreachable_endpoint() -> None:

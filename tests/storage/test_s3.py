@@ -417,6 +417,24 @@ def test_retries_are_botocore_s(aws_env: dict[str, str]) -> None:
     assert len(response.requests) == 3
 
 
+@pytest.mark.parametrize(("operation", "method"), [("put", "PUT"), ("get", "GET")])
+def test_throttling_twice_then_ok_succeeds_through_botocore_s_retries(
+    aws_env: dict[str, str], operation: str, method: str
+) -> None:
+    """S3's 503 SlowDown is retried by botocore (Config(retries=...)), not by a loop of ours."""
+    slow_down = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+    # (A PutObject answer has no body: botocore takes a 200 with one for an error in disguise.)
+    response = CannedResponse(200, b"payload" if operation == "get" else b"", first=[(503, slow_down)] * 2)
+    with canned_http_server(response) as endpoint:
+        storage = S3Storage("bucket", endpoint_url=endpoint, region="us-east-1")  # the default attempts
+        if operation == "put":
+            storage.put("k", b"payload")
+        else:
+            assert storage.get("k") == b"payload"
+        storage.close()
+    assert [(m, path) for m, path, _ in response.requests] == [(method, "/bucket/k")] * 3
+
+
 def test_repr_and_url_hold_no_credentials(s3: S3Storage) -> None:
     for text in (repr(s3), s3.url, str(vars(s3))):
         assert FAKE_ACCESS_KEY_ID not in text

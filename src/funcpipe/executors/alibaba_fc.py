@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from alibabacloud_credentials.client import Client as CredentialClient
+from alibabacloud_credentials.exceptions import CredentialException
 from alibabacloud_fc20230330 import models as fc_models
 from alibabacloud_fc20230330.client import Client as FCClient
 from alibabacloud_tea_openapi import utils_models as openapi_models
@@ -54,8 +55,17 @@ def _client(
         endpoint = f"{account_id}.{region}.fc.aliyuncs.com"
     # The SDK's default credential chain: ALIBABA_CLOUD_ACCESS_KEY_ID / _SECRET /
     # _SECURITY_TOKEN, the CLI profile, an ECS or FC role.
+    credential = credential if credential is not None else CredentialClient()
+    try:
+        credential.get_credential()  # resolved now, so a missing one is named before anything is launched
+    except CredentialException as exc:
+        raise ConfigError(
+            f"no Alibaba Cloud credentials to call Function Compute with ({exc}); hint: set "
+            "ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET, or configure a profile "
+            "(`aliyun configure`), or pass AlibabaFC(credential=...)"
+        ) from exc
     config = openapi_models.Config(
-        credential=credential if credential is not None else CredentialClient(),
+        credential=credential,
         endpoint=endpoint,
         protocol=protocol,
         region_id=region,

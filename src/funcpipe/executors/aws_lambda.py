@@ -41,6 +41,11 @@ def _client(region: str | None, endpoint_url: str | None, max_attempts: int) -> 
             "no AWS region for Lambda; hint: AWSLambda(region='us-east-1'), or set AWS_REGION / "
             "AWS_DEFAULT_REGION, or a region in ~/.aws/config"
         )
+    if session.get_credentials() is None:
+        raise ConfigError(
+            f"no AWS credentials to call Lambda in {region} with; hint: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an IAM role provides them (boto3's chain)"
+        )
     config = botocore.config.Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=10,

@@ -53,6 +53,14 @@ class ActorHandle(abc.ABC):
     def kill(self) -> None:
         """Stop the actor now, whatever it is doing. Idempotent."""
 
+    def started(self) -> bool | None:
+        """Whether the actor is up (built, able to run a call); ``None``: the backend cannot tell.
+
+        The driver asks when an iteration times out, to tell a worker that never
+        started (:class:`~funcpipe.WorkerNotStarted`) from one that hangs.
+        """
+        return None
+
     def release(self) -> None:
         """The job is done with this actor and no call is running; default: :meth:`kill`.
 
@@ -76,6 +84,11 @@ class Executor(abc.ABC):
     #: Seconds one call may run before the platform ends it, less a margin for stopping
     #: and checkpointing; ``None``: no limit. The driver ends a run before it and re-invokes.
     call_budget_s: float | None = None
+
+    #: Seconds an actor may take from its launch to running a call, beyond the driver's
+    #: per-iteration timeout (a function's cold start). The driver adds it to its wait for
+    #: the first iteration of a run, and workers to their waits.
+    start_timeout_s: float = 0.0
 
     @abc.abstractmethod
     def launch(
@@ -128,6 +141,14 @@ class CallGroup:
 
     def failed(self) -> bool:
         return self.failure() is not None
+
+    def unfinished(self) -> list[str]:
+        """Names of the actors whose call has not returned yet, in launch order."""
+        return [handle.name for handle, future in self._calls if not future.done()]
+
+    def not_started(self) -> list[str]:
+        """Names of the actors that say they have not started yet (:meth:`ActorHandle.started`)."""
+        return [handle.name for handle, _ in self._calls if handle.started() is False]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every call finished or one failed; ``False`` on timeout."""

@@ -46,6 +46,9 @@ class _Host:
 
 _ResourceKey = tuple[str, float, "int | None"]  # (Ray job, CPUs, memory MB)
 
+#: Longest :meth:`RayActor.release` waits for a host to drop its actor before killing it.
+RELEASE_TIMEOUT_S = 60.0
+
 #: Idle hosts of this process's Ray session, by resources, shared by every ``Ray`` executor.
 _IDLE: dict[_ResourceKey, list[Any]] = {}
 
@@ -62,6 +65,11 @@ class RayActor(ActorHandle):
         future: Future[Any] = self.host.call.remote(method, args, self._started).future()
         return future
 
+    def started(self) -> bool:
+        """Whether the host was placed and built the actor (or failed to: a call then reports why)."""
+        ready, _ = ray.wait([self._started], timeout=0)
+        return bool(ready)
+
     def kill(self) -> None:
         if self._gone:
             return
@@ -72,11 +80,16 @@ class RayActor(ActorHandle):
     def release(self) -> None:
         if self._gone:
             return
-        self._gone = True
         try:
-            ray.get(self.host.stop.remote())
+            ray.get(self.host.stop.remote(), timeout=RELEASE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            log.warning("%s: the Ray actor did not stop within %g s; killing it", self.name, RELEASE_TIMEOUT_S)
+            self.kill()
+            return
         except ray.exceptions.RayError:
+            self._gone = True
             return  # the process died: nothing to keep
+        self._gone = True
         _IDLE.setdefault(self._key, []).append(self.host)
 
     def failure(self, exc: BaseException) -> WorkerFailed:

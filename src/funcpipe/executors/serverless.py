@@ -150,6 +150,7 @@ class ServerlessExecutor(Executor):
         self.call_budget_s = self.lifetime_s - self.lifetime_margin_s
         self.payload_limit_bytes = payload_limit_bytes
         self.timing = timing or Timing()
+        self.start_timeout_s = self.timing.start_timeout_s
         self.allow_local_storage = allow_local_storage
         self._storage_url: str | None = None
         self._watcher = _Watcher(self.timing.poll_s)
@@ -271,6 +272,13 @@ class ServerlessActor(ActorHandle):
         self._calls.append(call)
         self._executor._watcher.watch(call, storage, self._executor.timing)
         return call.future
+
+    def started(self) -> bool | None:
+        """Whether the function of the latest call has reported that it started; ``None``: no call yet."""
+        if not self._calls:
+            return None
+        call = self._calls[-1]
+        return call.beat >= 0 or call.future.done()
 
     def kill(self) -> None:
         """Ask every running call to stop (a cancel object its function polls) and fail its future."""

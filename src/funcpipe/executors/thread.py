@@ -25,6 +25,9 @@ class ThreadActor(ActorHandle):
     def call(self, method: str, *args: Any) -> Future[Any]:
         return self._pool.submit(getattr(self.instance, method), *args)
 
+    def started(self) -> bool:
+        return True  # built by launch(), in the driver's thread
+
     def kill(self) -> None:
         # Refuse queued calls first: cancelling the running one frees the thread,
         # which must not then start the next call.

@@ -15,7 +15,14 @@ import oss2.exceptions
 import requests.adapters
 from urllib3.util.retry import Retry
 
-from funcpipe.errors import BucketNotFound, ConfigError, ObjectNotFound, StorageAccessDenied, StorageError
+from funcpipe.errors import (
+    BucketNotFound,
+    ConfigError,
+    IntegrityError,
+    ObjectNotFound,
+    StorageAccessDenied,
+    StorageError,
+)
 from funcpipe.storage.base import Storage
 from funcpipe.storage.bucket_url import (
     check_bucket,
@@ -232,7 +239,11 @@ class OSSStorage(Storage):
         auth = oss2.ProviderAuthV4(provider) if region else oss2.ProviderAuth(provider)
         try:
             self._bucket: Any = oss2.Bucket(
-                auth, resolved, bucket, session=session, connect_timeout=connect_timeout, region=region
+                auth, resolved, bucket, session=session, connect_timeout=connect_timeout, region=region,
+                # oss2's own CRC check wraps every body in a one-shot stream, which urllib3's
+                # Retry cannot rewind: a PUT retried after a 503 went out without its body.
+                # Bodies stay bytes, and _check_crc compares the CRC-64 OSS reports.
+                enable_crc=False,
             )
         except oss2.exceptions.ClientError as exc:
             raise ConfigError(f"cannot use OSS bucket {bucket!r} at {resolved!r}: {exc}") from exc
@@ -293,9 +304,10 @@ class OSSStorage(Storage):
             self._multipart_upload(name, body)
             return
         try:
-            self._bucket.put_object(name, body)
+            result = self._bucket.put_object(name, body)
         except _SDK_ERRORS as exc:
             raise self._error(exc, "PutObject", name) from _cause(exc)
+        self._check_crc("PutObject", name, body, result.crc)
 
     def _multipart_upload(self, name: str, data: bytes) -> None:
         size = len(data)
@@ -307,7 +319,9 @@ class OSSStorage(Storage):
             raise self._error(exc, "MultipartUpload", name) from _cause(exc)
 
         def upload(number: int, offset: int) -> Any:
-            result = self._bucket.upload_part(name, upload_id, number, data[offset : offset + part_size])
+            part = data[offset : offset + part_size]
+            result = self._bucket.upload_part(name, upload_id, number, part)
+            self._check_crc(f"UploadPart {number}", name, part, result.crc)
             return oss2.models.PartInfo(number, result.etag, size=min(part_size, size - offset))
 
         try:
@@ -354,6 +368,7 @@ class OSSStorage(Storage):
                     data: bytes = result.read()
                 except _SDK_ERRORS as exc:
                     raise self._error(exc, "GetObject", name) from exc
+                self._check_crc("GetObject", name, data, result.server_crc)
                 return data
             result.resp.response.close()  # drop the stream unread; ranges follow
             try:
@@ -459,6 +474,19 @@ class OSSStorage(Storage):
     def _name(self, key: str) -> str:
         check_key(key)
         return join_key(self.prefix, key)
+
+    def _check_crc(self, operation: str, name: str, data: bytes, reported: int | None) -> None:
+        """Raise :class:`IntegrityError` if OSS reports a CRC-64 other than that of ``data``."""
+        if reported is None:  # S3-compatible servers report none
+            return
+        crc = oss2.utils.Crc64(0)
+        crc.update(data)
+        if crc.crc != reported:
+            raise IntegrityError(
+                f"OSS {operation} of oss://{self.bucket}/{name}: the CRC-64 of the {len(data)} bytes here is "
+                f"{crc.crc}, OSS reports {reported}; the data changed in transit; hint: retry, and check "
+                "the network path (a proxy) if it happens again"
+            )
 
     def _error(self, exc: BaseException, operation: str, name: str) -> StorageError:
         """Translate an oss2 exception into a funcpipe error (never quoting credentials)."""
