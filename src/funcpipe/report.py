@@ -69,7 +69,7 @@ class Table:
             raise ConfigError(f"table {self.title!r}: groups {list(self.groups)} do not span {width} columns")
 
     def __str__(self) -> str:
-        columns = list(zip(self.header, *self.rows, strict=True))
+        columns = list(zip(self.header, *self.rows, strict=True)) if self.header else []
         widths = [max(len(cell) for cell in column) for column in columns]
         if self.groups:  # widen the last column of a group whose label is wider than its columns
             start = 0
@@ -85,6 +85,8 @@ class Table:
             return ("  " + "  ".join(padded)).rstrip()
 
         out = [self.title]
+        if not self.header:  # a title (and notes) alone
+            return "\n".join([*out, *(f"  {note}" for note in self.notes)])
         if self.groups:
             parts, start = [], 0
             for label, span in self.groups:
@@ -103,8 +105,16 @@ class Table:
         parts = [
             f'<div class="funcpipe-table {_NO_MATH}" style="margin-bottom:0.8em">',
             f'<div style="font-weight:bold;margin-bottom:0.3em">{e(self.title)}</div>',
-            '<table style="border-collapse:collapse"><thead>',
         ]
+        if self.header:
+            parts.append(self._html_table(cell))
+        parts.extend(f'<div style="margin-top:0.2em">{e(note)}</div>' for note in self.notes)
+        parts.append("</div>")
+        return "".join(parts)
+
+    def _html_table(self, cell: str) -> str:
+        e = html.escape
+        parts = ['<table style="border-collapse:collapse"><thead>']
         if self.groups:
             parts.append("<tr>" + "".join(
                 f'<th colspan="{span}" style="{cell.format(align="center")}">{e(label)}</th>'
@@ -118,8 +128,6 @@ class Table:
                 f'<td style="{cell.format(align=self._align(i))}">{e(value)}</td>' for i, value in enumerate(row)
             ) + "</tr>")
         parts.append("</tbody></table>")
-        parts.extend(f'<div style="margin-top:0.2em">{e(note)}</div>' for note in self.notes)
-        parts.append("</div>")
         return "".join(parts)
 
     def _align(self, column: int) -> str:
@@ -338,7 +346,7 @@ def history_report(history: History, predicted: Plan | Simulation | None = None)
         predicted = history.plan
     pred = _prediction(predicted)
     if not history.losses:
-        return Report((Table("Training: no iterations", ("",), ()),))
+        return Report((Table("Training: no iterations", (), ()),))
     measured_s = measured_iteration_s(history)
     where = f" ({pred.platform})" if pred is not None and pred.platform else ""
     title = (
