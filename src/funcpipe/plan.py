@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from funcpipe.errors import ConfigError
 
@@ -222,6 +223,10 @@ class Plan:
         from funcpipe.report import plan_report
 
         return str(plan_report(self))
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
 
     def _repr_html_(self) -> str:
         """The plan as an HTML table, which Jupyter shows when a plan is a cell's value."""

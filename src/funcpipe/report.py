@@ -143,6 +143,10 @@ class Report:
     def __str__(self) -> str:
         return "\n\n".join(str(table) for table in self.tables)
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         tables = "".join(table._repr_html_() for table in self.tables)
         return f'<div class="funcpipe-report {_NO_MATH}">{tables}</div>'
@@ -154,6 +158,10 @@ class _SideBySide:
 
     def __str__(self) -> str:
         return "\n\n".join(str(item) for item in self.items)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
 
     def _repr_html_(self) -> str:
         cells = "".join(

@@ -125,6 +125,10 @@ class Simulation:
 
         return str(simulation_report(self))
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         """The per-stage table as HTML, which Jupyter shows when a simulation is a cell's value."""
         from funcpipe.report import simulation_report

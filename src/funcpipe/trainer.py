@@ -119,6 +119,10 @@ class History:
 
         return str(history_report(self))
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         from funcpipe.report import history_report
 
