@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -9,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from funcpipe import Plan, simulate
+from funcpipe import Plan, cli, simulate
 from funcpipe.cli import build_parser, main
 from funcpipe.profiler import LayerProfile, ModelProfile
 
@@ -29,9 +31,11 @@ def test_demo_learns_the_digits(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_prints_accuracy_and_time_per_stage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--epochs", "1", "--backend", "thread", "--storage", "memory://cli-demo"]) == 0
     out = capsys.readouterr().out
-    assert "stage 1: layers 2-4, 2 replica(s)" in out
-    assert "test accuracy:" in out and "where the time went" in out
-    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    plan, times = out.split("where the time went")
+    assert "test accuracy:" in plan
+    rows = [line.split() for line in plan.splitlines() if line.strip()[:1].isdigit()]
+    assert rows == [["0", "0-1", "1", "default"], ["1", "2-4", "2", "default"], ["2", "5-6", "1", "default"]]
+    rows = [line.split() for line in times.splitlines() if line.strip()[:1].isdigit()]
     assert [row[:2] for row in rows] == [["0", "1"], ["1", "2"], ["2", "1"]]
 
 
@@ -188,7 +192,9 @@ def test_plan_table_json_and_out_round_trip(tmp_path: Path, capsys: pytest.Captu
     saved = Plan.from_dict(json.loads(plan_path.read_text(encoding="utf-8")))
     assert saved.balance == (1, 1, 1) and saved.platform == "aws_lambda"
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [(row[0], row[1], row[-1]) for row in rows] == [("0", "0", "embed"), ("1", "1", "body"), ("2", "2", "head")]
+    assert [row[:4] for row in rows] == [
+        ["0", "0", "(embed)", "1"], ["1", "1", "(body)", "1"], ["2", "2", "(head)", "1"],  # stage, layers, replicas
+    ]
     assert "predicted per iteration:" in out
     assert "predicted per epoch of 1,000 samples (125 iterations)" in out  # 1000 / 8
     assert "solver: optimal" in out and f"plan saved to {plan_path}" in out
@@ -227,7 +233,7 @@ def test_simulate_prints_stages_json_and_png(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert out.startswith("Simulation on aws_lambda:")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [row[:2] for row in rows] == [["0", "1"], ["1", "2"], ["2", "1"]]
+    assert [row[:3] for row in rows] == [["0", "0", "1"], ["1", "1", "2"], ["2", "2", "1"]]
     assert f"timeline saved to {png}" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -298,8 +304,115 @@ def test_plan_and_simulate_errors_are_one_line(tmp_path: Path, capsys: pytest.Ca
 def test_help_lists_every_command_on_one_line() -> None:
     help_text = build_parser().format_help()
     lines = {line.split()[0]: line for line in help_text.splitlines() if line.startswith("    ")}
-    assert set(lines) == {"demo", "resume", "profile", "plan", "simulate", "deploy"}
+    assert set(lines) == {"demo", "resume", "profile", "plan", "simulate", "train", "deploy"}
     for line in lines.values():
         assert len(line.split()) > 3  # the name and its one-line description
     commands = help_text.split("positional arguments:")[1].split("options:")[0]
-    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 6  # COMMAND, then one each
+    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 7  # COMMAND, then one each
+
+
+def test_every_command_prints_json_for_scripts_and_takes_debug() -> None:
+    parser = build_parser()
+    (choices,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert isinstance(choices, dict) and len(choices) == 7
+    for name, sub in choices.items():
+        options = {option for action in sub._actions for option in action.option_strings}
+        assert {"--json", "--debug"} <= options, name
+
+
+def test_usage_error_is_one_line_naming_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "tiny_models:tiny"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "funcpipe: error: the following arguments are required: --plan; hint: funcpipe train --help\n"
+
+
+def test_unexpected_error_is_one_line_unless_debug(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(args: argparse.Namespace) -> int:
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(cli, "_simulate", broken)
+    assert main(["simulate", "p.json", "--plan", "plan.json"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("funcpipe: error: unexpected RuntimeError: disk on fire second line; "
+                   "hint: --debug shows the traceback\n")
+    for argv in (["--debug", "simulate", "p.json", "--plan", "x"], ["simulate", "p.json", "--plan", "x", "--debug"]):
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            main(argv)
+
+
+# -- train ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_plan(tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A plan for the tiny model (3 layers, global batch 8) on Lambda, saved by `funcpipe plan --out`."""
+    path = tmp_path / "tiny.plan.json"
+    assert main(["plan", tiny_model, *FAST, "--platform", "aws_lambda", "--global-batch", "8", "--micro-batch", "2",
+                 "--objective", "cost", "--time-limit", "5", "--out", str(path), "--json"]) == 0
+    capsys.readouterr()
+    return path
+
+
+def test_train_prints_measured_next_to_predicted_and_saves_weights(
+    tiny_model: str, tiny_plan: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    weights = tmp_path / "tiny.safetensors"
+    assert main(["train", tiny_model, "--plan", str(tiny_plan), "--backend", "thread", "--storage", "memory://cli-train",
+                 "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--out", str(weights)]) == 0
+    out = capsys.readouterr().out
+    plan = Plan.from_dict(json.loads(tiny_plan.read_text(encoding="utf-8")))
+    assert out.startswith("Training: 3 iterations")  # 8 samples: one global batch per epoch
+    assert "predicted (aws_lambda)" in out and f"weights saved to {weights}" in out
+    summary = {line.rsplit(None, 2)[0].strip(): line.split()[-2:] for line in out.splitlines()
+               if line.startswith("  seconds per") or line.startswith("  dollars per")}
+    assert summary["seconds per iteration"][1] == f"{plan.predicted_iteration_s:.3f}"
+    assert summary["dollars per iteration (aws_lambda)"][1] == f"${plan.predicted_cost_usd:.6f}"
+    assert "seconds per epoch (1 iterations)" in summary
+    stage_rows = [line.split() for line in out.split("Per stage")[1].splitlines() if line.strip()[:1].isdigit()]
+    assert [row[:2] for row in stage_rows] == [[str(s), str(r)] for s, r in enumerate(plan.replicas)]
+
+    model, inputs, targets, _ = cli.load_model(tiny_model)  # seeded: the model the CLI started from
+    trained = load_file(weights)
+    assert trained.keys() == model.state_dict().keys()
+    assert not torch.equal(trained["0.weight"], model.state_dict()["0.weight"])  # it learned something
+    # Same batches, same SGD: the CLI trains what plain PyTorch would.
+    from tests.helpers import plain_training
+
+    reference = plain_training(model, torch.nn.functional.mse_loss,
+                               lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), [(inputs, targets)] * 3)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_train_json(tiny_model: str, tiny_plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", tiny_model, "--plan", str(tiny_plan), "--backend", "thread", "--storage", "memory://cli-json",
+                 "--iterations", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert len(data["losses"]) == len(data["seconds"]) == 2
+    assert data["iterations_per_epoch"] is None and data["weights"] is None
+    assert Plan.from_dict(data["plan"]) == Plan.from_dict(json.loads(tiny_plan.read_text(encoding="utf-8")))
+    assert [row["stage"] for row in data["stages"]] == list(range(len(Plan.from_dict(data["plan"]).balance)))
+    assert "funcpipe:" not in captured.err  # no progress bar with --json
+
+
+def test_train_errors_are_one_line(
+    tiny_model: str, tiny_plan: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(Plan.manual([2], micro_batch_size=2, global_batch_size=8).to_dict()), "utf-8")
+    assert main(["train", tiny_model, "--plan", str(wrong), "--backend", "thread"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model and sum of balance have different length (model: 3 layers" in err
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(Plan.manual([3], micro_batch_size=2, global_batch_size=16).to_dict()), "utf-8")
+    assert main(["train", tiny_model, "--plan", str(big), "--backend", "thread"]) == 2
+    assert "returned 8 samples, fewer than one global batch of the plan (16)" in capsys.readouterr().err
+    assert main(["train", tiny_model, "--plan", str(tiny_plan), "--backend", "thread", "--lr", "-1"]) == 2
+    assert "--lr must be a positive learning rate, got -1.0" in capsys.readouterr().err

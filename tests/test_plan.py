@@ -9,7 +9,7 @@ import re
 import pytest
 
 from funcpipe.errors import ConfigError
-from funcpipe.plan import Plan
+from funcpipe.plan import Plan, StageReport
 
 
 def test_manual_defaults() -> None:
@@ -175,20 +175,40 @@ def test_str_lists_every_stage() -> None:
     plan = Plan.manual(
         [2, 3, 2], replicas=[2, 1, 1], micro_batch_size=2, global_batch_size=8, memory_mb=[256, 512, 1024]
     )
-    lines = str(plan).splitlines()
-    assert lines[0] == (
-        "Plan: 3 stages, 4 workers, 4 micro-batches of 2 (global batch 8), sync=pipelined"
-    )
-    assert lines[1:] == [
-        "  stage 0: layers 0-1, 2 replica(s), 256 MB",
-        "  stage 1: layers 2-4, 1 replica(s), 512 MB",
-        "  stage 2: layers 5-6, 1 replica(s), 1024 MB",
+    assert str(plan).splitlines() == [
+        "Plan: 3 stage(s), 4 worker(s), 4 micro-batches of 2 (global batch 8), sync=pipelined",
+        "  stage  layers  replicas  memory MB",
+        "      0  0-1            2        256",
+        "      1  2-4            1        512",
+        "      2  5-6            1       1024",
+        "  no predictions; hint: funcpipe.simulate(plan, profile, platform).plan carries them",
     ]
 
 
 def test_str_without_memory() -> None:
     lines = str(Plan.manual([1, 1], micro_batch_size=1, global_batch_size=1)).splitlines()
-    assert lines[1:] == ["  stage 0: layers 0-0, 1 replica(s)", "  stage 1: layers 1-1, 1 replica(s)"]
+    assert lines[2:4] == ["      0  0              1    default", "      1  1              1    default"]
+
+
+def test_prediction_fields_round_trip_and_are_checked() -> None:
+    stages = tuple(
+        StageReport(stage=s, replicas=1, memory_mb=1024, memory_needed_mb=300.0, compute_s=0.1, sync_s=0.0,
+                    upload_s=0.05, download_s=0.05, idle_s=0.2, cost_usd=1e-5)
+        for s in range(2)
+    )
+    plan = dataclasses.replace(Plan.manual([1, 1], micro_batch_size=1, global_batch_size=2),
+                               predicted_stages=stages, samples=100)
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["samples"] == 100 and len(data["predicted_stages"]) == 2
+    again = Plan.from_dict(data)
+    assert again.predicted_stages == stages and again.samples == 100
+    assert "predicted_stages" not in repr(plan)  # a repr stays one readable line
+    with pytest.raises(ConfigError, match=r"one StageReport per stage.*got stages \[0\]"):
+        dataclasses.replace(plan, predicted_stages=stages[:1])
+    with pytest.raises(ConfigError, match="samples must be a positive integer"):
+        dataclasses.replace(plan, samples=0)
+    with pytest.raises(ConfigError, match="each must have exactly the fields"):
+        Plan.from_dict({**data, "predicted_stages": [{"stage": 0}, {"stage": 1}]})
 
 
 def test_plan_is_frozen() -> None:

@@ -207,7 +207,8 @@ def test_plan_carries_predictions_and_solver_status() -> None:
     assert plan.solve_s is not None and plan.solve_s > 0
     assert plan.platform == "random"
     assert Plan.from_dict(plan.to_dict()) == plan
-    assert "predicted on random" in str(plan)
+    assert str(plan).startswith("Plan for random:") and "predicted per iteration:" in str(plan)
+    assert plan.predicted_stages == sim.stages
 
 
 def test_objective_weight_lies_between_time_and_cost() -> None:

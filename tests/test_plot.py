@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.lines import Line2D
 
 import funcpipe
@@ -175,6 +176,26 @@ def test_loss_curve(tmp_path: Path) -> None:
     short = loss_figure([0.9, 0.5, 0.4], title="three")
     assert short.axes[0].get_title() == "three"
     assert len(short.axes[0].get_lines()) == 1
+
+
+def test_loss_curve_of_a_real_training_run(tmp_path: Path) -> None:
+    from torch import nn
+
+    from funcpipe import Trainer
+    from tests.helpers import mlp7, regression_batches
+
+    batches = regression_batches(3, 8)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.05), Plan.manual(
+        [3, 4], replicas=[1, 2], micro_batch_size=2, global_batch_size=8), backend="thread", storage="memory://plot")
+    history = trainer.fit(batches, epochs=8, progress=False)
+    path = tmp_path / "loss.png"
+    figure = loss_figure(history, path=path)
+    assert_png(path)
+    (ax,) = figure.axes
+    raw, averaged = ax.get_lines()  # 24 iterations: also a moving average
+    assert xs_ys(raw) == (list(range(1, 25)), history.losses)
+    assert xs_ys(averaged)[0] == list(range(2, 25))
+    assert history.losses[-1] < history.losses[0]  # it learned: the curve goes down
 
 
 def test_loss_rejects_empty_and_non_numbers() -> None:

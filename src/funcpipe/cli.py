@@ -8,12 +8,11 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from funcpipe.errors import ConfigError, FuncpipeError
 from funcpipe.jsonfile import read_json
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 
     from funcpipe.plan import Plan
     from funcpipe.profiler import LossFn, ModelProfile
-    from funcpipe.simulator import Simulation
 
 __all__ = ["build_parser", "load_model", "main"]
 
@@ -286,7 +284,6 @@ def _objective(value: str) -> str | float:
 def _plan(args: argparse.Namespace) -> int:
     from funcpipe import platforms
     from funcpipe.planner import plan as make_plan
-    from funcpipe.simulator import simulate
 
     if args.samples is not None and args.samples < 1:
         raise ConfigError(f"--samples must be a positive number of samples (the dataset size), got {args.samples}")
@@ -297,6 +294,7 @@ def _plan(args: argparse.Namespace) -> int:
         global_batch_size=args.global_batch, micro_batch_size=args.micro_batch, objective=args.objective,
         deadline_s=args.deadline, budget_usd=args.budget, max_stages=args.max_stages,
         max_replicas=args.max_replicas, memory_mb=args.memory_mb, time_limit_s=args.time_limit,
+        samples=args.samples, progress=False if args.json else None,
     )
     epoch = _per_epoch(chosen, args.samples)
     if args.out is not None:
@@ -306,17 +304,20 @@ def _plan(args: argparse.Namespace) -> int:
         if args.out is not None:
             _note(f"plan saved to {args.out}", json_mode=True)
         return 0
-    sim = simulate(chosen, profile, platform)
-    print(_plan_table(chosen, sim, profile, epoch))
+    from funcpipe.report import plan_report
+
+    print(plan_report(chosen, layer_names=_layer_names(profile)))
     if args.out is not None:
         print(f"\nplan saved to {args.out}")
     return 0
 
 
 def _per_epoch(plan: Plan, samples: int | None) -> dict[str, float] | None:
+    from funcpipe.report import iterations_per_epoch
+
     if samples is None or plan.predicted_iteration_s is None or plan.predicted_cost_usd is None:
         return None
-    iterations = math.ceil(samples / plan.global_batch_size)
+    iterations = iterations_per_epoch(plan, samples)
     return {
         "samples": samples,
         "iterations": iterations,
@@ -325,45 +326,10 @@ def _per_epoch(plan: Plan, samples: int | None) -> dict[str, float] | None:
     }
 
 
-def _plan_table(plan: Plan, sim: Simulation, profile: ModelProfile, epoch: dict[str, float] | None) -> str:
+def _layer_names(profile: ModelProfile) -> list[str] | None:
+    """The profile's layer names, unless they are just the layers' indices."""
     names = [layer.name for layer in profile.layers]
-    named = any(name != str(i) for i, name in enumerate(names))
-    rows = [
-        f"Plan for {plan.platform}: {plan.num_stages} stage(s), {plan.num_workers} worker(s), "
-        f"{plan.num_micro_batches} micro-batches of {plan.micro_batch_size} (global batch "
-        f"{plan.global_batch_size}), sync={plan.sync}",
-        f"  {'stage':>5}  {'layers':<12} {'replicas':>8} {'memory MB':>9} {'needed MB':>9} {'$/iter':>10}"
-        + ("  names" if named else ""),
-    ]
-    for st in sim.stages:
-        layers = plan.layer_range(st.stage)
-        span = f"{layers.start}-{layers.stop - 1}" if len(layers) > 1 else str(layers.start)
-        label = names[layers.start] + (f" … {names[layers.stop - 1]}" if len(layers) > 1 else "")
-        rows.append(
-            f"  {st.stage:>5}  {span:<12} {st.replicas:>8} {st.memory_mb:>9} {st.memory_needed_mb:>9.0f} "
-            f"{st.cost_usd:>10.6f}" + (f"  {label}" if named else "")
-        )
-    if plan.predicted_iteration_s is not None and plan.predicted_cost_usd is not None:
-        rows.append(
-            f"predicted per iteration: {plan.predicted_iteration_s:.3f} s, ${plan.predicted_cost_usd:.6f}"
-        )
-    if epoch is not None:
-        rows.append(
-            f"predicted per epoch of {epoch['samples']:,} samples ({epoch['iterations']:,} iterations): "
-            f"{_duration(epoch['seconds'])}, ${epoch['cost_usd']:.4f}"
-        )
-    if plan.solver_status is not None:
-        gap = plan.solver_gap if plan.solver_gap is not None else 0.0
-        rows.append(f"solver: {plan.solver_status}, gap {gap:.2%}, {plan.solve_s or 0:.2f} s")
-    return "\n".join(rows)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{seconds:,.0f} s ({hours:d}:{minutes:02d}:{secs:02d})"
+    return names if any(name != str(i) for i, name in enumerate(names)) else None
 
 
 # -- funcpipe simulate ----------------------------------------------------------------
@@ -401,6 +367,64 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.png is not None:
         _note(f"timeline saved to {args.png}", json_mode=args.json)
     return 0
+
+
+# -- funcpipe train ------------------------------------------------------------------
+
+_OPTIMIZERS = ("adam", "sgd")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from funcpipe.trainer import Trainer
+
+    plan = _load_plan(args.plan)
+    model, inputs, targets, loss_fn = load_model(args.model)
+    if inputs.shape[0] != targets.shape[0]:
+        raise ConfigError(
+            f"model {args.model!r}: inputs hold {inputs.shape[0]} samples but targets {targets.shape[0]}; "
+            "hint: return the training set as (inputs, targets) with one target per sample"
+        )
+    size = plan.global_batch_size
+    batches = [(inputs[i:i + size], targets[i:i + size]) for i in range(0, inputs.shape[0] - size + 1, size)]
+    if not batches:
+        raise ConfigError(
+            f"model {args.model!r} returned {inputs.shape[0]} samples, fewer than one global batch of the plan "
+            f"({size}); hint: return the whole training set, or plan a smaller --global-batch"
+        )
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be a positive learning rate, got {args.lr}")
+    lr = args.lr
+    if args.optimizer == "sgd":
+        def optimizer(params: Any) -> torch.optim.Optimizer:
+            return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        def optimizer(params: Any) -> torch.optim.Optimizer:
+            return torch.optim.Adam(params, lr=lr)
+    trainer = Trainer(model, loss_fn, optimizer, plan, backend=args.backend, storage=args.storage, job=args.job)
+    history = trainer.fit(
+        batches, epochs=None if args.iterations is not None else args.epochs, iterations=args.iterations,
+        progress=not args.json, max_retries=args.max_retries, checkpoint_every=args.checkpoint_every,
+    )
+    if args.out is not None:
+        _save_weights(trainer.model, args.out)
+    if args.json:
+        print(json.dumps({**history.to_dict(), "weights": args.out}, indent=2))
+        return 0
+    print(history)
+    if args.out is not None:
+        print(f"\nweights saved to {args.out} (safetensors)")
+    return 0
+
+
+def _save_weights(model: nn.Module, path: str) -> None:
+    from safetensors.torch import save_model
+
+    try:
+        save_model(model, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the weights to {path!r}: {exc.strerror or exc}") from None
 
 
 # -- funcpipe deploy ------------------------------------------------------------------
@@ -459,13 +483,32 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command's --help, with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"funcpipe: error: {message}; hint: {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="funcpipe", description="Train PyTorch models as pipelines of serverless functions."
+    parser = _Parser(
+        prog="funcpipe", description="Train PyTorch models as pipelines of serverless functions.",
+        epilog="Errors are one line on stderr with exit code 2; --debug shows the traceback. "
+        "Every command that prints data takes --json.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
+    # --debug after the command too; SUPPRESS keeps the value given before it when it is absent.
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parents = [common, *kwargs.pop("parents", [])]
+        sub: argparse.ArgumentParser = commands.add_parser(name, parents=parents, **kwargs)
+        return sub
+
+    demo = add(
         "demo", help="train a digits classifier as a 3-stage pipeline on local Ray",
         description="Train a small classifier on scikit-learn's digits with a 3-stage plan "
         "(2 replicas on the middle stage) and report accuracy and time per stage.",
@@ -481,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="iterations between checkpoints of every stage (default 10; 0: only at the end)")
     demo.set_defaults(func=_demo)
 
-    resume = commands.add_parser(
+    resume = add(
         "resume", help="continue a killed `funcpipe demo` job from its checkpoint",
         description="Continue the job a killed `funcpipe demo --storage URL` left in URL (the one named --job, "
         "else the most recently updated unfinished one) from its last complete checkpoint.",
@@ -493,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--json", action="store_true", help="print the result as JSON, no progress bar")
     resume.set_defaults(func=_resume)
 
-    profiling = argparse.ArgumentParser(add_help=False)
+    profiling = _Parser(add_help=False)
     measure = profiling.add_argument_group("profiling (when given a MODEL)")
     measure.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="B",
                          help="micro-batch sizes to time each layer at (default 1 2 4)")
@@ -503,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "(model, inputs, targets, loss_fn), model an nn.Sequential")
     source_help = "a saved profile (.json), or a model to profile first: " + model_help
 
-    prof = commands.add_parser(
+    prof = add(
         "profile", parents=[profiling], help="measure each layer of a model and save the profile",
         description="Time the forward, backward and update of every layer of an nn.Sequential, measure "
         "its parameters and activations, save the profile as JSON and print it per layer.",
@@ -513,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     prof.set_defaults(func=_profile)
 
-    plan = commands.add_parser(
+    plan = add(
         "plan", parents=[profiling], help="choose stages, memory and replicas for a model on a platform",
         description="Solve for the plan (stage cuts, memory tiers, replicas) that minimises time, cost or "
         "a mix of both per iteration, and print it with its predicted seconds and dollars.",
@@ -536,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", help="save the plan as JSON there (for `funcpipe simulate --plan`)")
     plan.set_defaults(func=_plan)
 
-    sim = commands.add_parser(
+    sim = add(
         "simulate", parents=[profiling], help="replay one iteration of a plan: seconds and dollars per stage",
         description="Simulate one training iteration of a saved plan, event by event, and print seconds "
         "and dollars per stage; optionally draw the timeline of every worker.",
@@ -548,7 +591,30 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print the result as JSON")
     sim.set_defaults(func=_simulate)
 
-    deploy = commands.add_parser(
+    train = add(
+        "train", help="train a model with a saved plan; measured next to predicted",
+        description="Train MODEL with a plan saved by `funcpipe plan --out` (its predictions, if any, are shown "
+        "next to what the run measured). FUNCTION() returns (model, inputs, targets, loss_fn); inputs and "
+        "targets are the training set, cut into the plan's global batches (a last partial batch is dropped).",
+    )
+    train.add_argument("model", metavar="MODEL", help=model_help)
+    train.add_argument("--plan", required=True, metavar="PLAN.json", help="a plan saved by `funcpipe plan --out`")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=1, help="passes over the training set (default 1)")
+    length.add_argument("--iterations", type=int, metavar="N", help="optimizer steps instead of epochs")
+    train.add_argument("--optimizer", choices=_OPTIMIZERS, default="adam",
+                       help="adam (default) or sgd (momentum 0.9)")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
+    train.add_argument("--backend", default="ray", help="ray (default), thread, aws_lambda or alibaba_fc")
+    train.add_argument("--storage", default=None, help="storage URL (default: a fresh local directory)")
+    train.add_argument("--job", help="name the job (its key prefix in the storage)")
+    train.add_argument("--max-retries", type=int, default=0, metavar="N", help="as for demo (default 0)")
+    train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="as for demo (default 10)")
+    train.add_argument("--out", metavar="PATH", help="save the trained weights there (safetensors)")
+    train.add_argument("--json", action="store_true", help="print losses, seconds and stages as JSON, no progress bar")
+    train.set_defaults(func=_train)
+
+    deploy = add(
         "deploy", help="create or update the worker functions, one per memory tier",
         description="Create one function per memory tier (named PREFIX-MEMORY) from a container image "
         "built from backends/PLATFORM/Dockerfile, or update the ones that exist. See backends/README.md.",
@@ -584,11 +650,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python would complain again when flushing at exit
         return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("funcpipe: interrupted", file=sys.stderr)
+        return 130
     except FuncpipeError as exc:
         if args.debug:
             raise
-        message = str(exc).split("\n\nRemote traceback:")[0]
+        message = " ".join(str(exc).split("\n\nRemote traceback:")[0].split())
         print(f"funcpipe: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, or an error funcpipe does not name: still one line
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"funcpipe: error: unexpected {type(exc).__name__}: {message}; hint: --debug shows the traceback",
+              file=sys.stderr)
         return 2
     return code
 

@@ -4,10 +4,39 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from funcpipe.errors import ConfigError
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "StageReport"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageReport:
+    """Per stage: time of its busiest replica and what one replica costs (what the simulator predicts).
+
+    Attributes:
+        stage: stage index.
+        replicas: data-parallel degree.
+        memory_mb: the tier each replica runs on.
+        memory_needed_mb: what a replica needs by the cost model.
+        compute_s: forward, backward and update seconds of the busiest replica.
+        sync_s: seconds its compute thread spent in the all-reduce.
+        upload_s, download_s: seconds its links were busy (transfer plus latency).
+        idle_s: iteration seconds its compute thread did nothing.
+        cost_usd: what the stage's functions cost per iteration (compute only).
+    """
+
+    stage: int
+    replicas: int
+    memory_mb: int
+    memory_needed_mb: float
+    compute_s: float
+    sync_s: float
+    upload_s: float
+    download_s: float
+    idle_s: float
+    cost_usd: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +59,15 @@ class Plan:
         solver_status: ``"optimal"`` or ``"feasible"`` (CP-SAT's status).
         solver_gap: relative gap between the solution and CP-SAT's bound (0 when optimal).
         solve_s: seconds the planner took.
+        predicted_stages: the simulator's prediction per stage (set by
+            :func:`funcpipe.plan`, :func:`funcpipe.pareto` and on
+            ``funcpipe.simulate(...).plan``).
+        samples: the data set's size, for predictions per epoch (set by
+            ``funcpipe.plan(..., samples=N)`` or ``dataclasses.replace``).
 
     Only the first six fields say what runs; two plans that differ only in
-    the prediction fields are equal.
+    the prediction fields are equal. ``str(plan)`` is a table of the stages
+    with their predictions; in a notebook the plan shows as an HTML table.
     """
 
     balance: tuple[int, ...]
@@ -47,6 +82,8 @@ class Plan:
     solver_status: str | None = dataclasses.field(default=None, compare=False)
     solver_gap: float | None = dataclasses.field(default=None, compare=False)
     solve_s: float | None = dataclasses.field(default=None, compare=False)
+    predicted_stages: tuple[StageReport, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
+    samples: int | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_counts("balance", self.balance, "layers per stage")
@@ -84,6 +121,15 @@ class Plan:
         if self.sync not in ("pipelined", "four_phase"):
             raise ConfigError(
                 f"unknown gradient sync {self.sync!r}; choose 'pipelined' or 'four_phase'"
+            )
+        if self.samples is not None and (
+            isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1
+        ):
+            raise ConfigError(f"samples must be a positive integer (the data set's size), got {self.samples!r}")
+        if self.predicted_stages is not None and [st.stage for st in self.predicted_stages] != list(range(stages)):
+            raise ConfigError(
+                f"predicted_stages must give one StageReport per stage, in order (stages: {stages}, got stages "
+                f"{[st.stage for st in self.predicted_stages]})"
             )
 
     @classmethod
@@ -169,29 +215,40 @@ class Plan:
             value = kwargs.get(name)
             if isinstance(value, list):
                 kwargs[name] = tuple(value)
+        if kwargs.get("predicted_stages") is not None:
+            kwargs["predicted_stages"] = _stage_reports(kwargs["predicted_stages"])
         return cls(**kwargs)  # type: ignore[arg-type]  # validated in __post_init__
 
     def __str__(self) -> str:
-        rows = [f"Plan: {self.num_stages} stages, {self.num_workers} workers, "
-                f"{self.num_micro_batches} micro-batches of {self.micro_batch_size} "
-                f"(global batch {self.global_batch_size}), sync={self.sync}"]
-        for stage in range(self.num_stages):
-            layers = self.layer_range(stage)
-            memory = f", {self.memory_mb[stage]} MB" if self.memory_mb else ""
-            rows.append(
-                f"  stage {stage}: layers {layers.start}-{layers.stop - 1}, "
-                f"{self.replicas[stage]} replica(s){memory}"
-            )
-        if self.predicted_iteration_s is not None and self.predicted_cost_usd is not None:
-            rows.append(
-                f"  predicted on {self.platform}: {self.predicted_iteration_s:.3f} s and "
-                f"${self.predicted_cost_usd:.6f} per iteration"
-            )
-        if self.solver_status is not None:
-            gap = f", gap {self.solver_gap:.2%}" if self.solver_gap else ""
-            rows.append(f"  solver: {self.solver_status}{gap} in {self.solve_s or 0:.2f} s")
-        return "\n".join(rows)
+        from funcpipe.report import plan_report
 
+        return str(plan_report(self))
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        """The plan as an HTML table, which Jupyter shows when a plan is a cell's value."""
+        from funcpipe.report import plan_report
+
+        return plan_report(self)._repr_html_()
+
+
+
+def _stage_reports(value: object) -> tuple[StageReport, ...]:
+    fields = [f.name for f in dataclasses.fields(StageReport)]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"predicted_stages must be a list of objects with fields {fields}, got {value!r}")
+    reports = []
+    for item in value:
+        if isinstance(item, StageReport):
+            reports.append(item)
+            continue
+        if not isinstance(item, dict) or sorted(item) != sorted(fields):
+            raise ConfigError(f"predicted_stages holds {item!r}; each must have exactly the fields {fields}")
+        reports.append(StageReport(**item))
+    return tuple(reports)
 
 
 def _as_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from funcpipe import costmodel
 from funcpipe.collectives import piece_count
 from funcpipe.costmodel import FETCH_CONNECTIONS, REPORT_BYTES, StageCost
-from funcpipe.plan import Plan
+from funcpipe.plan import Plan, StageReport
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MB_RATE
 from funcpipe.profiler import ModelProfile
@@ -97,39 +97,13 @@ class Timeline:
 
 
 @dataclasses.dataclass(frozen=True)
-class StageReport:
-    """Per stage: time of its busiest replica and what one replica costs.
-
-    Attributes:
-        stage: stage index.
-        replicas: data-parallel degree.
-        memory_mb: the tier each replica runs on.
-        memory_needed_mb: what a replica needs by the cost model.
-        compute_s: forward, backward and update seconds of the busiest replica.
-        sync_s: seconds its compute thread spent in the all-reduce.
-        upload_s, download_s: seconds its links were busy (transfer plus latency).
-        idle_s: iteration seconds its compute thread did nothing.
-        cost_usd: what the stage's functions cost per iteration (compute only).
-    """
-
-    stage: int
-    replicas: int
-    memory_mb: int
-    memory_needed_mb: float
-    compute_s: float
-    sync_s: float
-    upload_s: float
-    download_s: float
-    idle_s: float
-    cost_usd: float
-
-
-@dataclasses.dataclass(frozen=True)
 class Simulation:
     """The result of :func:`simulate`.
 
     Attributes:
-        plan: the plan simulated (with ``memory_mb`` filled in).
+        plan: the plan simulated, with ``memory_mb`` filled in and carrying
+            this simulation's predictions (``platform``, ``predicted_iteration_s``,
+            ``predicted_cost_usd``, ``predicted_stages``).
         platform: the platform's name.
         iteration_s: seconds of one iteration.
         cost_usd: dollars of one iteration (functions, invocations, storage requests).
@@ -147,18 +121,19 @@ class Simulation:
     timeline: Timeline
 
     def __str__(self) -> str:
-        rows = [
-            f"Simulation on {self.platform}: {self.iteration_s:.3f} s and ${self.cost_usd:.6f} per iteration "
-            f"(formula {self.formula_s:.3f} s)",
-            f"  {'stage':>5} {'replicas':>8} {'MB':>6} {'compute':>8} {'sync':>8} {'upload':>8} "
-            f"{'download':>8} {'idle':>8} {'$/iter':>10}",
-        ]
-        for st in self.stages:
-            rows.append(
-                f"  {st.stage:>5} {st.replicas:>8} {st.memory_mb:>6} {st.compute_s:>8.3f} {st.sync_s:>8.3f} "
-                f"{st.upload_s:>8.3f} {st.download_s:>8.3f} {st.idle_s:>8.3f} {st.cost_usd:>10.6f}"
-            )
-        return "\n".join(rows)
+        from funcpipe.report import simulation_report
+
+        return str(simulation_report(self))
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        """The per-stage table as HTML, which Jupyter shows when a simulation is a cell's value."""
+        from funcpipe.report import simulation_report
+
+        return simulation_report(self)._repr_html_()
 
 
 def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, overlap: bool = True) -> Simulation:
@@ -206,13 +181,16 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
                 cost_usd=iteration_s * st.replicas * spec.price_per_s(st.tier),
             )
         )
+    reports_t = tuple(reports)
+    plan = dataclasses.replace(plan, platform=spec.name, predicted_iteration_s=iteration_s, predicted_cost_usd=cost,
+                               predicted_stages=reports_t)
     return Simulation(
         plan=plan,
         platform=spec.name,
         iteration_s=iteration_s,
         cost_usd=cost,
         formula_s=costmodel.formula_iteration_s(stages, spec, plan),
-        stages=tuple(reports),
+        stages=reports_t,
         timeline=timeline,
     )
 

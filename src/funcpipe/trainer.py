@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
@@ -18,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +43,10 @@ from funcpipe.plan import Plan
 from funcpipe.stall import find_stall
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
+
+if TYPE_CHECKING:
+    from funcpipe.report import Report
+    from funcpipe.simulator import Simulation
 
 __all__ = ["History", "Trainer"]
 
@@ -75,17 +78,26 @@ WORKER_TIMEOUT_FACTOR = 2.0
 class History:
     """What :meth:`Trainer.fit` measured.
 
+    ``str(history)`` is a table of the measured seconds (and dollars) per
+    iteration and per stage next to the predictions of the plan it trained
+    with; in a notebook it shows as HTML. :meth:`compare` puts it next to
+    another prediction, such as a simulation on the machine that ran it.
+
     Attributes:
         losses: mean loss over each iteration's global batch.
         seconds: wall-clock seconds of each iteration, as the driver saw them.
         workers: per worker (stage, replica), the seconds it spent per
             iteration computing, blocked on downloads, syncing gradients and
             updating, summed over the run.
+        plan: the plan the run trained with (and its predictions, if it carries them).
+        iterations_per_epoch: iterations of one pass over the data, when ``fit`` was given epochs.
     """
 
     losses: list[float] = dataclasses.field(default_factory=list)
     seconds: list[float] = dataclasses.field(default_factory=list)
     workers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    plan: Plan | None = None
+    iterations_per_epoch: int | None = None
 
     def __len__(self) -> int:
         return len(self.losses)
@@ -105,15 +117,36 @@ class History:
             rows.append(row)
         return rows
 
+    def compare(self, predicted: Simulation | Plan) -> Report:
+        """A report of this run next to ``predicted``: a :func:`funcpipe.simulate` result or a plan
+        carrying predictions, e.g. ``history.compare(funcpipe.simulate(plan, profile, "local"))``."""
+        from funcpipe.report import history_report
+
+        return history_report(self, predicted)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Losses, seconds and the per-stage summary as JSON-able data."""
+        return {
+            "losses": list(self.losses),
+            "seconds": list(self.seconds),
+            "stages": self.stage_summary(),
+            "iterations_per_epoch": self.iterations_per_epoch,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+        }
+
     def __str__(self) -> str:
-        if not self.losses:
-            return "History: no iterations"
-        # The median: the first iteration also pays for starting the workers.
-        median_s = statistics.median(self.seconds)
-        return (
-            f"History: {len(self)} iterations, loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}, "
-            f"median {median_s * 1000:.1f} ms per iteration"
-        )
+        from funcpipe.report import history_report
+
+        return str(history_report(self))
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal, or a notebook without HTML): the table."""
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        from funcpipe.report import history_report
+
+        return history_report(self)._repr_html_()
 
 
 class Trainer:
@@ -279,15 +312,16 @@ class Trainer:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         batches, total = _batches(data, iterations, epochs or 1)
+        per_epoch = total // (epochs or 1) if iterations is None else None
         if resume:
             done = self._resume_job(total)
             if done is None:  # the job had finished: its final weights are loaded
-                return History()
+                return History(plan=self.plan, iterations_per_epoch=per_epoch)
             batches = itertools.islice(batches, done, None)
             fit_first, total = self._iteration - done, total - done
         else:
             fit_first = self._iteration
-        history = History()
+        history = History(plan=self.plan, iterations_per_epoch=per_epoch)
         if total == 0:
             return history
         # The first batch is checked before anything is launched; later ones as they are fed.
@@ -713,7 +747,7 @@ class Trainer:
         history.seconds.append(now - finished[0])
         finished[0] = now
         history.losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}", s_per_it=f"{history.seconds[-1]:.3f}", refresh=False)
+        bar.set_postfix(_postfix(history, self.plan.predicted_cost_usd), refresh=False)
         bar.update(1)
         if len(history) > 1:
             self._forget(iteration - 1)
@@ -770,6 +804,15 @@ def _derived_timeout(plan: Plan) -> float:
     if plan.predicted_iteration_s is None:
         return DEFAULT_TIMEOUT_S
     return max(TIMEOUT_FLOOR_S, TIMEOUT_PREDICTED_ITERATIONS * plan.predicted_iteration_s)
+
+
+def _postfix(history: History, usd_per_iteration: float | None) -> dict[str, str]:
+    """The progress bar's: last loss, seconds of the last iteration and, when the plan carries its
+    predicted price, the dollars the iterations so far cost at it."""
+    postfix = {"loss": f"{history.losses[-1]:.4f}", "s/it": f"{history.seconds[-1]:.3f}"}
+    if usd_per_iteration is not None:
+        postfix["$"] = f"{usd_per_iteration * len(history):.4g}"
+    return postfix
 
 
 def _fresh_directory() -> str:

@@ -17,7 +17,9 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from tqdm.auto import tqdm
 
 from funcpipe import costmodel
 from funcpipe.errors import ConfigError, PlanInfeasible
@@ -41,6 +43,9 @@ DEFAULT_CANDIDATES = 6
 #: past it CP-SAT solves alone.
 DP_SHARE = 0.5
 DP_LIMIT_S = 5.0
+#: :func:`plan` and :func:`pareto` show a progress bar when their ``time_limit_s`` is at least this
+#: (unless ``progress=False``): below it they return within seconds.
+PROGRESS_MIN_TIME_LIMIT_S = 10.0
 
 
 def plan(
@@ -58,6 +63,8 @@ def plan(
     time_limit_s: float = 30.0,
     sync: str = "pipelined",
     candidates: int = DEFAULT_CANDIDATES,
+    samples: int | None = None,
+    progress: bool | None = None,
 ) -> Plan:
     """The best plan for ``profile`` on ``platform``.
 
@@ -78,10 +85,16 @@ def plan(
             most about twice this.
         sync: the all-reduce to plan for: ``"pipelined"`` or ``"four_phase"``.
         candidates: how many of CP-SAT's best solutions the simulator re-ranks.
+        samples: the data set's size; the plan's table then also shows time and
+            dollars per epoch (``Plan.samples``).
+        progress: show a progress bar, one step per solve, with the best plan
+            so far; ``None`` shows one when ``time_limit_s`` is at least
+            :data:`PROGRESS_MIN_TIME_LIMIT_S`.
 
     Returns:
         A :class:`~funcpipe.Plan` carrying the simulator's predicted iteration
-        seconds and dollars, the solver's status and gap, and the solve time.
+        seconds and dollars (in total and per stage), the solver's status and
+        gap, and the solve time.
 
     Raises:
         ConfigError: an argument is malformed (the message names it).
@@ -101,12 +114,27 @@ def plan(
         raise ConfigError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ConfigError(f"candidates must be a positive integer, got {candidates!r}")
+    _check_samples(samples)
     give_up_at = started + 2 * time_limit_s  # wall clock, for the re-ranking's extra solves
+    steps = candidates + (2 if 0 < weight < 1 else 0)
+    with _progress_bar(progress, time_limit_s, steps, f"planning on {search.problem.platform.name}") as bar:
+        best = _plan(search, bar, weight, deadline_s, budget_usd, time_limit_s, candidates, give_up_at)
+        bar.total = bar.n  # fewer solves than candidates when CP-SAT ran out of solutions or time
+        bar.refresh()
+    return _to_plan(search, best[1], best[0], time.perf_counter() - started, samples)
 
+
+def _plan(
+    search: _Search, bar: Any, weight: float, deadline_s: float | None, budget_usd: float | None,
+    time_limit_s: float, candidates: int, give_up_at: float,
+) -> tuple[Solution, Simulation]:
+    """The body of :func:`plan`: CP-SAT's first solution and the simulation of the best plan."""
     goal = Objective(weight)
     if 0 < weight < 1:  # normalise by the fastest and the cheapest plan
         fastest = search.solve(Objective(1.0), deadline_s, budget_usd, (), time_limit_s / 3)
+        bar.update(1)
         cheapest = search.solve(Objective(0.0), deadline_s, budget_usd, (), time_limit_s / 3)
+        bar.update(1)
         if fastest is None or cheapest is None:
             search.explain_infeasible(deadline_s, budget_usd)
         goal = Objective(weight, fastest.iteration_s, max(cheapest.cost_usd, 1e-12))
@@ -124,10 +152,18 @@ def plan(
             budget_usd is None or sim.cost_usd <= budget_usd
         )
 
+    def step() -> None:
+        if bar.n >= bar.total:  # still looking for a plan the simulator accepts
+            bar.total += 1
+        best = min([s for _, s in found if acceptable(s)] or [s for _, s in found], key=score)
+        bar.set_postfix_str(f"best {best.iteration_s:.3g} s, ${best.cost_usd:.3g}", refresh=False)
+        bar.update(1)
+
     first = search.solve(goal, deadline_s, budget_usd, (), time_limit_s)
     if first is None:
         search.explain_infeasible(deadline_s, budget_usd)
     found: list[tuple[Solution, Simulation]] = [(first, search.simulate(first.candidate))]
+    step()
     # The next best solutions, each forbidding the ones before (no-goods): the simulator
     # re-ranks them, catching what the formula misses. Keep looking while none is
     # acceptable by the simulator (the formula may under-estimate a deadline).
@@ -143,6 +179,7 @@ def plan(
         if nxt is None:
             break
         found.append((nxt, search.simulate(nxt.candidate)))
+        step()
     ok = [(sol, sim) for sol, sim in found if acceptable(sim)]
     if not ok:
         limit_name = "deadline_s" if deadline_s is not None else "budget_usd"
@@ -155,7 +192,7 @@ def plan(
     best_sim = min((sim for _, sim in ok), key=score)
     if goal.time_weight >= 1:
         best_sim = search.cheapen(best_sim, give_up_at, acceptable)
-    return _to_plan(search, best_sim, first, time.perf_counter() - started)
+    return first, best_sim
 
 
 def pareto(
@@ -170,12 +207,23 @@ def pareto(
     memory_mb: int | Sequence[int] | None = None,
     time_limit_s: float = 10.0,
     sync: str = "pipelined",
+    samples: int | None = None,
+    progress: bool | None = None,
 ) -> list[Plan]:
     """The cost–time frontier: plans no other plan beats on both time and cost.
 
     Finds the fastest and the cheapest plan, then the cheapest plan under
     deadlines spaced geometrically between them; each is simulated and the
     dominated ones are dropped.
+
+    Args:
+        points: how many plans to solve for (the fastest, the cheapest, and
+            ``points - 2`` deadlines between them); dominated ones are dropped.
+        time_limit_s: CP-SAT's time for all of them together.
+        samples: the data set's size, carried by every plan (``Plan.samples``).
+        progress: show a progress bar, one step per solve; ``None`` shows one
+            when ``time_limit_s`` is at least :data:`PROGRESS_MIN_TIME_LIMIT_S`.
+        The other arguments are those of :func:`plan`.
 
     Returns:
         Plans sorted by predicted iteration time (fastest first), each carrying
@@ -188,22 +236,32 @@ def pareto(
     )
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ConfigError(f"points must be an integer >= 2, got {points!r}")
+    if not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+        raise ConfigError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
+    _check_samples(samples)
     per_solve = time_limit_s / (points + 2)
-    fastest = search.solve(Objective(1.0), None, None, (), per_solve)
-    cheapest = search.solve(Objective(0.0), None, None, (), per_solve)
-    if fastest is None or cheapest is None:
-        search.explain_infeasible(None, None)
-    solutions = {fastest.candidate: fastest, cheapest.candidate: cheapest}
-    low, high = fastest.iteration_s, cheapest.iteration_s
-    if high > low * (1 + 1e-6):
-        for i in range(1, points - 1):
-            limit = low * (high / low) ** (i / (points - 1))
-            try:
-                found = search.solve(Objective(0.0), limit, None, (), per_solve)
-            except TimeoutError:
-                continue
-            if found is not None:
-                solutions.setdefault(found.candidate, found)
+    with _progress_bar(progress, time_limit_s, points, f"frontier on {search.problem.platform.name}") as bar:
+        fastest = search.solve(Objective(1.0), None, None, (), per_solve)
+        bar.update(1)
+        cheapest = search.solve(Objective(0.0), None, None, (), per_solve)
+        bar.update(1)
+        if fastest is None or cheapest is None:
+            search.explain_infeasible(None, None)
+        solutions = {fastest.candidate: fastest, cheapest.candidate: cheapest}
+        low, high = fastest.iteration_s, cheapest.iteration_s
+        if high > low * (1 + 1e-6):
+            for i in range(1, points - 1):
+                limit = low * (high / low) ** (i / (points - 1))
+                try:
+                    found = search.solve(Objective(0.0), limit, None, (), per_solve)
+                except TimeoutError:
+                    continue
+                finally:
+                    bar.update(1)
+                if found is not None:
+                    solutions.setdefault(found.candidate, found)
+        bar.total = bar.n  # all the same plan: no deadlines between the fastest and the cheapest
+        bar.refresh()
     simulated = [(sol, search.simulate(sol.candidate)) for sol in solutions.values()]
     frontier = [
         (sol, sim) for sol, sim in simulated
@@ -215,7 +273,7 @@ def pareto(
     ]
     frontier.sort(key=lambda pair: pair[1].iteration_s)
     seconds = time.perf_counter() - started
-    return [_to_plan(search, sim, sol, seconds) for sol, sim in frontier]
+    return [_to_plan(search, sim, sol, seconds, samples) for sol, sim in frontier]
 
 
 # -- the search state shared by plan() and pareto() ------------------------------
@@ -471,16 +529,31 @@ def _undominated(tiers: Sequence[Tier]) -> tuple[Tier, ...]:
     return tuple(t for t in tiers if not any(o is not t and covers(o, t) for o in tiers))
 
 
-def _to_plan(search: _Search, sim: Simulation, first: Solution, seconds: float) -> Plan:
+def _to_plan(search: _Search, sim: Simulation, first: Solution, seconds: float, samples: int | None) -> Plan:
     return dataclasses.replace(
         sim.plan,
         platform=search.problem.platform.name,
         predicted_iteration_s=sim.iteration_s,
         predicted_cost_usd=sim.cost_usd,
+        predicted_stages=sim.stages,
         solver_status=first.status,
         solver_gap=first.gap,
         solve_s=seconds,
+        samples=samples,
     )
+
+
+def _check_samples(samples: object) -> None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ConfigError(f"samples must be a positive integer (the data set's size), got {samples!r}")
+
+
+def _progress_bar(progress: object, time_limit_s: float, total: int, desc: str) -> Any:
+    """A tqdm bar of ``total`` solves, shown when asked or (``None``) when the time limit is long."""
+    if progress is not None and not isinstance(progress, bool):
+        raise ConfigError(f"progress must be True, False or None, got {progress!r}")
+    show = progress if progress is not None else time_limit_s >= PROGRESS_MIN_TIME_LIMIT_S
+    return tqdm(total=total, disable=not show, unit="solve", desc=desc, leave=True)
 
 
 def _limit(name: str, value: int | None, default: int) -> int:
