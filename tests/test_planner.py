@@ -211,6 +211,35 @@ def test_plan_carries_predictions_and_solver_status() -> None:
     assert plan.predicted_stages == sim.stages
 
 
+def test_when_cp_sat_finds_nothing_in_time_the_starting_plan_is_returned_unproven(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CP-SAT on a loaded machine can time out before it reads its hint back: the plan it was to
+    start from (the dynamic program's or the heuristic's) is returned, marked unproven."""
+    import funcpipe.planner as planner
+
+    def times_out(*args: Any, fix: Candidate | None = None, **kwargs: Any) -> Any:
+        if fix is None:
+            raise funcpipe.PlanTimeout("CP-SAT found no plan within time_limit_s=0.1 (status UNKNOWN)")
+        return solve(*args, fix=fix, **kwargs)
+
+    profile, platform = small_case()
+    expected = funcpipe.plan(profile, platform, global_batch_size=16, micro_batch_size=2, max_stages=3,
+                             max_replicas=3, objective="time")
+    monkeypatch.setattr(planner, "solve", times_out)
+    found = funcpipe.plan(profile, platform, global_batch_size=16, micro_batch_size=2, max_stages=3,
+                          max_replicas=3, objective="time")
+    assert (found.solver_status, found.solver_gap) == ("feasible", 1.0)
+    assert "CP-SAT found no plan within" in caplog.text
+    # The dynamic program's plan is exact for time on this small case: as good as the real solve's.
+    assert found.predicted_iteration_s == pytest.approx(expected.predicted_iteration_s, rel=0.01)
+    assert found.predicted_iteration_s == pytest.approx(simulate(found, profile, platform).iteration_s)
+    # A deadline the starting plan breaks: no plan to give, the timeout stands.
+    with pytest.raises(funcpipe.PlanTimeout):
+        funcpipe.plan(profile, platform, global_batch_size=16, micro_batch_size=2, max_stages=3,
+                      max_replicas=3, objective="cost", deadline_s=expected.predicted_iteration_s * 0.5)
+
+
 def test_objective_weight_lies_between_time_and_cost() -> None:
     profile, platform = small_case()
     kwargs: dict[str, Any] = {"global_batch_size": 16, "micro_batch_size": 2, "max_stages": 3, "max_replicas": 3}

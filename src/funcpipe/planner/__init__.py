@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 from tqdm.auto import tqdm
 
 from funcpipe import costmodel
-from funcpipe.errors import ConfigError, PlanInfeasible
+from funcpipe.errors import ConfigError, PlanInfeasible, PlanTimeout
 from funcpipe.plan import Plan
 from funcpipe.planner import dp
 from funcpipe.planner.model import Candidate, Objective, Problem, Solution, rounding, solve
@@ -32,6 +33,8 @@ from funcpipe.profiler import ModelProfile
 from funcpipe.simulator import Simulation, simulate
 
 __all__ = ["DEFAULT_MAX_REPLICAS", "DEFAULT_MAX_STAGES", "objective_weight", "pareto", "plan"]
+
+log = logging.getLogger(__name__)
 
 #: Default ceilings of the search (the paper's experiments stay within these).
 DEFAULT_MAX_STAGES = 8
@@ -43,6 +46,8 @@ DEFAULT_CANDIDATES = 6
 #: past it CP-SAT solves alone.
 DP_SHARE = 0.5
 DP_LIMIT_S = 5.0
+#: Time allowed to CP-SAT to evaluate one given plan (every choice fixed: propagation only).
+FIXED_SOLVE_S = 10.0
 #: :func:`plan` and :func:`pareto` show a progress bar when their ``time_limit_s`` is at least this
 #: (unless ``progress=False``): below it they return within seconds.
 PROGRESS_MIN_TIME_LIMIT_S = 10.0
@@ -371,12 +376,26 @@ class _Search:
         if not exclude and budget_usd is None and goal.time_weight in (0.0, 1.0):
             proven = self.formula_bound(problem, goal, deadline_s, min(DP_SHARE * time_limit_s, DP_LIMIT_S))
         if proven is None:
+            start = self.heuristic(problem, goal)
+            options: dict[str, Any] = {}
+        else:
+            start = proven[0] or self.heuristic(problem, goal)
+            options = {"lower_bound": proven[1], "fastest_s": proven[2]}
+        try:
             return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
-                         time_limit_s=time_limit_s, hint=self.heuristic(problem, goal))
-        hint, bound, fastest = proven
-        return solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd, exclude=exclude,
-                     time_limit_s=time_limit_s, hint=hint or self.heuristic(problem, goal), lower_bound=bound,
-                     fastest_s=fastest)
+                         time_limit_s=time_limit_s, hint=start, **options)
+        except PlanTimeout:
+            if start is None or start in exclude:
+                raise
+            # The plan CP-SAT was to start from is a plan too: give it, its optimality unproven
+            # (CP-SAT on a loaded machine can run out of time before it reads the hint back).
+            fixed = solve(problem, goal, deadline_s=deadline_s, budget_usd=budget_usd,
+                          time_limit_s=max(time_limit_s, FIXED_SOLVE_S), fix=start)
+            if fixed is None:  # it breaks the deadline or the budget
+                raise
+            log.warning("CP-SAT found no plan within %g s; using the plan it was to start from (%s), "
+                        "not proven optimal", time_limit_s, "dynamic program" if proven and proven[0] else "heuristic")
+            return dataclasses.replace(fixed, status="feasible", gap=1.0)
 
     def formula_bound(
         self, problem: Problem, goal: Objective, deadline_s: float | None, time_limit_s: float,
