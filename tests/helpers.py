@@ -35,14 +35,19 @@ def plain_training(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: OptimizerFactory,
     batches: Sequence[Batch],
+    *,
+    losses: list[float] | None = None,
 ) -> nn.Module:
-    """The reference: single-process PyTorch, loss = mean over the global batch."""
+    """The reference: single-process PyTorch, loss = mean over the global batch (appended to ``losses``)."""
     model = copy.deepcopy(model)
     opt = optimizer(model.parameters())
     for x, y in batches:
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        loss = loss_fn(model(x), y)
+        loss.backward()
         opt.step()
+        if losses is not None:
+            losses.append(float(loss.detach()))
     return model
 
 

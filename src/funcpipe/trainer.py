@@ -6,7 +6,6 @@ import collections
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -24,9 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from funcpipe import checkpoint, signed
+from funcpipe import binding, checkpoint, signed
 from funcpipe.collectives import put_tensor
-from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, StorageError
+from funcpipe.errors import BackendError, ConfigError, IntegrityError, ObjectNotFound, StorageError
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
 from funcpipe.keys import JobKeys
@@ -233,7 +232,7 @@ class Trainer:
             for handle in handles:
                 handle.kill()
             try:  # tell workers we could not kill (serverless ones) to stop
-                self.storage.put(self.keys.abort, b"")
+                self.storage.put(self.keys.abort, binding.encode_json(self.keys.abort, {}))
             except StorageError as exc:
                 log.warning("could not write the abort object %s: %s", self.keys.abort, exc)
             # The next fit is a new attempt: fresh keys, no abort object, no stale messages.
@@ -329,7 +328,8 @@ class Trainer:
                 if budget is not None and stop_at is None:
                     stop_at = self._stop_point(first, fed, total, history.seconds[done_before:], invoked + budget)
                     if stop_at is not None:
-                        self.storage.put(self.keys.stop(first), json.dumps({"iteration": stop_at}).encode())
+                        key = self.keys.stop(first)
+                        self.storage.put(key, binding.encode_json(key, {"iteration": stop_at}))
                         if stop_at == first + fed:
                             break
                 batch = next(batches, None)
@@ -415,7 +415,8 @@ class Trainer:
         for replica in range(self.plan.replicas[last]):
             key = self.keys.metrics(iteration, last, replica)
             try:
-                report = self.storage.wait(key, self.timeout_s, cancelled=calls.failed)
+                loss += binding.wait(self.storage, key, self.timeout_s, functools.partial(_report_loss, key=key),
+                                     cancelled=calls.failed)
             except WaitCancelled:
                 failure = calls.failure()
                 assert failure is not None
@@ -425,7 +426,6 @@ class Trainer:
                     f"iteration {iteration} did not finish within {self.timeout_s:g} s "
                     "(no worker reported an error); hint: raise Trainer(timeout_s=...)"
                 ) from None
-            loss += float(json.loads(report)["loss"])
         now = time.perf_counter()
         history.seconds.append(now - finished[0])
         finished[0] = now
@@ -447,12 +447,30 @@ class Trainer:
     def _gather(self) -> None:
         merged: dict[str, torch.Tensor] = {}
         for stage in range(self.plan.num_stages):
-            state, _ = checkpoint.decode_state(
-                self.storage.get(self.keys.checkpoint(stage, self._iteration))
-            )
+            key = self.keys.checkpoint(stage, self._iteration)
+            state, _ = checkpoint.decode_state(self.storage.get(key), key=key)
             merged.update(state)
         with torch.no_grad():
             self._model.load_state_dict(merged)
+
+
+def _report_loss(data: bytes, key: str) -> float:
+    """The loss in a last-stage worker's per-iteration report read from ``key`` (:meth:`JobKeys.metrics`).
+
+    Raises:
+        IntegrityError: ``data`` is not ``{"loss": <number>, "key": key}``.
+        ForeignObject: it was written for another key.
+    """
+    loss = binding.decode_json(data, key).get("loss")
+    if not isinstance(loss, bool) and isinstance(loss, (int, float)):
+        try:
+            return float(loss)
+        except OverflowError:  # an integer beyond float's range
+            pass
+    raise IntegrityError(
+        f"metrics report {key!r} has loss {loss!r:.80}, not a float; expected "
+        f'{{"loss": <number>, "key": {key!r}}}'
+    )
 
 
 def _fresh_directory() -> str:
