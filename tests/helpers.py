@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -62,3 +63,13 @@ def assert_same_parameters(actual: nn.Module, expected: nn.Module) -> None:
 def sgd_momentum(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     """An optimizer factory workers in other processes load by reference from this light module."""
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+class CreatesFile:
+    """Unpickling this calls ``os.makedirs(path)``: proof that the bytes were unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.makedirs, (self.path,))

@@ -54,7 +54,10 @@ def decode_state(data: bytes, *, key: str) -> tuple[dict[str, torch.Tensor], dic
         IntegrityError: ``data`` is not a checkpoint (not safetensors, or a malformed optimizer header).
         ForeignObject: it was written for another key (another job's or stage's, another iteration's).
     """
-    tensors, metadata = codec.decode(data)
+    try:
+        tensors, metadata = codec.decode(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"checkpoint {key!r} is not a funcpipe checkpoint: {exc}") from exc
     binding.check(key, metadata.get(binding.FIELD))
     model = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     if "optimizer" not in metadata:

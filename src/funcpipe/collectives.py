@@ -41,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from funcpipe import binding, codec
-from funcpipe.errors import ConfigError
+from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.keys import JobKeys
 from funcpipe.storage.base import Storage
 
@@ -128,7 +128,10 @@ def decode_tensor(data: bytes, key: str) -> torch.Tensor:
         IntegrityError: ``data`` is not one tensor in safetensors bytes.
         ForeignObject: it was written for another key.
     """
-    tensor, metadata = codec.decode_tensor(data)
+    try:
+        tensor, metadata = codec.decode_tensor(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"object {key!r} is not a tensor message: {exc}") from exc
     binding.check(key, metadata.get(binding.FIELD))
     return tensor
 
@@ -140,7 +143,10 @@ def read_tensor(data: bytes, key: str) -> codec.TensorBytes:
         IntegrityError: ``data`` is not one tensor in safetensors bytes.
         ForeignObject: it was written for another key.
     """
-    received = codec.read_tensor(data)
+    try:
+        received = codec.read_tensor(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"object {key!r} is not a tensor message: {exc}") from exc
     binding.check(key, received.metadata.get(binding.FIELD))
     return received
 
