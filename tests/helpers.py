@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,14 +41,19 @@ def plain_training(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: OptimizerFactory,
     batches: Sequence[Batch],
+    *,
+    losses: list[float] | None = None,
 ) -> nn.Module:
-    """The reference: single-process PyTorch, loss = mean over the global batch."""
+    """The reference: single-process PyTorch, loss = mean over the global batch (appended to ``losses``)."""
     model = copy.deepcopy(model)
     opt = optimizer(model.parameters())
     for x, y in batches:
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        loss = loss_fn(model(x), y)
+        loss.backward()
         opt.step()
+        if losses is not None:
+            losses.append(float(loss.detach()))
     return model
 
 
@@ -100,3 +106,13 @@ def assert_no_funcpipe_thread_left(within_s: float) -> None:
     for thread in funcpipe_threads():
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not funcpipe_threads(), [thread.name for thread in funcpipe_threads()]
+
+
+class CreatesFile:
+    """Unpickling this calls ``os.makedirs(path)``: proof that the bytes were unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.makedirs, (self.path,))

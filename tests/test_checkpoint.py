@@ -13,9 +13,11 @@ from torch import nn
 
 from funcpipe import codec
 from funcpipe.checkpoint import decode_state, encode_state
-from funcpipe.errors import IntegrityError
+from funcpipe.errors import ForeignObject, IntegrityError
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+KEY = "job-x/checkpoint/i00000003/s1"
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -63,11 +65,11 @@ def test_module_and_optimizer_roundtrip(optimizer_name: str) -> None:
     original_opt = factory(original.parameters())
     train_steps(original, original_opt, steps=3)
 
-    data = encode_state(original, original_opt)
+    data = encode_state(original, original_opt, key=KEY)
 
     restored = make_module(seed=1)  # different initial weights
     restored_opt = factory(restored.parameters())
-    model_state, optim_state = decode_state(data)
+    model_state, optim_state = decode_state(data, key=KEY)
     assert optim_state is not None
     restored.load_state_dict(model_state)
     restored_opt.load_state_dict(optim_state)
@@ -87,7 +89,7 @@ def test_the_optimizer_state_matters_to_the_next_step(optimizer_name: str) -> No
     original = make_module(seed=0)
     original_opt = factory(original.parameters())
     train_steps(original, original_opt, steps=3)
-    model_state, _ = decode_state(encode_state(original, original_opt))
+    model_state, _ = decode_state(encode_state(original, original_opt, key=KEY), key=KEY)
     fresh = make_module(seed=1)
     fresh.load_state_dict(model_state)
     fresh_opt = factory(fresh.parameters())
@@ -100,7 +102,7 @@ def test_the_optimizer_state_matters_to_the_next_step(optimizer_name: str) -> No
 
 def test_module_without_optimizer() -> None:
     module = make_module(seed=2)
-    model_state, optim_state = decode_state(encode_state(module))
+    model_state, optim_state = decode_state(encode_state(module, key=KEY), key=KEY)
     assert optim_state is None
     restored = make_module(seed=3)
     restored.load_state_dict(model_state)
@@ -111,7 +113,7 @@ def test_bytes_are_plain_safetensors() -> None:
     module = make_module(seed=0)
     optimizer = OPTIMIZERS["adam"](module.parameters())
     train_steps(module, optimizer, steps=1)
-    data = encode_state(module, optimizer)
+    data = encode_state(module, optimizer, key=KEY)
 
     # safetensors' own parser (which never unpickles) reads everything.
     tensors = safetensors.torch.load(data)
@@ -130,9 +132,31 @@ def test_bytes_are_plain_safetensors() -> None:
     assert set(header) == set(tensors)
 
 
+@pytest.mark.parametrize(
+    "written_for",
+    [
+        "job-y/checkpoint/i00000003/s1",  # another job's
+        "job-x/checkpoint/i00000002/s1",  # an earlier iteration's
+        "job-x/checkpoint/i00000003/s0",  # another stage's
+        None,  # bound to no key
+    ],
+)
+def test_a_checkpoint_written_for_another_key_is_refused(written_for: str | None) -> None:
+    module = make_module(seed=0)
+    if written_for is None:
+        data = codec.encode({"model." + name: value for name, value in module.state_dict().items()})
+    else:
+        data = encode_state(module, OPTIMIZERS["adam"](module.parameters()), key=written_for)
+    with pytest.raises(ForeignObject) as info:
+        decode_state(data, key=KEY)
+    assert repr(KEY) in str(info.value)
+    assert (repr(written_for) if written_for else "no key") in str(info.value)
+    assert (info.value.key, info.value.written_for) == (KEY, written_for)
+
+
 def test_not_safetensors_is_refused() -> None:
     with pytest.raises(IntegrityError):
-        decode_state(pickle.dumps({"model.weight": [1.0]}))
+        decode_state(pickle.dumps({"model.weight": [1.0]}), key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -142,19 +166,24 @@ def test_not_safetensors_is_refused() -> None:
         json.dumps({"param_groups": []}),  # no "plain"
         json.dumps({"plain": {}}),  # no "param_groups"
         json.dumps({"param_groups": [], "plain": {"zero": {}}}),  # index is not a number
+        json.dumps({"param_groups": [], "plain": [["0", {}]]}),  # plain is not an object
+        json.dumps({"param_groups": {"params": [0]}, "plain": {}}),  # param_groups is not a list
+        json.dumps({"param_groups": [{"lr": 0.1}], "plain": {}}),  # a group without params
+        json.dumps([]),
     ],
 )
 def test_malformed_optimizer_header_is_refused(header: str) -> None:
-    data = codec.encode({"model.w": torch.ones(2)}, {"optimizer": header})
+    data = codec.encode({"model.w": torch.ones(2)}, {"optimizer": header, "key": KEY})
     with pytest.raises(IntegrityError, match="malformed optimizer header"):
-        decode_state(data)
+        decode_state(data, key=KEY)
 
 
 def test_malformed_optimizer_tensor_name_is_refused() -> None:
     header = json.dumps({"param_groups": [], "plain": {}})
-    data = codec.encode({"model.w": torch.ones(2), "optim.x.momentum_buffer": torch.ones(2)}, {"optimizer": header})
+    tensors = {"model.w": torch.ones(2), "optim.x.momentum_buffer": torch.ones(2)}
+    data = codec.encode(tensors, {"optimizer": header, "key": KEY})
     with pytest.raises(IntegrityError, match="malformed optimizer header"):
-        decode_state(data)
+        decode_state(data, key=KEY)
 
 
 class _OpaqueStateOptimizer(torch.optim.Optimizer):
@@ -175,4 +204,4 @@ def test_optimizer_state_that_is_not_json_is_a_clear_type_error() -> None:
     optimizer = _OpaqueStateOptimizer(module.parameters())
     optimizer.step()
     with pytest.raises(TypeError, match="_OpaqueStateOptimizer"):
-        encode_state(module, optimizer)
+        encode_state(module, optimizer, key=KEY)

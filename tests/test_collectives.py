@@ -14,7 +14,7 @@ import torch
 
 from funcpipe import codec
 from funcpipe.collectives import ALGORITHMS, Comm, all_reduce, piece_count
-from funcpipe.errors import ConfigError, IntegrityError
+from funcpipe.errors import ConfigError, ForeignObject, IntegrityError
 from funcpipe.keys import JobKeys
 from funcpipe.storage import MemoryStorage, Storage, WaitCancelled
 
@@ -188,12 +188,14 @@ def is_merged(key: str) -> bool:
 # --------------------------------------------------------------------------- running replicas
 
 
-def make_comm(storage: Storage, cancelled: Callable[[], bool] | None = None) -> Comm:
+def make_comm(
+    storage: Storage, cancelled: Callable[[], bool] | None = None, *, timeout_s: float = COMM_TIMEOUT_S
+) -> Comm:
     return Comm(
         storage,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-upload"),
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-download"),
-        COMM_TIMEOUT_S,
+        timeout_s,
         cancelled,
     )
 
@@ -493,45 +495,143 @@ def test_send_then_recv_roundtrip(memory: MemoryStorage, keys: JobKeys) -> None:
     assert torch.equal(received, torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]))
 
 
+SHORT_TIMEOUT_S = 0.3  # how long a reader waits for a foreign object to be replaced, where nothing will
+
+
 def test_misplaced_object_is_refused(memory: MemoryStorage, keys: JobKeys) -> None:
     wanted = keys.chunk(ITERATION, STAGE, 0, 1)
     stale = keys.chunk(ITERATION - 1, STAGE, 0, 1)  # the same share, one iteration earlier
     memory.put(wanted, codec.encode_tensor(torch.ones(3), {"key": stale}))
-    comm = make_comm(memory)
+    comm = make_comm(memory, timeout_s=SHORT_TIMEOUT_S)
     try:
-        with pytest.raises(IntegrityError) as info:
-            comm.get_now(wanted)
+        for receive in (comm.get_now, comm.read_now):
+            with pytest.raises(ForeignObject) as info:
+                receive(wanted)
+            assert (info.value.key, info.value.written_for) == (wanted, stale)
+            assert repr(wanted) in str(info.value)
+            assert repr(stale) in str(info.value)
+            assert f"within {SHORT_TIMEOUT_S:g} s" in str(info.value)
     finally:
         close_comm(comm)
-    assert repr(wanted) in str(info.value)
-    assert repr(stale) in str(info.value)
 
 
 def test_object_without_a_key_header_is_refused(memory: MemoryStorage, keys: JobKeys) -> None:
     wanted = keys.merged(ITERATION, STAGE, 1)
     memory.put(wanted, codec.encode_tensor(torch.ones(3)))
-    comm = make_comm(memory)
+    comm = make_comm(memory, timeout_s=SHORT_TIMEOUT_S)
     try:
-        with pytest.raises(IntegrityError, match="stale or misplaced"):
+        with pytest.raises(ForeignObject, match=r"written for no key.*stale or misplaced"):
             comm.get_now(wanted)
     finally:
         close_comm(comm)
+
+
+def test_a_malformed_object_is_refused_at_once(memory: MemoryStorage, keys: JobKeys) -> None:
+    wanted = keys.message(ITERATION, "act", 1, 0, 0)
+    memory.put(wanted, b"not safetensors at all")
+    comm = make_comm(memory)  # COMM_TIMEOUT_S: a reader that waited would make this slow, not fail it
+    try:
+        with pytest.raises(IntegrityError) as info:
+            comm.recv(wanted).result(timeout=COMM_TIMEOUT_S / 2)
+    finally:
+        close_comm(comm)
+    assert not isinstance(info.value, ForeignObject)
+
+
+class Succession(Wrapper):
+    """Serves ``objects`` one per read of ``key``, the last one for good: writers overwriting it, without sleeps."""
+
+    def __init__(self, inner: Storage, key: str, objects: Sequence[bytes]) -> None:
+        super().__init__(inner)
+        self.key = key
+        self.objects = list(objects)
+        self.reads = 0
+
+    def get_if_exists(self, key: str) -> bytes | None:
+        if key != self.key:
+            return super().get_if_exists(key)
+        self.reads += 1
+        return self.objects[min(self.reads, len(self.objects)) - 1]
+
+
+@pytest.mark.parametrize("how", ["recv", "recv_bytes"])
+def test_a_waiting_reader_skips_foreign_objects_until_the_genuine_one_replaces_them(
+    memory: MemoryStorage, keys: JobKeys, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    wanted = keys.message(ITERATION, "act", 1, 0, 2)
+    other_job = JobKeys("job-other", keys.attempt).message(ITERATION, "act", 1, 0, 2)
+    earlier_attempt = JobKeys(keys.job, keys.attempt - 1).message(ITERATION, "act", 1, 0, 2)
+    genuine = torch.arange(6.0).reshape(2, 3)
+    storage = Succession(memory, wanted, [
+        codec.encode_tensor(torch.full((2, 3), 7.0), {"key": other_job}),
+        codec.encode_tensor(torch.full((2, 3), 7.0), {"key": other_job}),
+        codec.encode_tensor(torch.full((2, 3), -1.0), {"key": earlier_attempt}),
+        codec.encode_tensor(genuine, {"key": wanted}),
+    ])
+    comm = make_comm(storage)
+    try:
+        with caplog.at_level("WARNING", logger="funcpipe.binding"):
+            if how == "recv":
+                received = comm.recv(wanted).result(timeout=THREAD_TIMEOUT_S)
+            else:
+                received = torch.empty(2, 3)
+                comm.recv_bytes(wanted).result(timeout=THREAD_TIMEOUT_S).copy_to(received)
+    finally:
+        close_comm(comm)
+    assert torch.equal(received, genuine)
+    assert storage.reads == 4
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2, warnings  # one per foreign binding, not one per poll
+    assert repr(wanted) in warnings[0] and repr(other_job) in warnings[0]
+    assert repr(wanted) in warnings[1] and repr(earlier_attempt) in warnings[1]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_all_reduce_refuses_a_misplaced_share(memory: MemoryStorage, keys: JobKeys, algorithm: str) -> None:
     # Replica 0 of 2 reads replica 1's share of chunk 0; a share from another stage sits there.
     wanted = keys.chunk(ITERATION, STAGE, 0, 1)
-    memory.put(wanted, codec.encode_tensor(torch.ones(2), {"key": keys.chunk(ITERATION, STAGE + 1, 0, 1)}))
-    comm = make_comm(memory)
+    foreign = keys.chunk(ITERATION, STAGE + 1, 0, 1)
+    memory.put(wanted, codec.encode_tensor(torch.ones(2), {"key": foreign}))
+    comm = make_comm(memory, timeout_s=SHORT_TIMEOUT_S)
     try:
-        with pytest.raises(IntegrityError, match="misplaced"):
+        with pytest.raises(ForeignObject, match="misplaced") as info:
             all_reduce(
                 comm, torch.zeros(4), keys=keys, iteration=ITERATION, stage=STAGE, rank=0, world=2,
                 algorithm=algorithm,
             )
     finally:
         close_comm(comm)
+    assert (info.value.key, info.value.written_for) == (wanted, foreign)
+
+
+@pytest.mark.parametrize("source", ["other-job", "earlier-attempt", "earlier-iteration"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_all_reduce_sums_exactly_past_foreign_shares_and_merged_chunks(
+    memory: MemoryStorage, keys: JobKeys, algorithm: str, source: str
+) -> None:
+    """Every share and merged chunk another all-reduce (of other values, same shapes) wrote is copied
+    under the key this one's replicas read before they start: each is skipped until its writer replaces it."""
+    world, size = 3, 10
+    old_keys, old_iteration = {
+        "other-job": (JobKeys("job-other", keys.attempt), ITERATION),
+        "earlier-attempt": (JobKeys(keys.job, keys.attempt - 1), ITERATION),
+        "earlier-iteration": (keys, ITERATION - 1),
+    }[source]
+    old = MemoryStorage(f"test-collectives-{uuid.uuid4().hex}")
+    try:
+        run_replicas([old] * world, integer_inputs(world, size, seed=7), old_keys, algorithm, old_iteration)
+        old_prefix, prefix = old_keys.iteration_prefix(old_iteration), keys.iteration_prefix(ITERATION)
+        copied = old.list(old_prefix)
+        assert len(copied) == world * world  # world * (world - 1) shares and world merged chunks
+        for key in copied:
+            memory.put(prefix + key[len(old_prefix):], old.get(key))
+    finally:
+        old.clear()
+    inputs = integer_inputs(world, size)
+    results = run_replicas([memory] * world, inputs, keys, algorithm)
+    expected = torch.stack(inputs).sum(0)
+    for result in results:
+        assert torch.equal(result, expected)
 
 
 def test_recv_stops_waiting_when_cancelled(memory: MemoryStorage, keys: JobKeys) -> None:

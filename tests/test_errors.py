@@ -13,6 +13,7 @@ from funcpipe.errors import (
     BackendError,
     BucketNotFound,
     ConfigError,
+    ForeignObject,
     FuncpipeError,
     FunctionNotDeployed,
     IntegrityError,
@@ -38,6 +39,7 @@ TREE: list[tuple[type[Exception], type[Exception]]] = [
     (BucketNotFound, StorageError),
     (StorageAccessDenied, StorageError),
     (IntegrityError, StorageError),
+    (ForeignObject, IntegrityError),
     (WorkerFailed, FuncpipeError),
     (BackendError, FuncpipeError),
     (WorkerNotStarted, WorkerFailed),
@@ -128,6 +130,21 @@ def test_object_not_found_pickles_with_its_fields(message: str | None) -> None:
     assert isinstance(restored, ObjectNotFound)
     assert restored.key == "k"
     assert str(restored) == str(error)
+
+
+@pytest.mark.parametrize("message", [None, "object 'a/k' was written for 'b/k', and nothing replaced it within 5 s"])
+@pytest.mark.parametrize("written_for", ["b/k", None])
+def test_foreign_object_pickles_with_its_fields(written_for: str | None, message: str | None) -> None:
+    error = ForeignObject("a/k", written_for, message)
+    restored = pickle.loads(pickle.dumps(error))
+    assert type(restored) is ForeignObject
+    assert (restored.key, restored.written_for) == ("a/k", written_for)
+    assert str(restored) == str(error)
+
+
+def test_foreign_object_message_names_both_keys() -> None:
+    assert str(ForeignObject("a/k", "b/k")).startswith("object 'a/k' was written for 'b/k'; refusing a stale")
+    assert str(ForeignObject("a/k", None)).startswith("object 'a/k' was written for no key; refusing a stale")
 
 
 def _public_error_classes() -> set[type[FuncpipeError]]:

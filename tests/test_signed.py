@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -13,19 +12,10 @@ from torch import nn
 
 from funcpipe.errors import IntegrityError
 from funcpipe.signed import new_key, seal, unseal
+from tests.helpers import CreatesFile
 
 NAME = "job-x/model/s0"
 MAGIC = b"funcpipe-signed-v1\n"
-
-
-class _CreatesFile:
-    """Unpickling this calls ``os.makedirs(path)``: proof that the bytes were unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.makedirs, (self.path,))
 
 
 def test_closure_roundtrip() -> None:
@@ -67,10 +57,10 @@ def test_refuses_a_blob_shorter_than_its_signature() -> None:
 @pytest.mark.parametrize("with_magic", [False, True])
 def test_refuses_a_plain_pickle_without_running_it(tmp_path: Path, with_magic: bool) -> None:
     marker = tmp_path / "unpickled"
-    payload = pickle.dumps(_CreatesFile(str(marker)))
+    payload = pickle.dumps(CreatesFile(str(marker)))
     # Control: this payload does run code when unpickled.
     control = tmp_path / "control"
-    pickle.loads(pickle.dumps(_CreatesFile(str(control))))
+    pickle.loads(pickle.dumps(CreatesFile(str(control))))
     assert control.exists()
 
     # With the magic prefix it even looks like a blob; the digest bytes are then the pickle's head.

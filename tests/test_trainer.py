@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -333,3 +334,73 @@ def test_storage_holds_only_a_few_iterations_during_a_long_fit() -> None:
     assert IterationCensus.alive == {}
     # The driver feeds LOOKAHEAD iterations ahead; everything older is deleted as the run goes.
     assert 2 <= IterationCensus.most <= 5, IterationCensus.most
+
+
+class LeavesItsObjects(Trainer):
+    """A driver that never deletes an iteration's objects, as one that crashed leaves them."""
+
+    def _forget(self, iteration: int) -> None:
+        pass
+
+
+def train_over_foreign_objects(backend: str, storage: str, source: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every object a finished run wrote is copied, before a new run starts, under the key the new run's
+    workers and driver will read for the same object; the new run must read none of them."""
+    from funcpipe import binding
+    from funcpipe.keys import JobKeys
+    from funcpipe.storage import open_storage
+
+    iterations = 3
+    plan = Plan.manual([3, 4], replicas=[2, 2], micro_batch_size=2, global_batch_size=8)
+    model, batches = mlp7(), regression_batches(iterations, 8)
+    losses: list[float] = []
+    expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches, losses=losses)
+    # A short timeout: a run that consumed a foreign object fails in a minute rather than hangs for five.
+    new = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, plan, backend=backend, storage=storage, timeout_s=60)
+    # The old run: other weights and data, the same shapes (so nothing but the binding tells its objects apart).
+    old = LeavesItsObjects(mlp7(seed=5), nn.functional.mse_loss, SGD_MOMENTUM, plan, backend=backend,
+                           storage=storage)
+    if source == "earlier-attempt":  # the same job; fit() moves to the next attempt after a failed one
+        old.keys, new.keys = JobKeys(new.keys.job, 0), JobKeys(new.keys.job, 1)
+    old.fit(regression_batches(iterations, 8, seed=9), progress=False)
+
+    objects = open_storage(storage)
+    for key in objects.list(old.keys.root + "/"):
+        objects.put(new.keys.root + key[len(old.keys.root):], objects.get(key))
+    # What the old driver writes on a platform with a lifetime limit, and when a run fails.
+    objects.put(new.keys.stop(0), binding.encode_json(old.keys.stop(0), {"iteration": 1}))
+    objects.put(new.keys.abort, binding.encode_json(old.keys.abort, {}))
+    gradient_bytes = [
+        sum(p.numel() * p.element_size() for i in plan.layer_range(s) for p in model[i].parameters())
+        for s in range(plan.num_stages)
+    ]
+    read = {key for i in range(iterations) for key in new.keys.iteration_keys(i, plan, gradient_bytes)}
+    planted = set(objects.list(new.keys.root + "/"))
+    assert read <= planted
+    kinds = {key.rsplit("/", 1)[1].split(".")[0] for key in planted}
+    assert kinds == {"input", "target", "act", "grad", "chunk", "merged", "metrics", "stop", "abort"}
+
+    with caplog.at_level("WARNING", logger="funcpipe"):
+        history = new.fit(batches, progress=False)
+    assert_same_parameters(new.model, expected)
+    assert history.losses == pytest.approx(losses, rel=1e-5)
+    if backend == "thread":  # Ray workers log in their own processes
+        # Every worker reads the stop object before each iteration, and nothing ever replaces it.
+        assert any(repr(new.keys.stop(0)) in r.getMessage() and repr(old.keys.stop(0)) in r.getMessage()
+                   for r in caplog.records)
+
+
+@pytest.mark.parametrize("source", ["other-job", "earlier-attempt"])
+def test_thread_training_over_foreign_objects_equals_plain_pytorch(
+    source: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    train_over_foreign_objects("thread", f"memory://foreign-{source}", source, caplog)
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("source", ["other-job", "earlier-attempt"])
+def test_ray_training_over_foreign_objects_equals_plain_pytorch(
+    source: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train_over_foreign_objects("ray", tmp_path.as_uri(), source, caplog)

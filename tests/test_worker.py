@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +15,8 @@ from torch import nn
 from funcpipe import Plan, Trainer, WorkerFailed
 from funcpipe.executors.base import ActorHandle, Resources
 from funcpipe.executors.thread import ThreadExecutor
-from tests.helpers import regression_batches
+from funcpipe.storage import MemoryStorage
+from tests.helpers import mlp7, regression_batches
 
 
 class FailsInIteration(nn.Module):
@@ -161,3 +165,88 @@ def test_a_worker_cancelled_before_it_starts_makes_no_threads() -> None:
     with pytest.raises(WorkerFailed, match="cancelled before it started"):
         worker.run(0, 1)
     assert {t.name for t in threading.enumerate()} - before == set()
+
+
+# --------------------------------------------------------------------------- nothing read from storage is executed
+
+#: Per storage name: (a part of the keys to swap, the bytes put in their place).
+SWAPS: dict[str, tuple[str, bytes]] = {}
+
+
+class SwapsOnWrite(MemoryStorage):
+    """``swap://<name>``: memory storage where objects whose key contains ``SWAPS[name][0]`` are replaced,
+    as they land, by ``SWAPS[name][1]``: what someone who can write to the bucket could do."""
+
+    @classmethod
+    def from_url(cls, url: str) -> SwapsOnWrite:
+        storage = cls(url.split("://", 1)[1])
+        storage.url = url
+        return storage
+
+    def put(self, key: str, data: bytes) -> None:
+        part, payload = SWAPS[self.name]
+        super().put(key, payload if part in key else data)
+
+
+def pickle_that_creates(marker: Path) -> bytes:
+    """A pickle whose unpickling creates ``marker``; checked on a control path next to it."""
+    from tests.helpers import CreatesFile
+
+    control = marker.with_name(marker.name + "-control")
+    pickle.loads(pickle.dumps(CreatesFile(str(control))))
+    assert control.exists()
+    return pickle.dumps(CreatesFile(str(marker)))
+
+
+def swapping_trainer(part: str, payload: bytes) -> Trainer:
+    from funcpipe.storage import register
+
+    register("swap", SwapsOnWrite, clobber=True)
+    name = f"swap-{uuid.uuid4().hex}"
+    SWAPS[name] = (part, payload)
+    return Trainer(mlp7(), nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.1), SWAP_PLAN,
+                   backend="thread", storage=f"swap://{name}", timeout_s=60)
+
+
+SWAP_PLAN = Plan.manual([3, 4], replicas=[2, 1], micro_batch_size=2, global_batch_size=8)
+
+
+@pytest.mark.parametrize("what", ["model-blob", "input-message"])
+def test_a_pickle_written_over_an_object_is_refused_and_never_run(what: str, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    part = {"model-blob": "/model/s1", "input-message": "/input.s0.r1.m1"}[what]
+    trainer = swapping_trainer(part, pickle_that_creates(marker))
+    key = {
+        "model-blob": trainer.keys.model_blob(1),
+        "input-message": trainer.keys.message(0, "input", 0, 1, 1),
+    }[what]
+    with pytest.raises(WorkerFailed) as info:
+        trainer.fit(regression_batches(1, 8), progress=False)
+    assert info.value.cause.startswith(f"IntegrityError: object {key!r} is not "), info.value.cause
+    assert not marker.exists()
+
+
+def test_a_pickle_written_over_a_checkpoint_is_refused_by_the_resuming_worker(tmp_path: Path) -> None:
+    from funcpipe.storage import open_storage
+
+    marker = tmp_path / "unpickled"
+    trainer = swapping_trainer("nothing is swapped", b"")
+    trainer.fit(regression_batches(1, 8), progress=False)
+    key = trainer.keys.checkpoint(1, 1)  # what stage 1 resumes from in the next fit
+    open_storage(trainer.storage_url).put(key, pickle_that_creates(marker))
+    with pytest.raises(WorkerFailed) as info:
+        trainer.fit(regression_batches(1, 8), progress=False)
+    assert info.value.worker == "stage 1 replica 0"
+    assert info.value.cause.startswith(f"IntegrityError: checkpoint {key!r} is not a funcpipe checkpoint")
+    assert not marker.exists()
+
+
+def test_a_pickle_written_over_a_checkpoint_is_refused_by_the_driver_gathering_the_model(tmp_path: Path) -> None:
+    from funcpipe import IntegrityError
+
+    marker = tmp_path / "unpickled"
+    trainer = swapping_trainer("/checkpoint/i00000001/s0", pickle_that_creates(marker))
+    with pytest.raises(IntegrityError) as info:
+        trainer.fit(regression_batches(1, 8), progress=False)
+    assert str(info.value).startswith(f"checkpoint {trainer.keys.checkpoint(0, 1)!r} is not a funcpipe checkpoint")
+    assert not marker.exists()

@@ -1,4 +1,4 @@
-"""A stage's weights and optimizer state as safetensors bytes (never pickle)."""
+"""A stage's weights and optimizer state as safetensors bytes (never pickle), bound to their key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from funcpipe import codec
+from funcpipe import binding, codec
 from funcpipe.errors import IntegrityError
 
 __all__ = ["decode_state", "encode_state"]
@@ -17,14 +17,15 @@ _MODEL = "model."
 _OPTIM = "optim."
 
 
-def encode_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bytes:
-    """Serialize ``module.state_dict()`` and, if given, the optimizer's state.
+def encode_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, key: str) -> bytes:
+    """Serialize ``module.state_dict()`` and, if given, the optimizer's state, for storage key ``key``.
 
     Tensors go into the safetensors body; the optimizer's non-tensor state and
-    its ``param_groups`` go into the header as JSON.
+    its ``param_groups`` go into the header as JSON, and so does ``key``
+    (:func:`decode_state` refuses the bytes under any other key).
     """
     tensors = {_MODEL + name: value for name, value in module.state_dict().items()}
-    metadata: dict[str, str] = {}
+    metadata: dict[str, str] = {binding.FIELD: key}
     if optimizer is not None:
         state = optimizer.state_dict()
         plain: dict[str, dict[str, Any]] = {}
@@ -46,22 +47,34 @@ def encode_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = No
     return codec.encode(tensors, metadata)
 
 
-def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Split checkpoint bytes into a module state dict and an optimizer state dict (or None)."""
-    tensors, metadata = codec.decode(data)
+def decode_state(data: bytes, *, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Split checkpoint bytes read from ``key`` into a module state dict and an optimizer state dict (or None).
+
+    Raises:
+        IntegrityError: ``data`` is not a checkpoint (not safetensors, or a malformed optimizer header).
+        ForeignObject: it was written for another key (another job's or stage's, another iteration's).
+    """
+    try:
+        tensors, metadata = codec.decode(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"checkpoint {key!r} is not a funcpipe checkpoint: {exc}") from exc
+    binding.check(key, metadata.get(binding.FIELD))
     model = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     if "optimizer" not in metadata:
         return model, None
     try:
         header = json.loads(metadata["optimizer"])
-        state: dict[int, dict[str, Any]] = {
-            int(index): dict(fields) for index, fields in header["plain"].items()
-        }
+        groups, plain = header["param_groups"], header["plain"]
+        if not isinstance(plain, dict) or not (
+            isinstance(groups, list)
+            and all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups)
+        ):
+            raise TypeError(f"param_groups {groups!r:.80} and plain {plain!r:.80} are not a list of groups and a dict")
+        state: dict[int, dict[str, Any]] = {int(index): dict(fields) for index, fields in plain.items()}
         for name, value in tensors.items():
             if name.startswith(_OPTIM):
                 index, field = name[len(_OPTIM):].split(".", 1)
                 state.setdefault(int(index), {})[field] = value
-        return model, {"state": state, "param_groups": header["param_groups"]}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"checkpoint has a malformed optimizer header: {exc}") from exc
-
+        return model, {"state": state, "param_groups": groups}
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise IntegrityError(f"checkpoint {key!r} has a malformed optimizer header: {exc}") from exc

@@ -280,7 +280,8 @@ def read_tensor(data: bytes) -> TensorBytes:
         return TensorBytes(metadata, tensor.dtype, tuple(tensor.shape), tensor=tensor)
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+    # Sizes are u64 in safetensors: it refuses larger ones (only a shape with a zero has them and no bytes).
+    if not isinstance(shape, list) or not all(type(size) is int and 0 <= size < 2**64 for size in shape):
         raise IntegrityError(f"corrupt safetensors header: tensor {TENSOR_NAME!r} has shape {shape!r:.200}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize

@@ -2,7 +2,8 @@
 
 Point-to-point messages go to one deterministic key (see :mod:`funcpipe.keys`)
 as safetensors bytes whose header names the key they were written for, so a
-reader can tell a misplaced object from the one it waits for.
+reader can tell a misplaced object from the one it waits for, and waits on
+past it (:mod:`funcpipe.binding`); so do the all-reduce's shares and merged chunks.
 
 All-reduce among the ``n`` replicas of a stage is a scatter-reduce through
 storage. The gradient, flattened, is cut into ``n`` chunks of balanced sizes
@@ -39,12 +40,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from funcpipe import codec
+from funcpipe import binding, codec
 from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.keys import JobKeys
 from funcpipe.storage.base import Storage
 
-__all__ = ["ALGORITHMS", "Comm", "all_reduce", "piece_count", "put_tensor"]
+__all__ = ["ALGORITHMS", "Comm", "all_reduce", "decode_tensor", "piece_count", "put_tensor", "read_tensor"]
 
 ALGORITHMS = ("pipelined", "four_phase")
 
@@ -102,31 +103,52 @@ class Comm:
         put_tensor(self.storage, key, tensor)
 
     def get_now(self, key: str) -> torch.Tensor:
-        """Wait for ``key`` and decode it into a fresh tensor."""
-        data = self.storage.wait(key, self.timeout_s, cancelled=self.cancelled)
-        tensor, metadata = codec.decode_tensor(data)
-        _check_key(key, metadata)
-        return tensor
+        """Wait for the tensor written for ``key`` and decode it into a fresh tensor.
+
+        A foreign object under ``key`` is not consumed (:func:`funcpipe.binding.wait`).
+        """
+        return binding.wait(self.storage, key, self.timeout_s, lambda data: decode_tensor(data, key),
+                            cancelled=self.cancelled)
 
     def read_now(self, key: str) -> codec.TensorBytes:
-        """Wait for ``key``; its tensor, checked, still in the downloaded bytes (no copy yet)."""
-        data = self.storage.wait(key, self.timeout_s, cancelled=self.cancelled)
-        received = codec.read_tensor(data)
-        _check_key(key, received.metadata)
-        return received
-
-
-def _check_key(key: str, metadata: dict[str, str]) -> None:
-    if metadata.get("key") != key:
-        raise IntegrityError(
-            f"object at {key!r} was written for key {metadata.get('key')!r}; refusing "
-            "a stale or misplaced object"
-        )
+        """Wait for the tensor written for ``key``; checked, still in the downloaded bytes (no copy yet)."""
+        return binding.wait(self.storage, key, self.timeout_s, lambda data: read_tensor(data, key),
+                            cancelled=self.cancelled)
 
 
 def put_tensor(storage: Storage, key: str, tensor: torch.Tensor) -> None:
-    """Write ``tensor`` to ``key``, its header naming the key (:meth:`Comm.get_now` checks it)."""
-    storage.put(key, codec.encode_tensor(tensor, {"key": key}))
+    """Write ``tensor`` to ``key``, its header naming the key (:func:`read_tensor` checks it)."""
+    storage.put(key, codec.encode_tensor(tensor, {binding.FIELD: key}))
+
+
+def decode_tensor(data: bytes, key: str) -> torch.Tensor:
+    """The tensor :func:`put_tensor` wrote for ``key``, decoded into a fresh tensor.
+
+    Raises:
+        IntegrityError: ``data`` is not one tensor in safetensors bytes.
+        ForeignObject: it was written for another key.
+    """
+    try:
+        tensor, metadata = codec.decode_tensor(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"object {key!r} is not a tensor message: {exc}") from exc
+    binding.check(key, metadata.get(binding.FIELD))
+    return tensor
+
+
+def read_tensor(data: bytes, key: str) -> codec.TensorBytes:
+    """The tensor :func:`put_tensor` wrote for ``key``, checked, still in ``data`` (:func:`codec.read_tensor`).
+
+    Raises:
+        IntegrityError: ``data`` is not one tensor in safetensors bytes.
+        ForeignObject: it was written for another key.
+    """
+    try:
+        received = codec.read_tensor(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"object {key!r} is not a tensor message: {exc}") from exc
+    binding.check(key, received.metadata.get(binding.FIELD))
+    return received
 
 
 def piece_count(size_bytes: int, world: int, piece_bytes: int = PIECE_BYTES) -> int:

@@ -10,7 +10,8 @@
     │   ├── ObjectNotFound   a key is not there (or did not appear in time)
     │   ├── BucketNotFound   the bucket a storage URL names does not exist
     │   ├── StorageAccessDenied  the credentials may not do an operation on a bucket/key
-    │   └── IntegrityError   an object failed its signature or job/iteration check
+    │   └── IntegrityError   an object failed its signature, header or key check
+    │       └── ForeignObject  an object was written for another key (another job, attempt, iteration...)
     ├── WorkerFailed         a stage worker raised or died; carries the remote traceback
     │   ├── WorkerNotStarted a worker never started (a serverless call never reported, a Ray actor was never placed)
     │   ├── WorkerSilent     a serverless call stopped heart-beating
@@ -29,6 +30,7 @@ __all__ = [
     "BackendError",
     "BucketNotFound",
     "ConfigError",
+    "ForeignObject",
     "FuncpipeError",
     "FunctionNotDeployed",
     "IntegrityError",
@@ -115,7 +117,32 @@ class StorageAccessDenied(StorageError):
 
 
 class IntegrityError(StorageError):
-    """An object read from storage failed its signature or header check."""
+    """An object read from storage failed its signature, header or key check."""
+
+
+class ForeignObject(IntegrityError):
+    """The object under a key was written for another key (see :mod:`funcpipe.binding`).
+
+    Another job's or an earlier attempt's object, or one of another iteration
+    or micro-batch, copied or left under this key; never consumed.
+
+    Attributes:
+        key: the key the object was read from.
+        written_for: the key the object says it was written for (``None``: it names none).
+    """
+
+    def __init__(self, key: str, written_for: str | None, message: str | None = None) -> None:
+        self.key = key
+        self.written_for = written_for
+        bound = "no key" if written_for is None else repr(written_for)
+        super().__init__(
+            message
+            or f"object {key!r} was written for {bound}; refusing a stale or misplaced object "
+            "(another job's or attempt's, or another iteration's or micro-batch's)"
+        )
+
+    def __reduce__(self) -> tuple[type[ForeignObject], tuple[str, str | None, str]]:
+        return (type(self), (self.key, self.written_for, str(self)))
 
 
 class BackendError(FuncpipeError):

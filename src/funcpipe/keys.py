@@ -4,7 +4,10 @@ Every object a job writes has exactly one key computed from what it is, so a
 retried iteration overwrites rather than duplicates, and a reader waits for
 one known key (a GET by key, never a bucket listing). Below the iteration the
 key is flat (dots, not slashes): on a file system an iteration is one
-directory, made once and removed at once, instead of a tree of them.
+directory, made once and removed at once, instead of a tree of them. Each
+object also carries the key it was written for, and readers refuse any other
+(:mod:`funcpipe.binding`): a key alone cannot tell a copied or left-over object
+from the one it names.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class JobKeys:
         return f"{self.iteration_prefix(iteration)}merged.s{stage}.r{owner}.p{piece}"
 
     def metrics(self, iteration: int, stage: int, replica: int) -> str:
-        """Per-iteration report of one worker (loss, timings), JSON."""
+        """Per-iteration report of a last-stage worker, JSON ``{"loss": <float>, "key": <this key>}``."""
         return f"{self.iteration_prefix(iteration)}metrics.s{stage}.r{replica}"
 
     def iteration_keys(self, iteration: int, plan: Plan, gradient_bytes: Sequence[int]) -> list[str]:
@@ -101,7 +104,7 @@ class JobKeys:
     def stop(self, first_iteration: int) -> str:
         """Written by the driver to end the run that began at ``first_iteration`` early.
 
-        It holds the iteration (JSON ``{"iteration": N}``) before which every
+        It holds the iteration (JSON ``{"iteration": N, "key": <this key>}``) before which every
         worker of that run stops, checkpoints and returns, so a run that would
         outlive the function's lifetime ends at one boundary for all stages and
         replicas. Keyed by the run's first iteration, so the run that continues
@@ -111,5 +114,5 @@ class JobKeys:
 
     @property
     def abort(self) -> str:
-        """Written by the driver to tell workers of this attempt to stop."""
+        """Written by the driver to tell workers of this attempt to stop (JSON ``{"key": <this key>}``)."""
         return f"{self.root}/abort"

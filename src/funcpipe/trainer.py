@@ -6,7 +6,6 @@ import collections
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from funcpipe import checkpoint, signed
+from funcpipe import binding, checkpoint, signed
 from funcpipe.collectives import put_tensor
 from funcpipe.errors import (
     BackendError,
@@ -433,7 +432,7 @@ class Trainer:
         """Stop the attempt's workers, keep its newest complete checkpoint, delete the rest of what it wrote."""
         failed, self.keys = self.keys, JobKeys(self.keys.job, self.keys.attempt + 1)
         try:  # tell workers we could not kill (serverless ones) to stop
-            self.storage.put(failed.abort, b"")
+            self.storage.put(failed.abort, binding.encode_json(failed.abort, {}))
             # A checkpoint every stage wrote that the driver had not yet seen complete: the
             # workers write one before they begin an iteration, and may have got further.
             points = [i for i in range(start + 1, self._fed + 1) if checkpoint_every and i % checkpoint_every == 0]
@@ -515,7 +514,8 @@ class Trainer:
         self._extra = dict(manifest.extra)
         self._fit_span = (manifest.fit_first, manifest.fit_total)
         try:  # workers the dead driver left running (serverless calls) stop
-            self.storage.put(JobKeys(manifest.job, manifest.attempt).abort, b"")
+            abort = JobKeys(manifest.job, manifest.attempt).abort
+            self.storage.put(abort, binding.encode_json(abort, {}))
         except StorageError as exc:
             log.warning("could not write the abort object of attempt %d: %s", manifest.attempt, exc)
         if manifest.restore_iteration is None or manifest.restore_attempt is None:
@@ -617,7 +617,8 @@ class Trainer:
                 if budget is not None and stop_at is None:
                     stop_at = self._stop_point(first, fed, total, history.seconds[done_before:], invoked + budget)
                     if stop_at is not None:
-                        self.storage.put(self.keys.stop(first), json.dumps({"iteration": stop_at}).encode())
+                        key = self.keys.stop(first)
+                        self.storage.put(key, binding.encode_json(key, {"iteration": stop_at}))
                         if stop_at == first + fed:
                             break
                 batch = replay.get(first + fed)
@@ -735,14 +736,14 @@ class Trainer:
         for replica in range(self.plan.replicas[last]):
             key = self.keys.metrics(iteration, last, replica)
             try:
-                report = self.storage.wait(key, wait_s, cancelled=lambda: failed() is not None)
+                loss += binding.wait(self.storage, key, wait_s, functools.partial(_report_loss, key=key),
+                                     cancelled=lambda: failed() is not None)
             except WaitCancelled:
                 failure = failed()
                 assert failure is not None
                 raise failure from None
             except ObjectNotFound:
                 raise self._stalled(iteration, wait_s, calls) from None
-            loss += float(json.loads(report)["loss"])
         now = time.perf_counter()
         history.seconds.append(now - finished[0])
         finished[0] = now
@@ -793,7 +794,7 @@ class Trainer:
         assert self._restore is not None and self._restore[0] == iteration
         merged: dict[str, torch.Tensor] = {}
         for key in self._checkpoint_keys(self._restore):
-            state, _ = checkpoint.decode_state(self.storage.get(key))
+            state, _ = checkpoint.decode_state(self.storage.get(key), key=key)
             merged.update(state)
         with torch.no_grad():
             self._model.load_state_dict(merged)
@@ -813,6 +814,25 @@ def _postfix(history: History, usd_per_iteration: float | None) -> dict[str, str
     if usd_per_iteration is not None:
         postfix["$"] = f"{usd_per_iteration * len(history):.4g}"
     return postfix
+
+
+def _report_loss(data: bytes, key: str) -> float:
+    """The loss in a last-stage worker's per-iteration report read from ``key`` (:meth:`JobKeys.metrics`).
+
+    Raises:
+        IntegrityError: ``data`` is not ``{"loss": <number>, "key": key}``.
+        ForeignObject: it was written for another key.
+    """
+    loss = binding.decode_json(data, key).get("loss")
+    if not isinstance(loss, bool) and isinstance(loss, (int, float)):
+        try:
+            return float(loss)
+        except OverflowError:  # an integer beyond float's range
+            pass
+    raise IntegrityError(
+        f"metrics report {key!r} has loss {loss!r:.80}, not a float; expected "
+        f'{{"loss": <number>, "key": {key!r}}}'
+    )
 
 
 def _fresh_directory() -> str:

@@ -9,7 +9,7 @@ writes its outputs, a per-iteration report and a checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import threading
 import time
 import traceback
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from funcpipe import checkpoint, signed
+from funcpipe import binding, checkpoint, signed
 from funcpipe.collectives import Comm, all_reduce
-from funcpipe.errors import ConfigError, IntegrityError, WorkerFailed
+from funcpipe.errors import ConfigError, ForeignObject, IntegrityError, WorkerFailed
 from funcpipe.executors.base import Actor
 from funcpipe.keys import JobKeys
 from funcpipe.plan import Plan
@@ -29,6 +29,8 @@ from funcpipe.schedule import worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
 __all__ = ["StageDefinition", "StageWorker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
 
 #: How often a waiting worker looks for the driver's abort object, seconds.
 ABORT_CHECK_S = 1.0
@@ -93,6 +95,7 @@ class StageWorker(Actor):
         self._first = 0  # first iteration of the current run
         self._current = 0  # iteration the worker is in
         self._stop_at: int | None = None  # from the driver's stop object, once seen
+        self._foreign: set[str] = set()  # foreign stop and abort objects already warned about
         self._ready = False
         # Guards the thread pools: cancel() may come from another thread while _setup makes them.
         self._pools_lock = threading.Lock()
@@ -173,7 +176,7 @@ class StageWorker(Actor):
         )
         if config.resume_attempt is not None:
             source = JobKeys(config.job, config.resume_attempt).checkpoint(config.stage, first_iteration)
-            state, optim_state = checkpoint.decode_state(self.storage.get(source))
+            state, optim_state = checkpoint.decode_state(self.storage.get(source), key=source)
             self.layers.load_state_dict(state)
             if optim_state is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(optim_state)
@@ -200,9 +203,8 @@ class StageWorker(Actor):
         return self.config.replica == 0 and every > 0 and iteration % every == 0
 
     def _save_checkpoint(self, iteration: int) -> None:
-        self.storage.put(
-            self.keys.checkpoint(self.config.stage, iteration), checkpoint.encode_state(self.layers, self.optimizer)
-        )
+        key = self.keys.checkpoint(self.config.stage, iteration)
+        self.storage.put(key, checkpoint.encode_state(self.layers, self.optimizer, key=key))
 
     def _cancelled(self) -> bool:
         """Whether waits should give up: aborted, or the driver stopped the run at this iteration."""
@@ -211,18 +213,41 @@ class StageWorker(Actor):
         now = time.monotonic()
         if now - self._last_abort_check >= ABORT_CHECK_S:
             self._last_abort_check = now
-            if self.storage.exists(self.keys.abort):
+            if self._read_abort():
                 self._cancel.set()
             else:
                 self._read_stop()
         return self._cancel.is_set() or self._stopping()
 
+    def _read_abort(self) -> bool:
+        """Whether the driver's abort object for this attempt is there (one GET, as a HEAD would be)."""
+        key = self.keys.abort
+        data = self.storage.get_if_exists(key)
+        if data is None:
+            return False
+        try:
+            binding.decode_json(data, key)
+        except ForeignObject as exc:  # not this attempt's: the driver's own would overwrite it
+            self._ignore(exc)
+            return False
+        return True
+
     def _read_stop(self) -> None:
         if self._stop_at is None:
             key = self.keys.stop(self._first)
             stop = self.storage.get_if_exists(key)
-            if stop is not None:
+            if stop is None:
+                return
+            try:
                 self._stop_at = _stop_iteration(stop, key)
+            except ForeignObject as exc:  # not this run's: the driver's own would overwrite it
+                self._ignore(exc)
+
+    def _ignore(self, exc: ForeignObject) -> None:
+        """Log, once per object and binding, that a foreign control object is ignored."""
+        if str(exc) not in self._foreign:
+            self._foreign.add(str(exc))
+            log.warning("%s; ignoring it", exc)
 
     def _stopping(self) -> bool:
         """The driver's stop object names the current iteration or an earlier one."""
@@ -326,8 +351,8 @@ class StageWorker(Actor):
                 timings["update_s"] += time.perf_counter() - t0
 
         if last:
-            report = json.dumps({"loss": loss_sum}).encode()
-            sends.append(self._upload.submit(self.storage.put, keys.metrics(iteration, stage, replica), report))
+            key = keys.metrics(iteration, stage, replica)
+            sends.append(self._upload.submit(self.storage.put, key, binding.encode_json(key, {"loss": loss_sum})))
         t0 = time.perf_counter()
         for send in sends:
             send.result()
@@ -360,10 +385,17 @@ class StageWorker(Actor):
 
 
 def _stop_iteration(data: bytes, key: str) -> int:
-    try:
-        iteration = json.loads(data)["iteration"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"stop object {key!r} is not {{\"iteration\": N}}: {data[:80]!r}") from exc
+    """The iteration the driver's stop object (:meth:`JobKeys.stop`) read from ``key`` names.
+
+    Raises:
+        IntegrityError: ``data`` is not ``{"iteration": N, "key": key}``.
+        ForeignObject: it was written for another key.
+    """
+    fields = binding.decode_json(data, key)
+    iteration = fields.get("iteration")
     if not isinstance(iteration, int) or isinstance(iteration, bool):
-        raise IntegrityError(f"stop object {key!r} names iteration {iteration!r}, not an integer")
+        raise IntegrityError(
+            f"stop object {key!r} names iteration {iteration!r:.80}, not an integer; expected "
+            f'{{"iteration": N, "key": {key!r}}}'
+        )
     return iteration

@@ -40,8 +40,11 @@ from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlsplit
 
+from funcpipe import binding
 from funcpipe.errors import (
     ConfigError,
+    ForeignObject,
+    IntegrityError,
     PayloadTooLarge,
     StorageError,
     WorkerFailed,
@@ -309,6 +312,42 @@ class _Call:
     invoked: float = 0.0
     beat: int = -1  # last heartbeat seen; -1: not started
     last_change: float = 0.0
+    foreign: str | None = None  # the binding of a foreign status object last warned about
+
+
+#: The fields each state of a status object has besides its state, and their types.
+_STATUS_FIELDS: dict[str, dict[str, type]] = {
+    "started": {"beat": int}, "running": {"beat": int}, "done": {}, "failed": {"cause": str, "traceback": str},
+}
+
+
+def _read_status(data: bytes, key: str) -> dict[str, Any]:
+    """A call's status object read from ``key``, checked: what :class:`_Reporter` writes.
+
+    ``{"state": "started" | "running", "beat": n}``, ``{"state": "done", "result": ...}`` or
+    ``{"state": "failed", "cause": "...", "traceback": "..."}``, bound to ``key``.
+
+    Raises:
+        IntegrityError: ``data`` is none of these.
+        ForeignObject: it was written for another key.
+    """
+    status = binding.decode_json(data, key)
+    state = status.get("state")
+    required = _STATUS_FIELDS.get(state) if isinstance(state, str) else None
+    if required is None:
+        raise IntegrityError(
+            f"status object {key!r} has state {state!r:.80}, not one of {sorted(_STATUS_FIELDS)}; "
+            "hint: driver and function must run the same funcpipe version"
+        )
+    for name, kind in required.items():
+        value = status.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise IntegrityError(
+                f"status object {key!r} in state {state!r} has {name} {value!r:.80}, not a {kind.__name__}"
+            )
+    if state == "done" and "result" not in status:
+        raise IntegrityError(f"status object {key!r} says the call is done but holds no result")
+    return status
 
 
 def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
@@ -375,6 +414,14 @@ class _Watcher:
             for call, storage, timing in pending:
                 try:
                     finished = self._check(call, storage, timing)
+                except ForeignObject as exc:  # not this call's: its function's own status overwrites it
+                    if exc.written_for != call.foreign:
+                        call.foreign = exc.written_for
+                        log.warning("%s: %s; ignoring it", call.name, exc)
+                    finished = self._overdue(call, timing, time.monotonic())
+                except IntegrityError as exc:
+                    _settle(call.future, exception=WorkerFailed(call.name, f"{type(exc).__name__}: {exc}"))
+                    finished = True
                 except StorageError as exc:  # the deadlines bound how long this may go on
                     log.warning("%s: could not read status %s: %s", call.name, call.status_key, exc)
                     finished = self._overdue(call, timing, time.monotonic())
@@ -398,15 +445,15 @@ class _Watcher:
         now = time.monotonic()
         if data is None:
             return self._overdue(call, timing, now)
-        status = json.loads(data)
+        status = _read_status(data, call.status_key)
         state = status["state"]
         if state == "done":
             _settle(call.future, result=status["result"])
             return True
         if state == "failed":
-            _settle(call.future, exception=WorkerFailed(call.name, status["cause"], status.get("traceback", "")))
+            _settle(call.future, exception=WorkerFailed(call.name, status["cause"], status["traceback"]))
             return True
-        beat = int(status["beat"])
+        beat = status["beat"]
         if beat != call.beat:
             call.beat, call.last_change = beat, now
             return False
@@ -495,7 +542,7 @@ class _Reporter:
         self._thread: threading.Thread | None = None
 
     def write(self, status: dict[str, Any]) -> None:
-        self.storage.put(self.key, json.dumps(status, allow_nan=False).encode())
+        self.storage.put(self.key, binding.encode_json(self.key, status))
 
     def watch(self, actor: Actor) -> None:
         self._thread = threading.Thread(target=self._run, args=(actor,), name="funcpipe-heartbeat", daemon=True)
