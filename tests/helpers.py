@@ -116,3 +116,18 @@ class CreatesFile:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (os.makedirs, (self.path,))
+
+
+def assert_fit_fails_not_started(trainer: Any, start_timeout_s: float, invocations: Callable[[], int]) -> None:
+    """``trainer.fit`` on functions that accept calls but never run them: ``WorkerNotStarted`` after the
+    start timeout (not long after), every worker invoked once, and no funcpipe thread left."""
+    import pytest
+
+    from funcpipe import WorkerNotStarted
+
+    started = time.monotonic()
+    with pytest.raises(WorkerNotStarted, match=r"stage \d replica \d failed: the function never reported"):
+        trainer.fit(regression_batches(2, 8), progress=False)
+    assert start_timeout_s <= time.monotonic() - started < start_timeout_s + 30
+    assert invocations() == trainer.plan.num_workers
+    assert_no_funcpipe_thread_left(within_s=10)  # the watcher stops once no call is left
