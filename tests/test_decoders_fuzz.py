@@ -49,6 +49,9 @@ FUZZ = settings(
     max_examples=120,  # all seven properties in ~10 s on an idle 2-core machine
     deadline=timedelta(seconds=2),  # generous for a shared machine; a hang still fails
     database=None,  # no .hypothesis directory in the checkout
+    # The same examples on every run: CI must not pass or fail by the draw. (Run with
+    # --hypothesis-seed=N, or edit this, to explore further; a find becomes an @example.)
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -338,13 +341,17 @@ def outcome(decode: Callable[[bytes], Any], data: bytes) -> Any:
         out = torch.zeros(tensor.shape, dtype=tensor.dtype)
         tensor.copy_to(out)
         tensor = out
-    return (tensor.dtype, tuple(tensor.shape), tensor.reshape(-1).view(torch.uint8).tolist())
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bool:  # any non-zero byte is True: safetensors keeps the byte, a copy makes it 1
+        flat = flat.view(torch.uint8).ne(0)
+    return (tensor.dtype, tuple(tensor.shape), flat.view(torch.uint8).tolist())
 
 
 @FUZZ
 @given(mutated() | safetensors_bytes())
 @example(TENSOR + b"\0")  # trailing bytes: safetensors refuses them
 @example(layout({"t": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}))  # no tensor, beyond u64
+@example(layout({"t": {"dtype": "BOOL", "shape": [], "data_offsets": [0, 1]}}, b"\xfe"))  # a bool byte not 0 or 1
 def test_read_tensor_accepts_and_reads_what_safetensors_does(data: bytes) -> None:
     """read_tensor parses the header itself (no copy): it must agree with the reference parser."""
     assert outcome(codec.read_tensor, data) == outcome(lambda data: codec.decode_tensor(data)[0], data)
