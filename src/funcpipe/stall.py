@@ -22,6 +22,7 @@ iteration ``i - 1`` shows first as missing output of iteration ``i`` upstream.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 from funcpipe.keys import JobKeys
@@ -53,11 +54,13 @@ def find_stall(
     ``None`` when no worker can be blamed: an input the driver feeds is itself
     missing, or every message is there.
     """
+    # A key is needed by several steps (a stage's inputs by its forward and its backward): one HEAD each.
+    exists = functools.cache(storage.exists)
     for it in (iteration - 1, iteration):
         if it < 0:
             continue
         for stage, replica, needs, missing, what in _steps(keys, plan, gradient_bytes, it):
-            if all(storage.exists(key) for key in needs) and not storage.exists(missing):
+            if all(exists(key) for key in needs) and not exists(missing):
                 return Stall(stage, replica, it, what)
     return None
 

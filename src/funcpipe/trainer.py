@@ -335,7 +335,8 @@ class Trainer:
         first = self._iteration
         if not self._uploaded:
             self._upload_definitions()
-        self._write_manifest(fit_first, total + first - fit_first, finished=False)
+        self._fit_span = (fit_first, total + first - fit_first)
+        self._write_manifest(finished=False)
         replay = _Replay(batches, first)
         bar = tqdm(total=total, disable=not progress, unit="it", desc="funcpipe")
         failures: list[BaseException] = []
@@ -365,8 +366,8 @@ class Trainer:
         finally:
             bar.close()
         self._iteration = first + len(history)
-        self._gather(self._iteration)
-        self._write_manifest(fit_first, total + first - fit_first, finished=True)
+        self._gather()
+        self._write_manifest(finished=True)
         return history
 
     def clean(self, *, checkpoints: bool = True) -> None:
@@ -436,8 +437,7 @@ class Trainer:
             # A checkpoint every stage wrote that the driver had not yet seen complete: the
             # workers write one before they begin an iteration, and may have got further.
             points = [i for i in range(start + 1, self._fed + 1) if checkpoint_every and i % checkpoint_every == 0]
-            known = self._restore[0] if self._restore is not None else 0
-            for point in reversed([p for p in points if p > known]):
+            for point in reversed([p for p in points if p > self._restore_iteration]):
                 if all(self.storage.exists(key) for key in self._checkpoint_keys((point, failed.attempt))):
                     self._checkpoint_complete((point, failed.attempt), replay)
                     break
@@ -452,7 +452,7 @@ class Trainer:
 
     def _rollback(self, first: int, history: History, bar: tqdm, replay: _Replay) -> int:
         """Forget the iterations after the last complete checkpoint; the iteration to run again from."""
-        restart = self._restore[0] if self._restore is not None else 0
+        restart = self._restore_iteration
         done = restart - first
         del history.losses[done:], history.seconds[done:]
         replay.rewind(restart)
@@ -469,7 +469,7 @@ class Trainer:
                 self.storage.delete(self._checkpoint_keys(old))
             except StorageError as exc:
                 log.warning("could not delete the checkpoint before iteration %d: %s", old[0], exc)
-        self._write_manifest(*self._fit_span, finished=False)
+        self._write_manifest(finished=False)
 
     def _checkpoint_keys(self, point: tuple[int, int]) -> list[str]:
         iteration, attempt = point
@@ -481,13 +481,18 @@ class Trainer:
         try:
             if self._restore is not None:
                 self._iteration = self._restore[0]
-                self._gather(self._iteration)
-            self._write_manifest(*self._fit_span, finished=False)
+                self._gather()
+            self._write_manifest(finished=False)
         except StorageError as exc:  # do not hide the failure that got us here
             log.warning("could not load the last checkpoint after the failure: %s", exc)
 
-    def _write_manifest(self, fit_first: int, fit_total: int, *, finished: bool) -> None:
-        self._fit_span = (fit_first, fit_total)
+    @property
+    def _restore_iteration(self) -> int:
+        """The iteration a relaunch starts from: the restore point's, or 0 (the model blobs' weights)."""
+        return self._restore[0] if self._restore is not None else 0
+
+    def _write_manifest(self, *, finished: bool) -> None:
+        fit_first, fit_total = self._fit_span
         JobManifest(
             job=self.keys.job,
             attempt=self.keys.attempt,
@@ -512,7 +517,6 @@ class Trainer:
             )
         self.keys = JobKeys(manifest.job, manifest.attempt + 1)
         self._extra = dict(manifest.extra)
-        self._fit_span = (manifest.fit_first, manifest.fit_total)
         try:  # workers the dead driver left running (serverless calls) stop
             abort = JobKeys(manifest.job, manifest.attempt).abort
             self.storage.put(abort, binding.encode_json(abort, {}))
@@ -528,7 +532,7 @@ class Trainer:
         else:
             self._restore = (manifest.restore_iteration, manifest.restore_attempt)
             self._iteration = manifest.restore_iteration
-            self._gather(self._iteration)  # also proves every stage's checkpoint is there
+            self._gather()  # also proves every stage's checkpoint is there
             done = manifest.restore_iteration - manifest.fit_first
         if manifest.finished:
             log.info("job %s had finished %d iterations; its final weights are loaded, nothing to resume",
@@ -545,7 +549,7 @@ class Trainer:
 
     def _launch(self, start: int, checkpoint_every: int) -> list[ActorHandle]:
         plan = self.plan
-        assert (self._restore[0] if self._restore is not None else 0) == start
+        assert self._restore_iteration == start
         workers = [(s, r) for s in range(plan.num_stages) for r in range(plan.replicas[s])]
         requested = [
             Resources(self.threads_per_worker, plan.memory_mb[s] if plan.memory_mb else None)
@@ -789,9 +793,9 @@ class Trainer:
         """
         self.storage.delete(self.keys.iteration_keys(iteration, self.plan, self._gradient_bytes))
 
-    def _gather(self, iteration: int) -> None:
-        """Load the restore point's checkpoints (before ``iteration``) into the model."""
-        assert self._restore is not None and self._restore[0] == iteration
+    def _gather(self) -> None:
+        """Load the restore point's checkpoints (before the trainer's current iteration) into the model."""
+        assert self._restore is not None and self._restore[0] == self._iteration
         merged: dict[str, torch.Tensor] = {}
         for key in self._checkpoint_keys(self._restore):
             state, _ = checkpoint.decode_state(self.storage.get(key), key=key)
