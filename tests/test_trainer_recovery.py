@@ -300,3 +300,20 @@ def test_bad_recovery_options_are_named(option: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=f"{option} must be an integer >= "):
         trainer.fit(regression_batches(1, 8), progress=False, **{option: value})
 
+
+
+def test_clean_deletes_what_the_job_keeps_and_a_later_fit_says_so() -> None:
+    storage = MemoryStorage("cleaned")
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, sgd_momentum, PLAN, backend="thread",
+                      storage="memory://cleaned", job="cleaned")
+    batches = regression_batches(2, 8)
+    trainer.fit(batches[:1], progress=False)
+    trainer.clean(checkpoints=False)  # only the model blobs and the manifest go: fit can continue
+    assert [k for k in storage.list("") if "/checkpoint/" not in k] == []
+    trainer.fit(batches[1:], progress=False)
+    assert_same_parameters(trainer.model, reference(batches))
+    trainer.clean()
+    assert storage.list("") == []
+    with pytest.raises(ConfigError, match="job 'cleaned' was cleaned .* after 2 iterations"):
+        trainer.fit(batches, progress=False)
+    assert_same_parameters(trainer.model, reference(batches))  # the trained weights stay with the model

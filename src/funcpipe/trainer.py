@@ -310,6 +310,12 @@ class Trainer:
                                    ("max_retries", max_retries, 0), ("checkpoint_every", checkpoint_every, 0)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self._iteration and self._restore is None and not resume:
+            raise ConfigError(
+                f"job {self.keys.job!r} was cleaned (trainer.clean()) after {self._iteration} iterations: its "
+                "checkpoint is gone, so this trainer cannot continue it; hint: start a new Trainer with "
+                "trainer.model, or clean(checkpoints=False) to keep what a later fit needs"
+            )
         batches, total = _batches(data, iterations, epochs or 1)
         per_epoch = total // (epochs or 1) if iterations is None else None
         if resume:
@@ -374,12 +380,15 @@ class Trainer:
         """Delete what the job keeps in storage: its model blobs, manifest and (by default) checkpoints.
 
         Messages are deleted as iterations finish; what a fit keeps is the
-        state the next ``fit`` (or a resume) continues from.
+        state the next ``fit`` (or a resume) continues from. Without its
+        checkpoint the job cannot continue: a later ``fit`` of this trainer
+        raises :class:`~funcpipe.ConfigError` (``trainer.model`` keeps the weights).
         """
         keys = [self.keys.model_blob(s) for s in range(self.plan.num_stages)] + [manifest_key(self.keys.job)]
         keys += [JobKeys(self.keys.job, attempt).abort for attempt in range(self.keys.attempt)]
         if checkpoints and self._restore is not None:
             keys += self._checkpoint_keys(self._restore)
+            self._restore = None
         self.storage.delete(keys)
         self._uploaded = False
 
