@@ -314,6 +314,6 @@ def test_clean_deletes_what_the_job_keeps_and_a_later_fit_says_so() -> None:
     assert_same_parameters(trainer.model, reference(batches))
     trainer.clean()
     assert storage.list("") == []
-    with pytest.raises(ConfigError, match="job 'cleaned' was cleaned .* after 2 iterations"):
+    with pytest.raises(ConfigError, match=r"job 'cleaned' was cleaned .* after 2 iterations"):
         trainer.fit(batches, progress=False)
     assert_same_parameters(trainer.model, reference(batches))  # the trained weights stay with the model
