@@ -71,8 +71,34 @@ def test_to_dict_from_dict_roundtrip() -> None:
         "global_batch_size": 12,
         "memory_mb": (512, 1024),
         "sync": "four_phase",
+        "schedule": "gpipe",
     }
     assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_schedule_and_per_stage_sync_roundtrip_through_json() -> None:
+    plan = Plan.manual([2, 3], replicas=[2, 3], micro_batch_size=2, global_batch_size=12,
+                       sync=["four_phase", "pipelined"], schedule="1f1b")
+    assert plan.schedule == "1f1b"
+    assert [plan.stage_sync(s) for s in range(2)] == ["four_phase", "pipelined"]
+    back = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back == plan and back.sync == ("four_phase", "pipelined")
+    assert back != dataclasses.replace(plan, schedule="gpipe")
+
+
+def test_a_plan_from_before_schedules_is_gpipe() -> None:
+    data = {"balance": [2], "replicas": [1], "micro_batch_size": 1, "global_batch_size": 2, "sync": "pipelined"}
+    assert Plan.from_dict(data).schedule == "gpipe"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"schedule": "pipedream"}, "unknown schedule 'pipedream'; choose one of \\['gpipe', '1f1b'\\]"),
+    ({"sync": "ring"}, "unknown gradient sync 'ring'"),
+    ({"sync": ["pipelined"]}, "one algorithm for every stage or one per stage \\(stages: 2"),
+])
+def test_bad_schedule_or_sync_is_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Plan.manual([1, 1], micro_batch_size=1, global_batch_size=2, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("memory_mb", [None, [128, 256]])

@@ -58,9 +58,11 @@ from funcpipe.profiler import ModelProfile
 __all__ = [
     "FETCH_CONNECTIONS",
     "REPORT_BYTES",
+    "Held",
     "StageCost",
     "cost_per_iteration",
     "formula_iteration_s",
+    "held",
     "requests_per_iteration",
     "stage_costs",
     "stage_memory_bytes",
@@ -188,6 +190,42 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
     return tuple(stages)
 
 
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """What one replica of a stage holds at its peak, in micro-batches (:func:`held`).
+
+    Attributes:
+        activations: micro-batches whose activations (autograd's saved tensors and the
+            stage's output) are alive: forward done, backward not.
+        inputs: input micro-batches downloaded or kept for backward.
+        grads: output gradients downloaded ahead of their backward (0 on the last stage).
+        targets: target micro-batches downloaded (last stage only).
+    """
+
+    activations: int
+    inputs: int
+    grads: int
+    targets: int
+
+
+def held(schedule: str, *, last: bool, micro_batches: int, in_flight: int) -> Held:
+    """What one replica holds at its peak under ``schedule`` (:mod:`funcpipe.schedule`).
+
+    ``micro_batches`` is the replica's count ``n``, ``in_flight`` its 1F1B window ``k``
+    (:func:`funcpipe.schedule.in_flight`). GPipe prefetches the whole iteration: ``n``
+    inputs (and targets, or output gradients), and ``n`` activations on a stage that is
+    not the last (whose backward follows each forward). 1F1B holds ``k`` activations,
+    ``k + 1`` inputs and one output gradient; the last stage ``k = 1`` and two inputs and
+    targets.
+    """
+    n, k = micro_batches, min(in_flight, micro_batches)
+    if schedule == "gpipe":
+        return Held(1, n, 0, n) if last else Held(n, n, n, 0)
+    if last:
+        return Held(min(n, 1), min(n, 2), 0, min(n, 2))
+    return Held(k, min(n, k + 1), min(n, 1), 0)
+
+
 def stage_memory_bytes(profile: ModelProfile, platform: Platform, plan: Plan, stage: int) -> int:
     """Memory one replica of ``plan``'s stage ``stage`` needs, in bytes (:func:`memory_bytes` of its layers)."""
     layers = plan.layer_range(stage)
@@ -198,14 +236,17 @@ def stage_memory_bytes(profile: ModelProfile, platform: Platform, plan: Plan, st
     output = 0.0 if last else profiles[-1].output_bytes_per_sample
     target = profile.target_bytes_per_sample if last else 0.0
     d = plan.replicas[stage]
+    n = -(-plan.num_micro_batches // d)
     return memory_bytes(
         platform,
         param_bytes=sum(p.param_bytes for p in profiles),
         optimizer_bytes=sum(p.optimizer_bytes for p in profiles),
         held_bytes=sum(p.held_bytes_per_sample for p in profiles) * b,
-        message_bytes=before * b + output * b + target * b,
-        micro_batches=-(-plan.num_micro_batches // d),
+        input_bytes=before * b,
+        output_bytes=output * b,
+        target_bytes=target * b,
         replicas=d,
+        counts=held(plan.schedule, last=last, micro_batches=n, in_flight=plan.in_flight(stage)),
     )
 
 
@@ -215,17 +256,21 @@ def memory_bytes(
     param_bytes: float,
     optimizer_bytes: float,
     held_bytes: float,
-    message_bytes: float,
-    micro_batches: int,
+    input_bytes: float,
+    output_bytes: float,
+    target_bytes: float,
     replicas: int,
+    counts: Held,
 ) -> int:
     """Memory one replica of a stage needs, in bytes.
 
-    Runtime overhead, weights and gradients (``2 P``), optimizer state, and for
-    each of its micro-batches the activations held for backward plus the
-    messages buffered for it (every input is prefetched; gradients arrive while
-    forwards run). With replicas, the all-reduce holds the flat gradient and
-    the result (``2 P`` more).
+    Runtime overhead, weights and gradients (``2 P``), optimizer state; per
+    micro-batch whose activations are alive, what autograd saves for backward
+    and the stage's output; the inputs, output gradients and targets the
+    schedule buffers (:func:`held`). With replicas, the all-reduce holds the
+    flat gradient and the result (``2 P`` more).
+
+    It is linear in each count of ``counts`` (the planner's programs rely on it).
     """
     sync_buffers = 2 * param_bytes if replicas > 1 else 0
     return math.ceil(
@@ -233,7 +278,10 @@ def memory_bytes(
         + 2 * param_bytes
         + optimizer_bytes
         + sync_buffers
-        + micro_batches * (held_bytes + message_bytes)
+        + counts.activations * (held_bytes + output_bytes)
+        + counts.inputs * input_bytes
+        + counts.grads * output_bytes
+        + counts.targets * target_bytes
     )
 
 
@@ -326,7 +374,7 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
     for s, st in enumerate(stages):
         end = max(e[s] + st.update_s, e[s] + up_gin[s])
         if st.replicas > 1:
-            sync = sync_s(st.param_bytes, st.replicas, st.tier, lat, plan.sync)
+            sync = sync_s(st.param_bytes, st.replicas, st.tier, lat, plan.stage_sync(s))
             end = max(end, e[s] + up_gin[s] + sync + st.update_s)
         if s == count - 1:  # the report for the driver goes up after the update
             end += st.up_s(REPORT_BYTES, lat)
@@ -350,7 +398,7 @@ def requests_per_iteration(stages: Sequence[StageCost], plan: Plan) -> tuple[int
     for st in stages:
         d = st.replicas
         if d > 1 and st.param_bytes > 0:
-            q = 1 if plan.sync == "four_phase" else piece_count(st.param_bytes, d)
+            q = 1 if plan.stage_sync(st.stage) == "four_phase" else piece_count(st.param_bytes, d)
             writes += d * d * q
             reads += d * 2 * (d - 1) * q
     writes += stages[-1].replicas

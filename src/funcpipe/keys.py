@@ -70,16 +70,16 @@ class JobKeys:
         last = plan.num_stages - 1
         out = []
         for m in range(plan.num_micro_batches):
-            out.append(self.message(iteration, "input", 0, m % plan.replicas[0], m))
-            out.append(self.message(iteration, "target", last, m % plan.replicas[last], m))
+            out.append(self.message(iteration, "input", 0, plan.replica_of(0, m), m))
+            out.append(self.message(iteration, "target", last, plan.replica_of(last, m), m))
             for s in range(1, plan.num_stages):
-                out.append(self.message(iteration, "act", s, m % plan.replicas[s], m))
-                out.append(self.message(iteration, "grad", s - 1, m % plan.replicas[s - 1], m))
+                out.append(self.message(iteration, "act", s, plan.replica_of(s, m), m))
+                out.append(self.message(iteration, "grad", s - 1, plan.replica_of(s - 1, m), m))
         out += [self.metrics(iteration, last, r) for r in range(plan.replicas[last])]
         for s, d in enumerate(plan.replicas):
             if d == 1 or gradient_bytes[s] == 0:
                 continue
-            pieces = piece_count(gradient_bytes[s], d) if plan.sync == "pipelined" else 1
+            pieces = piece_count(gradient_bytes[s], d) if plan.stage_sync(s) == "pipelined" else 1
             for owner in range(d):
                 for q in range(pieces):
                     out += [self.chunk(iteration, s, owner, sender, q) for sender in range(d) if sender != owner]

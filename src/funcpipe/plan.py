@@ -7,8 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from funcpipe.errors import ConfigError
+from funcpipe.schedule import SCHEDULES, in_flight, owned
 
-__all__ = ["Plan", "StageReport"]
+__all__ = ["SYNCS", "Plan", "StageReport"]
+
+#: The gradient all-reduce algorithms a stage may use (:mod:`funcpipe.collectives`).
+SYNCS = ("pipelined", "four_phase")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,12 @@ class Plan:
         memory_mb: function memory per stage, or ``None`` for the backend default.
         sync: gradient all-reduce among a stage's replicas: ``"pipelined"``
             (funcpipe's pipelined scatter-reduce) or ``"four_phase"`` (the
-            LambdaML baseline).
+            LambdaML baseline), for every stage; or one of them per stage
+            (:meth:`stage_sync`).
+        schedule: the micro-batch schedule (:mod:`funcpipe.schedule`):
+            ``"gpipe"`` (every forward, then every backward; the whole
+            iteration prefetched) or ``"1f1b"`` (one forward one backward,
+            at most :meth:`in_flight` micro-batches alive per replica).
         platform: the platform the plan was made for (set by :func:`funcpipe.plan`).
         predicted_iteration_s: seconds per iteration the simulator predicts.
         predicted_cost_usd: dollars per iteration the simulator predicts.
@@ -65,7 +74,7 @@ class Plan:
         samples: the data set's size, for predictions per epoch (set by
             ``funcpipe.plan(..., samples=N)`` or ``dataclasses.replace``).
 
-    Only the first six fields say what runs; two plans that differ only in
+    Only the first seven fields say what runs; two plans that differ only in
     the prediction fields are equal. ``str(plan)`` is a table of the stages
     with their predictions; in a notebook the plan shows as an HTML table.
     """
@@ -75,7 +84,8 @@ class Plan:
     micro_batch_size: int
     global_batch_size: int
     memory_mb: tuple[int, ...] | None = None
-    sync: str = "pipelined"
+    sync: str | tuple[str, ...] = "pipelined"
+    schedule: str = "gpipe"
     platform: str | None = dataclasses.field(default=None, compare=False)
     predicted_iteration_s: float | None = dataclasses.field(default=None, compare=False)
     predicted_cost_usd: float | None = dataclasses.field(default=None, compare=False)
@@ -118,9 +128,19 @@ class Plan:
                     f"memory_mb must give one size per stage (stages: {stages}, "
                     f"memory_mb: {list(self.memory_mb)})"
                 )
-        if self.sync not in ("pipelined", "four_phase"):
+        syncs = self.sync if isinstance(self.sync, tuple) else (self.sync,)
+        if isinstance(self.sync, tuple) and len(self.sync) != stages:
             raise ConfigError(
-                f"unknown gradient sync {self.sync!r}; choose 'pipelined' or 'four_phase'"
+                f"sync must name one algorithm for every stage or one per stage (stages: {stages}, "
+                f"sync: {list(self.sync)}); hint: sync='pipelined'"
+            )
+        for name in syncs:
+            if name not in SYNCS:
+                raise ConfigError(f"unknown gradient sync {name!r}; choose one of {list(SYNCS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)} "
+                "(gpipe: every forward, then every backward; 1f1b: one forward one backward, less memory)"
             )
         if self.samples is not None and (
             isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1
@@ -141,7 +161,8 @@ class Plan:
         micro_batch_size: int,
         global_batch_size: int,
         memory_mb: int | Sequence[int] | None = None,
-        sync: str = "pipelined",
+        sync: str | Sequence[str] = "pipelined",
+        schedule: str = "gpipe",
     ) -> Plan:
         """A plan written by hand.
 
@@ -151,7 +172,9 @@ class Plan:
             micro_batch_size: samples per micro-batch.
             global_batch_size: samples per optimizer step.
             memory_mb: function memory, one value for all stages or one per stage.
-            sync: ``"pipelined"`` scatter-reduce or the ``"four_phase"`` baseline.
+            sync: ``"pipelined"`` scatter-reduce or the ``"four_phase"`` baseline, for all
+                stages or one per stage.
+            schedule: ``"gpipe"`` or ``"1f1b"`` (:mod:`funcpipe.schedule`).
         """
         balance_t = _as_tuple("balance", balance)
         replicas_t = (1,) * len(balance_t) if replicas is None else _as_tuple("replicas", replicas)
@@ -162,13 +185,15 @@ class Plan:
             memory_t = (memory_mb,) * len(balance_t)
         else:
             memory_t = _as_tuple("memory_mb", memory_mb)
+        sync_v: str | tuple[str, ...] = sync if isinstance(sync, str) else _as_names("sync", sync)
         return cls(
             balance=balance_t,
             replicas=replicas_t,
             micro_batch_size=micro_batch_size,
             global_batch_size=global_batch_size,
             memory_mb=memory_t,
-            sync=sync,
+            sync=sync_v,
+            schedule=schedule,
         )
 
     @property
@@ -190,7 +215,19 @@ class Plan:
 
     def micro_batches(self, stage: int, replica: int) -> list[int]:
         """Micro-batches of one iteration that ``replica`` of ``stage`` runs: ``m mod d_s``."""
-        return list(range(replica, self.num_micro_batches, self.replicas[stage]))
+        return list(owned(replica, self.replicas[stage], self.num_micro_batches))
+
+    def replica_of(self, stage: int, micro_batch: int) -> int:
+        """The replica of ``stage`` that runs ``micro_batch``: ``micro_batch mod d_s``."""
+        return micro_batch % self.replicas[stage]
+
+    def stage_sync(self, stage: int) -> str:
+        """The gradient all-reduce ``stage``'s replicas use."""
+        return self.sync[stage] if isinstance(self.sync, tuple) else self.sync
+
+    def in_flight(self, stage: int) -> int:
+        """Most micro-batches one replica of ``stage`` holds activations for (:func:`funcpipe.schedule.in_flight`)."""
+        return in_flight(stage, self.replicas, self.num_micro_batches, self.schedule)
 
     def to_dict(self) -> dict[str, object]:
         """The plan as JSON-able data; prediction fields only when set."""
@@ -211,7 +248,7 @@ class Plan:
         if missing:
             raise ConfigError(f"plan is missing fields {missing}")
         kwargs = dict(data)
-        for name in ("balance", "replicas", "memory_mb"):
+        for name in ("balance", "replicas", "memory_mb", "sync"):
             value = kwargs.get(name)
             if isinstance(value, list):
                 kwargs[name] = tuple(value)
@@ -254,6 +291,12 @@ def _stage_reports(value: object) -> tuple[StageReport, ...]:
 def _as_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise ConfigError(f"{name} must be a list of integers, got {values!r}")
+    return tuple(values)
+
+
+def _as_names(name: str, values: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ConfigError(f"{name} must be a name or a list of names, got {values!r}")
     return tuple(values)
 
 

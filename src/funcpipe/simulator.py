@@ -337,7 +337,9 @@ class _Worker:
         self.stages = stages
         self.up = _Link(st.tier.uplink_mb_s)
         self.down = _Link(st.tier.downlink_mb_s)
-        self.tasks = worker_tasks(st.stage, replica, replicas=plan.replicas, num_micro_batches=plan.num_micro_batches)
+        self.tasks = worker_tasks(st.stage, replica, replicas=plan.replicas, num_micro_batches=plan.num_micro_batches,
+                                  schedule=plan.schedule)
+        self.sync = plan.stage_sync(st.stage)
         self.uploads: list[_Item] = []
         self.downloads: list[_Item] = []
         self.received: dict[tuple[Any, ...], _Signal] = {}
@@ -396,7 +398,7 @@ class _Worker:
         d, r, s, p = self.st.replicas, self.replica, self.s, self.st.param_bytes
         to_peers = [(r + k) % d for k in range(1, d)]
         from_peers = [(r - k) % d for k in range(1, d)]
-        if self.plan.sync == "pipelined":
+        if self.sync == "pipelined":
             q_count = piece_count(p, d)
             piece = p / d / q_count
             for q in range(q_count):
@@ -477,7 +479,7 @@ class _Worker:
 
     def _sync(self) -> _Process:
         engine, s, r = self.engine, self.s, self.replica
-        if self.plan.sync == "pipelined":
+        if self.sync == "pipelined":
             for peer in self.to_peers:
                 for q in range(self.pieces):
                     engine.fire(self.posted[("chunk", s, peer, r, q)])

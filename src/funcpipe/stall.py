@@ -75,9 +75,9 @@ def _steps(
 
     def backward_inputs(s: int, m: int) -> list[str]:
         if s < last:
-            return [keys.message(it, "grad", s, m % d[s], m)]
+            return [keys.message(it, "grad", s, plan.replica_of(s, m), m)]
         kind = "input" if s == 0 else "act"
-        return [keys.message(it, kind, s, m % d[s], m), keys.message(it, "target", s, m % d[s], m)]
+        return [keys.message(it, kind, s, plan.replica_of(s, m), m), keys.message(it, "target", s, plan.replica_of(s, m), m)]
 
     def all_backward_inputs(s: int, r: int) -> list[str]:
         return [key for m in plan.micro_batches(s, r) for key in backward_inputs(s, m)]
@@ -85,12 +85,12 @@ def _steps(
     for s in range(last):
         for m in micro_batches:
             kind = "input" if s == 0 else "act"
-            yield (s, m % d[s], [keys.message(it, kind, s, m % d[s], m)],
-                   keys.message(it, "act", s + 1, m % d[s + 1], m),
+            yield (s, plan.replica_of(s, m), [keys.message(it, kind, s, plan.replica_of(s, m), m)],
+                   keys.message(it, "act", s + 1, plan.replica_of(s + 1, m), m),
                    f"its activation of micro-batch {m} for stage {s + 1}")
     for s in range(last, 0, -1):
         for m in micro_batches:
-            yield (s, m % d[s], backward_inputs(s, m), keys.message(it, "grad", s - 1, m % d[s - 1], m),
+            yield (s, plan.replica_of(s, m), backward_inputs(s, m), keys.message(it, "grad", s - 1, plan.replica_of(s - 1, m), m),
                    f"its input gradient of micro-batch {m} for stage {s - 1}")
     for s, replicas in enumerate(d):
         if replicas == 1 or gradient_bytes[s] == 0:

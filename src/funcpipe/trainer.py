@@ -724,7 +724,7 @@ class Trainer:
         pairs = zip(torch.split(inputs, micro), torch.split(targets, micro), strict=True)
         for m, (x, y) in enumerate(pairs):
             for kind, stage, tensor in (("input", 0, x), ("target", last, y)):
-                key = self.keys.message(iteration, kind, stage, m % plan.replicas[stage], m)
+                key = self.keys.message(iteration, kind, stage, plan.replica_of(stage, m), m)
                 futures.append(feeder.submit(put_tensor, self.storage, key, tensor))
         return futures
 

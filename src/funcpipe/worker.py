@@ -278,7 +278,9 @@ class StageWorker(Actor):
         sends: list[Future[None]] = []
         loss_sum = 0.0
 
-        for op, m in worker_tasks(stage, replica, replicas=replicas, num_micro_batches=plan.num_micro_batches):
+        tasks = worker_tasks(stage, replica, replicas=replicas, num_micro_batches=plan.num_micro_batches,
+                             schedule=plan.schedule)
+        for op, m in tasks:
             if op == "recv":
                 kind = "input" if first else "act"
                 inputs[m] = comm.recv(keys.message(iteration, kind, stage, replica, m))
@@ -319,7 +321,7 @@ class StageWorker(Actor):
                 else:
                     outputs[m] = y
             elif op == "send":
-                key = keys.message(iteration, "act", stage + 1, m % replicas[stage + 1], m)
+                key = keys.message(iteration, "act", stage + 1, plan.replica_of(stage + 1, m), m)
                 sends.append(comm.send(key, outputs[m].detach()))
             elif op == "backward":
                 out = outputs.pop(m)
@@ -337,7 +339,7 @@ class StageWorker(Actor):
                         f"stage {stage}'s input got no gradient in micro-batch {m}; the stage's "
                         "output does not depend on its input"
                     )
-                key = keys.message(iteration, "grad", stage - 1, m % replicas[stage - 1], m)
+                key = keys.message(iteration, "grad", stage - 1, plan.replica_of(stage - 1, m), m)
                 sends.append(comm.send(key, grad_in))
             elif op == "sync":
                 t0 = time.perf_counter()
@@ -375,7 +377,7 @@ class StageWorker(Actor):
             stage=self.config.stage,
             rank=self.config.replica,
             world=self.plan.replicas[self.config.stage],
-            algorithm=self.plan.sync,
+            algorithm=self.plan.stage_sync(self.config.stage),
         )
         offset = 0
         for p in params:
