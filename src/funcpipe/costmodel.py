@@ -344,17 +344,20 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
             fw[s] = max(fw[s], uo[s - 1] + dn_in[s] + f[s])
         if s < count - 1:
             uo[s] = max(h[s] + f[s] + n[s] * up_out[s], fw[s] + up_out[s])
-    # Micro-batch 0's backward at a stage that is not last waits for all the stage's
-    # forwards (GPipe order); its gradient then waits for the activations queued on
-    # the uplink before it, and travels down.
+    # GPipe: micro-batch 0's backward at a stage that is not last waits for all the
+    # stage's forwards; its gradient then waits for the activations queued on the uplink
+    # before it, and travels down. 1F1B: it waits only for its own forward and its gradient
+    # (the rest of the stage's forwards interleave with its backwards).
+    gpipe = plan.schedule == "gpipe"
     b0 = [0.0] * count  # first backward ends
     grad0 = [0.0] * count  # first gradient arrives
     for s in reversed(range(count)):
         if s == count - 1:
             b0[s] = h[s] + f[s] + g[s]
         else:
-            grad0[s] = max(b0[s + 1], uo[s + 1]) + up_gin[s + 1] + dn_grad[s]
-            b0[s] = max(h[s] + f[s], fw[s], grad0[s]) + g[s]
+            sent = max(b0[s + 1], uo[s + 1]) if gpipe else b0[s + 1]
+            grad0[s] = sent + up_gin[s + 1] + dn_grad[s]
+            b0[s] = max(h[s] + f[s], fw[s] if gpipe else 0.0, grad0[s]) + g[s]
     e = [0.0] * count  # last backward ends
     for s in reversed(range(count)):
         e[s] = max(
@@ -363,11 +366,16 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
             a[s] + n[s] * (dn_in[s] + dn_grad[s] + dn_tgt[s]) + g[s],
         )
         if s < count - 1:
+            nx = s + 1
+            # The next stage's uplink carries all its activations and input gradients; its
+            # last input gradient is for this stage's last backward.
+            uplink = (max(b0[nx], uo[nx]) + n[nx] * up_gin[nx] if gpipe
+                      else max(b0[nx] + n[nx] * up_gin[nx], h[nx] + f[nx] + n[nx] * (up_out[nx] + up_gin[nx])))
             e[s] = max(
                 e[s],
-                max(fw[s], grad0[s]) + n[s] * g[s],
-                e[s + 1] + up_gin[s + 1] + dn_grad[s] + g[s],
-                max(b0[s + 1], uo[s + 1]) + n[s + 1] * up_gin[s + 1] + dn_grad[s] + g[s],
+                (max(fw[s], grad0[s]) if gpipe else grad0[s]) + n[s] * g[s],
+                e[nx] + up_gin[nx] + dn_grad[s] + g[s],
+                uplink + dn_grad[s] + g[s],
                 grad0[s] + n[s] * dn_grad[s] + g[s],
             )
     end_max = 0.0

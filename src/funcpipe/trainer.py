@@ -87,7 +87,8 @@ class History:
         seconds: wall-clock seconds of each iteration, as the driver saw them.
         workers: per worker (stage, replica), the seconds it spent per
             iteration computing, blocked on downloads, syncing gradients and
-            updating, summed over the run.
+            updating, summed over the run, and the peak resident memory of its
+            process (``peak_rss_bytes``: on a function platform, the function's).
         plan: the plan the run trained with (and its predictions, if it carries them).
         iterations_per_epoch: iterations of one pass over the data, when ``fit`` was given epochs.
     """
@@ -673,6 +674,7 @@ class Trainer:
             summary = {"stage": report["stage"], "replica": report["replica"], "iterations": len(iterations)}
             for field in ("compute_s", "wait_s", "sync_s", "update_s", "total_s"):
                 summary[field] = sum(it[field] for it in iterations)
+            summary["peak_rss_bytes"] = report.get("peak_rss_bytes")
             history.workers.append(summary)
         self._forget(first + fed - 1)
         if stop_at is not None:

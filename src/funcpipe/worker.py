@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -28,7 +29,7 @@ from funcpipe.plan import Plan
 from funcpipe.schedule import worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
-__all__ = ["StageDefinition", "StageWorker", "WorkerConfig"]
+__all__ = ["StageDefinition", "StageWorker", "WorkerConfig", "peak_rss_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ class StageWorker(Actor):
                     break
             if self.config.replica == 0:
                 self._save_checkpoint(first_iteration + len(reports))
-            return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports}
+            return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports,
+                    "peak_rss_bytes": peak_rss_bytes()}
         except BaseException as exc:
             self.cancel()
             raise WorkerFailed(
@@ -384,6 +386,22 @@ class StageWorker(Actor):
             n = p.numel()
             p.grad = total[offset : offset + n].view_as(p)
             offset += n
+
+
+def peak_rss_bytes() -> int | None:
+    """The most resident memory this process has used so far, in bytes (``None`` where unknown).
+
+    On a function platform the worker is the process (one per function instance), so
+    this is the figure to compare with the memory tier and with
+    :func:`funcpipe.costmodel.stage_memory_bytes`; on Ray an actor's process also holds
+    Ray's own runtime, and on threads it is the driver's.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; Linux: KiB
 
 
 def _stop_iteration(data: bytes, key: str) -> int:
