@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from funcpipe.collectives import PIECE_BYTES, piece_count
 from funcpipe.errors import ConfigError, PlanInfeasible
@@ -63,6 +64,7 @@ __all__ = [
     "cost_per_iteration",
     "formula_iteration_s",
     "held",
+    "memory_terms",
     "requests_per_iteration",
     "stage_costs",
     "stage_memory_bytes",
@@ -262,7 +264,30 @@ def memory_bytes(
     replicas: int,
     counts: Held,
 ) -> int:
-    """Memory one replica of a stage needs, in bytes.
+    """Memory one replica of a stage needs, in bytes: :func:`memory_terms`, rounded up."""
+    return math.ceil(memory_terms(
+        platform, param_bytes=param_bytes, optimizer_bytes=optimizer_bytes, held_bytes=held_bytes,
+        input_bytes=input_bytes, output_bytes=output_bytes, target_bytes=target_bytes, replicas=replicas,
+        activations=counts.activations, inputs=counts.inputs, grads=counts.grads, targets=counts.targets,
+    ))
+
+
+def memory_terms(
+    platform: Platform,
+    *,
+    param_bytes: Any,
+    optimizer_bytes: Any,
+    held_bytes: Any,
+    input_bytes: Any,
+    output_bytes: Any,
+    target_bytes: Any,
+    replicas: Any,
+    activations: Any,
+    inputs: Any,
+    grads: Any,
+    targets: Any,
+) -> Any:
+    """Memory one replica of a stage needs, in bytes, before rounding up.
 
     Runtime overhead, weights and gradients (``2 P``), optimizer state; per
     micro-batch whose activations are alive, what autograd saves for backward
@@ -270,18 +295,21 @@ def memory_bytes(
     schedule buffers (:func:`held`). With replicas, the all-reduce holds the
     flat gradient and the result (``2 P`` more).
 
-    It is linear in each count of ``counts`` (the planner's programs rely on it).
+    Only sums and products: every argument may be a float or a numpy array (the
+    planner's programs evaluate it over every stage, tier and replica count at
+    once, with the same operations in the same order), and it is linear in each
+    count (the 1F1B window of :mod:`funcpipe.planner.dp` relies on it).
     """
-    sync_buffers = 2 * param_bytes if replicas > 1 else 0
-    return math.ceil(
+    synced = (replicas > 1) * 1.0
+    return (
         platform.runtime_overhead_mb * MIB
         + 2 * param_bytes
         + optimizer_bytes
-        + sync_buffers
-        + counts.activations * (held_bytes + output_bytes)
-        + counts.inputs * input_bytes
-        + counts.grads * output_bytes
-        + counts.targets * target_bytes
+        + synced * (2 * param_bytes)
+        + activations * (held_bytes + output_bytes)
+        + inputs * input_bytes
+        + grads * output_bytes
+        + targets * target_bytes
     )
 
 
