@@ -1,5 +1,10 @@
 """Baselines funcpipe is measured against, as plans funcpipe itself can run and simulate.
 
+Each baseline's own best configuration is searched exhaustively, by the simulator,
+under the same objective and limits :func:`funcpipe.plan` takes; the planner's space
+contains every one of them (and re-ranks their best plans with its own), so its plan
+is never worse than theirs under the same simulator.
+
 **LambdaML** (Jiang et al., SIGMOD 2021), the serverless system the FuncPipe
 paper compares with: pure data parallelism. Every function holds the whole
 model and trains on its share of the global batch in one pass (no
@@ -11,7 +16,12 @@ stage, ``d`` replicas, micro-batches of ``global_batch_size / d`` and
 
 :func:`lambdaml` searches the baseline's own best configuration (worker count
 and memory tier) exhaustively, by the simulator, under the same objective and
-limits :func:`funcpipe.plan` takes.
+limits :func:`funcpipe.plan` takes; ``sync="pipelined"`` gives it funcpipe's
+all-reduce instead (to tell the gain of the pipeline from that of the all-reduce).
+
+**Gradient accumulation on one function** (:func:`accumulation`): the whole model
+and the whole batch on one function, in micro-batches whose gradients add up before
+one update (one stage, one replica, 1F1B: one micro-batch alive at a time).
 """
 
 from __future__ import annotations
@@ -22,14 +32,14 @@ from collections.abc import Sequence
 
 from funcpipe import costmodel
 from funcpipe.errors import ConfigError, PlanInfeasible
-from funcpipe.plan import Plan
+from funcpipe.plan import SYNCS, Plan
 from funcpipe.planner import DEFAULT_MAX_REPLICAS, DEFAULT_MAX_STAGES, objective_weight
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MIB
 from funcpipe.profiler import ModelProfile
 from funcpipe.simulator import Simulation, simulate
 
-__all__ = ["lambdaml"]
+__all__ = ["accumulation", "lambdaml"]
 
 #: Default most workers: as many functions as funcpipe's largest default plan.
 DEFAULT_MAX_WORKERS = DEFAULT_MAX_STAGES * DEFAULT_MAX_REPLICAS
@@ -45,6 +55,7 @@ def lambdaml(
     budget_usd: float | None = None,
     max_workers: int = DEFAULT_MAX_WORKERS,
     memory_mb: int | Sequence[int] | None = None,
+    sync: str = "four_phase",
 ) -> Plan:
     """LambdaML's best configuration for ``profile`` on ``platform``.
 
@@ -54,8 +65,11 @@ def lambdaml(
     returns the best by the simulator under ``objective`` (as in
     :func:`funcpipe.plan`).
 
+    Args:
+        sync: the all-reduce: LambdaML's ``"four_phase"``, or funcpipe's ``"pipelined"``.
+
     Returns:
-        A one-stage :class:`~funcpipe.Plan` with ``sync="four_phase"``, carrying
+        A one-stage :class:`~funcpipe.Plan` with that ``sync``, carrying
         its predicted seconds and dollars; ``solver_status`` is ``"optimal"``
         (the search is exhaustive).
 
@@ -66,12 +80,74 @@ def lambdaml(
             meets the deadline or budget.
     """
     started = time.perf_counter()
+    spec, tiers, weight = _common(profile, platform, global_batch_size, objective, memory_mb)
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        raise ConfigError(f"max_workers must be a positive integer, got {max_workers!r}")
+    if sync not in SYNCS:
+        raise ConfigError(f"unknown gradient sync {sync!r}; choose one of {list(SYNCS)}")
+    workers = [d for d in range(1, min(max_workers, global_batch_size) + 1) if global_batch_size % d == 0]
+    plans = [Plan((profile.num_layers,), (d,), global_batch_size // d, global_batch_size, None, sync)
+             for d in workers]
+    fits, lightest = _fitting(profile, spec, plans, tiers)
+    if not fits:
+        need, plan = lightest
+        raise PlanInfeasible(
+            f"LambdaML cannot train this model on {spec.name}: a function holding the whole model needs "
+            f"{need / MIB:.0f} MB even with {plan.replicas[0]} worker(s) of {plan.micro_batch_size} "
+            f"samples each, more than the largest allowed tier ({max(tiers)} MB); hint: this is the case "
+            "pipelining is for (funcpipe.plan)"
+        )
+    return _best(fits, weight, deadline_s, budget_usd, "LambdaML", started)
+
+
+def accumulation(
+    profile: ModelProfile,
+    platform: Platform | str,
+    *,
+    global_batch_size: int,
+    objective: str | float = "time",
+    deadline_s: float | None = None,
+    budget_usd: float | None = None,
+    memory_mb: int | Sequence[int] | None = None,
+) -> Plan:
+    """The best way to train the whole batch on **one function** by gradient accumulation.
+
+    One stage, one replica, the 1F1B schedule (one micro-batch's activations alive at a
+    time): tries every micro-batch size that divides ``global_batch_size`` on every
+    allowed tier the model fits, and returns the best by the simulator under
+    ``objective`` (as in :func:`funcpipe.plan`).
+
+    Returns:
+        A one-stage, one-replica :class:`~funcpipe.Plan` carrying its predicted seconds
+        and dollars; ``solver_status`` is ``"optimal"`` (the search is exhaustive).
+
+    Raises:
+        ConfigError: an argument is malformed.
+        PlanInfeasible: the model fits no allowed function even in micro-batches of one
+            sample, or no configuration meets the deadline or budget.
+    """
+    started = time.perf_counter()
+    spec, tiers, weight = _common(profile, platform, global_batch_size, objective, memory_mb)
+    sizes = [b for b in range(1, global_batch_size + 1) if global_batch_size % b == 0]
+    plans = [Plan((profile.num_layers,), (1,), b, global_batch_size, None, schedule="1f1b") for b in sizes]
+    fits, lightest = _fitting(profile, spec, plans, tiers)
+    if not fits:
+        need, plan = lightest
+        raise PlanInfeasible(
+            f"one function cannot train this model on {spec.name}: it needs {need / MIB:.0f} MB even in "
+            f"micro-batches of {plan.micro_batch_size}, more than the largest allowed tier ({max(tiers)} MB); "
+            "hint: this is the case pipelining is for (funcpipe.plan)"
+        )
+    return _best(fits, weight, deadline_s, budget_usd, "one-function accumulation", started)
+
+
+def _common(profile: object, platform: Platform | str, global_batch_size: object, objective: str | float,
+            memory_mb: int | Sequence[int] | None) -> tuple[Platform, list[int], float]:
     spec = resolve(platform)
     if not isinstance(profile, ModelProfile):
         raise ConfigError(f"profile must be a funcpipe ModelProfile, got {type(profile).__name__}")
-    for name, value in (("global_batch_size", global_batch_size), ("max_workers", max_workers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ConfigError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
     weight = objective_weight(objective)
     tiers = [t.memory_mb for t in spec.tiers]
     if memory_mb is not None:
@@ -79,31 +155,32 @@ def lambdaml(
         tiers = sorted({spec.tier(mb).memory_mb for mb in wanted})
         if not tiers:
             raise ConfigError("memory_mb is empty; give one or more of the platform's tiers")
-    workers = [d for d in range(1, min(max_workers, global_batch_size) + 1) if global_batch_size % d == 0]
+    return spec, tiers, weight
 
+
+def _fitting(profile: ModelProfile, spec: Platform, plans: list[Plan],
+             tiers: list[int]) -> tuple[list[Simulation], tuple[int, Plan]]:
+    """Every plan on every tier it fits, simulated; and the plan needing the least memory."""
     fits: list[Simulation] = []
-    lightest: tuple[int, int] | None = None  # (bytes, workers) of the configuration needing least memory
-    for d in workers:
-        plan = Plan((profile.num_layers,), (d,), global_batch_size // d, global_batch_size, None, "four_phase")
+    lightest: tuple[int, Plan] | None = None
+    for plan in plans:
         need = costmodel.stage_memory_bytes(profile, spec, plan, 0)
         if lightest is None or need < lightest[0]:
-            lightest = (need, d)
+            lightest = (need, plan)
         for mb in tiers:
             if need <= mb * MIB:
                 fits.append(simulate(dataclasses.replace(plan, memory_mb=(mb,)), profile, spec))
-    if not fits:
-        assert lightest is not None
-        raise PlanInfeasible(
-            f"LambdaML cannot train this model on {spec.name}: a function holding the whole model needs "
-            f"{lightest[0] / MIB:.0f} MB even with {lightest[1]} worker(s) of {global_batch_size // lightest[1]} "
-            f"samples each, more than the largest allowed tier ({max(tiers)} MB); hint: this is the case "
-            "pipelining is for (funcpipe.plan)"
-        )
+    assert lightest is not None
+    return fits, lightest
+
+
+def _best(fits: list[Simulation], weight: float, deadline_s: float | None, budget_usd: float | None,
+          name: str, started: float) -> Plan:
     ok = [s for s in fits if (deadline_s is None or s.iteration_s <= deadline_s)
           and (budget_usd is None or s.cost_usd <= budget_usd)]
     if not ok:
         raise PlanInfeasible(
-            f"no LambdaML configuration meets deadline_s={deadline_s!r} / budget_usd={budget_usd!r}: the "
+            f"no {name} configuration meets deadline_s={deadline_s!r} / budget_usd={budget_usd!r}: the "
             f"fastest takes {min(s.iteration_s for s in fits):.4g} s and the cheapest costs "
             f"${min(s.cost_usd for s in fits):.4g} per iteration; hint: relax the limit"
         )
@@ -118,10 +195,7 @@ def lambdaml(
         return (weight * sim.iteration_s / fastest + (1 - weight) * sim.cost_usd / cheapest, 0.0)
 
     best = min(ok, key=score)
-    return Plan(
-        best.plan.balance, best.plan.replicas, best.plan.micro_batch_size, global_batch_size,
-        best.plan.memory_mb, "four_phase", platform=spec.name, predicted_iteration_s=best.iteration_s,
-        predicted_cost_usd=best.cost_usd, solver_status="optimal", solver_gap=0.0,
-        solve_s=time.perf_counter() - started,
+    return dataclasses.replace(
+        best.plan, predicted_iteration_s=best.iteration_s, predicted_cost_usd=best.cost_usd,
+        predicted_stages=best.stages, solver_status="optimal", solver_gap=0.0, solve_s=time.perf_counter() - started,
     )
-

@@ -267,6 +267,29 @@ def _profile_table(profile: ModelProfile) -> str:
 # -- funcpipe plan --------------------------------------------------------------------
 
 
+def _micro_batch(value: str) -> int | list[int] | None:
+    if value == "auto":
+        return None
+    try:
+        sizes = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not auto, a micro-batch size or a comma-separated list of sizes (e.g. 2,4,8)"
+        ) from None
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def _auto(choices: tuple[str, ...]) -> Any:
+    def parse(value: str) -> str | None:
+        if value == "auto":
+            return None
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of auto, {', '.join(choices)}")
+        return value
+
+    return parse
+
+
 def _objective(value: str) -> str | float:
     if value in ("time", "cost"):
         return value
@@ -291,7 +314,8 @@ def _plan(args: argparse.Namespace) -> int:
     profile = _load_profile(args.source, args, quiet=args.json)
     chosen = make_plan(
         profile, platform,
-        global_batch_size=args.global_batch, micro_batch_size=args.micro_batch, objective=args.objective,
+        global_batch_size=args.global_batch, micro_batch_size=args.micro_batch, schedule=args.schedule,
+        sync=args.sync, objective=args.objective,
         deadline_s=args.deadline, budget_usd=args.budget, max_stages=args.max_stages,
         max_replicas=args.max_replicas, memory_mb=args.memory_mb, time_limit_s=args.time_limit,
         samples=args.samples, progress=False if args.json else None,
@@ -564,7 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("source", metavar="PROFILE.json|MODEL", help=source_help)
     plan.add_argument("--platform", required=True, help="a built-in platform name or a .json/.yaml spec")
     plan.add_argument("--global-batch", type=int, required=True, metavar="N", help="samples per iteration")
-    plan.add_argument("--micro-batch", type=int, required=True, metavar="N", help="samples per micro-batch")
+    plan.add_argument("--micro-batch", type=_micro_batch, default=None, metavar="auto|N|N,M,...",
+                      help="samples per micro-batch: auto (default: the planner chooses among the divisors of "
+                      "the global batch), one size, or a comma-separated list to choose from")
+    plan.add_argument("--schedule", type=_auto(("gpipe", "1f1b")), default=None, metavar="auto|gpipe|1f1b",
+                      help="the micro-batch schedule: auto (default: the planner chooses), gpipe or 1f1b")
+    plan.add_argument("--sync", type=_auto(("pipelined", "four_phase")), default=None,
+                      metavar="auto|pipelined|four_phase",
+                      help="the all-reduce among a stage's replicas: auto (default: chosen per stage), "
+                      "pipelined or four_phase")
     plan.add_argument("--objective", type=_objective, default="time",
                       help="time (default), cost, or a weight of time in [0, 1] such as 0.3")
     plan.add_argument("--deadline", type=float, metavar="S", help="most seconds per iteration")

@@ -31,6 +31,7 @@ from ortools.sat.python import cp_model
 from funcpipe.collectives import MAX_PIECES, PIECE_BYTES, piece_count
 from funcpipe.costmodel import REPORT_BYTES
 from funcpipe.errors import PlanTimeout
+from funcpipe.plan import Plan
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
 
@@ -49,7 +50,11 @@ BYTE_STEPS = 10**8
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """What the planner asks CP-SAT."""
+    """What the planner asks its programs, for one micro-batch size and one schedule.
+
+    ``sync`` is the all-reduce every stage uses, or a tuple of the algorithms each stage
+    may choose from (:attr:`syncs`).
+    """
 
     profile: ModelProfile
     platform: Platform
@@ -58,16 +63,44 @@ class Problem:
     num_micro_batches: int
     max_stages: int
     max_replicas: int
-    sync: str = "pipelined"
+    sync: str | tuple[str, ...] = "pipelined"
+    schedule: str = "gpipe"
+
+    @property
+    def syncs(self) -> tuple[str, ...]:
+        """The all-reduce algorithms a stage may use."""
+        return self.sync if isinstance(self.sync, tuple) else (self.sync,)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One configuration: layers, tier memory and replicas per stage."""
+    """One configuration: layers, tier memory, replicas and (if they differ) the all-reduce per stage.
+
+    ``sync`` is empty when every stage uses the problem's one algorithm.
+    """
 
     balance: tuple[int, ...]
     memory_mb: tuple[int, ...]
     replicas: tuple[int, ...]
+    sync: tuple[str, ...] = ()
+
+    def stage_sync(self, problem: Problem, stage: int) -> str:
+        return self.sync[stage] if self.sync else problem.syncs[0]
+
+    def to_plan(self, problem: Problem) -> Plan:
+        """The plan this candidate is for ``problem`` (its micro-batch size and schedule)."""
+        syncs = tuple(self.stage_sync(problem, s) for s in range(len(self.balance)))
+        # Stages without replicas do not sync: name the plan's one algorithm when the rest agree.
+        synced = {syncs[s] for s in range(len(syncs)) if self.replicas[s] > 1}
+        sync: str | tuple[str, ...] = (
+            synced.pop() if len(synced) == 1 else problem.syncs[0] if not synced else syncs
+        )
+        return Plan(self.balance, self.replicas, problem.micro_batch_size, problem.global_batch_size,
+                    self.memory_mb, sync, problem.schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +176,7 @@ class _Builder:
         )
         self.unit_s = max(worst, 1e-3) / TIME_STEPS
         self.byte_unit = max(1.0, total_bytes / BYTE_STEPS)
+        self.byte_total = math.ceil(total_bytes / self.byte_unit) + 1
         self.horizon = int(TIME_STEPS * 4)
         self.lat = round(plat.latency_s / self.unit_s)
 
@@ -263,6 +297,11 @@ class _Builder:
         H: list[cp_model.IntVar] = []
         F: list[cp_model.IntVar] = []
         stage_vars: list[dict[str, Any]] = []
+        gpipe = p.schedule == "gpipe"
+        # Per stage: a one-hot tier, a one-hot replica count and (when both are allowed) whether
+        # its all-reduce is the four-phase one; and the workers of the stage and every later one
+        # (1F1B's window, funcpipe.schedule.in_flight).
+        self.y: list[Expr] = []
         for s in range(stages):
             z = [md.new_bool_var(f"z{s}_{t}") for t in range(len(tiers))]
             r = [md.new_bool_var(f"r{s}_{d}") for d in reps]
@@ -272,6 +311,17 @@ class _Builder:
             md.add(r[0] == 1).only_enforce_if(~act[s])
             self.z.append(z)
             self.r.append(r)
+            if len(p.syncs) > 1:
+                four = md.new_bool_var(f"four_phase{s}")
+                md.add(four == 0).only_enforce_if(r[0])  # one replica: no all-reduce, one way to say it
+                self.y.append(four)
+            else:
+                self.y.append(p.syncs[0] == "four_phase")
+        workers = [sum(d * r_lit for d, r_lit in zip(reps, self.r[s], strict=True)) - 1 + act[s]
+                   for s in range(stages)]  # 0 for an unused stage
+        downstream = [sum(workers[s:]) for s in range(stages)]
+        for s in range(stages):
+            z, r = self.z[s], self.r[s]
             v = {name: tvar(f"{name}{s}") for name in (
                 "f", "g", "upd", "dn_in", "dn_tgt", "dn_grad", "up_out", "up_gin",
                 "nf", "ng", "ndl_f", "ndl", "nup", "nupo", "E", "end", "sync", "Pup", "Pdn", "U", "D",
@@ -331,6 +381,13 @@ class _Builder:
                 self._ge_scaled(work, seg("fw", s) + seg("bw", s), 0.999 * m * self.price[t] / tier.speed, 0,
                                 [z[t]])
             d_max = reps[-1]
+            if not gpipe:
+                window = md.new_int_var(1, -(-m // 1), f"window{s}")
+                full = md.new_bool_var(f"window_full{s}")
+                per_micro_batch = md.new_int_var(0, 3 * self.byte_total, f"hoi{s}")
+                md.add(per_micro_batch == seg("held", s) + out_b + in_b)
+                in_flight_bytes = md.new_int_var(0, 3 * self.byte_total * m, f"in_flight_bytes{s}")
+                md.add_multiplication_equality(in_flight_bytes, [window, per_micro_batch])
             rq_s = md.new_int_var(0, (MAX_PIECES + 1) * 3 * d_max * d_max * (self._put + self._get), f"rq{s}")
             rq_terms.append(rq_s)
             for i, d in enumerate(reps):
@@ -344,19 +401,40 @@ class _Builder:
                 md.add(v["nupo"] >= n * v["up_out"]).only_enforce_if(lit)
                 md.add(v["ngin"] >= n * v["up_gin"]).only_enforce_if(lit)
                 md.add(v["ndg"] >= n * v["dn_grad"]).only_enforce_if(lit)
+                # The memory model of funcpipe.costmodel.memory_terms, with the counts of
+                # funcpipe.costmodel.held for this schedule.
                 sync_buffers = 2 * params if d > 1 else 0
-                md.add(
-                    mem >= self.b_overhead + 2 * params + seg("opt", s) + sync_buffers
-                    + n * (seg("held", s) + in_b + out_b + tgt_b)
-                ).only_enforce_if([lit, act[s]])
+                base = self.b_overhead + 2 * params + seg("opt", s) + sync_buffers
+                if gpipe:
+                    md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + n * out_b).only_enforce_if(
+                        [lit, act[s], ~last[s]])
+                    md.add(mem >= base + seg("held", s) + n * in_b + n * tgt_b).only_enforce_if([lit, last[s]])
+                else:
+                    two = min(n, 2)
+                    md.add(mem >= base + seg("held", s) + two * in_b + two * tgt_b).only_enforce_if([lit, last[s]])
+                    # In flight: k = min(n, ceil(W / d)); memory grows with k, so k at least that.
+                    md.add(window >= n).only_enforce_if([lit, full])
+                    md.add(window <= n).only_enforce_if(lit)
+                    md.add(d * window >= downstream[s]).only_enforce_if([lit, ~full])
+                    md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + out_b).only_enforce_if(
+                        [lit, act[s], ~last[s], full])
+                    md.add(mem >= base + in_flight_bytes + in_b + out_b).only_enforce_if(
+                        [lit, act[s], ~last[s], ~full])
                 md.add(r_s >= d * price_s).only_enforce_if([lit, act[s]])
                 if d > 1:
-                    sync_lits = [lit, has_params]
-                    if p.sync == "four_phase":
-                        md.add(d * v["sync"] >= d * v["Pup"] + 2 * (d - 1) * v["Pdn"] + d * (3 * d - 2) * lat
-                               ).only_enforce_if(sync_lits)
-                        md.add(rq_s >= d * d * self._put + 2 * d * (d - 1) * self._get).only_enforce_if(sync_lits)
-                    else:
+                    four = self.y[s]
+                    for algorithm in p.syncs:
+                        is_four = algorithm == "four_phase"
+                        if isinstance(four, bool):
+                            sync_lits = [lit, has_params]
+                        else:
+                            sync_lits = [lit, has_params, four if is_four else ~four]
+                        if is_four:
+                            md.add(d * v["sync"] >= d * v["Pup"] + 2 * (d - 1) * v["Pdn"] + d * (3 * d - 2) * lat
+                                   ).only_enforce_if(sync_lits)
+                            md.add(rq_s >= d * d * self._put + 2 * d * (d - 1) * self._get).only_enforce_if(
+                                sync_lits)
+                            continue
                         md.add(q * (d * self.piece_units) >= params).only_enforce_if([lit, ~capped])
                         md.add(v["U"] >= v["Pup"] + d * lat * q).only_enforce_if(sync_lits)
                         md.add(2 * d * v["D"] >= 4 * (d - 1) * v["Pdn"] + 2 * d * lat).only_enforce_if(sync_lits)
@@ -400,11 +478,14 @@ class _Builder:
                 # The next stage's first gradient goes up after its first backward and
                 # after the activations queued before it on its uplink.
                 md.add(v["X"] >= nx["B0"])
-                md.add(v["X"] >= nx["Uo"]).only_enforce_if(on)
                 md.add(v["G"] >= v["X"] + nx["up_gin"] + v["dn_grad"]).only_enforce_if(on)
-                md.add(v["B0"] >= F[s] + v["g"]).only_enforce_if(on)
                 md.add(v["B0"] >= v["G"] + v["g"]).only_enforce_if(on)
-                md.add(e >= F[s] + v["ng"]).only_enforce_if(on)
+                if gpipe:  # every forward before the first backward; activations queue before gradients
+                    md.add(v["X"] >= nx["Uo"]).only_enforce_if(on)
+                    md.add(v["B0"] >= F[s] + v["g"]).only_enforce_if(on)
+                    md.add(e >= F[s] + v["ng"]).only_enforce_if(on)
+                else:  # 1F1B: the next stage's uplink carries all its messages before its last gradient
+                    md.add(e >= H[s + 1] + nx["f"] + nx["nup"] + v["dn_grad"] + v["g"]).only_enforce_if(on)
                 md.add(e >= v["G"] + v["ng"]).only_enforce_if(on)
                 md.add(e >= nx["E"] + nx["up_gin"] + v["dn_grad"] + v["g"]).only_enforce_if(on)
                 md.add(e >= v["X"] + nx["ngin"] + v["dn_grad"] + v["g"]).only_enforce_if(on)
@@ -523,7 +604,7 @@ class _Builder:
         per_term += lat_err
         m, stages, d_max = p.num_micro_batches, min(p.max_stages, len(self.layers)), p.max_replicas
         units = (10 * stages + 7 * m + 12) * per_term + 2 * d_max * MAX_PIECES * lat_err + 4 * per_term
-        if p.sync != "four_phase" and d_max > 1:
+        if "pipelined" in p.syncs and d_max > 1:
             # Pieces the model may count fewer of than funcpipe.collectives.piece_count.
             params = [0]
             for lp in self.layers:
@@ -597,6 +678,9 @@ class _Builder:
         for s in range(len(old.balance)):
             differs.append(~self.z[s][tier_index[old.memory_mb[s]]])
             differs.append(~self.r[s][old.replicas[s] - 1])
+            four = self.y[s]
+            if not isinstance(four, bool) and old.replicas[s] > 1:
+                differs.append(~four if old.stage_sync(self.p, s) == "four_phase" else four)
         md.add_bool_or(differs)
 
     def hint(self, candidate: Candidate, *, fix: bool = False) -> None:
@@ -625,6 +709,9 @@ class _Builder:
                 add_hint(lit, t == tier)
             for i, lit in enumerate(self.r[s]):
                 add_hint(lit, i + 1 == replicas)
+            four = self.y[s]
+            if not isinstance(four, bool):
+                add_hint(four, active and replicas > 1 and candidate.stage_sync(self.p, s) == "four_phase")
 
     def read(self, solver: cp_model.CpSolver) -> Candidate:
         stages = len(self.act)
@@ -636,7 +723,11 @@ class _Builder:
             balance.append(bounds[s + 1] - bounds[s])
             memory.append(self.p.tiers[next(t for t, z in enumerate(self.z[s]) if solver.boolean_value(z))].memory_mb)
             replicas.append(next(i + 1 for i, r in enumerate(self.r[s]) if solver.boolean_value(r)))
-        return Candidate(tuple(balance), tuple(memory), tuple(replicas))
+        syncs: tuple[str, ...] = ()
+        if len(self.p.syncs) > 1:
+            syncs = tuple("four_phase" if solver.boolean_value(self.y[s]) else "pipelined"
+                          for s in range(len(balance)))
+        return Candidate(tuple(balance), tuple(memory), tuple(replicas), syncs)
 
 
 @dataclasses.dataclass(frozen=True)
