@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import threading
 import time
@@ -358,14 +359,25 @@ class Tail(nn.Module):
         return y
 
 
-def probed_run(schedule: str) -> tuple[Plan, list[tuple[StageWorker, Tally]]]:
-    """Train a probed model two iterations on threads; the plan, and each worker with its tally.
+@dataclasses.dataclass(frozen=True)
+class Probed:
+    """A run of the probed model: its plan, each worker with its tally, and the events logged."""
+
+    plan: Plan
+    workers: list[tuple[StageWorker, Tally]]
+    events: list[tuple[str, object]]
+
+
+@pytest.fixture(scope="module", params=["gpipe", "1f1b"])
+def probed(request: pytest.FixtureRequest) -> Probed:
+    """Train a probed model two iterations on threads, under the schedule of the parameter.
 
     Replicas [2, 1, 3], 11 micro-batches: the 1F1B windows are 3, 4 and 1 for 6 or 5, 11, and 4 or 3
     micro-batches per replica, so every replica has a steady state, and none a count its replicas divide.
     """
     from funcpipe.storage import register
 
+    schedule = request.param
     replicas, stages = [2, 1, 3], 3
     torch.manual_seed(0)
     layers: list[nn.Module] = []
@@ -381,14 +393,15 @@ def probed_run(schedule: str) -> tuple[Plan, list[tuple[StageWorker, Tally]]]:
                       backend=executor, storage=f"logged://probed-{schedule}", timeout_s=120)
     assert len(trainer.fit(regression_batches(2, plan.global_batch_size), progress=False)) == 2
     workers = [handle.instance for handle in executor.launched if isinstance(handle, ThreadActor)]
-    return plan, [(w, w.layers[0].tally) for w in workers if isinstance(w, StageWorker)]
+    with LOGGED:
+        events = list(EVENTS)
+    return Probed(plan, [(w, w.layers[0].tally) for w in workers if isinstance(w, StageWorker)], events)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_a_worker_keeps_nothing_of_a_micro_batch_past_its_backward(schedule: str) -> None:
-    plan, workers = probed_run(schedule)
-    assert len(workers) == plan.num_workers
-    for worker, tally in workers:
+def test_a_worker_keeps_nothing_of_a_micro_batch_past_its_backward(probed: Probed) -> None:
+    plan, schedule = probed.plan, probed.plan.schedule
+    assert len(probed.workers) == plan.num_workers
+    for worker, tally in probed.workers:
         stage, replica = worker.config.stage, worker.config.replica
         n = len(plan.micro_batches(stage, replica))
         assert tally.backwards == 2 * n
@@ -399,13 +412,13 @@ def test_a_worker_keeps_nothing_of_a_micro_batch_past_its_backward(schedule: str
         assert tally.most_alive_inputs == expected, (stage, replica)
 
 
-def downloads(plan: Plan, worker: StageWorker, tally: Tally) -> list[tuple[str, int, int]]:
+def downloads(probed: Probed, worker: StageWorker, tally: Tally) -> list[tuple[str, int, int]]:
     """Every download ``worker`` began: ``(key, i, b)``, the key being of its ``i``-th own micro-batch of the
     iteration, begun when ``b`` of the iteration's backwards had begun on the worker."""
     stage, replica = worker.config.stage, worker.config.replica
-    mine = plan.micro_batches(stage, replica)
+    mine = probed.plan.micro_batches(stage, replica)
     out, backwards = [], 0
-    for event, what in EVENTS:
+    for event, what in probed.events:
         if event == "backward":
             backwards += what == id(tally)
             continue
@@ -418,17 +431,16 @@ def downloads(plan: Plan, worker: StageWorker, tally: Tally) -> list[tuple[str, 
     return out
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_a_1f1b_worker_downloads_each_input_only_when_its_window_has_room(schedule: str) -> None:
-    plan, workers = probed_run(schedule)
-    for worker, tally in workers:
+def test_a_1f1b_worker_downloads_each_input_only_when_its_window_has_room(probed: Probed) -> None:
+    plan = probed.plan
+    for worker, tally in probed.workers:
         stage, replica = worker.config.stage, worker.config.replica
         n = len(plan.micro_batches(stage, replica))
         k = min(n, in_flight(stage, plan.replicas, plan.num_micro_batches, "1f1b"))  # the 1F1B window
         assert n > k + 1, "the window must be smaller than the iteration, or there is nothing to bound"
-        began = downloads(plan, worker, tally)
+        began = downloads(probed, worker, tally)
         assert len(began) == 2 * 2 * n  # two iterations of inputs, and of targets or output gradients
-        if schedule == "1f1b":
+        if plan.schedule == "1f1b":
             # Own input i (and its target) is posted after backward i - k - 1, output gradient i after
             # backward i - 1: at most k + 1 inputs and one output gradient are ever fetched or held.
             early = [(key, i, b) for key, i, b in began if b < (i if "/grad." in key else i - k)]
