@@ -96,6 +96,28 @@ def test_a_previous_run_whose_objects_are_gone_is_not_blamed() -> None:
     )
 
 
+@pytest.mark.parametrize(("schedule", "blamed"), [
+    ("gpipe", Stall(0, 0, 5, "its activation of micro-batch 4 for stage 1")),
+    ("1f1b", Stall(2, 0, 5, "its input gradient of micro-batch 0 for stage 1")),
+], ids=["gpipe", "1f1b"])
+def test_a_1f1b_forward_waits_on_the_backward_before_it(schedule: str, blamed: Stall) -> None:
+    # Eight micro-batches; the 1F1B windows are 4, 2 (micro-batches 0, 2, 4, 6 and 1, 3, 5, 7) and 1.
+    # The last stage hangs in its first backward: under 1F1B every stage above it has run its window's
+    # forwards and waits for a gradient, its next inputs there; under GPipe stage 0 would have sent on
+    # every activation, so the same objects mean that it hangs in a forward.
+    plan = Plan.manual([1, 1, 1], replicas=[1, 2, 1], micro_batch_size=1, global_batch_size=8, schedule=schedule)
+    storage = MemoryStorage(f"stall-1f1b-{schedule}")
+    for key in KEYS.iteration_keys(4, plan, GRADIENT_BYTES):
+        storage.put(key, b"x")
+    for m in range(8):
+        storage.put(KEYS.message(5, "input", 0, 0, m), b"x")
+        storage.put(KEYS.message(5, "target", 2, 0, m), b"x")
+    for m in range(4):
+        storage.put(KEYS.message(5, "act", 1, m % 2, m), b"x")
+        storage.put(KEYS.message(5, "act", 2, 0, m), b"x")
+    assert find_stall(storage, KEYS, plan, GRADIENT_BYTES, 5) == blamed
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 
@@ -157,6 +179,24 @@ class TestThreads:
         assert str(error).startswith(
             "stage 0 replica 0 failed: did not return within 5 s after iteration 0, the run's last, finished "
             "(unfinished: stage 0 replica 0)"
+        )
+        assert Path(f"{release}.entered").exists()
+        assert_no_funcpipe_thread_left(within_s=self.STOP_S)
+
+    def test_a_1f1b_hang_in_a_backward_is_blamed_on_its_stage_not_on_the_one_waiting_for_it(
+        self, release: Path
+    ) -> None:
+        # Stage 0 runs its window of two forwards, then waits for the gradient of micro-batch 0; its
+        # later inputs are there, but the activations it has not sent are not its fault.
+        plan = Plan.manual([2, 2], micro_batch_size=2, global_batch_size=8, schedule="1f1b")
+        model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), Hang(str(release), phase="backward"), nn.Linear(8, 3))
+        trainer = Trainer(model, nn.functional.mse_loss, SGD, plan, backend="thread",
+                          storage="memory://hang-1f1b-backward", timeout_s=self.TIMEOUT_S)
+        error, elapsed = fit_expecting(WorkerTimeout, trainer, regression_batches(2, 8), release)
+        assert self.TIMEOUT_S <= elapsed < self.TIMEOUT_S + MARGIN_S
+        assert str(error).startswith(
+            "stage 1 replica 0 failed: no progress in iteration 0 for 5 s: stage 1 has not written its input "
+            "gradient of micro-batch 0 for stage 0"
         )
         assert Path(f"{release}.entered").exists()
         assert_no_funcpipe_thread_left(within_s=self.STOP_S)

@@ -18,22 +18,26 @@ from tests.helpers import SpyExecutor, assert_same_parameters, mlp7, plain_train
 SGD_MOMENTUM = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
 ADAM = lambda p: torch.optim.Adam(p, lr=0.01)
 
-# (balance, replicas, micro-batch, global batch): the cases the issue names.
-PLANS = {
-    "one-stage": ([7], [1], 4, 16),
-    "three-stages-2-1-3": ([2, 3, 2], [2, 1, 3], 4, 24),  # 6 micro-batches
-    "not-a-multiple": ([2, 3, 2], [2, 1, 3], 4, 20),  # 5 micro-batches over 2 and 3 replicas
+PlanArgs = tuple[list[int], list[int], int, int, str]
+
+# (balance, replicas, micro-batch, global batch, schedule): the cases the issues name.
+PLANS: dict[str, PlanArgs] = {
+    "one-stage": ([7], [1], 4, 16, "gpipe"),
+    "three-stages-2-1-3": ([2, 3, 2], [2, 1, 3], 4, 24, "gpipe"),  # 6 micro-batches
+    "not-a-multiple": ([2, 3, 2], [2, 1, 3], 4, 20, "gpipe"),  # 5 micro-batches over 2 and 3 replicas
+    # Issue 13: 7 micro-batches over 2, 1 and 3 replicas, in 1F1B windows of 3, 4 and 1.
+    "1f1b-2-1-3-seven": ([2, 3, 2], [2, 1, 3], 4, 28, "1f1b"),
 }
 
 
-def train(plan_args: tuple[list[int], list[int], int, int], optimizer: Callable[..., torch.optim.Optimizer],
+def train(plan_args: PlanArgs, optimizer: Callable[..., torch.optim.Optimizer],
           backend: str, *, sync: str = "pipelined", iterations: int = 3) -> tuple[nn.Module, nn.Module]:
-    balance, replicas, micro, global_batch = plan_args
+    balance, replicas, micro, global_batch, schedule = plan_args
     model = mlp7()
     batches = regression_batches(iterations, global_batch)
     expected = plain_training(model, nn.functional.mse_loss, optimizer, batches)
     plan = Plan.manual(balance, replicas=replicas, micro_batch_size=micro, global_batch_size=global_batch,
-                       sync=sync)
+                       sync=sync, schedule=schedule)
     trainer = Trainer(model, nn.functional.mse_loss, optimizer, plan, backend=backend,
                       storage=None if backend == "ray" else f"memory://{id(model)}")
     history = trainer.fit(batches, progress=False)
@@ -50,14 +54,33 @@ def test_ray_training_equals_plain_pytorch(plan_name: str, optimizer: Callable[.
     assert_same_parameters(actual, expected)
 
 
+@pytest.mark.parametrize("optimizer", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_thread_training_equals_plain_pytorch(plan_name: str, optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+    actual, expected = train(PLANS[plan_name], optimizer, "thread")
+    assert_same_parameters(actual, expected)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("sync", ["pipelined", "four_phase"])
 @pytest.mark.parametrize(
     "plan_args",
     [([1, 6], [1, 4], 2, 8), ([3, 4], [3, 2], 1, 7), ([1, 1, 1, 1, 1, 1, 1], [1, 2, 1, 3, 1, 5, 2], 2, 10)],
     ids=["1-6", "3-4", "seven-stages"],
 )
-def test_thread_backend_equals_plain_pytorch(plan_args: tuple[list[int], list[int], int, int], sync: str) -> None:
-    actual, expected = train(plan_args, SGD_MOMENTUM, "thread", sync=sync)
+def test_thread_backend_equals_plain_pytorch(
+    plan_args: tuple[list[int], list[int], int, int], sync: str, schedule: str
+) -> None:
+    actual, expected = train((*plan_args, schedule), SGD_MOMENTUM, "thread", sync=sync)
+    assert_same_parameters(actual, expected)
+
+
+def test_one_stage_under_1f1b_is_gradient_accumulation() -> None:
+    # One micro-batch in flight at a time (issue 13): the worker's window, and its result, are plain
+    # gradient accumulation over the global batch.
+    plan = Plan.manual([7], micro_batch_size=2, global_batch_size=10, schedule="1f1b")
+    assert plan.in_flight(0) == 1
+    actual, expected = train(([7], [1], 2, 10, "1f1b"), ADAM, "thread")
     assert_same_parameters(actual, expected)
 
 

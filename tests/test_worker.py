@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,11 @@ from torch import nn
 
 from funcpipe import Plan, Trainer, WorkerFailed
 from funcpipe.executors.base import ActorHandle, Resources
-from funcpipe.executors.thread import ThreadExecutor
+from funcpipe.executors.thread import ThreadActor, ThreadExecutor
+from funcpipe.schedule import in_flight
 from funcpipe.storage import MemoryStorage
-from tests.helpers import mlp7, regression_batches
+from funcpipe.worker import StageWorker
+from tests.helpers import SpyExecutor, mlp7, regression_batches
 
 
 class FailsInIteration(nn.Module):
@@ -250,3 +254,197 @@ def test_a_pickle_written_over_a_checkpoint_is_refused_by_the_driver_gathering_t
         trainer.fit(regression_batches(1, 8), progress=False)
     assert str(info.value).startswith(f"checkpoint {trainer.keys.checkpoint(0, 1)!r} is not a funcpipe checkpoint")
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- what a worker holds, and when it downloads
+#
+# Issue 13: under 1F1B a replica holds at most its window of micro-batches (Plan.in_flight) and downloads each
+# input only when its list says so. Both are observed from outside the worker: probe layers keep weak references
+# to each micro-batch's input, output and output gradient, and a storage logs when each download begins.
+
+#: Every download a worker began (``("get", key)``) and every backward a probe saw (``("backward", tally id)``),
+#: in the order they happened; guarded by ``LOGGED``.
+EVENTS: list[tuple[str, object]] = []
+LOGGED = threading.Lock()
+
+
+class LoggedStorage(MemoryStorage):
+    """``logged://<name>``: memory storage that logs in :data:`EVENTS` when a wait for a message begins."""
+
+    @classmethod
+    def from_url(cls, url: str) -> LoggedStorage:
+        storage = cls(url.split("://", 1)[1])
+        storage.url = url
+        return storage
+
+    def wait(self, key: str, timeout: float, *, cancelled: Any = None) -> bytes:
+        if _message_fields(key) is not None:
+            with LOGGED:
+                EVENTS.append(("get", key))
+        return super().wait(key, timeout, cancelled=cancelled)
+
+
+def _message_fields(key: str) -> tuple[int, str, int, int, int] | None:
+    """``(iteration, kind, stage, replica, micro-batch)`` of a message key, else ``None``."""
+    *_, iteration, name = key.split("/")
+    kind, *rest = name.split(".")
+    if kind not in ("input", "act", "target", "grad") or not iteration.startswith("i"):
+        return None
+    stage, replica, micro_batch = (int(part[1:]) for part in rest)
+    return int(iteration[1:]), kind, stage, replica, micro_batch
+
+
+class Tally:
+    """What one worker's probes saw, shared by its stage's :class:`Head` and :class:`Tail` (each worker
+    unpickles its own copy of both, and so of this).
+
+    Per micro-batch in the order the worker ran them: weak references to its input, output and output
+    gradient. When a backward begins every earlier one has ended, so each event checks that nothing of
+    those micro-batches is still alive.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, weakref.ref[torch.Tensor]]] = []
+        self.backwards = 0  # backwards begun
+        self.most_alive_inputs = 0
+        self.violations: list[str] = []
+
+    def check(self, event: str) -> None:
+        for number, record in enumerate(self.records[: self.backwards]):
+            alive = sorted(kind for kind, ref in record.items() if ref() is not None)
+            if alive:
+                self.violations.append(f"at {event}: {', '.join(alive)} of micro-batch #{number} alive")
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.check(f"forward #{len(self.records)}")
+        self.records.append({"input": weakref.ref(x)})
+        alive = sum(1 for record in self.records if record["input"]() is not None)
+        self.most_alive_inputs = max(self.most_alive_inputs, alive)
+
+    def output(self, y: torch.Tensor) -> None:
+        self.records[-1]["output"] = weakref.ref(y)
+        if y.requires_grad:
+            y.register_hook(self.gradient)
+
+    def gradient(self, grad: torch.Tensor) -> None:
+        number = self.backwards
+        self.check(f"backward #{number}")
+        self.records[number]["grad"] = weakref.ref(grad)
+        self.backwards += 1
+        with LOGGED:
+            EVENTS.append(("backward", id(self)))
+
+
+class Head(nn.Module):
+    """A stage's first layer: identity that shows its :class:`Tally` each input."""
+
+    def __init__(self, tally: Tally) -> None:
+        super().__init__()
+        self.tally = tally
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tally.forward(x)
+        return x
+
+
+class Tail(nn.Module):
+    """A stage's last layer: identity that shows its :class:`Tally` each output and output gradient."""
+
+    def __init__(self, tally: Tally) -> None:
+        super().__init__()
+        self.tally = tally
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        self.tally.output(y)
+        return y
+
+
+@dataclasses.dataclass(frozen=True)
+class Probed:
+    """A run of the probed model: its plan, each worker with its tally, and the events logged."""
+
+    plan: Plan
+    workers: list[tuple[StageWorker, Tally]]
+    events: list[tuple[str, object]]
+
+
+@pytest.fixture(scope="module", params=["gpipe", "1f1b"])
+def probed(request: pytest.FixtureRequest) -> Probed:
+    """Train a probed model two iterations on threads, under the schedule of the parameter.
+
+    Replicas [2, 1, 3], 11 micro-batches: the 1F1B windows are 3, 4 and 1 for 6 or 5, 11, and 4 or 3
+    micro-batches per replica, so every replica has a steady state, and none a count its replicas divide.
+    """
+    from funcpipe.storage import register
+
+    schedule = request.param
+    replicas, stages = [2, 1, 3], 3
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for s in range(stages):
+        tally = Tally()
+        layers += [Head(tally), nn.Linear(8 if s == 0 else 16, 3 if s == stages - 1 else 16), nn.Tanh(), Tail(tally)]
+    plan = Plan.manual([4] * stages, replicas=replicas, micro_batch_size=2, global_batch_size=22, schedule=schedule)
+    register("logged", LoggedStorage, clobber=True)
+    with LOGGED:
+        EVENTS.clear()
+    executor = SpyExecutor(ThreadExecutor())
+    trainer = Trainer(nn.Sequential(*layers), nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.1), plan,
+                      backend=executor, storage=f"logged://probed-{schedule}", timeout_s=120)
+    assert len(trainer.fit(regression_batches(2, plan.global_batch_size), progress=False)) == 2
+    workers = [handle.instance for handle in executor.launched if isinstance(handle, ThreadActor)]
+    with LOGGED:
+        events = list(EVENTS)
+    return Probed(plan, [(w, w.layers[0].tally) for w in workers if isinstance(w, StageWorker)], events)
+
+
+def test_a_worker_keeps_nothing_of_a_micro_batch_past_its_backward(probed: Probed) -> None:
+    plan, schedule = probed.plan, probed.plan.schedule
+    assert len(probed.workers) == plan.num_workers
+    for worker, tally in probed.workers:
+        stage, replica = worker.config.stage, worker.config.replica
+        n = len(plan.micro_batches(stage, replica))
+        assert tally.backwards == 2 * n
+        assert tally.violations == [], (stage, replica)
+        # The window is reached, never exceeded: GPipe holds a stage's every micro-batch (but the last
+        # stage's one at a time); 1F1B its in_flight window, whatever the micro-batch count.
+        expected = 1 if stage == plan.num_stages - 1 else n if schedule == "gpipe" else min(n, plan.in_flight(stage))
+        assert tally.most_alive_inputs == expected, (stage, replica)
+
+
+def downloads(probed: Probed, worker: StageWorker, tally: Tally) -> list[tuple[str, int, int]]:
+    """Every download ``worker`` began: ``(key, i, b)``, the key being of its ``i``-th own micro-batch of the
+    iteration, begun when ``b`` of the iteration's backwards had begun on the worker."""
+    stage, replica = worker.config.stage, worker.config.replica
+    mine = probed.plan.micro_batches(stage, replica)
+    out, backwards = [], 0
+    for event, what in probed.events:
+        if event == "backward":
+            backwards += what == id(tally)
+            continue
+        assert isinstance(what, str)
+        fields = _message_fields(what)
+        assert fields is not None
+        iteration, _, to_stage, to_replica, m = fields
+        if (to_stage, to_replica) == (stage, replica):
+            out.append((what, mine.index(m), backwards - iteration * len(mine)))
+    return out
+
+
+def test_a_1f1b_worker_downloads_each_input_only_when_its_window_has_room(probed: Probed) -> None:
+    plan = probed.plan
+    for worker, tally in probed.workers:
+        stage, replica = worker.config.stage, worker.config.replica
+        n = len(plan.micro_batches(stage, replica))
+        k = min(n, in_flight(stage, plan.replicas, plan.num_micro_batches, "1f1b"))  # the 1F1B window
+        assert n > k + 1, "the window must be smaller than the iteration, or there is nothing to bound"
+        began = downloads(probed, worker, tally)
+        assert len(began) == 2 * 2 * n  # two iterations of inputs, and of targets or output gradients
+        if plan.schedule == "1f1b":
+            # Own input i (and its target) is posted after backward i - k - 1, output gradient i after
+            # backward i - 1: at most k + 1 inputs and one output gradient are ever fetched or held.
+            early = [(key, i, b) for key, i, b in began if b < (i if "/grad." in key else i - k)]
+            assert early == [], (stage, replica)
+        elif stage < plan.num_stages - 1:
+            # GPipe prefetches the whole iteration: every input is requested before the first backward.
+            assert [b for key, _, b in began if "/grad." not in key] == [0] * n * 2, (stage, replica)

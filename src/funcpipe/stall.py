@@ -6,13 +6,22 @@ have deterministic keys (:mod:`funcpipe.keys`), so the driver can walk the
 pipeline's data flow and find the first worker whose inputs are all there but
 whose output is not: that one hangs (a layer, the loss or an upload blocks).
 
-For iteration ``i`` of a plan with stages ``0..L``, the walk is::
+What a worker needs before it writes an output is read off its task list
+(:func:`funcpipe.schedule.worker_tasks`): every message its forwards and
+backwards up to that output consume, and every one its download thread is
+given before those (it fetches in the order posted). Under GPipe a forward
+needs only its own input; under 1F1B the forward of a replica's ``j + k``-th
+micro-batch also needs the output gradient of its ``j``-th (its backward
+comes first), so a stage waiting for a gradient is not blamed for the
+activations it has not sent. For iteration ``i`` of a plan with stages
+``0..L``, the steps, walked in this order::
 
-    forward   stage s < L:  input/act (s, m) there, act (s+1, m) missing   -> stage s, replica m mod d_s
-    backward  stage s > 0:  grad (s, m) (or act and target at L) there,
-                            grad (s-1, m) missing                           -> stage s, replica m mod d_s
+    forward   stage s < L, micro-batch m: act (s+1, m) missing           -> stage s, replica m mod d_s
+    backward  stage s > 0 (from L down), m: grad (s-1, m) missing        -> stage s, replica m mod d_s
     sync      stage s, d_s > 1: replica r has not sent its share of a peer's chunk
-    report    stage L replica r: every message there, no metrics            -> stage L, replica r
+    report    stage L replica r: no metrics                               -> stage L, replica r
+
+each blamed only when everything it needs is there.
 
 The previous iteration is walked first: the last stage reports an iteration
 before the stages above it have finished its backward, so a worker stuck in
@@ -27,9 +36,13 @@ from collections.abc import Iterator, Sequence
 
 from funcpipe.keys import JobKeys
 from funcpipe.plan import Plan
+from funcpipe.schedule import worker_tasks
 from funcpipe.storage import Storage
 
 __all__ = ["Stall", "find_stall"]
+
+#: ``(stage, replica, keys it needs, key it writes, what that key is)``.
+_Step = tuple[int, int, list[str], str, str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,40 +78,56 @@ def find_stall(
     return None
 
 
-def _steps(
-    keys: JobKeys, plan: Plan, gradient_bytes: Sequence[int], it: int
-) -> Iterator[tuple[int, int, list[str], str, str]]:
-    """``(stage, replica, keys it needs, key it writes, what that key is)`` in data-flow order."""
+def _steps(keys: JobKeys, plan: Plan, gradient_bytes: Sequence[int], it: int) -> Iterator[_Step]:
+    """Every worker's steps (:data:`_Step`) in data-flow order."""
+    steps: list[tuple[tuple[int, int, int], _Step]] = []
+    for s, replicas in enumerate(plan.replicas):
+        for r in range(replicas):
+            steps += _worker_steps(keys, plan, gradient_bytes, it, s, r)
+    for _, step in sorted(steps, key=lambda order_step: order_step[0]):
+        yield step
+
+
+def _worker_steps(
+    keys: JobKeys, plan: Plan, gradient_bytes: Sequence[int], it: int, s: int, r: int
+) -> list[tuple[tuple[int, int, int], _Step]]:
+    """The outputs of worker ``(s, r)`` in iteration ``it``, each with what it needs; keyed by walk order."""
     last = plan.num_stages - 1
-    d = plan.replicas
-    micro_batches = range(plan.num_micro_batches)
+    posted: list[str] = []  # the keys given to the download thread, in order
+    position: dict[tuple[str, int], int] = {}
+    waited = 0  # the download thread has delivered posted[:waited] once the compute thread gets here
 
-    def backward_inputs(s: int, m: int) -> list[str]:
-        if s < last:
-            return [keys.message(it, "grad", s, plan.replica_of(s, m), m)]
-        kind = "input" if s == 0 else "act"
-        return [keys.message(it, kind, s, plan.replica_of(s, m), m), keys.message(it, "target", s, plan.replica_of(s, m), m)]
+    def consume(kind: str, m: int) -> None:
+        nonlocal waited
+        waited = max(waited, position[kind, m] + 1)
 
-    def all_backward_inputs(s: int, r: int) -> list[str]:
-        return [key for m in plan.micro_batches(s, r) for key in backward_inputs(s, m)]
+    def message(kind: str, stage: int, m: int) -> str:
+        return keys.message(it, kind, stage, plan.replica_of(stage, m), m)
 
-    for s in range(last):
-        for m in micro_batches:
-            kind = "input" if s == 0 else "act"
-            yield (s, plan.replica_of(s, m), [keys.message(it, kind, s, plan.replica_of(s, m), m)],
-                   keys.message(it, "act", s + 1, plan.replica_of(s + 1, m), m),
-                   f"its activation of micro-batch {m} for stage {s + 1}")
-    for s in range(last, 0, -1):
-        for m in micro_batches:
-            yield (s, plan.replica_of(s, m), backward_inputs(s, m), keys.message(it, "grad", s - 1, plan.replica_of(s - 1, m), m),
-                   f"its input gradient of micro-batch {m} for stage {s - 1}")
-    for s, replicas in enumerate(d):
-        if replicas == 1 or gradient_bytes[s] == 0:
-            continue
-        for sender in range(replicas):
-            owner = (sender + 1) % replicas
-            yield (s, sender, all_backward_inputs(s, sender), keys.chunk(it, s, owner, sender),
-                   f"its share of replica {owner}'s gradient chunk (the all-reduce)")
-    for r in range(d[last]):
-        yield (last, r, all_backward_inputs(last, r), keys.metrics(it, last, r),
-               "its report of the iteration (it hangs in a backward, the all-reduce or the update)")
+    out: list[tuple[tuple[int, int, int], _Step]] = []
+    for op, m in worker_tasks(s, r, replicas=plan.replicas, num_micro_batches=plan.num_micro_batches,
+                              schedule=plan.schedule):
+        if op in ("recv", "recv_target", "recv_grad"):
+            kind = {"recv": "input" if s == 0 else "act", "recv_target": "target", "recv_grad": "grad"}[op]
+            position[kind, m] = len(posted)
+            posted.append(message(kind, s, m))
+        elif op == "forward":
+            consume("input" if s == 0 else "act", m)
+            if s == last:
+                consume("target", m)
+        elif op == "backward" and s < last:
+            consume("grad", m)
+        elif op == "send":
+            out.append(((0, s, m), (s, r, posted[:waited], message("act", s + 1, m),
+                                    f"its activation of micro-batch {m} for stage {s + 1}")))
+        elif op == "send_grad":
+            out.append(((1, -s, m), (s, r, posted[:waited], message("grad", s - 1, m),
+                                     f"its input gradient of micro-batch {m} for stage {s - 1}")))
+        elif op == "sync" and gradient_bytes[s] > 0:
+            owner = (r + 1) % plan.replicas[s]
+            out.append(((2, s, r), (s, r, posted[:waited], keys.chunk(it, s, owner, r),
+                                    f"its share of replica {owner}'s gradient chunk (the all-reduce)")))
+    if s == last:
+        out.append(((3, r, 0), (s, r, posted, keys.metrics(it, s, r),
+                                "its report of the iteration (it hangs in a backward, the all-reduce or the update)")))
+    return out

@@ -26,7 +26,7 @@ from funcpipe.errors import ConfigError, ForeignObject, IntegrityError, WorkerFa
 from funcpipe.executors.base import Actor
 from funcpipe.keys import JobKeys
 from funcpipe.plan import Plan
-from funcpipe.schedule import worker_tasks
+from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
 __all__ = ["StageDefinition", "StageWorker", "WorkerConfig", "peak_rss_bytes"]
@@ -258,111 +258,14 @@ class StageWorker(Actor):
     # -- one iteration ---------------------------------------------------------
 
     def _iteration(self, iteration: int) -> dict[str, Any]:
-        config, plan, keys, comm = self.config, self.plan, self.keys, self.comm
-        stage, replica, replicas = config.stage, config.replica, plan.replicas
-        first, last = stage == 0, stage == plan.num_stages - 1
-        scale = plan.micro_batch_size / plan.global_batch_size
-        timings = {"compute_s": 0.0, "wait_s": 0.0, "sync_s": 0.0, "update_s": 0.0}
+        plan, config = self.plan, self.config
         started = time.perf_counter()
-
-        def ready(future: Future[torch.Tensor]) -> torch.Tensor:
-            t0 = time.perf_counter()
-            value = future.result()
-            timings["wait_s"] += time.perf_counter() - t0
-            return value
-
-        inputs: dict[int, Future[torch.Tensor]] = {}
-        targets: dict[int, Future[torch.Tensor]] = {}
-        grads: dict[int, Future[torch.Tensor]] = {}
-        held_inputs: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
-        input_grads: dict[int, torch.Tensor | None] = {}
-        sends: list[Future[None]] = []
-        loss_sum = 0.0
-
-        tasks = worker_tasks(stage, replica, replicas=replicas, num_micro_batches=plan.num_micro_batches,
-                             schedule=plan.schedule)
-        for op, m in tasks:
-            if op == "recv":
-                kind = "input" if first else "act"
-                inputs[m] = comm.recv(keys.message(iteration, kind, stage, replica, m))
-            elif op == "recv_target":
-                targets[m] = comm.recv(keys.message(iteration, "target", stage, replica, m))
-            elif op == "recv_grad":
-                grads[m] = comm.recv(keys.message(iteration, "grad", stage, replica, m))
-            elif op == "forward":
-                x = ready(inputs.pop(m))
-                t0 = time.perf_counter()
-                if not first:
-                    if not x.is_floating_point():
-                        raise ConfigError(
-                            f"stage {stage} receives a {x.dtype} activation; activations between "
-                            "stages must be floating point to carry gradients"
-                        )
-                    x.requires_grad_(True)
-                held_inputs[m] = x
-                y = self.layers(x)
-                timings["compute_s"] += time.perf_counter() - t0
-                if last:
-                    target = ready(targets.pop(m))
-                    t0 = time.perf_counter()
-                    loss = self.loss_fn(y, target)
-                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                        raise ConfigError(
-                            f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it "
-                            "with a mean over the micro-batch"
-                        )
-                    # Each micro-batch loss is a mean over its samples; scaled by its share
-                    # of the global batch, the sum over all micro-batches and replicas is the
-                    # mean over the global batch, and so are the summed gradients.
-                    scaled = loss * scale
-                    loss_sum += float(scaled.detach())
-                    outputs[m] = scaled
-                    timings["compute_s"] += time.perf_counter() - t0
-                else:
-                    outputs[m] = y
-            elif op == "send":
-                key = keys.message(iteration, "act", stage + 1, plan.replica_of(stage + 1, m), m)
-                sends.append(comm.send(key, outputs[m].detach()))
-            elif op == "backward":
-                out = outputs.pop(m)
-                grad = None if last else ready(grads.pop(m))
-                t0 = time.perf_counter()
-                if out.requires_grad:
-                    torch.autograd.backward(out, grad)
-                x = held_inputs.pop(m)
-                input_grads[m] = x.grad
-                timings["compute_s"] += time.perf_counter() - t0
-            elif op == "send_grad":
-                grad_in = input_grads.pop(m)
-                if grad_in is None:
-                    raise ConfigError(
-                        f"stage {stage}'s input got no gradient in micro-batch {m}; the stage's "
-                        "output does not depend on its input"
-                    )
-                key = keys.message(iteration, "grad", stage - 1, plan.replica_of(stage - 1, m), m)
-                sends.append(comm.send(key, grad_in))
-            elif op == "sync":
-                t0 = time.perf_counter()
-                self._sync_gradients(iteration)
-                timings["sync_s"] += time.perf_counter() - t0
-            elif op == "update":
-                t0 = time.perf_counter()
-                if self.optimizer is not None:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                timings["update_s"] += time.perf_counter() - t0
-
-        if last:
-            key = keys.metrics(iteration, stage, replica)
-            sends.append(self._upload.submit(self.storage.put, key, binding.encode_json(key, {"loss": loss_sum})))
-        t0 = time.perf_counter()
-        for send in sends:
-            send.result()
-        timings["wait_s"] += time.perf_counter() - t0
-        timings["total_s"] = time.perf_counter() - started
-        return {"iteration": iteration, "loss": loss_sum if last else None, **timings}
+        run = _Iteration(self, iteration)
+        tasks = worker_tasks(config.stage, config.replica, replicas=plan.replicas,
+                             num_micro_batches=plan.num_micro_batches, schedule=plan.schedule)
+        for task in tasks:
+            run.do(task)
+        return run.finish(started)
 
     def _sync_gradients(self, iteration: int) -> None:
         params = [p for p in self.layers.parameters() if p.requires_grad]
@@ -386,6 +289,144 @@ class StageWorker(Actor):
             n = p.numel()
             p.grad = total[offset : offset + n].view_as(p)
             offset += n
+
+
+class _Iteration:
+    """One iteration of one worker: its tasks, and what its micro-batches hold between them.
+
+    Each task is a method, so nothing of a micro-batch outlives its entries in the dicts below:
+    its input download until its forward; its input (stages after the first, for the input
+    gradient) and its output, with the autograd graph the output keeps, until its backward; its
+    output gradient download until its backward; its input gradient until it is handed to the
+    upload thread, which drops it once it is written (a finished future holds only ``None``). So
+    a replica holds what its task list posts and nothing more: under 1F1B at most ``in_flight``
+    activations, ``in_flight + 1`` inputs and one output gradient (:mod:`funcpipe.schedule`).
+    """
+
+    def __init__(self, worker: StageWorker, iteration: int) -> None:
+        self.worker = worker
+        self.iteration = iteration
+        self.stage = worker.config.stage
+        self.replica = worker.config.replica
+        self.first = self.stage == 0
+        self.last = self.stage == worker.plan.num_stages - 1
+        self.timings = {"compute_s": 0.0, "wait_s": 0.0, "sync_s": 0.0, "update_s": 0.0}
+        self.loss_sum = 0.0
+        self.inputs: dict[int, Future[torch.Tensor]] = {}
+        self.targets: dict[int, Future[torch.Tensor]] = {}
+        self.grads: dict[int, Future[torch.Tensor]] = {}
+        self.held_inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.input_grads: dict[int, torch.Tensor | None] = {}
+        self.sends: list[Future[None]] = []
+
+    def do(self, task: Task) -> None:
+        op, m = task
+        if op == "recv":
+            self.inputs[m] = self._recv("input" if self.first else "act", m)
+        elif op == "recv_target":
+            self.targets[m] = self._recv("target", m)
+        elif op == "recv_grad":
+            self.grads[m] = self._recv("grad", m)
+        elif op == "forward":
+            self._forward(m)
+        elif op == "send":
+            key = self._message("act", self.stage + 1, m)
+            self.sends.append(self.worker.comm.send(key, self.outputs[m].detach()))
+        elif op == "backward":
+            self._backward(m)
+        elif op == "send_grad":
+            self._send_grad(m)
+        elif op == "sync":
+            t0 = time.perf_counter()
+            self.worker._sync_gradients(self.iteration)
+            self.timings["sync_s"] += time.perf_counter() - t0
+        elif op == "update":
+            t0 = time.perf_counter()
+            optimizer = self.worker.optimizer
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.timings["update_s"] += time.perf_counter() - t0
+
+    def finish(self, started: float) -> dict[str, Any]:
+        """Report the loss (last stage), wait for every upload; the iteration's report."""
+        worker = self.worker
+        if self.last:
+            key = worker.keys.metrics(self.iteration, self.stage, self.replica)
+            data = binding.encode_json(key, {"loss": self.loss_sum})
+            self.sends.append(worker._upload.submit(worker.storage.put, key, data))
+        t0 = time.perf_counter()
+        for send in self.sends:
+            send.result()
+        self.timings["wait_s"] += time.perf_counter() - t0
+        return {"iteration": self.iteration, "loss": self.loss_sum if self.last else None, **self.timings,
+                "total_s": time.perf_counter() - started}
+
+    def _message(self, kind: str, stage: int, m: int) -> str:
+        return self.worker.keys.message(self.iteration, kind, stage, self.worker.plan.replica_of(stage, m), m)
+
+    def _recv(self, kind: str, m: int) -> Future[torch.Tensor]:
+        return self.worker.comm.recv(self._message(kind, self.stage, m))
+
+    def _ready(self, future: Future[torch.Tensor]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        value = future.result()
+        self.timings["wait_s"] += time.perf_counter() - t0
+        return value
+
+    def _forward(self, m: int) -> None:
+        worker, stage = self.worker, self.stage
+        x = self._ready(self.inputs.pop(m))
+        t0 = time.perf_counter()
+        if not self.first:
+            if not x.is_floating_point():
+                raise ConfigError(
+                    f"stage {stage} receives a {x.dtype} activation; activations between "
+                    "stages must be floating point to carry gradients"
+                )
+            x.requires_grad_(True)
+            self.held_inputs[m] = x  # its .grad is what send_grad sends
+        y = worker.layers(x)
+        self.timings["compute_s"] += time.perf_counter() - t0
+        if not self.last:
+            self.outputs[m] = y
+            return
+        target = self._ready(self.targets.pop(m))
+        t0 = time.perf_counter()
+        loss = worker.loss_fn(y, target)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(
+                f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it "
+                "with a mean over the micro-batch"
+            )
+        # Each micro-batch loss is a mean over its samples; scaled by its share
+        # of the global batch, the sum over all micro-batches and replicas is the
+        # mean over the global batch, and so are the summed gradients.
+        scaled = loss * (worker.plan.micro_batch_size / worker.plan.global_batch_size)
+        self.loss_sum += float(scaled.detach())
+        self.outputs[m] = scaled
+        self.timings["compute_s"] += time.perf_counter() - t0
+
+    def _backward(self, m: int) -> None:
+        out = self.outputs.pop(m)
+        grad = None if self.last else self._ready(self.grads.pop(m))
+        t0 = time.perf_counter()
+        if out.requires_grad:
+            torch.autograd.backward(out, grad)
+        if not self.first:
+            self.input_grads[m] = self.held_inputs.pop(m).grad
+        self.timings["compute_s"] += time.perf_counter() - t0
+
+    def _send_grad(self, m: int) -> None:
+        grad_in = self.input_grads.pop(m)
+        if grad_in is None:
+            raise ConfigError(
+                f"stage {self.stage}'s input got no gradient in micro-batch {m}; the stage's "
+                "output does not depend on its input"
+            )
+        self.sends.append(self.worker.comm.send(self._message("grad", self.stage - 1, m), grad_in))
 
 
 def peak_rss_bytes() -> int | None:

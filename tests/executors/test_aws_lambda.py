@@ -95,13 +95,17 @@ def two_stage_plan() -> Plan:
     return Plan.manual([3, 4], replicas=[1, 2], micro_batch_size=2, global_batch_size=8)
 
 
-def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, bucket: Bucket, schedule: str) -> None:
     model = mlp7()
     batches = regression_batches(3, 8)
     expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches)
     before = len(fake_lambda.invocations)
-    trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(),
-                      backend=executor(fake_lambda), storage=bucket.url("equivalence"))
+    # Under 1F1B, micro-batches of one sample: stage 0 runs 8 in windows of 3.
+    plan = (two_stage_plan() if schedule == "gpipe" else
+            Plan.manual([3, 4], replicas=[1, 2], micro_batch_size=1, global_batch_size=8, schedule="1f1b"))
+    trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, plan,
+                      backend=executor(fake_lambda), storage=bucket.url(f"equivalence-{schedule}"))
     history = trainer.fit(batches, progress=False)
     assert len(history) == 3
     assert_same_parameters(trainer.model, expected)
