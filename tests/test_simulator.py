@@ -273,6 +273,9 @@ def test_1f1b_two_stages_interleave_and_stall() -> None:
         ("report", 13.7, round(13.7 + REPORT, 6)),
     ]
     assert sim.iteration_s == pytest.approx(16.0)
+    # The formula's window term follows the chain that stalls: B1 ends at B0 + g + f = 9.6, and
+    # B3 one round trip of the window later (f + 3.4 + g = 6.4), at 16.
+    assert sim.formula_s == pytest.approx(16.0)
 
 
 def test_1f1b_stall_makes_gpipe_faster() -> None:
