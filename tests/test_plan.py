@@ -202,7 +202,7 @@ def test_str_lists_every_stage() -> None:
         [2, 3, 2], replicas=[2, 1, 1], micro_batch_size=2, global_batch_size=8, memory_mb=[256, 512, 1024]
     )
     assert str(plan).splitlines() == [
-        "Plan: 3 stage(s), 4 worker(s), 4 micro-batches of 2 (global batch 8), sync=pipelined",
+        "Plan: 3 stage(s), 4 worker(s), 4 micro-batches of 2 (global batch 8), schedule=gpipe, sync=pipelined",
         "  stage  layers  replicas  memory MB",
         "      0  0-1            2        256",
         "      1  2-4            1        512",

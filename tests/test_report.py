@@ -103,7 +103,7 @@ def test_simulated_plan_has_one_row_per_stage_with_its_predictions(sim: Simulati
     text = str(plan)
     lines = text.splitlines()
     assert lines[0] == ("Plan for aws_lambda: 3 stage(s), 4 worker(s), 4 micro-batches of 4 (global batch 16), "
-                        "sync=pipelined")
+                        "schedule=gpipe, sync=pipelined")
     assert lines[2].split() == ["stage", "layers", "replicas", "memory", "MB", "needed", "MB", "compute", "sync",
                                 "transfer", "idle", "$/iter", "$/epoch"]
     rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
@@ -129,11 +129,48 @@ def test_simulated_plan_has_one_row_per_stage_with_its_predictions(sim: Simulati
 
 def test_simulation_table_and_html(sim: Simulation) -> None:
     text = str(sim)
-    assert text.startswith(f"Simulation on aws_lambda: {sim.iteration_s:.3f} s and ${sim.cost_usd:.6f}")
+    assert text.splitlines()[0] == (
+        f"Simulation on aws_lambda: {sim.iteration_s:.3f} s and ${sim.cost_usd:.6f} per iteration (formula "
+        f"{sim.formula_s:.3f} s); 4 micro-batches of 4 (global batch 16), schedule=gpipe, sync=pipelined"
+    )
+    assert "all-reduce" not in text  # one sync for every stage: the title names it
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert [row[:3] for row in rows] == [["0", "0", "1"], ["1", "1-2", "2"], ["2", "3", "1"]]
     assert [row[-1] for row in rows] == [f"${st.cost_usd:.6f}" for st in sim.stages]
     assert len(cells(sim._repr_html_())) == 2 + len(sim.stages)
+
+
+def test_schedule_micro_batch_and_a_sync_per_stage(profile: ModelProfile) -> None:
+    # 1F1B, micro-batches of 2, a different all-reduce on each replicated stage: the titles
+    # name the schedule and the micro-batch size, a column each stage's all-reduce.
+    plan = Plan.manual([1, 2, 1], replicas=[1, 2, 3], micro_batch_size=2, global_batch_size=16,
+                       sync=["pipelined", "four_phase", "pipelined"], schedule="1f1b")
+    lines = str(plan).splitlines()
+    assert lines[:5] == [
+        "Plan: 3 stage(s), 6 worker(s), 8 micro-batches of 2 (global batch 16), schedule=1f1b, sync per stage",
+        "  stage  layers  replicas  all-reduce  memory MB",
+        "      0  0              1  –             default",
+        "      1  1-2            2  four_phase    default",
+        "      2  3              3  pipelined     default",
+    ]
+    assert "  all-reduce: of each stage's gradients among its replicas (– for one replica)" in lines
+    sim = simulate(plan, profile, "aws_lambda")
+    for text, reduce_column in ((str(sim.plan), 3), (str(sim), 3)):
+        title, *rest = text.splitlines()
+        assert title.endswith("8 micro-batches of 2 (global batch 16), schedule=1f1b, sync per stage")
+        assert rest[1].split()[:4] == ["stage", "layers", "replicas", "all-reduce"]
+        rows = [line.split() for line in rest if line.strip()[:1].isdigit()]
+        assert [row[reduce_column] for row in rows] == ["–", "four_phase", "pipelined"]
+    plan_cells = cells(sim.plan._repr_html_())
+    assert plan_cells[1][:4] == ["stage", "layers", "replicas", "all-reduce"]
+    assert [row[3] for row in plan_cells[2:]] == ["–", "four_phase", "pipelined"]
+    assert [len(row) for row in plan_cells] == [3, 11, 11, 11, 11]  # the groups still span the header
+    sim_cells = cells(sim._repr_html_())
+    assert [row[3] for row in sim_cells[2:]] == ["–", "four_phase", "pipelined"]
+    # The same sync named per stage is one sync: the title names it, no column.
+    same = dataclasses.replace(plan, sync=("pipelined",) * 3)
+    assert str(same).splitlines()[0].endswith("schedule=1f1b, sync=pipelined")
+    assert "all-reduce" not in str(same)
 
 
 def test_side_by_side_lays_reports_out_in_a_row(sim: Simulation) -> None:

@@ -10,37 +10,76 @@ a request of ``x`` bytes holds the function's link for ``x / bandwidth`` and
 then pays the platform's latency; one function's uploads share its uplink and
 its downloads share its downlink.
 
-**Iteration time.** For stage ``s`` with ``n`` micro-batches per worker,
-per-micro-batch forward ``f`` and backward ``g`` at the tier's speed, and the
-transfer times ``dn_in`` (input), ``dn_tgt`` (target, last stage),
-``dn_grad`` (output gradient), ``up_out`` (output), ``up_gin`` (input
-gradient), the formula is a max-plus recursion over the pipeline (times of
-the worker with the most micro-batches)::
+**Iteration time.** For stage ``s`` with ``d`` replicas, ``n = ceil(M / d)``
+micro-batches on its replica 0 (the most; replica 0 also runs micro-batch 0)
+and ``n_min = floor(M / d)`` on its least busy one, the 1F1B window ``k``
+(:func:`funcpipe.schedule.in_flight`, at most ``n``), per-micro-batch forward
+``f`` and backward ``g`` at the tier's speed, the update ``upd``, and the
+transfer times ``dn_in`` (input), ``dn_tgt`` (target, last stage), ``dn_grad``
+(output gradient, not last), ``up_out`` (output, not last), ``up_gin`` (input
+gradient, not first), the formula is a max-plus recursion over the pipeline
+(``'`` marks stage ``s+1``, ``[s-1]`` the stage before)::
 
-    A[0] = 0                                   first input of stage s available
-    H[s] = A[s] + dn_in + dn_tgt               first forward can start
-    A[s+1] = H[s] + f + up_out
-    F[s] = max(H + n f,                        own compute
-               F[s-1] + up_out[s-1] + dn_in + f,          last micro-batch's wave
-               H[s-1] + f[s-1] + n[s-1] up_out[s-1] + dn_in + f,  upstream uplink
-               A + n (dn_in + dn_tgt) + f)                own downlink
-    G[s] = B0[s+1] + up_gin[s+1] + dn_grad       first gradient's arrival (not last)
-    B0[s] = max(H + f, F, G) + g  (not last), H + f + g  (last)   end of the first backward
-    E[s] = max(H + n (f + g),  F + g,           end of the last backward
-               max(F, G) + n g                      (not last: GPipe order),
-               E[s+1] + up_gin[s+1] + dn_grad + g   (not last),
-               H[s+1] + f[s+1] + n[s+1] (up_out + up_gin)[s+1] + dn_grad + g  (not last),
-               B0[s+1] + n[s+1] up_gin[s+1] + dn_grad + g  (not last: next stage's gradient uplink),
-               G + n dn_grad + g  (not last: own gradient downlink),
-               A + n (dn_in + dn_grad + dn_tgt) + g)
-    end[s] = max(E + upd, E + up_gin, E + up_gin + sync + upd  (replicas > 1))
-             + up_report  (last stage: the driver's report goes up after the update)
-    iteration = max over s of end[s]
+    A = H[s-1] + f[s-1] + up_out[s-1]  (A = 0 for stage 0)    first input in storage
+    H = A + dn_in + dn_tgt                                     first forward can start
+    F0 = max(H + n f + i, A + n (dn_in + dn_tgt) + f)          replica 0's last forward
+         i = 0 (GPipe, or the last stage), max(0, n - k) g (1F1B: the backwards before it)
+    F  = max(F0, U[s-1] + dn_in + f)                           any replica's (the last wave)
+         (F0 = F with one replica)
+    U0 = max(H + f + n up_out, F0 + up_out),  U = max(U0, F + up_out)   last activation up
+    G  = S' + up_gin' + dn_grad                                micro-batch 0's gradient arrives
+         S' = max(B0', U0') (GPipe), B0' (1F1B)                    (its upload, queued)
+    B0 = H + f + g (last stage), else                          micro-batch 0's backward ends
+         max(H + f, G, F0) + g                                     (GPipe)
+         max(H + f, G, H + k f, A + k (dn_in + dn_tgt) + f) + g    (1F1B: the window's forwards)
+    E  = max(H + n (f + g), F + g, A + n (dn_in + dn_grad + dn_tgt) + g,    last backward ends
+             and, not last:
+             max(F0, G) + n g (GPipe) or G + n g (1F1B),
+             E' + up_gin' + dn_grad + g,
+             X' + dn_grad + g,     X' = max(B0', U0') + n' up_gin'                  (GPipe)
+                                   X' = max(B0' + n' up_gin',
+                                            H' + f' + n' (up_out' + up_gin'))      (1F1B)
+             G + (n - 1) dn_grad + g,
+             and, 1F1B, not last: the steady phase and the window's cycles, below)
+    end = max(E + upd, E + up_gin,
+              and with replicas and parameters (sync_bounds):
+              E + up_gin + after_upload + upd,
+              E + after_backward + upd,
+              E_min + up_gin + after_all + upd)
+          + up_report (last stage: the driver's report goes up after the update)
+        E_min = max(H + n_min (f + g), A + n_min (dn_in + dn_grad + dn_tgt) + g)
+    iteration = max over s of end
 
-It is a set of lower bounds on the critical paths through the compute,
-uplink and downlink of each stage, and is exact for a single stage and for
-balanced pipelines; the simulator catches what it misses, and the planner
-re-ranks its best candidates with the simulator.
+1F1B's own terms for a stage that is not last use the stage and the next one
+only (and the windows ``k``, ``k'``). From one backward of replica 0 to the
+next, a forward runs (in the steady phase) and the next output gradient
+downloads (it is posted after the backward), so with ``σ = max(f, dn_grad)``::
+
+    steady = B0 + (n - 1) g + max(0, n - k) σ + min(n - 1, k - 1) dn_grad
+
+The window: micro-batch ``m``'s forward runs after micro-batch ``m - k d``'s
+backward on the same replica, and the next stage runs ``m``'s backward after
+its forward of ``m + (k' - 1) d'``; so with ``δ = k d - (k' - 1) d'``,
+``L = M - 1 - (k' - 1) d'`` and the round trip through the next stage
+``C = f + up_out + dn_in' + dn_tgt' + f' + g' + up_gin' + dn_grad + g``,
+backward ``m`` ends at least ``C`` after backward ``m - δ`` for every
+``δ <= m <= L``. With ``L = c δ + r``, ``after(m) = (n_ρ - 1 - ⌊m / d⌋)
+(g + dn_grad)`` (the later backwards of ``m``'s replica ``ρ``, which owns
+``n_ρ``) and ``k_ρ = min(k, n_ρ)``::
+
+    chain_0 = B0 + c C + after(c δ)
+    chain_L = first + i g + j σ + (i - j) dn_grad + c C + after(L)
+        first = B0 if r mod d = 0 else H + C,  i = ⌊r / d⌋,  j = min(i, max(0, n_ρ(r) - k_ρ(r)))
+
+Every term is the length of a chain of tasks, transfers and waits that the
+simulated iteration contains (on compute threads, uplinks and downlinks of a
+stage and its neighbours), so the formula is never above the simulator. It is
+exact for one stage with one replica under both schedules (1F1B there is
+gradient accumulation), and for one stage with any replicas under the
+four-phase all-reduce or with two under the pipelined one; with more replicas
+the pipelined all-reduce is a lower bound (the order in which its pieces are
+fetched over several connections is what it leaves out). The planner re-ranks
+its best candidates with the simulator.
 """
 
 from __future__ import annotations
@@ -50,7 +89,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from funcpipe.collectives import PIECE_BYTES, piece_count
+from funcpipe.collectives import piece_count
 from funcpipe.errors import ConfigError, PlanInfeasible
 from funcpipe.plan import Plan
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
@@ -61,6 +100,7 @@ __all__ = [
     "REPORT_BYTES",
     "Held",
     "StageCost",
+    "SyncBounds",
     "cost_per_iteration",
     "formula_iteration_s",
     "held",
@@ -68,6 +108,7 @@ __all__ = [
     "requests_per_iteration",
     "stage_costs",
     "stage_memory_bytes",
+    "sync_bounds",
     "sync_s",
 ]
 
@@ -159,16 +200,20 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
             if needed > tier.memory_mb * MIB:
                 raise PlanInfeasible(
                     f"stage {s} (layers {layers.start}-{layers.stop - 1}, {d} replica(s)) needs "
-                    f"{needed / MIB:.0f} MB per function but its tier has {tier.memory_mb} MB; hint: "
-                    "a larger tier, more replicas, fewer layers in the stage or smaller micro-batches"
+                    f"{needed / MIB:.0f} MB per function under schedule {plan.schedule!r} but its tier has "
+                    f"{tier.memory_mb} MB; hint: "
+                    + _fit_hint(profile, platform, plan, s, tier.memory_mb * MIB,
+                                "a larger tier, more replicas, fewer layers in the stage or smaller micro-batches")
                 )
         else:
             fitting = [t for t in platform.tiers if needed <= t.memory_mb * MIB]
             if not fitting:
                 raise PlanInfeasible(
-                    f"stage {s} (layers {layers.start}-{layers.stop - 1}) needs {needed / MIB:.0f} MB per "
-                    f"function, more than the largest tier of {platform.name} "
-                    f"({platform.tiers[-1].memory_mb} MB); hint: cut it into more stages"
+                    f"stage {s} (layers {layers.start}-{layers.stop - 1}, {d} replica(s)) needs "
+                    f"{needed / MIB:.0f} MB per function under schedule {plan.schedule!r}, more than the "
+                    f"largest tier of {platform.name} ({platform.tiers[-1].memory_mb} MB); hint: "
+                    + _fit_hint(profile, platform, plan, s, platform.tiers[-1].memory_mb * MIB,
+                                "cut it into more stages, or use more replicas or smaller micro-batches")
                 )
             tier = fitting[0]
         speed = tier.speed
@@ -190,6 +235,22 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
             )
         )
     return tuple(stages)
+
+
+def _fit_hint(profile: ModelProfile, platform: Platform, plan: Plan, stage: int, capacity: float, usual: str) -> str:
+    """The hint of a stage that does not fit ``capacity`` bytes: 1F1B when that fits, else ``usual``."""
+    if plan.schedule != "gpipe":
+        return usual
+    one_f_one_b = dataclasses.replace(plan, schedule="1f1b")
+    needed = stage_memory_bytes(profile, platform, one_f_one_b, stage)
+    if needed > capacity:
+        return usual
+    n = -(-plan.num_micro_batches // plan.replicas[stage])
+    k = one_f_one_b.in_flight(stage)
+    return (
+        f"schedule='1f1b' keeps {k} micro-batch(es) of this stage in flight instead of {n} and needs "
+        f"{needed / MIB:.0f} MB, which fits; or {usual}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,43 +374,96 @@ def memory_terms(
     )
 
 
-def sync_s(param_bytes: float, replicas: int, tier: Tier, latency_s: float, algorithm: str) -> float:
-    """Seconds the formula gives one all-reduce of ``param_bytes`` among ``replicas``.
+@dataclasses.dataclass(frozen=True)
+class SyncBounds:
+    """Lower bounds on one stage's all-reduce, each counted from its own starting point (:func:`sync_bounds`).
 
-    Pipelined: ``replicas * q`` uploads (``q`` pieces per chunk) carry ``P``
-    bytes in all; ``2 (d-1) q`` downloads carry ``2 (d-1)/d P`` over
-    :data:`FETCH_CONNECTIONS` connections whose latencies overlap; upload and
-    download overlap. Four-phase: four phases one after the other.
+    Attributes:
+        after_upload: seconds from the moment the replica that finishes its backwards
+            last has also uploaded its last input gradient (its all-reduce uploads queue
+            behind it) to the stage's last replica being done.
+        after_backward: seconds from that replica's last backward (its all-reduce
+            downloads start there, while its uplink may still be busy).
+        after_all: seconds from the moment *every* replica has uploaded its last input
+            gradient (0 where no such bound is used).
+    """
+
+    after_upload: float
+    after_backward: float
+    after_all: float
+
+
+def sync_bounds(param_bytes: float, replicas: int, tier: Tier, latency_s: float, algorithm: str) -> SyncBounds:
+    """Lower bounds on the all-reduce of ``param_bytes`` among ``replicas`` on ``tier``, as the simulator runs it.
+
+    Four-phase: the phases follow one another on the replica's own threads:
+    ``(d-1)`` chunk uploads, ``(d-1)`` downloads, one upload, ``(d-1)`` downloads.
+
+    Pipelined, with ``q`` pieces per chunk (:func:`funcpipe.collectives.piece_count`),
+    pieces of ``π = P / (d q)`` bytes, ``u = π / up + lat`` and ``dn = π / down + lat``:
+    each replica uploads ``(d-1) q`` chunk pieces and then ``q`` merged pieces, one after
+    the other, and downloads ``2 (d-1) q`` pieces over :data:`FETCH_CONNECTIONS`
+    connections sharing its downlink. From the last replica's last input-gradient upload:
+
+    * ``d q u + dn``: its uploads, then a peer fetches its last merged piece;
+    * ``((d-1) q + 1) u + 2 dn``: its last chunk piece goes to its last peer, who fetches
+      it, uploads its merged piece, which comes back down;
+    * ``u + 2 P / (d down) + lat``: a peer downloads its ``2 q`` pieces after the first is up.
+
+    From its last backward (its fetches start then): ``2 (d-1)/d P / down + lat`` (its
+    downlink) and ``(d-1)/2 q lat + (d-1)/(2d) P / down`` (its connections' latencies).
+    From the moment every replica has uploaded its last input gradient (every peer's
+    stream starts no earlier): ``max(d q u, (d-1) q u + u + dn) + (d-1) π / down + lat``
+    (the last merged pieces of all peers, fetched after the last is up),
+    ``u + 2 (d-1)/d P / down + lat`` and ``((d-1) q + 1) u + (d-1)/d P / down + lat``
+    (the merged half after every peer's chunk stream).
     """
     d = replicas
     if d <= 1 or param_bytes <= 0:
-        return 0.0
+        return SyncBounds(0.0, 0.0, 0.0)
     up = tier.uplink_mb_s * MB_RATE
     down = tier.downlink_mb_s * MB_RATE
+    lat = latency_s
     if algorithm == "four_phase":
         chunk = param_bytes / d
-        return (
-            (d - 1) * (chunk / up + latency_s)
-            + (d - 1) * (chunk / down + latency_s)
-            + (chunk / up + latency_s)
-            + (d - 1) * (chunk / down + latency_s)
+        phases = (
+            (d - 1) * (chunk / up + lat)
+            + (d - 1) * (chunk / down + lat)
+            + (chunk / up + lat)
+            + (d - 1) * (chunk / down + lat)
         )
+        return SyncBounds(phases, 0.0, 0.0)
     q = piece_count(int(param_bytes), d)
-    upload = param_bytes / up + d * q * latency_s
-    download = max(
-        2 * (d - 1) / d * param_bytes / down + latency_s,
-        (d - 1) / 2 * q * latency_s + (d - 1) / (2 * d) * param_bytes / down,
+    piece = param_bytes / d / q
+    u = piece / up + lat
+    dn = piece / down + lat
+    after_upload = max(d * q * u + dn, ((d - 1) * q + 1) * u + 2 * dn, u + 2 / d * param_bytes / down + lat)
+    after_backward = max(2 * (d - 1) / d * param_bytes / down + lat,
+                         (d - 1) / 2 * q * lat + (d - 1) / (2 * d) * param_bytes / down)
+    after_all = max(
+        max(d * q * u, (d - 1) * q * u + u + dn) + (d - 1) * piece / down + lat,
+        u + 2 * (d - 1) / d * param_bytes / down + lat,
+        ((d - 1) * q + 1) * u + (d - 1) / d * param_bytes / down + lat,
     )
-    # Fill and drain: the first piece goes up before anyone can fetch it, the last
-    # merged piece comes down after its upload. (A piece is at most PIECE_BYTES.)
-    piece = min(param_bytes / d, PIECE_BYTES)
-    return max(upload, download) + piece / up + piece / down + 2 * latency_s
+    return SyncBounds(after_upload, after_backward, after_all)
+
+
+def sync_s(param_bytes: float, replicas: int, tier: Tier, latency_s: float, algorithm: str) -> float:
+    """Seconds the formula gives one all-reduce after the last input-gradient upload (:func:`sync_bounds`).
+
+    The formula also bounds it from the last backward and from every replica's
+    last upload: this alone is the four-phase algorithm's exact time and a lower
+    bound on the pipelined one.
+    """
+    return sync_bounds(param_bytes, replicas, tier, latency_s, algorithm).after_upload
 
 
 def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: Plan) -> float:
-    """Iteration seconds by the closed formula (see the module docstring)."""
+    """Iteration seconds by the closed formula (see the module docstring): a lower bound on the simulator's."""
     lat = platform.latency_s
     count = len(stages)
+    m_total = plan.num_micro_batches
+    gpipe = plan.schedule == "gpipe"
     dn_in = [st.down_s(st.input_bytes, lat) for st in stages]
     dn_tgt = [st.down_s(st.target_bytes, lat) if st.stage == count - 1 else 0.0 for st in stages]
     dn_grad = [st.down_s(st.output_bytes, lat) if st.stage < count - 1 else 0.0 for st in stages]
@@ -357,65 +471,146 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
     up_gin = [st.up_s(st.input_bytes, lat) if st.stage > 0 else 0.0 for st in stages]
     f = [st.forward_s for st in stages]
     g = [st.backward_s for st in stages]
-    n = [st.micro_batches for st in stages]
+    n = [st.micro_batches for st in stages]  # replica 0's count, the most
+    d = [st.replicas for st in stages]
+    k = [min(plan.in_flight(s), n[s]) for s in range(count)]  # 1F1B window of replica 0
 
+    # Forward: replica 0 runs micro-batch 0 first and owns the most micro-batches. fw0/uo0
+    # are its last forward / activation upload; fw/uo those of any replica (the wave of
+    # the last micro-batch may reach another replica).
     a = [0.0] * count  # first input of the stage in storage
     h = [0.0] * count  # first forward can start
-    fw = [0.0] * count  # last forward ends
-    uo = [0.0] * count  # last activation uploaded (the gradients queue behind it)
+    fw0 = [0.0] * count
+    fw = [0.0] * count
+    uo0 = [0.0] * count
+    uo = [0.0] * count
     for s in range(count):
         if s:
             a[s] = h[s - 1] + f[s - 1] + up_out[s - 1]
         h[s] = a[s] + dn_in[s] + dn_tgt[s]
-        fw[s] = max(h[s] + n[s] * f[s], a[s] + n[s] * (dn_in[s] + dn_tgt[s]) + f[s])
-        if s:
-            fw[s] = max(fw[s], uo[s - 1] + dn_in[s] + f[s])
+        # 1F1B: replica 0's last forward follows all but k of its backwards.
+        interleaved = max(0, n[s] - k[s]) * g[s] if not gpipe and s < count - 1 else 0.0
+        fw0[s] = max(h[s] + n[s] * f[s] + interleaved, a[s] + n[s] * (dn_in[s] + dn_tgt[s]) + f[s])
+        fw[s] = max(fw0[s], uo[s - 1] + dn_in[s] + f[s]) if s else fw0[s]
+        if d[s] == 1:
+            fw0[s] = fw[s]
         if s < count - 1:
-            uo[s] = max(h[s] + f[s] + n[s] * up_out[s], fw[s] + up_out[s])
-    # GPipe: micro-batch 0's backward at a stage that is not last waits for all the
-    # stage's forwards; its gradient then waits for the activations queued on the uplink
-    # before it, and travels down. 1F1B: it waits only for its own forward and its gradient
-    # (the rest of the stage's forwards interleave with its backwards).
-    gpipe = plan.schedule == "gpipe"
-    b0 = [0.0] * count  # first backward ends
-    grad0 = [0.0] * count  # first gradient arrives
+            uo0[s] = max(h[s] + f[s] + n[s] * up_out[s], fw0[s] + up_out[s])
+            uo[s] = max(uo0[s], fw[s] + up_out[s])
+
+    # Backward: micro-batch 0's backward at a stage that is not last waits for its gradient,
+    # which under GPipe queues behind the next stage's activations on its uplink.
+    b0 = [0.0] * count  # micro-batch 0's backward ends
+    grad0 = [0.0] * count  # micro-batch 0's output gradient has arrived (not last)
     for s in reversed(range(count)):
         if s == count - 1:
             b0[s] = h[s] + f[s] + g[s]
-        else:
-            sent = max(b0[s + 1], uo[s + 1]) if gpipe else b0[s + 1]
-            grad0[s] = sent + up_gin[s + 1] + dn_grad[s]
-            b0[s] = max(h[s] + f[s], fw[s] if gpipe else 0.0, grad0[s]) + g[s]
-    e = [0.0] * count  # last backward ends
+            continue
+        sent = max(b0[s + 1], uo0[s + 1]) if gpipe else b0[s + 1]
+        grad0[s] = sent + up_gin[s + 1] + dn_grad[s]
+        # GPipe: all of replica 0's forwards; 1F1B: its window's (and their inputs' downloads).
+        window = max(h[s] + k[s] * f[s], a[s] + k[s] * (dn_in[s] + dn_tgt[s]) + f[s])
+        before = fw0[s] if gpipe else window
+        b0[s] = max(h[s] + f[s], before, grad0[s]) + g[s]
+
+    e = [0.0] * count  # the last backward of any replica ends
     for s in reversed(range(count)):
         e[s] = max(
             h[s] + n[s] * (f[s] + g[s]),
             fw[s] + g[s],
             a[s] + n[s] * (dn_in[s] + dn_grad[s] + dn_tgt[s]) + g[s],
         )
-        if s < count - 1:
-            nx = s + 1
-            # The next stage's uplink carries all its activations and input gradients; its
-            # last input gradient is for this stage's last backward.
-            uplink = (max(b0[nx], uo[nx]) + n[nx] * up_gin[nx] if gpipe
-                      else max(b0[nx] + n[nx] * up_gin[nx], h[nx] + f[nx] + n[nx] * (up_out[nx] + up_gin[nx])))
-            e[s] = max(
-                e[s],
-                (max(fw[s], grad0[s]) if gpipe else grad0[s]) + n[s] * g[s],
-                e[nx] + up_gin[nx] + dn_grad[s] + g[s],
-                uplink + dn_grad[s] + g[s],
-                grad0[s] + n[s] * dn_grad[s] + g[s],
-            )
+        if s == count - 1:
+            continue
+        nx = s + 1
+        # The next stage's uplink carries its input gradients (and, before them, its activations).
+        if gpipe:
+            uplink = max(b0[nx], uo0[nx]) + n[nx] * up_gin[nx]
+        else:
+            uplink = max(b0[nx] + n[nx] * up_gin[nx], h[nx] + f[nx] + n[nx] * (up_out[nx] + up_gin[nx]))
+        e[s] = max(
+            e[s],
+            (max(fw0[s], grad0[s]) if gpipe else grad0[s]) + n[s] * g[s],
+            e[nx] + up_gin[nx] + dn_grad[s] + g[s],
+            uplink + dn_grad[s] + g[s],
+            grad0[s] + (n[s] - 1) * dn_grad[s] + g[s],
+        )
+        if not gpipe:
+            e[s] = max(e[s], _one_f_one_b_e(
+                s, stages, plan, m_total, b0[s], h[s], k[s], f, g, dn_in, dn_tgt, dn_grad, up_out, up_gin))
+
     end_max = 0.0
     for s, st in enumerate(stages):
         end = max(e[s] + st.update_s, e[s] + up_gin[s])
-        if st.replicas > 1:
-            sync = sync_s(st.param_bytes, st.replicas, st.tier, lat, plan.stage_sync(s))
-            end = max(end, e[s] + up_gin[s] + sync + st.update_s)
+        if d[s] > 1 and st.param_bytes > 0:  # the simulator skips an empty all-reduce
+            sync = sync_bounds(st.param_bytes, d[s], st.tier, lat, plan.stage_sync(s))
+            # Every replica's last backward ends no earlier than e_min (the fewest micro-batches).
+            n_min = m_total // d[s]
+            e_min = max(h[s] + n_min * (f[s] + g[s]), a[s] + n_min * (dn_in[s] + dn_grad[s] + dn_tgt[s]) + g[s])
+            end = max(
+                end,
+                e[s] + up_gin[s] + sync.after_upload + st.update_s,
+                e[s] + sync.after_backward + st.update_s,
+                e_min + up_gin[s] + sync.after_all + st.update_s,
+            )
         if s == count - 1:  # the report for the driver goes up after the update
             end += st.up_s(REPORT_BYTES, lat)
         end_max = max(end_max, end)
     return end_max
+
+
+def _one_f_one_b_e(
+    s: int,
+    stages: Sequence[StageCost],
+    plan: Plan,
+    m_total: int,
+    b0: float,
+    h: float,
+    k: int,
+    f: Sequence[float],
+    g: Sequence[float],
+    dn_in: Sequence[float],
+    dn_tgt: Sequence[float],
+    dn_grad: Sequence[float],
+    up_out: Sequence[float],
+    up_gin: Sequence[float],
+) -> float:
+    """1F1B's own bounds on the last backward of stage ``s`` (not the last stage); see the module docstring."""
+    d, n, nx = stages[s].replicas, stages[s].micro_batches, s + 1
+    step = max(f[s], dn_grad[s])  # backward to backward in the steady phase: a forward, or the next gradient
+    # Replica 0: its first backward, then every backward after the one before it; the next
+    # output gradient is posted after each backward, and in the steady phase a forward runs.
+    steady = b0 + (n - 1) * g[s] + max(0, n - k) * step + min(n - 1, k - 1) * dn_grad[s]
+    # The window: micro-batch m's backward follows the forward of m + δ, δ = k d - (k'-1) d', and
+    # waits for its round trip through the next stage (which runs its backward of m after its
+    # forward of m + (k'-1) d'); so backward m ≥ backward m - δ + C.
+    d1 = stages[nx].replicas
+    k1 = plan.in_flight(nx)
+    delta = k * d - (k1 - 1) * d1
+    last = m_total - 1 - (k1 - 1) * d1  # the last micro-batch whose backward waits so
+    if last < 0 or delta <= 0:
+        return steady
+    trip = f[s] + up_out[s] + dn_in[nx] + dn_tgt[nx] + f[nx] + g[nx] + up_gin[nx] + dn_grad[s] + g[s]
+
+    def own(m: int) -> int:
+        """Micro-batches of the replica that runs ``m``."""
+        return -(-(m_total - m % d) // d)
+
+    def after(m: int) -> float:
+        """The backwards of ``m``'s replica after ``m``'s, each after its gradient's download."""
+        return (own(m) - 1 - m // d) * (g[s] + dn_grad[s])
+
+    cycles, start = divmod(last, delta)
+    # From micro-batch 0's backward up the chain 0, δ, 2δ, ...
+    chain_0 = b0 + cycles * trip + after(cycles * delta)
+    # Up the chain that ends at `last`: from `start`, on the replica that runs it.
+    first = b0 if start % d == 0 else h + trip
+    steps = start // d
+    k_start = min(plan.in_flight(s), own(start))
+    steady_steps = min(steps, max(0, own(start) - k_start))
+    reach = first + steps * g[s] + steady_steps * step + (steps - steady_steps) * dn_grad[s]
+    chain_last = reach + cycles * trip + after(last)
+    return max(steady, chain_0, chain_last)
 
 
 def requests_per_iteration(stages: Sequence[StageCost], plan: Plan) -> tuple[int, int]:

@@ -219,6 +219,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds:,.0f} s ({hours:d}:{minutes:02d}:{secs:02d})"
 
 
+def _runs(plan: Plan) -> tuple[str, tuple[str, ...] | None]:
+    """How the plan runs, for a title: micro-batches, schedule and sync; and each stage's sync
+    for a column when the stages' differ (``–`` for a stage of one replica, which has none)."""
+    names = [plan.stage_sync(s) for s in range(plan.num_stages)]
+    runs = f"{plan.num_micro_batches} micro-batches of {plan.micro_batch_size}"
+    if len(set(names)) == 1:
+        return f"{runs} (global batch {plan.global_batch_size}), schedule={plan.schedule}, sync={names[0]}", None
+    column = tuple(name if plan.replicas[s] > 1 else MISSING for s, name in enumerate(names))
+    return f"{runs} (global batch {plan.global_batch_size}), schedule={plan.schedule}, sync per stage", column
+
+
 def iterations_per_epoch(plan: Plan, samples: int) -> int:
     """Iterations of one pass over ``samples`` samples (a last, partial batch counts as one)."""
     return math.ceil(samples / plan.global_batch_size)
@@ -243,30 +254,32 @@ def plan_report(plan: Plan, *, layer_names: Sequence[str] | None = None) -> Repo
             "hint: pass [layer.name for layer in profile.layers] of the profile the plan was made for"
         )
     where = f" for {plan.platform}" if plan.platform else ""
-    title = (
-        f"Plan{where}: {plan.num_stages} stage(s), {plan.num_workers} worker(s), {plan.num_micro_batches} "
-        f"micro-batches of {plan.micro_batch_size} (global batch {plan.global_batch_size}), sync={plan.sync}"
-    )
+    runs, syncs = _runs(plan)
+    title = f"Plan{where}: {plan.num_stages} stage(s), {plan.num_workers} worker(s), {runs}"
     stages = plan.predicted_stages
     epoch = iterations_per_epoch(plan, plan.samples) if plan.samples is not None else None
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []
+    # Each stage's all-reduce, when the stages' differ (the title names it otherwise).
+    reduce: tuple[str, ...] = ("all-reduce",) if syncs else ()
     if stages is None:
-        header: tuple[str, ...] = ("stage", "layers", "replicas", "memory MB")
+        header: tuple[str, ...] = ("stage", "layers", "replicas", *reduce, "memory MB")
         for stage in range(plan.num_stages):
             memory = str(plan.memory_mb[stage]) if plan.memory_mb else "default"
-            rows.append((str(stage), _layers(plan, stage, layer_names), str(plan.replicas[stage]), memory))
+            rows.append((str(stage), _layers(plan, stage, layer_names), str(plan.replicas[stage]),
+                         *((syncs[stage],) if syncs else ()), memory))
         groups: tuple[tuple[str, int], ...] = ()
     else:
-        header = ("stage", "layers", "replicas", "memory MB", "needed MB", "compute", "sync", "transfer", "idle",
-                  "$/iter")
-        groups = (("", 5), ("predicted seconds per iteration", 4), ("", 1))
+        header = ("stage", "layers", "replicas", *reduce, "memory MB", "needed MB", "compute", "sync", "transfer",
+                  "idle", "$/iter")
+        groups = (("", 5 + len(reduce)), ("predicted seconds per iteration", 4), ("", 1))
         if epoch is not None:
             header += ("$/epoch",)
             groups = (*groups[:-1], ("", 2))
         for st in stages:
             row = (
-                str(st.stage), _layers(plan, st.stage, layer_names), str(st.replicas), str(st.memory_mb),
+                str(st.stage), _layers(plan, st.stage, layer_names), str(st.replicas),
+                *((syncs[st.stage],) if syncs else ()), str(st.memory_mb),
                 f"{st.memory_needed_mb:.0f}", _s(st.compute_s), _s(st.sync_s), _s(st.upload_s + st.download_s),
                 _s(st.idle_s), _usd(st.cost_usd),
             )
@@ -274,6 +287,8 @@ def plan_report(plan: Plan, *, layer_names: Sequence[str] | None = None) -> Repo
         notes.append("seconds of each stage's busiest replica; transfer: its link time up and down, "
                      "overlapped with compute")
         notes.append("$ per stage: its functions' time; the total adds invocations and storage requests")
+    if syncs:
+        notes.append("all-reduce: of each stage's gradients among its replicas (– for one replica)")
     if plan.predicted_iteration_s is not None and plan.predicted_cost_usd is not None:
         notes.append(f"predicted per iteration: {plan.predicted_iteration_s:.3f} s, ${plan.predicted_cost_usd:.6f}")
         if plan.samples is not None and epoch is not None:
@@ -286,24 +301,30 @@ def plan_report(plan: Plan, *, layer_names: Sequence[str] | None = None) -> Repo
     if plan.solver_status is not None:
         gap = plan.solver_gap if plan.solver_gap is not None else 0.0
         notes.append(f"solver: {plan.solver_status}, gap {gap:.2%}, {plan.solve_s or 0:.2f} s")
-    return Report((Table(title, header, tuple(rows), groups, tuple(notes), left=(1,)),))
+    return Report((Table(title, header, tuple(rows), groups, tuple(notes), left=(1, *range(3, 3 + len(reduce)))),))
 
 
 def simulation_report(sim: Simulation) -> Report:
-    """Seconds and dollars of one simulated iteration, per stage."""
+    """Seconds and dollars of one simulated iteration, per stage, and how the plan runs."""
+    runs, syncs = _runs(sim.plan)
     title = (
         f"Simulation on {sim.platform}: {sim.iteration_s:.3f} s and ${sim.cost_usd:.6f} per iteration "
-        f"(formula {sim.formula_s:.3f} s)"
+        f"(formula {sim.formula_s:.3f} s); {runs}"
     )
-    header = ("stage", "layers", "replicas", "MB", "compute", "sync", "upload", "download", "idle", "$/iter")
+    reduce: tuple[str, ...] = ("all-reduce",) if syncs else ()
+    header = ("stage", "layers", "replicas", *reduce, "MB", "compute", "sync", "upload", "download", "idle",
+              "$/iter")
     rows = tuple(
-        (str(st.stage), _layers(sim.plan, st.stage, None), str(st.replicas), str(st.memory_mb), _s(st.compute_s),
-         _s(st.sync_s), _s(st.upload_s), _s(st.download_s), _s(st.idle_s), _usd(st.cost_usd))
+        (str(st.stage), _layers(sim.plan, st.stage, None), str(st.replicas), *((syncs[st.stage],) if syncs else ()),
+         str(st.memory_mb), _s(st.compute_s), _s(st.sync_s), _s(st.upload_s), _s(st.download_s), _s(st.idle_s),
+         _usd(st.cost_usd))
         for st in sim.stages
     )
-    groups = (("", 4), ("seconds per iteration, busiest replica", 5), ("", 1))
-    notes = ("upload and download are link time (transfers plus request latency), overlapped with compute",)
-    return Report((Table(title, header, rows, groups, notes, left=(1,)),))
+    groups = (("", 4 + len(reduce)), ("seconds per iteration, busiest replica", 5), ("", 1))
+    notes = ["upload and download are link time (transfers plus request latency), overlapped with compute"]
+    if syncs:
+        notes.append("all-reduce: of each stage's gradients among its replicas (– for one replica)")
+    return Report((Table(title, header, rows, groups, tuple(notes), left=(1, *range(3, 3 + len(reduce)))),))
 
 
 # -- training runs ----------------------------------------------------------------------

@@ -11,6 +11,11 @@ gives it, on the same three threads as :class:`funcpipe.worker.StageWorker`:
   fetch connections share the downlink;
 * the **upload** thread sends outputs in the order they were produced.
 
+A download is posted when the compute thread reaches its ``recv*`` task, as the
+worker posts it: under GPipe every ``recv`` is at the front of the list, so the
+whole iteration is prefetched; under 1F1B each is posted one step ahead of its
+use, so a download can wait for the compute thread to get there.
+
 A request of ``x`` bytes holds the function's uplink or downlink for
 ``x / bandwidth``, then pays the storage latency; a read starts only once the
 object exists (the storage model of :class:`funcpipe.storage.ThrottledStorage`).
@@ -208,6 +213,9 @@ class _Signal:
         self.waiters: list[_Process] = []
 
 
+#: The tasks that post a download.
+_RECEIVES = ("recv", "recv_target", "recv_grad")
+
 _Request = float | _Signal
 _Process = Generator[_Request, None, None]
 
@@ -277,7 +285,7 @@ class _Item:
     key: tuple[Any, ...]
     nbytes: float
     label: str
-    posted: _Signal | None = None  # None: posted when the iteration starts
+    posted: _Signal = dataclasses.field(default_factory=_Signal)  # handed to its thread
     done: _Signal = dataclasses.field(default_factory=_Signal)
 
 
@@ -353,13 +361,10 @@ class _Worker:
     def start(self) -> None:
         s, st = self.s, self.st
         for op, m in self.tasks:
-            if op == "recv":
-                key = ("input", m) if self.first else ("act", s, m)
-                self._download(key, st.input_bytes, f"{key[0]} {m}")
-            elif op == "recv_target":
-                self._download(("target", m), st.target_bytes, f"target {m}")
-            elif op == "recv_grad":
-                self._download(("grad", s, m), st.output_bytes, f"grad {m}")
+            if op in _RECEIVES:
+                key = self._received_key(op, m)
+                nbytes = {"recv": st.input_bytes, "recv_target": st.target_bytes, "recv_grad": st.output_bytes}[op]
+                self._download(key, nbytes, f"{key[0]} {m}")
             elif op == "send":
                 self._upload(("act", s + 1, m), st.output_bytes, f"act {m}")
             elif op == "send_grad":
@@ -376,19 +381,16 @@ class _Worker:
             for _ in range(FETCH_CONNECTIONS):
                 self.engine.start(self._fetcher(queue))
 
-    def _download(self, key: tuple[Any, ...], nbytes: float, label: str, *, posted: _Signal | None = None) -> _Item:
-        if posted is None and not self.overlap:  # fetched only when the computation asks
-            posted = _Signal()
-        item = _Item(key, nbytes, label, posted)
+    def _download(self, key: tuple[Any, ...], nbytes: float, label: str) -> _Item:
+        item = _Item(key, nbytes, label)
         self.downloads.append(item)
         self.received[key] = item.done
         self.download_items[key] = item
         return item
 
     def _upload(self, key: tuple[Any, ...], nbytes: float, label: str) -> _Item:
-        item = _Item(key, nbytes, label, _Signal())
+        item = _Item(key, nbytes, label)
         self.uploads.append(item)
-        assert item.posted is not None
         self.posted[key] = item.posted
         self.sent[key] = item.done
         return item
@@ -419,10 +421,10 @@ class _Worker:
             for peer in to_peers:
                 self._upload(("chunk", s, peer, r, 0), chunk, "chunk")
             for peer in from_peers:
-                self._download(("chunk", s, r, peer, 0), chunk, "chunk", posted=_Signal())
+                self._download(("chunk", s, r, peer, 0), chunk, "chunk")
             self._upload(("merged", s, r, 0), chunk, "merged")
             for peer in from_peers:
-                self._download(("merged", s, peer, 0), chunk, "merged", posted=_Signal())
+                self._download(("merged", s, peer, 0), chunk, "merged")
         self.to_peers, self.from_peers = to_peers, from_peers
 
     # -- the threads -------------------------------------------------------------
@@ -433,7 +435,13 @@ class _Worker:
     def _compute(self) -> _Process:
         engine, st, s = self.engine, self.st, self.s
         for op, m in self.tasks:
-            if op == "forward":
+            if op in _RECEIVES:
+                # The download is posted here, where the schedule puts it (GPipe: all at the
+                # start; 1F1B: one step ahead of its use). Without overlap it waits until the
+                # computation needs it (_fetch_now).
+                if self.overlap:
+                    engine.fire(self.download_items[self._received_key(op, m)].posted)
+            elif op == "forward":
                 needed = [("input", m) if self.first else ("act", s, m)] + ([("target", m)] if self.last else [])
                 for key in needed:
                     yield from self._fetch_now(key)
@@ -470,10 +478,18 @@ class _Worker:
             yield self.uploads[-1].done
         self.ends[(s, self.replica)] = engine.now
 
+    def _received_key(self, op: str, m: int) -> tuple[Any, ...]:
+        """The object a ``recv*`` task of micro-batch ``m`` downloads."""
+        if op == "recv":
+            return ("input", m) if self.first else ("act", self.s, m)
+        if op == "recv_target":
+            return ("target", m)
+        return ("grad", self.s, m)
+
     def _fetch_now(self, key: tuple[Any, ...]) -> _Process:
         """Without overlap: start the download of ``key`` now (it was not prefetched)."""
         item = self.download_items[key]
-        if not self.overlap and item.posted is not None and item.posted.time is None:
+        if not self.overlap and item.posted.time is None:
             self.engine.fire(item.posted)
         yield from ()
 
@@ -505,14 +521,12 @@ class _Worker:
             for peer in self.from_peers:
                 key: tuple[Any, ...] = ("chunk", s, r, peer, 0) if phase == "chunk" else ("merged", s, peer, 0)
                 item = self.download_items[key]
-                assert item.posted is not None
                 engine.fire(item.posted)
                 yield item.done
 
     def _uploader(self) -> _Process:
         engine = self.engine
         for item in self.uploads:
-            assert item.posted is not None
             yield item.posted
             start = engine.now
             yield self.up.reserve(engine.now, item.nbytes) + self.lat - engine.now
@@ -535,8 +549,7 @@ class _Worker:
     def _downloader(self, items: list[_Item]) -> _Process:
         engine = self.engine
         for item in items:
-            if item.posted is not None:
-                yield item.posted
+            yield item.posted
             yield self.obj(item.key)
             start = engine.now
             yield self.down.reserve(engine.now, item.nbytes) + self.lat - engine.now
