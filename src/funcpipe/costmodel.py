@@ -458,8 +458,17 @@ def sync_s(param_bytes: float, replicas: int, tier: Tier, latency_s: float, algo
     return sync_bounds(param_bytes, replicas, tier, latency_s, algorithm).after_upload
 
 
-def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: Plan) -> float:
-    """Iteration seconds by the closed formula (see the module docstring): a lower bound on the simulator's."""
+def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: Plan, *,
+                        windows: bool = True) -> float:
+    """Iteration seconds by the closed formula (see the module docstring): a lower bound on the simulator's.
+
+    With ``windows=False``, 1F1B's terms that depend on the windows ``k`` (the forwards
+    that follow backwards, the window's forwards before the first backward, the steady
+    phase and the window's cycles) are left out: a lower bound on the formula, and the
+    one the planner's programs minimise exactly (a stage's window depends on the workers
+    after it, which a left-to-right program does not know yet; the planner re-ranks
+    their plans by this formula whole and by the simulator). GPipe has no such terms.
+    """
     lat = platform.latency_s
     count = len(stages)
     m_total = plan.num_micro_batches
@@ -489,7 +498,7 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
             a[s] = h[s - 1] + f[s - 1] + up_out[s - 1]
         h[s] = a[s] + dn_in[s] + dn_tgt[s]
         # 1F1B: replica 0's last forward follows all but k of its backwards.
-        interleaved = max(0, n[s] - k[s]) * g[s] if not gpipe and s < count - 1 else 0.0
+        interleaved = max(0, n[s] - k[s]) * g[s] if windows and not gpipe and s < count - 1 else 0.0
         fw0[s] = max(h[s] + n[s] * f[s] + interleaved, a[s] + n[s] * (dn_in[s] + dn_tgt[s]) + f[s])
         fw[s] = max(fw0[s], uo[s - 1] + dn_in[s] + f[s]) if s else fw0[s]
         if d[s] == 1:
@@ -509,7 +518,8 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
         sent = max(b0[s + 1], uo0[s + 1]) if gpipe else b0[s + 1]
         grad0[s] = sent + up_gin[s + 1] + dn_grad[s]
         # GPipe: all of replica 0's forwards; 1F1B: its window's (and their inputs' downloads).
-        window = max(h[s] + k[s] * f[s], a[s] + k[s] * (dn_in[s] + dn_tgt[s]) + f[s])
+        w = k[s] if windows else 1
+        window = max(h[s] + w * f[s], a[s] + w * (dn_in[s] + dn_tgt[s]) + f[s])
         before = fw0[s] if gpipe else window
         b0[s] = max(h[s] + f[s], before, grad0[s]) + g[s]
 
@@ -535,7 +545,7 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
             uplink + dn_grad[s] + g[s],
             grad0[s] + (n[s] - 1) * dn_grad[s] + g[s],
         )
-        if not gpipe:
+        if windows and not gpipe:
             e[s] = max(e[s], _one_f_one_b_e(
                 s, stages, plan, m_total, b0[s], h[s], k[s], f, g, dn_in, dn_tgt, dn_grad, up_out, up_gin))
 
