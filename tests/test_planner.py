@@ -94,7 +94,6 @@ def check_one(seed: int) -> dict[str, Any] | None:
     def planned(**kwargs: Any) -> Plan:
         return funcpipe.plan(profile, platform, progress=False, **SPACE, **kwargs)
 
-    by_formula = min(sims, key=lambda s: s.formula_s)
     fastest, cheapest = planned(), planned(objective="cost")
     return {
         "seed": seed,
@@ -107,10 +106,7 @@ def check_one(seed: int) -> dict[str, Any] | None:
         "best_time_by_budget": min(s.iteration_s for s in sims if s.cost_usd <= budget),
         "deadline": deadline,
         "budget": budget,
-        "formula_choice_time": by_formula.iteration_s,
         "time": fastest.predicted_iteration_s,
-        "time_choice": (fastest.micro_batch_size, fastest.schedule),
-        "time_without_rerank": planned(candidates=1).predicted_iteration_s,
         "cost": cheapest.predicted_cost_usd,
         "deadline_plan": (lambda p: (p.predicted_iteration_s, p.predicted_cost_usd))(
             planned(objective="cost", deadline_s=deadline)
@@ -155,22 +151,33 @@ def test_the_best_plans_use_more_than_one_micro_batch_size_and_schedule(exhausti
 
 
 def test_formula_agrees_with_the_simulator(exhaustive: list[dict[str, Any]]) -> None:
-    """The closed formula is within 5% of the replay on most plans, within 20% on all under
-    GPipe; under 1F1B it also misses the stalls of a window shorter than a micro-batch's
-    round trip (the replay is then slower), which the planner's re-ranking catches."""
-    for schedule, within_share, worst in (("gpipe", 0.85, 0.2), ("1f1b", 0.75, 0.4)):
+    """The closed formula is a lower bound on the replay, and within 5% of it on most plans."""
+    for schedule, within_share in (("gpipe", 0.85), ("1f1b", 0.75)):
         errors = [e for case in exhaustive for e in case["errors"][schedule]]
         within = sum(abs(e) <= 0.05 for e in errors) / len(errors)
         assert within >= within_share, f"{schedule}: only {within:.0%} of {len(errors)} plans within 5%"
-        assert max(abs(e) for e in errors) <= worst, schedule
+        assert max(errors) <= 1e-9, schedule
 
 
-def test_reranking_catches_what_the_formula_misses(exhaustive: list[dict[str, Any]]) -> None:
-    # Cases where the plan the formula ranks first is > 2% slower in the replay than the best.
-    missed = [c for c in exhaustive if c["formula_choice_time"] > c["best_time"] * 1.02]
-    assert missed, "the formula ranked every case right; this test would show nothing"
-    for case in missed:
-        assert case["time"] <= case["best_time"] * 1.02, case["seed"]
+def test_reranking_catches_what_the_formula_misses() -> None:
+    """The programs minimise the formula without 1F1B's windows; in these cases the plan that ranks
+    first so is a 1F1B plan whose window stalls it by more than 2% in the replay, and the plan the
+    planner returns, re-ranked by the simulator, is within 2% of the best there is."""
+    for seed in (36, 41):
+        rng = random.Random(seed)
+        profile, platform = random_profile(rng), random_platform(rng)
+        sims = every_plan(profile, platform)
+        best = min(s.iteration_s for s in sims)
+
+        def relaxed(sim: funcpipe.Simulation) -> float:
+            stages = costmodel.stage_costs(profile, platform, sim.plan)
+            return costmodel.formula_iteration_s(stages, platform, sim.plan, windows=False)
+
+        first = min(sims, key=lambda s: (relaxed(s), s.formula_s))
+        assert first.plan.schedule == "1f1b" and first.iteration_s > best * 1.02, seed
+        chosen = funcpipe.plan(profile, platform, progress=False, **SPACE)
+        assert chosen.predicted_iteration_s is not None
+        assert chosen.predicted_iteration_s <= best * 1.02, seed
 
 
 # -- never worse than a baseline -------------------------------------------------------------
@@ -194,14 +201,14 @@ def cnn_like(rng: random.Random, layers: int) -> ModelProfile:
 
 
 @pytest.mark.parametrize("platform", ["aws_lambda", "alibaba_fc"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_never_worse_than_a_baseline(platform: str, seed: int) -> None:
     """Under the same simulator, funcpipe's time- and cost-optimal plans are at most 1% worse than
     the best of each baseline, each searched exhaustively over its own space by the simulator:
     one function with gradient accumulation (any micro-batch size and tier), LambdaML with either
     all-reduce (any worker count and tier), and the paper's FuncPipe (GPipe, micro-batches of 4)."""
     rng = random.Random(seed)
-    profile = cnn_like(rng, rng.randint(10, 16))
+    profile = cnn_like(rng, rng.randint(8, 12))
     batch = 32
     for objective, field in (("time", "predicted_iteration_s"), ("cost", "predicted_cost_usd")):
         ours = funcpipe.plan(profile, platform, global_batch_size=batch, objective=objective, time_limit_s=20,
@@ -301,12 +308,13 @@ def test_fixed_choices_are_kept() -> None:
 
 
 def test_a_schedule_only_1f1b_fits_is_chosen() -> None:
-    """Activations of 8 micro-batches that no tier holds under GPipe, but one at a time under 1F1B."""
-    layer = LayerProfile("block", 0.0, 0.01, 0.0, 0.02, 10**6, 10**6, 0.0, 1e5, 5e7)
-    profile = ModelProfile((layer,) * 3, 1e5, 8.0)
-    tiers = (Tier(1024, 1.0, 1.0, 70.0, 70.0),)
+    """One function: GPipe prefetches the inputs of all 8 micro-batches (60 MB each), which its
+    512 MB do not hold; 1F1B holds two at a time."""
+    layer = LayerProfile("block", 0.0, 0.01, 0.0, 0.02, 10**6, 10**6, 0.0, 1e5, 1e7)
+    profile = ModelProfile((layer,) * 3, 3e7, 8.0)
+    tiers = (Tier(512, 1.0, 1.0, 70.0, 70.0),)
     platform = Platform("one", tiers, 0.01, 0.0000166667, 0.0, 2e-7, 5e-6, 4e-7, 900.0, 100, 2**20, "s3")
-    gpipe = Plan.manual([3], micro_batch_size=2, global_batch_size=16, memory_mb=1024)
+    gpipe = Plan.manual([3], micro_batch_size=2, global_batch_size=16, memory_mb=512)
     with pytest.raises(PlanInfeasible, match="stage 0"):
         simulate(dataclasses.replace(gpipe, schedule="gpipe"), profile, platform)
     assert simulate(dataclasses.replace(gpipe, schedule="1f1b"), profile, platform).iteration_s > 0

@@ -39,7 +39,7 @@ def every_value(problem: Problem) -> list[tuple[float, float, Candidate]]:
                             st = costmodel.stage_costs(problem.profile, problem.platform, plan)
                         except PlanInfeasible:
                             continue
-                        seconds = costmodel.formula_iteration_s(st, problem.platform, plan)
+                        seconds = costmodel.formula_iteration_s(st, problem.platform, plan, windows=False)
                         values.append((seconds, costmodel.cost_per_iteration(seconds, st, plan, problem.platform),
                                        candidate))
     return values
@@ -48,7 +48,7 @@ def every_value(problem: Problem) -> list[tuple[float, float, Candidate]]:
 def formula(problem: Problem, candidate: Candidate) -> tuple[float, float]:
     plan = candidate.to_plan(problem)
     st = costmodel.stage_costs(problem.profile, problem.platform, plan)
-    seconds = costmodel.formula_iteration_s(st, problem.platform, plan)
+    seconds = costmodel.formula_iteration_s(st, problem.platform, plan, windows=False)
     return seconds, costmodel.cost_per_iteration(seconds, st, plan, problem.platform)
 
 

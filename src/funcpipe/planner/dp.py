@@ -181,6 +181,7 @@ class _Tables:
         self.o_v = np.array([v for _, _, v in opts], dtype=np.int64)
         self.o_four = np.array([problem.syncs[v] == "four_phase" for _, _, v in opts])
         self.o_n = np.array([-(-m // d) for _, d, _ in opts], dtype=np.float64)
+        self.o_nmin = np.array([m // d for _, d, _ in opts], dtype=np.float64)
         self.o_speed = np.array([tiers[t].speed for t, _, _ in opts])
         self.o_up = np.array([tiers[t].uplink_mb_s * MB_RATE for t, _, _ in opts])
         self.o_down = np.array([tiers[t].downlink_mb_s * MB_RATE for t, _, _ in opts])
@@ -267,24 +268,38 @@ class _Tables:
         u = np.where(first, 0.0, cross_i / up + lat)  # this stage's input-gradient upload
         p = self.params[:j, j][:, None]
 
-        # The all-reduce, as funcpipe.costmodel.sync_s (same operations, vectorised).
+        # The all-reduce's bounds, as funcpipe.costmodel.sync_bounds (same operations, vectorised).
         chunk = p / d
         four = ((d - 1) * (chunk / up + lat) + (d - 1) * (chunk / down + lat) + (chunk / up + lat)
                 + (d - 1) * (chunk / down + lat))
         largest = np.ceil(p / d)  # exact: -(-P // d) for P < 2**53
         pieces = np.maximum(1.0, np.minimum(MAX_PIECES, np.ceil(largest / PIECE_BYTES)))
-        upload = p / up + d * pieces * lat
-        download = np.maximum(2 * (d - 1) / d * p / down + lat,
-                              (d - 1) / 2 * pieces * lat + (d - 1) / (2 * d) * p / down)
-        piece = np.minimum(p / d, PIECE_BYTES)
-        pipelined = np.maximum(upload, download) + piece / up + piece / down + 2 * lat
+        piece = p / d / pieces
+        u_p = piece / up + lat
+        dn_p = piece / down + lat
+        after_upload = np.maximum(np.maximum(d * pieces * u_p + dn_p, ((d - 1) * pieces + 1) * u_p + 2 * dn_p),
+                                  u_p + 2 / d * p / down + lat)
+        after_backward = np.maximum(2 * (d - 1) / d * p / down + lat,
+                                    (d - 1) / 2 * pieces * lat + (d - 1) / (2 * d) * p / down)
+        after_all = np.maximum(np.maximum(
+            np.maximum(d * pieces * u_p, (d - 1) * pieces * u_p + u_p + dn_p) + (d - 1) * piece / down + lat,
+            u_p + 2 * (d - 1) / d * p / down + lat),
+            ((d - 1) * pieces + 1) * u_p + (d - 1) / d * p / down + lat)
         four_phase = self.o_four[None, :]
-        synced = (d > 1) & (p > 0)
-        sync = np.where(synced, np.where(four_phase, four, pipelined), 0.0)
+        synced = (d > 1) & (p > 0)  # the simulator skips an empty all-reduce
+        after_upload = np.where(four_phase, four, after_upload)
+        after_backward = np.where(four_phase, 0.0, after_backward)
+        after_all = np.where(four_phase, 0.0, after_all)
         q = np.where(four_phase, 1.0, pieces)
         tail = np.maximum(upd, u)
-        tail = np.where(d > 1, np.maximum(tail, u + sync + upd), tail)
-
+        tail = np.where(synced, np.maximum(np.maximum(tail, u + after_upload + upd), after_backward + upd), tail)
+        # Every replica's last backward ends no earlier than with the fewest micro-batches, n_min;
+        # the all-reduce's third bound runs from there (relative to the stage's first input).
+        n_min = self.o_nmin[None, :]
+        k1 = dn_in + (self.target / down + lat if last else 0.0)
+        dn_grad_j = 0.0 if last else self.cross[j] / down + lat
+        e_min = np.maximum(k1 + n_min * (f + g), n_min * (k1 + dn_grad_j) + g)
+        min_tail = np.where(synced, e_min + u + after_all + upd, -np.inf)
         sync_writes = np.where(synced, d * d * q, 0.0)
         sync_reads = np.where(synced, d * 2 * (d - 1) * q, 0.0)
         price = np.broadcast_to(self.o_price[None, :], f.shape)
@@ -300,8 +315,6 @@ class _Tables:
 
         cap = self.o_cap[None, :]
         if last:
-            dn_tgt = self.target / down + lat
-            k1 = dn_in + dn_tgt
             if self.gpipe:
                 need = memory(1.0, n, 0.0, n, 0.0)
             else:
@@ -314,6 +327,7 @@ class _Tables:
             req = (sync_writes + d) * self.put + (sync_reads + d) * self.get + 0.0 * f
             return _Column(
                 ok=ok, u=u, a2=dn_in + f, A1=a1, K=kk, g=g + 0.0 * n, G=k1 + f + g + 0.0 * n, tail=full_tail,
+                Y=min_tail + report,
                 price=price, req=req, d=d + 0.0 * f, time_alone=np.maximum(kk, a1 + g) + full_tail,
                 work_usd=work_usd,
             )
@@ -327,11 +341,13 @@ class _Tables:
         else:
             ok, wcap = self._window(memory, n, d, out_b, cap)
         a1 = np.maximum(dn_in + n * f, n * dn_in + f)
+        # Replica 0's last forward (F0) carries the upstream wave only when the stage has one replica.
+        alone = d == 1
         if self.gpipe:
             kk = np.maximum(np.maximum(dn_in + n * (f + g), a1 + n * g), n * (dn_in + dn_grad) + g)
-            kx = n * g
+            kx = np.where(alone, n * g, g)
             gg = np.maximum(np.maximum(a1 + g, dn_in + f + n * up_out), a1 + up_out)
-            gx: Array | None = np.maximum(g, up_out)
+            gx: Array | None = np.where(alone, np.maximum(g, up_out), -np.inf)
             z: Array | None = None
         else:
             kk = np.maximum(np.maximum(dn_in + n * (f + g), a1 + g), n * (dn_in + dn_grad) + g)
@@ -341,8 +357,8 @@ class _Tables:
             z = dn_in + f + n * (up_out + u)
         req = (2 * self.m + sync_writes) * self.put + (2 * self.m + sync_reads) * self.get + 0.0 * f
         return _Column(
-            ok=ok, wcap=wcap, u=u, a2=dn_in + f, K=kk, Kx=kx, G=gg, Gx=gx, Z=z, tail=tail,
-            Dg=dn_grad + g, w=np.maximum((n - 1) * g, n * dn_grad), dl=np.maximum((n - 1) * up_out, a1 - dn_in - f),
+            ok=ok, wcap=wcap, u=u, a2=dn_in + f, K=kk, Kx=kx, G=gg, Gx=gx, Z=z, tail=tail, Y=min_tail,
+            Dg=dn_grad + g, w=(n - 1) * np.maximum(g, dn_grad), dl=np.maximum((n - 1) * up_out, a1 - dn_in - f),
             inc=dn_in + f + up_out, price=price, req=req, d=d + 0.0 * f, time_alone=kk + tail, work_usd=work_usd,
         )
 
@@ -475,7 +491,7 @@ def optimum(problem: Problem, objective: str | tuple[float, float], *, deadline_
         except PlanInfeasible:  # only with memory_slack_bytes: the program's own values
             value_rows.append((value, candidate, math.nan, math.nan, False))
             continue
-        secs = costmodel.formula_iteration_s(stages, problem.platform, plan)
+        secs = costmodel.formula_iteration_s(stages, problem.platform, plan, windows=False)
         dollars = costmodel.cost_per_iteration(secs, stages, plan, problem.platform)
         if not invocations:
             writes, reads = costmodel.requests_per_iteration(stages, plan)
@@ -681,7 +697,8 @@ class _Search:
             fw = np.maximum(col.A1[i], x)
             kappa = np.maximum(col.K[i], fw + col.g[i])
             ppt = np.maximum(pp, tail)
-            out["T"] = np.maximum(np.maximum(v[:, C], v[:, A] + kappa + ppt), v[:, A] + col.G[i] + qq)
+            out["T"] = np.maximum(np.maximum(np.maximum(v[:, C], v[:, A] + kappa + ppt), v[:, A] + col.G[i] + qq),
+                                  v[:, A] + col.Y[i])
             # 1F1B's window: the workers from the cut on (this stage's) within what the stages before allow.
             ok = ok & (-v[:, SG] >= col.d[i])
         else:
@@ -690,7 +707,7 @@ class _Search:
             gamma = col.G[i] if col.Gx is None else np.maximum(col.G[i], x + col.Gx[i])
             ppt = np.maximum(pp, tail)
             a = v[:, A]
-            c_new = np.maximum(np.maximum(v[:, C], a + kappa + ppt), a + gamma + qq)
+            c_new = np.maximum(np.maximum(np.maximum(v[:, C], a + kappa + ppt), a + gamma + qq), a + col.Y[i])
             if col.Z is not None:
                 c_new = np.maximum(c_new, a + v[:, PI] + col.Z[i])
             out["C"] = c_new
@@ -743,7 +760,7 @@ class _Search:
         p = self.p
         plan = candidate.to_plan(p)
         stages = costmodel.stage_costs(p.profile, p.platform, plan)
-        seconds = costmodel.formula_iteration_s(stages, p.platform, plan)
+        seconds = costmodel.formula_iteration_s(stages, p.platform, plan, windows=False)
         if goal.deadline_s is not None and seconds > goal.deadline_s:
             return False
         if goal.budget_usd is None:

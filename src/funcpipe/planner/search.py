@@ -54,6 +54,8 @@ DEFAULT_MAX_STAGES = 8
 DEFAULT_MAX_REPLICAS = 8
 #: The FuncPipe paper's configuration, kept among the candidates: GPipe, micro-batches of 4.
 PAPER_MICRO_BATCH = 4
+#: Rounds of tightened deadlines or budgets when the plans the formula lets through break them.
+LIMIT_ROUNDS = 3
 #: How many one-stage plans (besides each baseline's best and the best one) the simulator sees.
 ONE_STAGE_CANDIDATES = 3
 #: How far above the best plan's formula value another's may be and still be re-ranked by the
@@ -421,45 +423,19 @@ class Search:
             PlanInfeasible: no plan fits, or none meets the deadline and budget.
             PlanTimeout: the searches ran out of time before any plan meeting them was found.
         """
-        space = self.space
         started = time.perf_counter()
         entries: list[_Entry] = []
         lower_bounds: list[float] = []
 
         # 1. One stage by the formula, enumerated whole.
         one = self.one_stage()
-        singles = sorted((e for e in one if goal.acceptable(e.seconds, e.usd)),
-                         key=lambda e: (goal.value(e.seconds, e.usd), e.seconds, e.usd))
-        for e in singles[:ONE_STAGE_CANDIDATES]:
-            entries.append(_Entry(goal.value(e.seconds, e.usd), e.plan, "one-stage"))
-        if singles:
+        entries += self._one_stage_entries(goal, one)
+        if entries:
             lower_bounds.append(entries[0].value)
 
         # 2. Pipelines of two stages and more, by the dynamic program, per micro-batch size and schedule.
-        combos = self._combos(goal, one)
-        proven = True
-        for k, (b, schedule) in enumerate(combos):
-            if space.max_stages < 2:
-                break
-            # Plans up to RERANK_MARGIN above the best so far by the formula may be the best by the
-            # simulator: the program looks for those too.
-            incumbent = min((e.value for e in entries), default=math.inf) * (1 + RERANK_MARGIN)
-            least = self._least(goal, b)
-            if least >= incumbent:  # no pipeline at this micro-batch size can do better
-                lower_bounds.append(least)
-            else:
-                remaining = started + time_limit_s - time.perf_counter()
-                share = max(0.05, remaining / (len(combos) - k))
-                problem = space.problem(b, schedule, tiers=self._tiers(goal))
-                found = self._pipelines(problem, goal, incumbent, candidates, share, give_up_at)
-                if found is None:
-                    proven = False
-                else:
-                    bound, plans = found
-                    lower_bounds.append(bound)
-                    entries += [_Entry(value, plan, "pipeline") for value, plan in plans]
-            if bar is not None:
-                bar.update(1)
+        proven = self._pipeline_entries(goal, goal, one, entries, lower_bounds, candidates, started, time_limit_s,
+                                        give_up_at, bar)
 
         # 3. The paper's configuration.
         paper = self._paper_plan(goal, give_up_at)
@@ -467,21 +443,28 @@ class Search:
             entries.append(_Entry(paper[0], paper[1], "paper"))
 
         # 4. The simulator decides among the best by the formula, each pipeline also under the
-        # other schedule ...
-        entries.sort(key=lambda e: e.value)
-        pool: list[Plan] = []
-        for entry in entries:
-            if entry.origin == "pipeline" and sum(1 for p in pool if p.num_stages > 1) >= candidates:
-                continue
-            pool.append(entry.plan)
-            if entry.plan.num_stages > 1:
-                pool += [dataclasses.replace(entry.plan, schedule=s) for s in space.schedules
-                         if s != entry.plan.schedule]
+        # other schedule. The formula is a lower bound: a plan it lets through a deadline or a
+        # budget may break it in the replay; then the programs look again under limits
+        # tightened by how far the formula fell short (a few rounds at most).
         simulated: list[Simulation] = []
-        for plan in dict.fromkeys(pool):
-            sim = self.try_simulate(plan)
-            if sim is not None:
-                simulated.append(sim)
+        dp_goal = goal
+        for _ in range(LIMIT_ROUNDS):
+            simulated += self._simulate_pool(entries, candidates, simulated)
+            ok = [sim for sim in simulated if goal.acceptable(sim.iteration_s, sim.cost_usd)]
+            best_ok = min((goal.score(sim) for sim in ok), default=None)
+            broke = [sim for sim in simulated if not goal.acceptable(sim.iteration_s, sim.cost_usd)
+                     and (best_ok is None or goal.score(sim) < best_ok)]
+            if not broke or time.perf_counter() > give_up_at:
+                break
+            ratio = min(sim.formula_s / sim.iteration_s for sim in broke)
+            if ratio >= 1 - 1e-9:
+                break
+            dp_goal = dataclasses.replace(
+                dp_goal, deadline_s=None if dp_goal.deadline_s is None else dp_goal.deadline_s * ratio,
+                budget_usd=None if dp_goal.budget_usd is None else dp_goal.budget_usd * ratio)
+            entries += [e for e in self._one_stage_entries(dp_goal, one) if e not in entries]
+            self._pipeline_entries(goal, dp_goal, one, entries, [], candidates, time.perf_counter(),
+                                   max(0.5, (give_up_at - time.perf_counter()) / 2), give_up_at, None)
         ok = [sim for sim in simulated if goal.acceptable(sim.iteration_s, sim.cost_usd)]
         # ... and every one-stage plan that the simulator may find better than those: the
         # baselines' spaces (one function with gradient accumulation, every LambdaML configuration)
@@ -509,12 +492,71 @@ class Search:
         best = min(ok, key=goal.score)
         if goal.pure_time:
             best = self.cheapen(best, goal, give_up_at)
-        best_formula = entries[0].value if entries else math.inf
+        best_formula = min((e.value for e in entries), default=math.inf)
         bound = min(lower_bounds) if lower_bounds else 0.0
         gap = 0.0 if not math.isfinite(best_formula) or best_formula <= 0 else max(
             0.0, (best_formula - bound) / best_formula)
         status = "optimal" if proven and gap <= 1e-9 else "feasible"
         return Result(best, tuple(simulated), status, gap, best_formula)
+
+    def _one_stage_entries(self, goal: Goal, one: list[_Single]) -> list[_Entry]:
+        singles = sorted((e for e in one if goal.acceptable(e.seconds, e.usd)),
+                         key=lambda e: (goal.value(e.seconds, e.usd), e.seconds, e.usd))
+        return [_Entry(goal.value(e.seconds, e.usd), e.plan, "one-stage") for e in singles[:ONE_STAGE_CANDIDATES]]
+
+    def _pipeline_entries(self, goal: Goal, dp_goal: Goal, one: list[_Single], entries: list[_Entry],
+                          lower_bounds: list[float], candidates: int, started: float, time_limit_s: float,
+                          give_up_at: float, bar: Any) -> bool:
+        """Add the best pipelines by the formula under ``dp_goal``'s limits to ``entries`` and their
+        proven bounds to ``lower_bounds``; whether every pair was proven."""
+        space = self.space
+        combos = self._combos(goal, one)
+        proven = True
+        for k, (b, schedule) in enumerate(combos):
+            if space.max_stages < 2:
+                break
+            # Plans up to RERANK_MARGIN above the best so far by the formula may be the best by the
+            # simulator: the program looks for those too.
+            incumbent = min((e.value for e in entries), default=math.inf) * (1 + RERANK_MARGIN)
+            least = self._least(goal, b)
+            if least >= incumbent:  # no pipeline at this micro-batch size can do better
+                lower_bounds.append(least)
+            else:
+                remaining = started + time_limit_s - time.perf_counter()
+                share = max(0.05, remaining / (len(combos) - k))
+                problem = space.problem(b, schedule, tiers=self._tiers(goal))
+                found = self._pipelines(problem, dp_goal, incumbent, candidates, share, give_up_at)
+                if found is None:
+                    proven = False
+                else:
+                    bound, plans = found
+                    lower_bounds.append(bound)
+                    entries += [_Entry(value, plan, "pipeline") for value, plan in plans]
+            if bar is not None:
+                bar.update(1)
+        return proven
+
+    def _simulate_pool(self, entries: list[_Entry], candidates: int, done: list[Simulation]) -> list[Simulation]:
+        """Simulate the best entries by the formula (pipelines: the best ``candidates``, each also
+        under the other schedule) not simulated yet."""
+        space = self.space
+        pool: list[Plan] = []
+        for entry in sorted(entries, key=lambda e: e.value):
+            if entry.origin == "pipeline" and sum(1 for p in pool if p.num_stages > 1) >= 2 * candidates:
+                continue
+            pool.append(entry.plan)
+            if entry.plan.num_stages > 1:
+                pool += [dataclasses.replace(entry.plan, schedule=s) for s in space.schedules
+                         if s != entry.plan.schedule]
+        seen = {sim.plan for sim in done}
+        out = []
+        for plan in dict.fromkeys(pool):
+            if dataclasses.replace(plan, platform=None) in seen:
+                continue
+            sim = self.try_simulate(plan)
+            if sim is not None:
+                out.append(sim)
+        return out
 
     def _tiers(self, goal: Goal) -> tuple[Tier, ...]:
         # For time alone, a tier with at least as much memory, speed and bandwidth as
@@ -573,7 +615,7 @@ class Search:
             stages = costmodel.stage_costs(problem.profile, problem.platform, plan)
         except PlanInfeasible:  # pragma: no cover - the model's byte rounding
             return None if not plans else (0.0, plans)
-        seconds = costmodel.formula_iteration_s(stages, problem.platform, plan)
+        seconds = costmodel.formula_iteration_s(stages, problem.platform, plan, windows=False)
         dollars = costmodel.cost_per_iteration(seconds, stages, plan, problem.platform)
         plans.append((goal.value(seconds, dollars), plan))
         return 0.0, plans
