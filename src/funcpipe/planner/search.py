@@ -54,6 +54,12 @@ DEFAULT_MAX_STAGES = 8
 DEFAULT_MAX_REPLICAS = 8
 #: The FuncPipe paper's configuration, kept among the candidates: GPipe, micro-batches of 4.
 PAPER_MICRO_BATCH = 4
+#: Share of the time limit the most promising (micro-batch size, schedule) gets; the rest split the rest.
+FIRST_SHARE = 0.5
+#: Least time left in the limit for which CP-SAT is tried on a pair the program could not finish.
+CP_SAT_MIN_S = 2.0
+#: Most simulations the cheapening step of a time-optimal plan runs.
+CHEAPEN_SIMULATIONS = 24
 #: Rounds of tightened deadlines or budgets when the plans the formula lets through break them.
 LIMIT_ROUNDS = 3
 #: How many one-stage plans (besides each baseline's best and the best one) the simulator sees.
@@ -61,8 +67,6 @@ ONE_STAGE_CANDIDATES = 3
 #: How far above the best plan's formula value another's may be and still be re-ranked by the
 #: simulator (the formula misses what the replay sees by a few percent either way).
 RERANK_MARGIN = 0.05
-#: How far above the simulator the formula may be for a plan the cheapening step still tries.
-FORMULA_SLACK = 0.2
 
 
 def objective_weight(objective: str | float) -> float:
@@ -508,13 +512,16 @@ class Search:
                           lower_bounds: list[float], candidates: int, started: float, time_limit_s: float,
                           give_up_at: float, bar: Any) -> bool:
         """Add the best pipelines by the formula under ``dp_goal``'s limits to ``entries`` and their
-        proven bounds to ``lower_bounds``; whether every pair was proven."""
+        proven bounds to ``lower_bounds``; whether every pair was proven.
+
+        Every (micro-batch size, schedule) gets a share of the time limit, the most promising
+        half of it; pairs whose proof ran out of time get the time the others left, and CP-SAT
+        the rest when even that was not enough."""
         space = self.space
-        combos = self._combos(goal, one)
-        proven = True
+        ends = started + time_limit_s
+        unfinished: list[Problem] = []
+        combos = self._combos(goal, one) if space.max_stages >= 2 else []
         for k, (b, schedule) in enumerate(combos):
-            if space.max_stages < 2:
-                break
             # Plans up to RERANK_MARGIN above the best so far by the formula may be the best by the
             # simulator: the program looks for those too.
             incumbent = min((e.value for e in entries), default=math.inf) * (1 + RERANK_MARGIN)
@@ -522,18 +529,18 @@ class Search:
             if least >= incumbent:  # no pipeline at this micro-batch size can do better
                 lower_bounds.append(least)
             else:
-                remaining = started + time_limit_s - time.perf_counter()
-                share = max(0.05, remaining / (len(combos) - k))
+                remaining = ends - time.perf_counter()
+                share = max(0.05, remaining * (FIRST_SHARE if k == 0 else 1 / (len(combos) - k)))
                 problem = space.problem(b, schedule, tiers=self._tiers(goal))
-                found = self._pipelines(problem, dp_goal, incumbent, candidates, share, give_up_at)
-                if found is None:
-                    proven = False
-                else:
-                    bound, plans = found
-                    lower_bounds.append(bound)
-                    entries += [_Entry(value, plan, "pipeline") for value, plan in plans]
+                if not self._pipelines(problem, dp_goal, incumbent, candidates, share, None, entries, lower_bounds):
+                    unfinished.append(problem)
             if bar is not None:
                 bar.update(1)
+        proven = True
+        for k, problem in enumerate(unfinished):
+            incumbent = min((e.value for e in entries), default=math.inf) * (1 + RERANK_MARGIN)
+            share = max(0.05, (ends - time.perf_counter()) / (len(unfinished) - k))
+            proven &= self._pipelines(problem, dp_goal, incumbent, candidates, share, ends, entries, lower_bounds)
         return proven
 
     def _simulate_pool(self, entries: list[_Entry], candidates: int, done: list[Simulation]) -> list[Simulation]:
@@ -575,50 +582,69 @@ class Search:
         return sorted(combos, key=lambda c: (best_at.get(c[0], math.inf), c[0] != PAPER_MICRO_BATCH, c))
 
     def _pipelines(self, problem: Problem, goal: Goal, incumbent: float, candidates: int, time_limit_s: float,
-                   give_up_at: float) -> tuple[float, list[tuple[float, Plan]]] | None:
-        """``(proven lower bound, [(value, plan)])`` of one micro-batch size and schedule; ``None``
-        when neither the program nor CP-SAT proved anything in time (the plans then still count)."""
+                   cp_sat_until: float | None, entries: list[_Entry], lower_bounds: list[float]) -> bool:
+        """Add the best plans of one micro-batch size and schedule to ``entries`` and their proven
+        bound to ``lower_bounds``; whether it was proven. With ``cp_sat_until``, CP-SAT tries until
+        then when the program runs out of time."""
         try:
-            found = dp.optimum(problem, goal.dp_objective, deadline_s=goal.deadline_s, budget_usd=goal.budget_usd,
-                               incumbent=incumbent, alternatives=candidates - 1, time_limit_s=time_limit_s)
+            found: dp.Optimum | None = dp.optimum(
+                problem, goal.dp_objective, deadline_s=goal.deadline_s, budget_usd=goal.budget_usd,
+                incumbent=incumbent, alternatives=candidates - 1, time_limit_s=time_limit_s)
         except TimeoutError:
-            return self._cp_sat(problem, goal, None, give_up_at)
-        if found is None:  # proven: no pipeline fits, or none meets the deadline and budget
-            return math.inf, []
-        plans = [] if found.candidate is None else [(found.value, found.candidate.to_plan(problem))]
-        plans += [(v, c.to_plan(problem)) for v, c in found.others]
-        if found.proven:
-            return found.bound, plans
-        return self._cp_sat(problem, goal, found, give_up_at)
+            found = None
+            timed_out = True
+        else:
+            timed_out = found is not None and not found.proven
+        if found is None and not timed_out:  # proven: no pipeline fits, or none meets the deadline and budget
+            lower_bounds.append(math.inf)
+            return True
+        if found is not None:
+            plans = [] if found.candidate is None else [(found.value, found.candidate.to_plan(problem))]
+            plans += [(v, c.to_plan(problem)) for v, c in found.others]
+            entries += [_Entry(value, plan, "pipeline") for value, plan in plans if
+                        _Entry(value, plan, "pipeline") not in entries]
+            if found.proven:
+                lower_bounds.append(found.bound)
+                return True
+        if cp_sat_until is None:
+            return False
+        solved = self._cp_sat(problem, goal, found, cp_sat_until)
+        if solved is None:
+            return False
+        bound, plans = solved
+        entries += [_Entry(value, plan, "pipeline") for value, plan in plans]
+        if bound > 0:
+            lower_bounds.append(bound)
+        return bound > 0
 
     def _cp_sat(self, problem: Problem, goal: Goal, found: dp.Optimum | None,
-                give_up_at: float) -> tuple[float, list[tuple[float, Plan]]] | None:
-        """CP-SAT on one pair when the program ran out of time, from the program's plan if it had one."""
+                until: float) -> tuple[float, list[tuple[float, Plan]]] | None:
+        """CP-SAT on one pair the program could not finish, from the program's plan if it had one:
+        ``(proven lower bound, [(value, plan)])``, ``(0, ...)`` when it proved nothing, ``None``
+        when it did not run or found nothing in time."""
         hint = None if found is None else found.candidate
-        plans = [] if found is None or hint is None else [(found.value, hint.to_plan(problem))]
-        plans += [] if found is None else [(v, c.to_plan(problem)) for v, c in found.others]
-        remaining = give_up_at - time.perf_counter()
-        if remaining <= 0.1 or (goal.budget_usd is not None and goal.deadline_s is not None):
-            return None if not plans else (0.0, plans)
+        remaining = until - time.perf_counter()
         weight = 1.0 if goal.pure_time else 0.0 if goal.time_weight == 0 else None
-        if weight is None:
-            return None if not plans else (0.0, plans)
+        if remaining < CP_SAT_MIN_S or weight is None:
+            return None
         try:
             solution = solve(problem, Objective(weight), deadline_s=goal.deadline_s, budget_usd=goal.budget_usd,
-                             time_limit_s=min(remaining, 30.0), hint=hint)
+                             time_limit_s=remaining, hint=hint)
         except PlanTimeout:
-            return None if not plans else (0.0, plans)
+            return None
         if solution is None:
             return math.inf, []
         plan = solution.candidate.to_plan(problem)
         try:
             stages = costmodel.stage_costs(problem.profile, problem.platform, plan)
         except PlanInfeasible:  # pragma: no cover - the model's byte rounding
-            return None if not plans else (0.0, plans)
+            return None
         seconds = costmodel.formula_iteration_s(stages, problem.platform, plan, windows=False)
         dollars = costmodel.cost_per_iteration(seconds, stages, plan, problem.platform)
-        plans.append((goal.value(seconds, dollars), plan))
-        return 0.0, plans
+        value = goal.value(seconds, dollars)
+        # CP-SAT's bound, in the goal's units (its model rounds the formula by well under 0.1%).
+        bound = value * (1 - solution.gap) * 0.999 if solution.gap < 1 else 0.0
+        return bound, [(value, plan)]
 
     def _least(self, goal: Goal, micro_batch_size: int) -> float:
         """A lower bound on the goal's value of every plan at ``micro_batch_size``: micro-batch 0
@@ -657,7 +683,8 @@ class Search:
     def cheapen(self, best: Simulation, goal: Goal, give_up_at: float) -> Simulation:
         """Smaller tiers and fewer replicas, stage by stage, wherever the simulator says it costs no time."""
         improved = True
-        while improved and time.perf_counter() < give_up_at:
+        tries = 0
+        while improved and time.perf_counter() < give_up_at and tries < CHEAPEN_SIMULATIONS:
             improved = False
             plan = best.plan
             assert plan.memory_mb is not None
@@ -671,8 +698,9 @@ class Search:
                         memory_mb=tuple(memory if s == stage else m for s, m in enumerate(plan.memory_mb)),
                         replicas=tuple(replicas if s == stage else r for s, r in enumerate(plan.replicas)),
                     )
-                    if not self._may_beat(candidate, best):
+                    if not self._may_beat(candidate, best) or tries >= CHEAPEN_SIMULATIONS:
                         continue
+                    tries += 1
                     sim = self.try_simulate(candidate)
                     if sim is None:
                         continue
@@ -685,19 +713,17 @@ class Search:
         return best
 
     def _may_beat(self, plan: Plan, best: Simulation) -> bool:
-        """Whether ``plan`` may be as fast as ``best`` and cheaper, by the formula (a heuristic
-        filter: the formula's seconds are within a few percent of the simulator's, rarely
-        :data:`FORMULA_SLACK` above): simulate only those."""
+        """Whether ``plan`` may be as fast as ``best`` and cheaper: the formula is a lower bound on the
+        simulator's seconds (and so on its dollars), so only those it allows are simulated."""
         space = self.space
         try:
             stages = costmodel.stage_costs(space.profile, space.platform, plan)
         except PlanInfeasible:
             return False
         seconds = costmodel.formula_iteration_s(stages, space.platform, plan)
-        if seconds > best.iteration_s * (1 + FORMULA_SLACK):
+        if seconds > best.iteration_s:
             return False
-        dollars = costmodel.cost_per_iteration(seconds, stages, plan, space.platform)
-        return dollars < best.cost_usd * (1 + FORMULA_SLACK)
+        return costmodel.cost_per_iteration(seconds, stages, plan, space.platform) < best.cost_usd
 
     def explain_infeasible(self, goal: Goal) -> None:
         """Raise :class:`PlanInfeasible` saying which limit no plan meets and what the best plan reaches."""
