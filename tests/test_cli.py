@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import funcpipe
 import torch
 
 from funcpipe import Plan, cli, simulate
@@ -180,6 +182,31 @@ def test_profile_json_and_out(tiny_model: str, tmp_path: Path, capsys: pytest.Ca
     assert printed == ModelProfile.load(out_path)
     assert [layer.name for layer in printed.layers] == ["0", "1", "2"]
     assert "profile saved to" in captured.err
+
+
+def test_plan_chooses_the_micro_batch_and_schedule_unless_told(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    profile_path = big_profile(tmp_path / "big.json")
+    common = ["plan", str(profile_path), "--platform", "aws_lambda", "--global-batch", "8", "--time-limit", "5",
+              "--json"]
+    expected = funcpipe.plan(ModelProfile.load(profile_path), "aws_lambda", global_batch_size=8, time_limit_s=5,
+                             progress=False)
+    assert main(common) == 0  # --micro-batch auto, --schedule auto and --sync auto are the defaults
+    chosen = Plan.from_dict({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "per_epoch"})
+    assert chosen == expected
+    assert main([*common, "--micro-batch", "4", "--schedule", "1f1b", "--sync", "four_phase"]) == 0
+    fixed = Plan.from_dict({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "per_epoch"})
+    assert (fixed.micro_batch_size, fixed.schedule) == (4, "1f1b")
+    assert main([*common, "--micro-batch", "2,8"]) == 0
+    listed = Plan.from_dict({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "per_epoch"})
+    assert listed.micro_batch_size in (2, 8)
+    assert main([*common, "--micro-batch", "3"]) == 2
+    assert "micro_batch_size 3 does not divide global_batch_size 8" in capsys.readouterr().err
+    for flag, value, message in (("--schedule", "pipedream", "'pipedream' is not one of auto, gpipe, 1f1b"),
+                                 ("--micro-batch", "two", "is not auto, a micro-batch size or a comma-separated")):
+        with pytest.raises(SystemExit) as info:  # a usage error, as argparse reports it
+            main([*common, flag, value])
+        assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_plan_table_json_and_out_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
