@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-import funcpipe
 import torch
 
+import funcpipe
 from funcpipe import Plan, cli, simulate
 from funcpipe.cli import build_parser, main
 from funcpipe.profiler import LayerProfile, ModelProfile
