@@ -58,8 +58,8 @@ PAPER_MICRO_BATCH = 4
 FIRST_SHARE = 0.5
 #: Least time left in the limit for which CP-SAT is tried on a pair the program could not finish.
 CP_SAT_MIN_S = 2.0
-#: Most simulations the cheapening step of a time-optimal plan runs.
-CHEAPEN_SIMULATIONS = 24
+#: Most simulations the cheapening step of a time-optimal plan runs (each small gain costs a replay).
+CHEAPEN_SIMULATIONS = 12
 #: Rounds of tightened deadlines or budgets when the plans the formula lets through break them.
 LIMIT_ROUNDS = 3
 #: How many one-stage plans (besides each baseline's best and the best one) the simulator sees.
@@ -361,12 +361,17 @@ class Search:
             for d in range(1, space.one_stage_replicas(b) + 1):
                 for schedule in space.schedules:
                     for sync in (space.syncs if d > 1 else space.syncs[:1]):
-                        for tier in space.tiers:
+                        # A tier with less memory than one the plan does not fit does not fit either.
+                        too_small = 0
+                        for tier in sorted(space.tiers, key=lambda t: -t.memory_mb):
+                            if tier.memory_mb < too_small:
+                                continue
                             plan = Plan((layers,), (d,), b, space.global_batch_size, (tier.memory_mb,), sync,
                                         schedule)
                             try:
                                 stages = costmodel.stage_costs(space.profile, plat, plan)
                             except PlanInfeasible:
+                                too_small = tier.memory_mb
                                 continue
                             seconds = costmodel.formula_iteration_s(stages, plat, plan)
                             low = _simulated_at_least(stages[0], plat)
@@ -609,12 +614,12 @@ class Search:
         if cp_sat_until is None:
             return False
         solved = self._cp_sat(problem, goal, found, cp_sat_until)
-        if solved is None:
+        if solved is None:  # nothing proven: the closed-form bound of every plan at this micro-batch size
+            lower_bounds.append(self._least(goal, problem.micro_batch_size))
             return False
         bound, plans = solved
         entries += [_Entry(value, plan, "pipeline") for value, plan in plans]
-        if bound > 0:
-            lower_bounds.append(bound)
+        lower_bounds.append(max(bound, self._least(goal, problem.micro_batch_size)))
         return bound > 0
 
     def _cp_sat(self, problem: Problem, goal: Goal, found: dp.Optimum | None,
