@@ -75,6 +75,8 @@ IntArray = npt.NDArray[np.int64]
 LIMIT_SLACK = 1e-9
 #: Labels per cut of the narrow first pass, which finds the incumbent.
 BEAM = 16
+#: Layers x options above which the narrow pass is coarse: fewer options, a beam shrinking with depth.
+COARSE_ABOVE = 150 * 128
 #: Levels of the iteration seconds at which the cost bound of the rest is tabulated.
 GRID = 48
 #: The grid spans iteration seconds from its top divided by this to its top.
@@ -138,7 +140,7 @@ class _Column:
 class _Tables:
     """The formula's constants by segment, and the options of a stage."""
 
-    def __init__(self, problem: Problem, memory_slack_bytes: float = 0.0) -> None:
+    def __init__(self, problem: Problem, memory_slack_bytes: float = 0.0, *, coarse: bool = False) -> None:
         prof, plat = problem.profile, problem.platform
         self.p = problem
         b = problem.micro_batch_size
@@ -173,8 +175,10 @@ class _Tables:
 
         # The options of a stage: (tier, replicas, sync); one sync where there are no replicas.
         tiers = problem.tiers
+        # Coarse (the narrow pass's): replica counts that are powers of two, the first all-reduce.
         opts = [(t, d, v) for t in range(len(tiers)) for d in range(1, problem.max_replicas + 1)
-                for v in (range(len(problem.syncs)) if d > 1 else range(1))]
+                for v in (range(len(problem.syncs)) if d > 1 and not coarse else range(1))
+                if not coarse or d & (d - 1) == 0]
         self.opts = opts
         self.o_tier = np.array([t for t, _, _ in opts], dtype=np.int64)
         self.o_d = np.array([d for _, d, _ in opts], dtype=np.float64)
@@ -398,10 +402,12 @@ NCOORD = 10
 class _Labels:
     """Labels at one cut: coordinates (rows) and back-pointers."""
 
-    __slots__ = ("opt", "parent_cut", "parent_row", "vals")
+    __slots__ = ("bound", "opt", "parent_cut", "parent_row", "vals")
 
-    def __init__(self, vals: Array, parent_cut: IntArray, parent_row: IntArray, opt: IntArray) -> None:
+    def __init__(self, vals: Array, parent_cut: IntArray, parent_row: IntArray, opt: IntArray,
+                 bound: Array) -> None:
         self.vals, self.parent_cut, self.parent_row, self.opt = vals, parent_cut, parent_row, opt
+        self.bound = bound  # each label's lower bound on its completions' objective
 
 
 def _pareto(vals: Array) -> IntArray:
@@ -464,18 +470,24 @@ def optimum(problem: Problem, objective: str | tuple[float, float], *, deadline_
     # that it prunes as hard as it can).
     # It runs to the end whatever the time limit (a beam of labels per cut: fractions of a second),
     # so that out of time there is a plan.
-    narrow = _Search(problem, tab, goal, math.inf, keep=1 + max(0, alternatives), incumbent=incumbent, beam=BEAM)
+    # On deep models with many options it keeps fewer labels, over fewer options (_Tables coarse).
+    count, options = problem.profile.num_layers, len(tab.opts)
+    coarse = count * options > COARSE_ABOVE
+    narrow_tab = _Tables(problem, memory_slack_bytes, coarse=True) if coarse else tab
+    beam = max(4, int(BEAM * min(1.0, 100 / count))) if coarse else BEAM
+    narrow = _Search(problem, narrow_tab, goal, math.inf, keep=1 + max(0, alternatives), incumbent=incumbent,
+                     beam=beam)
     narrow.run()
     seeds = sorted(narrow.found, key=lambda pair: pair[0])
-    search = _Search(problem, tab, goal, give_up, keep=1, incumbent=incumbent, gap=gap, found=seeds[:1])
     proven = True
     try:
+        search = _Search(problem, tab, goal, give_up, keep=1, incumbent=incumbent, gap=gap, found=seeds[:1])
         search.run()
         bound = search.threshold()
     except TimeoutError:
         if not narrow.found and not math.isfinite(incumbent):
             raise
-        proven, bound = False, 0.0
+        search, proven, bound = narrow, False, 0.0
     seconds = time.perf_counter() - started
     if not search.found:
         if math.isfinite(incumbent):
@@ -574,7 +586,8 @@ class _Search:
         if goal.deadline_s is not None:
             top = min(top, goal.deadline_s)
         levels = [0.0]
-        if math.isfinite(top) and top > 0:
+        # The narrow pass, which must finish, prices the rest at one level (a weaker bound, cheap).
+        if math.isfinite(top) and top > 0 and self.beam is None:
             levels += list(np.geomspace(top / SPAN, top, GRID))
         self.grid = np.array(levels)
         self.rest = self._rest_usd(self.grid)
@@ -599,6 +612,8 @@ class _Search:
         col = tab.cached(count)
         rest[:, :count] = stage_usd(col)
         for j2 in range(count - 1, 0, -1):
+            if time.perf_counter() > self.give_up:
+                raise TimeoutError("the dynamic program ran out of time")
             col = tab.cached(j2)
             rest[:, :j2] = np.minimum(rest[:, :j2], stage_usd(col) + rest[:, j2:j2 + 1])
         return rest
@@ -652,7 +667,7 @@ class _Search:
         start = np.zeros((1, NCOORD))
         start[0, [DL, C, PI, RHO]] = -np.inf
         start[0, SG] = -NO_LIMIT
-        self.labels[0] = _Labels(start, np.array([-1]), np.array([-1]), np.array([-1]))
+        self.labels[0] = _Labels(start, np.array([-1]), np.array([-1]), np.array([-1]), np.zeros(1))
         for j in range(1, count + 1):
             if time.perf_counter() > self.give_up:
                 raise TimeoutError("the dynamic program ran out of time")
@@ -665,7 +680,7 @@ class _Search:
                 self._extend(j, src_cut, src_row, vals)
 
     def _sources(self, j: int, last: bool) -> tuple[IntArray, IntArray, Array | None]:
-        cuts, rows, vals = [], [], []
+        cuts, rows, vals, bounds = [], [], [], []
         room = self.p.max_stages - (1 if last else 2)  # stages a source may have used
         for i in range(j):
             lab = self.labels[i]
@@ -677,9 +692,11 @@ class _Search:
             cuts.append(np.full(len(idx), i))
             rows.append(idx)
             vals.append(lab.vals[idx])
+            bounds.append(lab.bound[idx])
         if not vals:
             return np.empty(0, np.int64), np.empty(0, np.int64), None
-        return np.concatenate(cuts), np.concatenate(rows), np.concatenate(vals)
+        src_cut, src_row, src_vals = np.concatenate(cuts), np.concatenate(rows), np.concatenate(vals)
+        return src_cut, src_row, src_vals
 
     def _step(self, col: _Column, src_cut: IntArray, vals: Array, last: bool) -> tuple[dict[str, Array], Any]:
         """The new stage ``[i, j)`` for every source label and every option: ``[N, O]`` arrays."""
@@ -793,9 +810,9 @@ class _Search:
         rows, new, bound = rows[keep], new[keep], bound[keep]
         if self.beam is not None and len(new) > self.beam:
             keep = np.argsort(bound, kind="stable")[:self.beam]
-            rows, new = rows[keep], new[keep]
+            rows, new, bound = rows[keep], new[keep], bound[keep]
         row, o = np.unravel_index(rows, shape)
-        self.labels[j] = _Labels(new, src_cut[row], src_row[row], o.astype(np.int64))
+        self.labels[j] = _Labels(new, src_cut[row], src_row[row], o.astype(np.int64), bound)
         self.kept += len(new)
 
     def _plan(self, cut: int, row: int, o: int) -> Candidate:

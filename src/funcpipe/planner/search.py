@@ -525,6 +525,7 @@ class Search:
         space = self.space
         ends = started + time_limit_s
         unfinished: list[Problem] = []
+        unproven = False
         combos = self._combos(goal, one) if space.max_stages >= 2 else []
         for k, (b, schedule) in enumerate(combos):
             # Plans up to RERANK_MARGIN above the best so far by the formula may be the best by the
@@ -533,6 +534,9 @@ class Search:
             least = self._least(goal, b)
             if least >= incumbent:  # no pipeline at this micro-batch size can do better
                 lower_bounds.append(least)
+            elif time.perf_counter() >= ends and entries:  # out of time: its closed-form bound only
+                lower_bounds.append(least)
+                unproven = True
             else:
                 remaining = ends - time.perf_counter()
                 share = max(0.05, remaining * (FIRST_SHARE if k == 0 else 1 / (len(combos) - k)))
@@ -541,8 +545,12 @@ class Search:
                     unfinished.append(problem)
             if bar is not None:
                 bar.update(1)
-        proven = True
+        proven = not unproven
         for k, problem in enumerate(unfinished):
+            if time.perf_counter() >= ends:
+                lower_bounds.append(self._least(goal, problem.micro_batch_size))
+                proven = False
+                continue
             incumbent = min((e.value for e in entries), default=math.inf) * (1 + RERANK_MARGIN)
             share = max(0.05, (ends - time.perf_counter()) / (len(unfinished) - k))
             proven &= self._pipelines(problem, dp_goal, incumbent, candidates, share, ends, entries, lower_bounds)
