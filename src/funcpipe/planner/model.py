@@ -324,8 +324,9 @@ class _Builder:
             z, r = self.z[s], self.r[s]
             v = {name: tvar(f"{name}{s}") for name in (
                 "f", "g", "upd", "dn_in", "dn_tgt", "dn_grad", "up_out", "up_gin",
-                "nf", "ng", "ndl_f", "ndl", "nup", "nupo", "E", "end", "sync", "Pup", "Pdn", "U", "D",
-                "up_report", "Uo", "B0", "G", "X", "ngin", "ndg", "fill",
+                "nf", "ng", "ndl_f", "ndl", "nup", "nupo", "E", "end", "Pup", "Pdn", "pu", "pd",
+                "SU", "SB", "SA", "Emin", "nmin_fg", "nmin_dl",
+                "up_report", "Uo0", "Uo", "F0", "B0", "G", "X", "ngin", "ndg",
             )}
             in_b = crossing[s]
             out_b = md.new_int_var(0, max(self.b_cut), f"out{s}")
@@ -335,7 +336,8 @@ class _Builder:
             else:
                 md.add(out_b == 0)
             params = seg("param", s)
-            small = md.new_bool_var(f"one_piece{s}")  # chunks of at most PIECE_BYTES: one piece each
+            # One piece of the pipelined all-reduce, pi = P / (d q) (rounded up): d q pi >= P.
+            piece = md.new_int_var(0, max(1, self.b_param[-1]), f"piece{s}")
             for t, tier in enumerate(tiers):
                 lit = z[t]
                 inv = 1.0 / tier.speed
@@ -348,7 +350,8 @@ class _Builder:
                 self._ge_scaled(v["dn_tgt"], self.b_target, dn, lat, [lit, last[s]])
                 self._ge_scaled(v["Pup"], params, up, 0, [lit])
                 self._ge_scaled(v["up_report"], self.b_report, up, lat, [lit, last[s]])
-                self._ge_scaled(v["fill"], self.piece_units, up + dn, 2 * lat, [lit, ~small])
+                self._ge_scaled(v["pu"], piece, up, 0, [lit])
+                self._ge_scaled(v["pd"], piece, dn, 0, [lit])
                 self._ge_scaled(v["Pdn"], params, dn, 0, [lit])
                 if nxt[s] is not None:
                     self._ge_scaled(v["dn_grad"], out_b, dn, lat, [lit, nxt[s]])
@@ -362,6 +365,8 @@ class _Builder:
             q = md.new_int_var(1, MAX_PIECES, f"pieces{s}")
             capped = md.new_bool_var(f"capped{s}")
             md.add(q == MAX_PIECES).only_enforce_if(capped)
+            q_piece = md.new_int_var(0, MAX_PIECES * max(1, self.b_param[-1]), f"q_piece{s}")
+            md.add_multiplication_equality(q_piece, [q, piece])
             tgt_b = md.new_int_var(0, self.b_target, f"tgt{s}")
             md.add(tgt_b == self.b_target).only_enforce_if(last[s])
             md.add(tgt_b == 0).only_enforce_if(~last[s])
@@ -388,8 +393,10 @@ class _Builder:
                 md.add(per_micro_batch == seg("held", s) + out_b + in_b)
                 in_flight_bytes = md.new_int_var(0, 3 * self.byte_total * m, f"in_flight_bytes{s}")
                 md.add_multiplication_equality(in_flight_bytes, [window, per_micro_batch])
-            rq_s = md.new_int_var(0, (MAX_PIECES + 1) * 3 * d_max * d_max * (self._put + self._get), f"rq{s}")
-            rq_terms.append(rq_s)
+            # Requests: the all-reduce's pieces, and (last stage) each replica's report.
+            rq_s = md.new_int_var(0, MAX_PIECES * 3 * d_max * d_max * (self._put + self._get), f"rq{s}")
+            rq_report = md.new_int_var(0, d_max * (self._put + self._get), f"rq_report{s}")
+            rq_terms += [rq_s, rq_report]
             for i, d in enumerate(reps):
                 lit = r[i]
                 n = -(-m // d)
@@ -401,6 +408,9 @@ class _Builder:
                 md.add(v["nupo"] >= n * v["up_out"]).only_enforce_if(lit)
                 md.add(v["ngin"] >= n * v["up_gin"]).only_enforce_if(lit)
                 md.add(v["ndg"] >= n * v["dn_grad"]).only_enforce_if(lit)
+                n_min = m // d  # the least busy replica's micro-batches
+                md.add(v["nmin_fg"] >= n_min * (v["f"] + v["g"])).only_enforce_if(lit)
+                md.add(v["nmin_dl"] >= n_min * (v["dn_in"] + v["dn_grad"] + v["dn_tgt"])).only_enforce_if(lit)
                 # The memory model of funcpipe.costmodel.memory_terms, with the counts of
                 # funcpipe.costmodel.held for this schedule.
                 sync_buffers = 2 * params if d > 1 else 0
@@ -429,37 +439,50 @@ class _Builder:
                             sync_lits = [lit, has_params]
                         else:
                             sync_lits = [lit, has_params, four if is_four else ~four]
+                        # funcpipe.costmodel.sync_bounds: after_upload SU, after_backward SB,
+                        # after_all SA (pieces of pi bytes: u = pu + lat, dn = pd + lat; q u d = Pup + d q lat).
+                        su, sb, sa, pu, pd = v["SU"], v["SB"], v["SA"], v["pu"], v["pd"]
                         if is_four:
-                            md.add(d * v["sync"] >= d * v["Pup"] + 2 * (d - 1) * v["Pdn"] + d * (3 * d - 2) * lat
+                            md.add(d * su >= d * v["Pup"] + 2 * (d - 1) * v["Pdn"] + d * (3 * d - 2) * lat
                                    ).only_enforce_if(sync_lits)
                             md.add(rq_s >= d * d * self._put + 2 * d * (d - 1) * self._get).only_enforce_if(
                                 sync_lits)
                             continue
+                        # q = piece_count: min(MAX_PIECES, ceil(P / (d PIECE_BYTES))), exactly.
                         md.add(q * (d * self.piece_units) >= params).only_enforce_if([lit, ~capped])
-                        md.add(v["U"] >= v["Pup"] + d * lat * q).only_enforce_if(sync_lits)
-                        md.add(2 * d * v["D"] >= 4 * (d - 1) * v["Pdn"] + 2 * d * lat).only_enforce_if(sync_lits)
-                        md.add(2 * d * v["D"] >= d * (d - 1) * lat * q + (d - 1) * v["Pdn"]).only_enforce_if(sync_lits)
-                        # Fill and drain: one piece up and one down; a piece is P/d or PIECE_BYTES.
-                        md.add(params <= d * self.piece_units).only_enforce_if([lit, small])
-                        md.add(params >= d * self.piece_units + 1).only_enforce_if([lit, ~small])
-                        md.add(d * v["fill"] >= v["Pup"] + v["Pdn"] + 2 * d * lat).only_enforce_if(
-                            [*sync_lits, small])
-                        md.add(v["sync"] >= v["U"] + v["fill"]).only_enforce_if(sync_lits)
-                        md.add(v["sync"] >= v["D"] + v["fill"]).only_enforce_if(sync_lits)
+                        md.add((q - 1) * (d * self.piece_units) <= params - 1).only_enforce_if([lit, has_params])
+                        md.add(d * q_piece >= params).only_enforce_if(sync_lits)
+                        chunk_up = (d - 1) * v["Pup"] + d * (d - 1) * lat * q  # d x (d-1) q u
+                        md.add(su >= v["Pup"] + d * lat * q + pd + lat).only_enforce_if(sync_lits)
+                        md.add(d * su >= chunk_up + d * (pu + 2 * pd + 3 * lat)).only_enforce_if(sync_lits)
+                        md.add(d * su >= d * (pu + 2 * lat) + 2 * v["Pdn"]).only_enforce_if(sync_lits)
+                        md.add(d * sb >= 2 * (d - 1) * v["Pdn"] + d * lat).only_enforce_if(sync_lits)
+                        md.add(2 * d * sb >= d * (d - 1) * lat * q + (d - 1) * v["Pdn"]).only_enforce_if(sync_lits)
+                        md.add(sa >= v["Pup"] + d * lat * q + (d - 1) * pd + lat).only_enforce_if(sync_lits)
+                        md.add(d * sa >= chunk_up + d * (pu + d * pd + 3 * lat)).only_enforce_if(sync_lits)
+                        md.add(d * sa >= d * (pu + 2 * lat) + 2 * (d - 1) * v["Pdn"]).only_enforce_if(sync_lits)
+                        md.add(d * sa >= chunk_up + d * (pu + 2 * lat) + (d - 1) * v["Pdn"]).only_enforce_if(
+                            sync_lits)
                         md.add(rq_s >= q * (d * d * self._put + 2 * d * (d - 1) * self._get)).only_enforce_if(
                             sync_lits)
-                md.add(rq_s >= d * (self._put + self._get)).only_enforce_if([lit, last[s]])
+                md.add(rq_report >= d * (self._put + self._get)).only_enforce_if([lit, last[s]])
             # The pipeline recursion of funcpipe.costmodel (times of the busiest replica).
             a_s = 0 if s == 0 else H[s - 1] + stage_vars[s - 1]["f"] + stage_vars[s - 1]["up_out"]
             h_s = tvar(f"H{s}")
             md.add(h_s == a_s + v["dn_in"] + v["dn_tgt"])
+            # F0 / Uo0: replica 0's last forward / activation upload; F / Uo: any replica's.
+            f0_s = v["F0"]
+            md.add(f0_s >= h_s + v["nf"])
+            md.add(f0_s >= a_s + v["ndl_f"] + v["f"])
             f_s = tvar(f"F{s}")
-            md.add(f_s >= h_s + v["nf"])
-            md.add(f_s >= a_s + v["ndl_f"] + v["f"])
+            md.add(f_s >= f0_s)
             if s > 0:
                 md.add(f_s >= stage_vars[s - 1]["Uo"] + v["dn_in"] + v["f"])
+            md.add(f0_s >= f_s).only_enforce_if(r[0])  # one replica: replica 0 is every replica
             if nxt[s] is not None:
-                md.add(v["Uo"] >= h_s + v["f"] + v["nupo"]).only_enforce_if(nxt[s])
+                md.add(v["Uo0"] >= h_s + v["f"] + v["nupo"]).only_enforce_if(nxt[s])
+                md.add(v["Uo0"] >= f0_s + v["up_out"]).only_enforce_if(nxt[s])
+                md.add(v["Uo"] >= v["Uo0"])
                 md.add(v["Uo"] >= f_s + v["up_out"]).only_enforce_if(nxt[s])
             A.append(a_s)
             H.append(h_s)
@@ -480,20 +503,28 @@ class _Builder:
                 md.add(v["X"] >= nx["B0"])
                 md.add(v["G"] >= v["X"] + nx["up_gin"] + v["dn_grad"]).only_enforce_if(on)
                 md.add(v["B0"] >= v["G"] + v["g"]).only_enforce_if(on)
-                if gpipe:  # every forward before the first backward; activations queue before gradients
-                    md.add(v["X"] >= nx["Uo"]).only_enforce_if(on)
-                    md.add(v["B0"] >= F[s] + v["g"]).only_enforce_if(on)
-                    md.add(e >= F[s] + v["ng"]).only_enforce_if(on)
+                if gpipe:  # replica 0's forwards before its first backward; activations queue before gradients
+                    md.add(v["X"] >= nx["Uo0"]).only_enforce_if(on)
+                    md.add(v["B0"] >= v["F0"] + v["g"]).only_enforce_if(on)
+                    md.add(e >= v["F0"] + v["ng"]).only_enforce_if(on)
                 else:  # 1F1B: the next stage's uplink carries all its messages before its last gradient
                     md.add(e >= H[s + 1] + nx["f"] + nx["nup"] + v["dn_grad"] + v["g"]).only_enforce_if(on)
                 md.add(e >= v["G"] + v["ng"]).only_enforce_if(on)
                 md.add(e >= nx["E"] + nx["up_gin"] + v["dn_grad"] + v["g"]).only_enforce_if(on)
                 md.add(e >= v["X"] + nx["ngin"] + v["dn_grad"] + v["g"]).only_enforce_if(on)
-                md.add(e >= v["G"] + v["ndg"] + v["g"]).only_enforce_if(on)
+                md.add(e >= v["G"] + v["ndg"] - v["dn_grad"] + v["g"]).only_enforce_if(on)
             end = v["end"]
             md.add(end >= e + v["upd"])
             md.add(end >= e + v["up_gin"])
-            md.add(end >= e + v["up_gin"] + v["sync"] + v["upd"]).only_enforce_if(~self.r[s][0])
+            # With replicas: the all-reduce's bounds from the last upload, the last backward and
+            # every replica's last upload (the least busy replica's last backward is E_min).
+            emin = v["Emin"]
+            md.add(emin >= H[s] + v["nmin_fg"])
+            md.add(emin >= A[s] + v["nmin_dl"] + v["g"])
+            several = ~self.r[s][0]
+            md.add(end >= e + v["up_gin"] + v["SU"] + v["upd"]).only_enforce_if(several)
+            md.add(end >= e + v["SB"] + v["upd"]).only_enforce_if(several)
+            md.add(end >= emin + v["up_gin"] + v["SA"] + v["upd"]).only_enforce_if(several)
             md.add(t_end >= end + v["up_report"]).only_enforce_if(act[s])
         # Messages: the driver's inputs and targets, and an activation and a gradient per boundary.
         boundaries = sum(act[1:]) if stages > 1 else 0
