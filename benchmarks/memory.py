@@ -189,12 +189,14 @@ def run_case(case: Case, iterations: int, storage_root: Path, schedules: tuple[s
                                global_batch_size=b * m, schedule=schedule)
             batches = [case.batch(b * m, gen) for _ in range(iterations)]
             storage = tempfile.mkdtemp(prefix="funcpipe-memory-", dir=storage_root)
-            trainer = Trainer(copy.deepcopy(model), case.loss_fn, optimizer, plan, backend=Ray(),
+            backend = Ray()
+            trainer = Trainer(copy.deepcopy(model), case.loss_fn, optimizer, plan, backend=backend,
                               storage=Path(storage).as_uri())
             t0 = time.perf_counter()
             history = trainer.fit(batches, iterations=iterations, progress=False)
             seconds = time.perf_counter() - t0
             del trainer
+            backend.shutdown()  # fresh hosts for the next run: what an earlier job left is not its memory
             for w in sorted(history.workers, key=lambda w: (w["stage"], w["replica"])):
                 s = w["stage"]
                 predicted = costmodel.stage_memory_bytes(profile, local, plan, s) / MIB
