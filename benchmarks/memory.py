@@ -46,8 +46,8 @@ from funcpipe.backends import Ray
 from funcpipe.platforms.base import MIB
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.models.bert import BertConfig, bert  # noqa: E402
-from benchmarks.models.resnet import resnet  # noqa: E402
+from benchmarks.models.bert import BertConfig, bert
+from benchmarks.models.resnet import resnet
 
 log = logging.getLogger("funcpipe.benchmarks.memory")
 

@@ -330,7 +330,7 @@ def memory_bytes(
         platform, param_bytes=param_bytes, optimizer_bytes=optimizer_bytes, held_bytes=held_bytes,
         input_bytes=input_bytes, output_bytes=output_bytes, target_bytes=target_bytes, replicas=replicas,
         activations=counts.activations, inputs=counts.inputs, grads=counts.grads, targets=counts.targets,
-    )))
+    )))  # noqa: RUF046 - memory_terms is typed Any (it takes arrays too)
 
 
 def memory_terms(
