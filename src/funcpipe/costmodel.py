@@ -326,11 +326,12 @@ def memory_bytes(
     counts: Held,
 ) -> int:
     """Memory one replica of a stage needs, in bytes: :func:`memory_terms`, rounded up."""
-    return int(math.ceil(memory_terms(
+    needed: float = memory_terms(
         platform, param_bytes=param_bytes, optimizer_bytes=optimizer_bytes, held_bytes=held_bytes,
         input_bytes=input_bytes, output_bytes=output_bytes, target_bytes=target_bytes, replicas=replicas,
         activations=counts.activations, inputs=counts.inputs, grads=counts.grads, targets=counts.targets,
-    )))  # noqa: RUF046 - memory_terms is typed Any (it takes arrays too)
+    )
+    return math.ceil(needed)
 
 
 def memory_terms(
