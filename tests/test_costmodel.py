@@ -41,14 +41,77 @@ def test_no_sync_without_replicas_or_parameters() -> None:
     assert costmodel.sync_s(0, 4, LINK, 0.01, "pipelined") == 0.0
 
 
+MB = 2**20
+
+
 def test_memory_of_a_replica() -> None:
-    # 100 MB runtime, 2 x 10 MB weights and gradients, 20 MB optimizer state, 2 x 10 MB of
-    # all-reduce buffers (replicas), and 3 micro-batches of 1 MB held + 0.5 MB of messages.
+    # 100 MB runtime; 2 x 10 MB weights and gradients; 20 MB optimizer state; the workspace,
+    # 10 + 20 MB (the checkpoint's weights and state); 2 x 10 MB of all-reduce buffers
+    # (replicas); 3 micro-batches of 1 MB held + 0.5 MB output; 4 inputs of 0.25 MB, one
+    # output gradient of 0.5 MB, 2 targets of 0.125 MB.
+    counts = costmodel.Held(activations=3, inputs=4, grads=1, targets=2)
     needed = costmodel.memory_bytes(
-        HAND, param_bytes=10 * 2**20, optimizer_bytes=20 * 2**20, held_bytes=2**20, message_bytes=2**19,
-        micro_batches=3, replicas=2,
+        HAND, param_bytes=10 * MB, optimizer_bytes=20 * MB, held_bytes=MB, input_bytes=MB / 4,
+        output_bytes=MB / 2, target_bytes=MB / 8, replicas=2, counts=counts,
     )
-    assert needed == (100 + 20 + 20 + 20) * 2**20 + 3 * (2**20 + 2**19)
+    assert needed == (100 + 20 + 20 + 30 + 20) * MB + 3 * (MB + MB // 2) + 4 * MB // 4 + MB // 2 + 2 * MB // 8
+    # One replica: no all-reduce buffers.
+    alone = costmodel.memory_bytes(
+        HAND, param_bytes=10 * MB, optimizer_bytes=20 * MB, held_bytes=MB, input_bytes=MB / 4,
+        output_bytes=MB / 2, target_bytes=MB / 8, replicas=1, counts=counts,
+    )
+    assert needed - alone == 20 * MB
+
+
+def test_memory_terms_are_linear_in_each_count() -> None:
+    """The planner's programs rely on it: one more of a count adds its bytes, whatever the others."""
+    base = {"param_bytes": 3.0, "optimizer_bytes": 5.0, "held_bytes": 7.0, "input_bytes": 11.0,
+            "output_bytes": 13.0, "target_bytes": 17.0, "replicas": 1}
+    counts = {"activations": 2, "inputs": 3, "grads": 1, "targets": 0}
+    each = {"activations": 7.0 + 13.0, "inputs": 11.0, "grads": 13.0, "targets": 17.0}
+    at = costmodel.memory_terms(HAND, **base, **counts)
+    for name, step in each.items():
+        more = costmodel.memory_terms(HAND, **base, **{**counts, name: counts[name] + 1})
+        assert more - at == pytest.approx(step)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "last", "n", "k", "expected"),
+    [
+        ("gpipe", False, 5, 2, costmodel.Held(5, 5, 5, 0)),  # every input and gradient prefetched
+        ("gpipe", True, 5, 1, costmodel.Held(1, 5, 0, 5)),  # the last stage's backward follows its forward
+        ("1f1b", False, 5, 2, costmodel.Held(2, 3, 1, 0)),  # the window, one input and gradient ahead
+        ("1f1b", False, 2, 4, costmodel.Held(2, 2, 1, 0)),  # a window wider than the replica's count
+        ("1f1b", True, 5, 1, costmodel.Held(1, 2, 0, 2)),
+        ("1f1b", True, 1, 1, costmodel.Held(1, 1, 0, 1)),
+    ],
+)
+def test_held_by_schedule(schedule: str, last: bool, n: int, k: int, expected: costmodel.Held) -> None:
+    assert costmodel.held(schedule, last=last, micro_batches=n, in_flight=k) == expected
+
+
+def test_stage_memory_of_a_plan() -> None:
+    # Two stages of one layer each, micro-batches of 2, 4 micro-batches; stage 0 on 2 replicas
+    # (2 micro-batches each), GPipe. Stage 0: 8 MB of weights, 16 MB of state, 1 MB held per
+    # sample, inputs 0.5 MB and outputs 0.25 MB per sample. Stage 1: no parameters, 2 MB held
+    # per sample, targets of 0.125 MB per sample.
+    first = dataclasses.replace(layer(0.1, 0.2, params=8 * MB, out=MB / 4), optimizer_bytes=16 * MB,
+                                held_bytes_per_sample=float(MB))
+    second = dataclasses.replace(layer(0.1, 0.2), held_bytes_per_sample=2.0 * MB)
+    profile = ModelProfile((first, second), input_bytes_per_sample=MB / 2, target_bytes_per_sample=MB / 8)
+    plan = Plan.manual([1, 1], replicas=[2, 1], micro_batch_size=2, global_batch_size=8)
+    # Stage 0: runtime 100, 2 x 8, 16, workspace 8 + 16, all-reduce 2 x 8; 2 activations of
+    # 2 MB held + 0.5 MB output, 2 inputs of 1 MB, 2 gradients of 0.5 MB.
+    assert costmodel.stage_memory_bytes(profile, HAND, plan, 0) == (
+        (100 + 16 + 16 + 24 + 16) * MB + 2 * (2 * MB + MB // 2) + 2 * MB + 2 * (MB // 2))
+    # Stage 1 (last): runtime 100, one activation of 4 MB held, 4 inputs of 0.5 MB, 4 targets of 0.25 MB.
+    assert costmodel.stage_memory_bytes(profile, HAND, plan, 1) == 100 * MB + 4 * MB + 4 * (MB // 2) + 4 * (MB // 4)
+    # 1F1B, one replica a stage: stage 0 runs all 4 micro-batches but holds its window of 2 (the
+    # stages after it, plus one): 2 activations, 3 inputs, 1 gradient; no all-reduce buffers.
+    one = Plan.manual([1, 1], replicas=[1, 1], micro_batch_size=2, global_batch_size=8, schedule="1f1b")
+    assert one.in_flight(0) == 2
+    assert costmodel.stage_memory_bytes(profile, HAND, one, 0) == (
+        (100 + 16 + 16 + 24) * MB + 2 * (2 * MB + MB // 2) + 3 * MB + MB // 2)
 
 
 def test_requests_of_an_iteration() -> None:

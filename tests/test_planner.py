@@ -163,7 +163,7 @@ def test_reranking_catches_what_the_formula_misses() -> None:
     """The programs minimise the formula without 1F1B's windows; in these cases the plan that ranks
     first so is a 1F1B plan whose window stalls it by more than 2% in the replay, and the plan the
     planner returns, re-ranked by the simulator, is within 2% of the best there is."""
-    for seed in (36, 41):
+    for seed in (41, 52):
         rng = random.Random(seed)
         profile, platform = random_profile(rng), random_platform(rng)
         sims = every_plan(profile, platform)
@@ -406,13 +406,13 @@ def test_a_deadline_with_no_time_to_prove_still_gives_a_plan() -> None:
     from benchmarks.planner import synthetic_profile
 
     profile = synthetic_profile(100)
-    fastest = funcpipe.plan(profile, "aws_lambda", global_batch_size=64, micro_batch_size=4, memory_mb=1024,
+    fastest = funcpipe.plan(profile, "aws_lambda", global_batch_size=64, micro_batch_size=4, memory_mb=2048,
                             time_limit_s=0.01, progress=False)
     assert fastest.solver_status == "feasible" and fastest.solver_gap is not None and fastest.solver_gap > 0
     assert fastest.predicted_iteration_s == pytest.approx(simulate(fastest, profile, "aws_lambda").iteration_s)
-    assert fastest.memory_mb is not None and set(fastest.memory_mb) == {1024}
+    assert fastest.memory_mb is not None and set(fastest.memory_mb) == {2048}
     assert fastest.predicted_iteration_s is not None
-    bounded = funcpipe.plan(profile, "aws_lambda", global_batch_size=64, micro_batch_size=4, memory_mb=1024,
+    bounded = funcpipe.plan(profile, "aws_lambda", global_batch_size=64, micro_batch_size=4, memory_mb=2048,
                             objective="cost", deadline_s=fastest.predicted_iteration_s * 1.5, time_limit_s=0.01,
                             progress=False)
     assert bounded.predicted_iteration_s is not None

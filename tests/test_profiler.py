@@ -79,8 +79,31 @@ def test_held_bytes_are_what_autograd_saves_without_the_parameters() -> None:
     assert first.held_bytes_per_sample == 64 * 4
     # relu keeps its output, to mask the gradient.
     assert relu.held_bytes_per_sample == 256 * 4
-    # The input of a later Linear needs a gradient, so addmm also saves weight.t(): not counted.
-    assert last.held_bytes_per_sample == 256 * 4
+    # The last Linear keeps its input too, relu's output, counted once (as relu's); its input
+    # needs a gradient, so addmm also saves weight.t(): a parameter's storage, not counted.
+    assert last.held_bytes_per_sample == 0
+
+
+def test_a_tensor_two_layers_save_is_counted_once() -> None:
+    """What the layers of a stage hold adds up to the bytes its saved tensors occupy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 10))
+    inputs, targets = data()
+    result = profile(model, inputs, targets, F.mse_loss, **FAST)
+    # Independently: the distinct storages autograd saves over the whole model, without parameters.
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs[:4])
+    assert sum(layer.held_bytes_per_sample for layer in result.layers) * 4 == sum(storages.values())
+    assert [layer.held_bytes_per_sample for layer in result.layers] == [64 * 4, 256 * 4, 0, 128 * 4, 0]
 
 
 def test_a_tensor_saved_twice_is_held_once() -> None:

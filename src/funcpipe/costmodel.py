@@ -326,12 +326,12 @@ def memory_bytes(
     counts: Held,
 ) -> int:
     """Memory one replica of a stage needs, in bytes: :func:`memory_terms`, rounded up."""
-    need: float = memory_terms(
+    needed: float = memory_terms(
         platform, param_bytes=param_bytes, optimizer_bytes=optimizer_bytes, held_bytes=held_bytes,
         input_bytes=input_bytes, output_bytes=output_bytes, target_bytes=target_bytes, replicas=replicas,
         activations=counts.activations, inputs=counts.inputs, grads=counts.grads, targets=counts.targets,
     )
-    return math.ceil(need)
+    return math.ceil(needed)
 
 
 def memory_terms(
@@ -351,11 +351,19 @@ def memory_terms(
 ) -> Any:
     """Memory one replica of a stage needs, in bytes, before rounding up.
 
-    Runtime overhead, weights and gradients (``2 P``), optimizer state; per
-    micro-batch whose activations are alive, what autograd saves for backward
-    and the stage's output; the inputs, output gradients and targets the
-    schedule buffers (:func:`held`). With replicas, the all-reduce holds the
-    flat gradient and the result (``2 P`` more).
+    Runtime overhead, weights and gradients (``2 P``), optimizer state ``O``; a
+    workspace of ``P + O``; per micro-batch whose activations are alive, what
+    autograd saves for backward and the stage's output; the inputs, output
+    gradients and targets the schedule buffers (:func:`held`). With replicas, the
+    all-reduce holds the flat gradient and the result (``2 P`` more).
+
+    The workspace is the largest of what the phases outside the backwards add to the
+    weights, gradients and state (measured in ``benchmarks/memory.py``): the checkpoint
+    a replica writes serializes the weights and the optimizer state (``P + O`` bytes,
+    while the gradients, ``P``, are freed); the optimizer's step makes temporaries of
+    up to about ``P`` (Adam's foreach step) while the gradients are alive; loading the
+    stage holds its signed blob (``P``) beside the weights it unpickles. A sum rather
+    than their maximum, so that the planner's programs keep it linear.
 
     Only sums and products: every argument may be a float or a numpy array (the
     planner's programs evaluate it over every stage, tier and replica count at
@@ -367,6 +375,7 @@ def memory_terms(
         platform.runtime_overhead_mb * MIB
         + 2 * param_bytes
         + optimizer_bytes
+        + (param_bytes + optimizer_bytes)
         + synced * (2 * param_bytes)
         + activations * (held_bytes + output_bytes)
         + inputs * input_bytes

@@ -374,15 +374,25 @@ class _Runner:
         self.clone_input = [False] * len(self.layers)
 
     def probe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Per layer: bytes of its output and bytes autograd saves for its backward, at this batch."""
+        """Per layer: bytes of its output and bytes autograd saves for its backward, at this batch.
+
+        A tensor two layers save is counted once: the input of a layer that the layer
+        before it saved too (``relu``'s output, which the next ``Linear`` saves as its
+        input) is that layer's, so a stage's layers add up to what the stage holds.
+        """
         output_bytes, held_bytes = [], []
+        before: set[int] = set()  # storages the previous layer saved
         for i, layer in enumerate(self.layers):
             exclude = {_storage_key(t)[0] for t in [*layer.parameters(), *layer.buffers()]}
+            shared = _storage_key(x)[0]
+            if shared in before:
+                exclude.add(shared)
             saved = _SavedBytes(exclude)
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack):
                 _, x, _ = self.forward(i, x, on_retry=saved.clear)
             output_bytes.append(_bytes(x))
             held_bytes.append(saved.total)
+            before = set(saved.by_storage)
         self.loss(x, y)  # check it returns a scalar before the timed rounds
         return output_bytes, held_bytes
 

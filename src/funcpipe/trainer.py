@@ -88,7 +88,8 @@ class History:
         workers: per worker (stage, replica), the seconds it spent per
             iteration computing, blocked on downloads, syncing gradients and
             updating, summed over the run, and the peak resident memory of its
-            process (``peak_rss_bytes``: on a function platform, the function's).
+            process during the run (``peak_rss_bytes``: on a function platform, the
+            function's) and its resident memory when the run began (``start_rss_bytes``).
         plan: the plan the run trained with (and its predictions, if it carries them).
         iterations_per_epoch: iterations of one pass over the data, when ``fit`` was given epochs.
     """
@@ -675,6 +676,7 @@ class Trainer:
             for field in ("compute_s", "wait_s", "sync_s", "update_s", "total_s"):
                 summary[field] = sum(it[field] for it in iterations)
             summary["peak_rss_bytes"] = report.get("peak_rss_bytes")
+            summary["start_rss_bytes"] = report.get("start_rss_bytes")
             history.workers.append(summary)
         self._forget(first + fed - 1)
         if stop_at is not None:

@@ -8,7 +8,10 @@ writes its outputs, a per-iteration report and a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import sys
 import threading
@@ -29,7 +32,7 @@ from funcpipe.plan import Plan
 from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
-__all__ = ["StageDefinition", "StageWorker", "WorkerConfig", "peak_rss_bytes"]
+__all__ = ["StageDefinition", "StageWorker", "WorkerConfig", "peak_rss_bytes", "reset_peak_rss"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,9 @@ class StageWorker(Actor):
             WorkerFailed: anything went wrong; carries the traceback text.
         """
         try:
+            # The peak reported is this run's (setup included): a Ray host or a warm function
+            # instance may have run another job before, whose peak is not this one's.
+            start_rss = reset_peak_rss()
             self._setup(first_iteration)
             self._first = first_iteration
             reports: list[dict[str, Any]] = []
@@ -143,7 +149,7 @@ class StageWorker(Actor):
             if self.config.replica == 0:
                 self._save_checkpoint(first_iteration + len(reports))
             return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports,
-                    "peak_rss_bytes": peak_rss_bytes()}
+                    "peak_rss_bytes": peak_rss_bytes(), "start_rss_bytes": start_rss}
         except BaseException as exc:
             self.cancel()
             raise WorkerFailed(
@@ -429,20 +435,55 @@ class _Iteration:
         self.sends.append(self.worker.comm.send(self._message("grad", self.stage - 1, m), grad_in))
 
 
-def peak_rss_bytes() -> int | None:
-    """The most resident memory this process has used so far, in bytes (``None`` where unknown).
+def reset_peak_rss() -> int | None:
+    """Start measuring this process's peak resident memory afresh; its resident bytes now (``None`` where unknown).
 
-    On a function platform the worker is the process (one per function instance), so
-    this is the figure to compare with the memory tier and with
+    Collects garbage and hands the C allocator's free memory back to the system
+    (glibc's ``malloc_trim``: what an earlier job freed is not resident any more),
+    then resets the kernel's high-water mark (Linux: ``5`` written to
+    ``/proc/self/clear_refs`` sets ``VmHWM``, and ``ru_maxrss`` with it, to the
+    current ``VmRSS``). Where the mark cannot be reset, :func:`peak_rss_bytes` is the
+    process's peak since it started.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int | None:
+    """The most resident memory this process has used, in bytes, since :func:`reset_peak_rss` (``None`` where unknown).
+
+    Linux: ``VmHWM`` of ``/proc/self/status``; elsewhere ``ru_maxrss`` (the peak since
+    the process started). On a function platform the worker is the process (one per
+    function instance), so this is the figure to compare with the memory tier and with
     :func:`funcpipe.costmodel.stage_memory_bytes`; on Ray an actor's process also holds
     Ray's own runtime, and on threads it is the driver's.
     """
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # pragma: no cover - not on Windows
         return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; Linux: KiB
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024  # macOS: bytes; Linux: KiB
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; ``None`` without one (not Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name == field:
+                    return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _stop_iteration(data: bytes, key: str) -> int:

@@ -62,7 +62,7 @@ def test_builtin_storage_and_tiers(name: str, storage: str, tiers: list[int]) ->
     assert platform.storage == storage
     assert [t.memory_mb for t in platform.tiers] == tiers
     assert isinstance(platform.tiers, tuple)
-    assert platform.runtime_overhead_mb % 50 == 0
+    assert platform.runtime_overhead_mb % 10 == 0
 
 
 # --- AWS Lambda figures ---------------------------------------------------------------------------------------------
