@@ -146,8 +146,9 @@ def tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     sys.modules.pop("tiny_models", None)  # imported by name from this directory
 
 
-def big_profile(path: Path, param_bytes: int = 2 * 10**9) -> Path:
-    """Three named layers of 2 GB of parameters (6 GB with Adam's state): one stage each on Lambda."""
+def big_profile(path: Path, param_bytes: int = 10**9) -> Path:
+    """Three named layers of 1 GB of parameters (3 GB with Adam's state, 6 GB with the workspace of
+    the memory model): one stage each on Lambda."""
     layers = tuple(
         LayerProfile(
             name=name, forward_alpha_s=0.001, forward_beta_s=0.004, backward_alpha_s=0.002, backward_beta_s=0.008,
