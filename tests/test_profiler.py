@@ -198,6 +198,23 @@ def test_times_grow_with_the_batch_and_are_seconds() -> None:
     assert min(before[1], after[1]) / 5 < big.backward_s(64) < max(before[1], after[1]) * 5
 
 
+class Cut(nn.Module):
+    """Passes its input on without a gradient: nothing flows back through it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() + 1
+
+
+def test_a_layer_no_gradient_reaches_has_no_backward_time() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), Cut(), nn.Linear(32, 10))
+    result = profile(model, *data(8), F.mse_loss, rounds=1, warmup=0)
+    first, cut, last = result.layers
+    assert first.backward_measured_s == (0.0,) * 4 and cut.backward_measured_s == (0.0,) * 4
+    assert first.backward_s(64) == 0.0
+    assert last.backward_measured_s is not None
+
+
 def test_fit_recovers_a_line_and_never_goes_negative() -> None:
     alpha, beta = _fit((1, 2, 4), (1e-3 + 2e-4, 1e-3 + 4e-4, 1e-3 + 8e-4))
     assert alpha == pytest.approx(1e-3) and beta == pytest.approx(2e-4)

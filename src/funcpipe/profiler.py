@@ -532,32 +532,34 @@ class _Runner:
         return output_bytes, held_bytes
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
-        """One round: forward and backward seconds of every layer."""
+        """One round: forward and backward seconds of every layer.
+
+        Each layer's backward runs right after its forward, on a random gradient
+        of its output's shape (what a backward costs does not depend on the
+        gradient's values; the last layer's gets the loss's), so a round holds one
+        layer's activations at a time, not the whole model's: large micro-batches
+        fit in memory. A layer whose successor sends no gradient back to its input
+        gets no backward time, as in training.
+        """
         count = len(self.layers)
-        leaves: list[torch.Tensor] = []
-        outputs: list[torch.Tensor | None] = []
-        forward = []
-        for i in range(count):
-            leaf, x, seconds = self.forward(i, x)
-            leaves.append(leaf)
-            outputs.append(x)
-            forward.append(seconds)
+        forward = [0.0] * count
         backward = [0.0] * count
-        started = _clock()
-        loss = self.loss(x, y)
-        if loss.requires_grad:
-            self._backward(count - 1, loss, None, "the loss's")
-        backward[-1] = _clock() - started
-        outputs[-1] = None
-        for i in range(count - 2, -1, -1):
-            grad = leaves[i + 1].grad
-            output = outputs[i]
-            outputs[i] = None  # free activations as the backward goes
-            if grad is None or output is None or not output.requires_grad:
-                continue  # nothing flows back into this layer
-            started = _clock()
-            self._backward(i, output, grad, "its")
-            backward[i] = _clock() - started
+        for i in range(count):
+            leaf, output, forward[i] = self.forward(i, x)
+            if i == count - 1:
+                started = _clock()
+                loss = self.loss(output, y)
+                if loss.requires_grad:
+                    self._backward(i, loss, None, "the loss's")
+                backward[i] = _clock() - started
+            elif output.requires_grad:
+                grad = torch.randn_like(output)
+                started = _clock()
+                self._backward(i, output, grad, "its")
+                backward[i] = _clock() - started
+            if i > 0 and leaf.grad is None:
+                backward[i - 1] = 0.0  # nothing flows back into the previous layer
+            x = output.detach()  # frees this layer's graph before the next runs
         return forward, backward
 
     def forward(
