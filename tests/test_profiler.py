@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import funcpipe
-from funcpipe import ConfigError
-from funcpipe.profiler import FORMAT_VERSION, LayerProfile, ModelProfile, _fit, _isotonic, profile
+from funcpipe import ConfigError, profiler
+from funcpipe.profiler import FORMAT_VERSION, LayerProfile, ModelProfile, _chunks, _fit, _isotonic, profile
 
 FAST: dict[str, Any] = {"rounds": 2, "warmup": 1}
 
@@ -205,7 +205,9 @@ class Cut(nn.Module):
         return x.detach() + 1
 
 
-def test_a_layer_no_gradient_reaches_has_no_backward_time() -> None:
+@pytest.mark.parametrize("budget", [0, 2**40])  # a chunk per layer; one chunk
+def test_a_layer_no_gradient_reaches_has_no_backward_time(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    monkeypatch.setattr(profiler, "ROUND_HELD_BYTES", budget)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), Cut(), nn.Linear(32, 10))
     result = profile(model, *data(8), F.mse_loss, rounds=1, warmup=0)
@@ -287,6 +289,20 @@ def test_times_are_piecewise_linear_between_sizes_and_go_on_with_the_end_slopes(
     linear = layer()
     assert linear.forward_s(10) == pytest.approx(1e-3 + 10 * 1e-4)
     assert linear.backward_s(10) == pytest.approx(2e-3 + 10 * 2e-4)
+
+
+def test_chunks_hold_at_most_the_budget_and_cover_every_layer() -> None:
+    assert _chunks([1.0, 2.0, 3.0], 10.0) == [range(0, 3)]
+    assert _chunks([1.0, 2.0, 3.0, 4.0], 5.0) == [range(0, 2), range(2, 3), range(3, 4)]  # 1+2, 3, 4
+    assert _chunks([6.0, 1.0, 7.0], 5.0) == [range(0, 1), range(1, 2), range(2, 3)]  # a layer alone may exceed it
+    assert _chunks([0.0, 0.0], 0.0) == [range(0, 2)]
+    assert _chunks([1.0], 0.0) == [range(0, 1)]
+
+
+def test_a_round_in_chunks_measures_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(profiler, "ROUND_HELD_BYTES", 0)  # each layer its own chunk, on a random gradient
+    result = profile(mlp(), *data(), F.mse_loss, rounds=1, warmup=0)
+    assert all(lp.backward_measured_s is not None and lp.backward_measured_s[-1] > 0 for lp in result.layers)
 
 
 def test_isotonic_regression_pools_what_falls() -> None:

@@ -49,6 +49,12 @@ FORMAT_VERSION = 2
 #: Formats :meth:`ModelProfile.load` reads.
 READABLE_FORMATS = (1, 2)
 
+#: What one timed round may hold, in bytes of activations and outputs (as the
+#: probe measures them): a round runs the layers in chunks of at most this much,
+#: each chunk's forwards then its backwards, so large micro-batches of large
+#: models fit in memory. A model within it runs as one chunk, as a stage would.
+ROUND_HELD_BYTES = 4 * 2**30
+
 #: The largest micro-batch size :func:`profile` measures unless told otherwise
 #: (capped by the samples it is given): the benchmarks' global batch.
 DEFAULT_MAX_MICRO_BATCH = 64
@@ -467,11 +473,13 @@ def _measure(
     with tqdm(total=total * sum(sizes), disable=not show, unit="sample", desc="profiling") as bar:
         for b in sizes:
             x, y = inputs[:b].clone(), targets[:b].clone()
+            chunks = _chunks([(output_bytes[i] + held_bytes[i]) * b / largest for i in range(count)],
+                             ROUND_HELD_BYTES)
             timed_f: list[list[float]] = [[] for _ in range(count)]
             timed_b: list[list[float]] = [[] for _ in range(count)]
             for r in range(total):
                 # A fresh copy each round: a first layer that works in place must not see its own output.
-                seconds_f, seconds_b = runner.run(x.clone(), y)
+                seconds_f, seconds_b = runner.run(x.clone(), y, chunks)
                 if r >= warmup:
                     for i in range(count):
                         timed_f[i].append(seconds_f[i])
@@ -531,35 +539,54 @@ class _Runner:
         self.loss(x, y)  # check it returns a scalar before the timed rounds
         return output_bytes, held_bytes
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
+    def run(
+        self, x: torch.Tensor, y: torch.Tensor, chunks: Sequence[range]
+    ) -> tuple[list[float], list[float]]:
         """One round: forward and backward seconds of every layer.
 
-        Each layer's backward runs right after its forward, on a random gradient
-        of its output's shape (what a backward costs does not depend on the
-        gradient's values; the last layer's gets the loss's), so a round holds one
-        layer's activations at a time, not the whole model's: large micro-batches
-        fit in memory. A layer whose successor sends no gradient back to its input
-        gets no backward time, as in training.
+        The layers run chunk by chunk: a chunk's forwards, holding their
+        activations as a stage does, then its backwards in reverse, from a
+        random gradient of the chunk's output's shape (what a backward costs
+        does not depend on the gradient's values; the last chunk's comes from
+        the loss). With one chunk this is the model's own forward and backward;
+        smaller chunks bound what a round holds. A layer whose successor sends
+        no gradient back to its input gets no backward time, as in training.
         """
         count = len(self.layers)
         forward = [0.0] * count
         backward = [0.0] * count
-        for i in range(count):
-            leaf, output, forward[i] = self.forward(i, x)
-            if i == count - 1:
+        for chunk in chunks:
+            leaves: list[torch.Tensor] = []
+            outputs: list[torch.Tensor | None] = []
+            for i in chunk:
+                leaf, x, forward[i] = self.forward(i, x)
+                leaves.append(leaf)
+                outputs.append(x)
+            last = chunk[-1]
+            if last == count - 1:
                 started = _clock()
-                loss = self.loss(output, y)
+                loss = self.loss(x, y)
                 if loss.requires_grad:
-                    self._backward(i, loss, None, "the loss's")
-                backward[i] = _clock() - started
-            elif output.requires_grad:
-                grad = torch.randn_like(output)
+                    self._backward(last, loss, None, "the loss's")
+                backward[last] = _clock() - started
+            elif x.requires_grad:
+                noise = torch.randn_like(x)
                 started = _clock()
-                self._backward(i, output, grad, "its")
-                backward[i] = _clock() - started
-            if i > 0 and leaf.grad is None:
-                backward[i - 1] = 0.0  # nothing flows back into the previous layer
-            x = output.detach()  # frees this layer's graph before the next runs
+                self._backward(last, x, noise, "its")
+                backward[last] = _clock() - started
+            outputs[-1] = None
+            for k in range(len(chunk) - 2, -1, -1):
+                grad = leaves[k + 1].grad
+                output = outputs[k]
+                outputs[k] = None  # free activations as the backward goes
+                if grad is None or output is None or not output.requires_grad:
+                    continue  # nothing flows back into this layer
+                started = _clock()
+                self._backward(chunk[k], output, grad, "its")
+                backward[chunk[k]] = _clock() - started
+            if chunk[0] > 0 and leaves[0].grad is None:
+                backward[chunk[0] - 1] = 0.0  # nothing flows back into the previous chunk's last layer
+            x = x.detach()
         return forward, backward
 
     def forward(
@@ -699,6 +726,19 @@ def _measure_update(
         if isinstance(value, torch.Tensor)
     )
     return param_bytes, state_bytes, statistics.median(seconds)
+
+
+def _chunks(held: Sequence[float], budget: float) -> list[range]:
+    """Consecutive layers, greedily, each run holding at most ``budget`` bytes (a layer alone may hold more)."""
+    chunks: list[range] = []
+    start, total = 0, 0.0
+    for i, nbytes in enumerate(held):
+        if i > start and total + nbytes > budget:
+            chunks.append(range(start, i))
+            start, total = i, 0.0
+        total += nbytes
+    chunks.append(range(start, len(held)))
+    return chunks
 
 
 def _isotonic(seconds: Sequence[float]) -> tuple[float, ...]:
