@@ -17,7 +17,7 @@ thread's CPU clock (as ``funcpipe.profile`` times):
    as one graph at each checked size, the median of ``--rounds`` timed rounds.
    Where that graph's activations (the profile's held bytes times ``b``) do not
    fit ``--memory-gb``, the reference is an independent layer-by-layer profile
-   at the checked sizes only, and the table says so.
+   at those sizes (and 1), and the table says so.
 
 A profile predicts ``sum(forward_s(b) + backward_s(b))`` over the layers; the
 error is ``predicted / measured - 1``. Writes ``benchmarks/results/profile_fit.
@@ -116,8 +116,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             reference, measured = "whole model", whole_model_seconds(model, inputs, targets, loss_fn, b,
                                                                       args.rounds, args.warmup)
         else:
-            if layered is None:
-                sizes = tuple(sorted(set(args.check)))
+            if layered is None:  # at the sizes that do not fit, and 1 (a profile measures two sizes at least)
+                sizes = tuple(sorted({1, *(c for c in args.check if held * c > args.memory_gb * 1e9)}))
                 layered = funcpipe.profile(model, inputs, targets, loss_fn, micro_batch_sizes=sizes, **options)
             reference, measured = "layer by layer", predicted(layered, b)
         print(f"{name}: measured {measured:.3f} s at b={b} ({reference}) in {time.perf_counter() - started:.0f} s",

@@ -661,7 +661,9 @@ class _SavedBytes:
                 nbytes = min(nbytes, capacity)  # an expanded view claims more than its storage
             # Views of one storage (x and x.t()) are held once: keep the largest.
             self.by_storage[key] = max(self.by_storage.get(key, 0), nbytes)
-        return tensor
+        # Not the tensor itself: an output autograd saves would then hold its own graph in a cycle
+        # that is never freed, and the probe would keep every layer's activations.
+        return tensor.detach()
 
     def clear(self) -> None:
         self.by_storage.clear()
