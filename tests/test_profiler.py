@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -88,6 +90,20 @@ def test_a_tensor_saved_twice_is_held_once() -> None:
     result = profile(model, *data(), F.mse_loss, **FAST)
     assert result.layers[1].held_bytes_per_sample == 32 * 4
     assert result.layers[1].param_bytes == 0
+
+
+def test_the_probe_keeps_no_output_alive_through_its_own_graph() -> None:
+    # A saved output packed as itself would hold its graph in a cycle that is never freed
+    # (the probe then kept every layer's activations: AmoebaNet at micro-batch 64 ran out of memory).
+    saved = profiler._SavedBytes(set())
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, profiler._unpack):
+        y = torch.sigmoid(x)  # saves its output
+    assert saved.total == 4 * 8 * 4
+    alive = weakref.ref(y)
+    del y
+    gc.collect()
+    assert alive() is None
 
 
 def test_held_bytes_are_per_sample_at_the_largest_size() -> None:
