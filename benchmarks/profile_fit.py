@@ -92,8 +92,7 @@ def whole_model_seconds(model: torch.nn.Module, inputs: torch.Tensor, targets: t
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    batch = max(args.check)
-    model, inputs, targets, loss_fn = build(name, batch=batch)
+    model, inputs, targets, loss_fn = build(name, batch=max(args.batch, *args.check))
     options = {"optimizer": OPTIMIZERS[name], "rounds": args.rounds, "warmup": args.warmup}
     started = time.perf_counter()
     old = funcpipe.profile(model, inputs, targets, loss_fn, micro_batch_sizes=OLD_SIZES, **options)
@@ -181,6 +180,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--check", type=int, nargs="+", default=[16, 64], help="sizes to check (default 16 64)")
+    parser.add_argument("--batch", type=int, default=64, help="samples the new profile may measure (default 64)")
     parser.add_argument("--memory-gb", type=float, default=12.0,
                         help="largest activations the whole-model reference may hold (default 12)")
     parser.add_argument("--save-profiles", action="store_true", help="also write benchmarks/profiles/<model>.json")
