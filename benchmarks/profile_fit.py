@@ -129,6 +129,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         checks.append(row)
     return {
         "model": name,
+        "command": " ".join(sys.argv[1:]),
         "layers": new.num_layers,
         "old_sizes": list(old.micro_batch_sizes),
         "new_sizes": list(new.micro_batch_sizes),
@@ -144,14 +145,16 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Profile fit: predicted vs measured whole-model forward+backward time",
         "",
-        "`python benchmarks/profile_fit.py` (" + results["command"] + "). One torch thread, thread CPU clock,",
-        f"median of {results['rounds']} timed rounds after {results['warmup']} warm-up; "
+        "`python benchmarks/profile_fit.py`, one run per model (the commands below). One torch thread, "
+        "thread CPU clock, the median of the timed rounds after the warm-up ones; "
         f"{results['machine']['cpu']}, torch {results['machine']['torch']}.",
         "",
         "*old*: the former default, sizes 1, 2, 4 and the linear fit `alpha + beta * b`. *new*: the new "
         "default, powers of two up to 64, interpolated piecewise linearly. *new, size left out*: the new "
         "profile without the checked size (16 interpolated between 8 and 32; 64 extrapolated from 16 and 32). "
-        "Error = predicted / measured - 1.",
+        "Error = predicted / measured - 1. *reference*: how the measured time was taken (the whole model as "
+        "one graph; or, where its activations exceed `--memory-gb`, an independent layer-by-layer profile "
+        "at that size). A size missing for a model was not checked in its run.",
         "",
         "| model | b | measured s | reference | old s | old error | new s | new error | "
         "new, size left out | left-out error |",
@@ -164,13 +167,16 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{c['old_error_pct']:+.1f}% | {c['new_s']:.3f} | {c['new_error_pct']:+.1f}% | "
                 f"{c['new_left_out_s']:.3f} | {c['new_left_out_error_pct']:+.1f}% |"
             )
-    lines += ["", "| model | layers | old sizes | profiled in | new sizes | profiled in |",
-              "|---|---:|---|---:|---|---:|"]
+    lines += ["", "| model | layers | old sizes | profiled in | new sizes | profiled in | command |",
+              "|---|---:|---|---:|---|---:|---|"]
     for row in results["models"]:
         lines.append(
             f"| {row['model']} | {row['layers']} | {', '.join(map(str, row['old_sizes']))} | "
-            f"{row['old_profile_s']:.0f} s | {', '.join(map(str, row['new_sizes']))} | {row['new_profile_s']:.0f} s |"
+            f"{row['old_profile_s']:.0f} s | {', '.join(map(str, row['new_sizes']))} | {row['new_profile_s']:.0f} s | "
+            f"`{row.get('command', '')}` |"
         )
+    lines += ["", "Profiling time is wall time on a shared 2-core machine, with `--rounds` timed rounds after "
+              "`--warmup` per size (a round at size b costs about b samples' forward and backward)."]
     return "\n".join(lines) + "\n"
 
 
@@ -194,9 +200,6 @@ def main() -> None:
         kept = [row for row in kept if row["model"] not in args.models]
         order = list(MODELS)
         results = {
-            "command": " ".join(sys.argv[1:]) or "defaults",
-            "rounds": args.rounds,
-            "warmup": args.warmup,
             "machine": rows[-1]["machine"],
             "models": sorted([*kept, *rows], key=lambda row: order.index(row["model"])),
         }
