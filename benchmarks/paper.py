@@ -162,13 +162,15 @@ def single_function(plan: dict[str, Any]) -> bool:
 def cost_terms(profile: funcpipe.ModelProfile, spec: funcpipe.platforms.Platform, plan: Plan) -> dict[str, float]:
     """What a plan's dollars are made of: storage requests, and compute's per-micro-batch fixed part.
 
-    ``fixed_compute_s`` is the profile's per-call forward and backward time (the fits' alpha)
-    summed over layers, times the micro-batches each replica runs: the part of compute that
-    does not shrink with the micro-batch size.
+    ``fixed_compute_s`` is the profile's per-call forward and backward time summed over
+    layers, times the micro-batches each replica runs: the part of compute that does not
+    shrink with the micro-batch size. Per call it is the intercept of the time between one
+    and two samples, ``2 t(1) - t(2)`` (a linear fit's alpha).
     """
     stages = costmodel.stage_costs(profile, spec, plan)
     writes, reads = costmodel.requests_per_iteration(stages, plan)
-    alpha = sum(lp.forward_alpha_s + lp.backward_alpha_s for lp in profile.layers)
+    alpha = sum(max(0.0, 2 * (lp.forward_s(1) + lp.backward_s(1)) - lp.forward_s(2) - lp.backward_s(2))
+                for lp in profile.layers)
     per_replica = -(-plan.num_micro_batches // max(plan.replicas))
     return {"request_usd": writes * spec.price_per_put + reads * spec.price_per_get, "writes": writes,
             "reads": reads, "fixed_compute_s": alpha * per_replica, "functions": sum(plan.replicas)}

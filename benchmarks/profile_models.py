@@ -1,9 +1,10 @@
 """Measure the profiles of the paper's benchmark models on this machine.
 
-    python benchmarks/profile_models.py [--models resnet101 bert_large ...] [--rounds 5]
+    python benchmarks/profile_models.py [--models resnet101 bert_large ...] [--rounds 3] [--batch 64]
 
-Profiles each model of ``benchmarks/models`` at micro-batch sizes 1, 2 and 4
-with one torch thread (``funcpipe.profile``) and writes
+Profiles each model of ``benchmarks/models`` at ``funcpipe.profile``'s default
+micro-batch sizes, the powers of two up to ``--batch`` (default 64, the
+benchmarks' global batch), with one torch thread, and writes
 ``benchmarks/profiles/<model>.json``, which records the machine and the torch
 version. The CNNs are profiled with SGD with momentum (their usual ImageNet
 recipe), BERT-Large with Adam; the optimizer sets the state bytes per
@@ -40,22 +41,24 @@ OPTIMIZERS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64, help="the largest micro-batch size measured (default 64)")
     parser.add_argument("--out", type=Path, default=PROFILES, help="directory for the <model>.json profiles")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         started = time.perf_counter()
-        model, inputs, targets, loss_fn = build(name, batch=4)
-        profile = funcpipe.profile(model, inputs, targets, loss_fn, micro_batch_sizes=(1, 2, 4),
-                                   optimizer=OPTIMIZERS[name], rounds=args.rounds, warmup=args.warmup)
+        model, inputs, targets, loss_fn = build(name, batch=args.batch)
+        profile = funcpipe.profile(model, inputs, targets, loss_fn, optimizer=OPTIMIZERS[name],
+                                   rounds=args.rounds, warmup=args.warmup, progress=True)
         path = args.out / f"{name}.json"
         profile.save(path)
         params = sum(lp.param_bytes for lp in profile.layers) / 4e6
-        step = sum(lp.forward_s(4) + lp.backward_s(4) for lp in profile.layers)
+        b = max(profile.micro_batch_sizes)
+        step = sum(lp.forward_s(b) + lp.backward_s(b) for lp in profile.layers)
         print(f"{name}: {profile.num_layers} layers, {params:.1f} M parameters, {step:.2f} s forward+backward "
-              f"per micro-batch of 4; profiled in {time.perf_counter() - started:.0f} s -> {path}")
+              f"per micro-batch of {b}; profiled in {time.perf_counter() - started:.0f} s -> {path}")
         del model
 
 

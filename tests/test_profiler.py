@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,8 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import funcpipe
-from funcpipe import ConfigError
-from funcpipe.profiler import LayerProfile, ModelProfile, _fit, profile
+from funcpipe import ConfigError, profiler
+from funcpipe.profiler import FORMAT_VERSION, LayerProfile, ModelProfile, _chunks, _fit, _isotonic, profile
 
 FAST: dict[str, Any] = {"rounds": 2, "warmup": 1}
 
@@ -111,6 +113,20 @@ def test_a_tensor_saved_twice_is_held_once() -> None:
     result = profile(model, *data(), F.mse_loss, **FAST)
     assert result.layers[1].held_bytes_per_sample == 32 * 4
     assert result.layers[1].param_bytes == 0
+
+
+def test_the_probe_keeps_no_output_alive_through_its_own_graph() -> None:
+    # A saved output packed as itself would hold its graph in a cycle that is never freed
+    # (the probe then kept every layer's activations: AmoebaNet at micro-batch 64 ran out of memory).
+    saved = profiler._SavedBytes(set())
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, profiler._unpack):
+        y = torch.sigmoid(x)  # saves its output
+    assert saved.total == 4 * 8 * 4
+    alive = weakref.ref(y)
+    del y
+    gc.collect()
+    assert alive() is None
 
 
 def test_held_bytes_are_per_sample_at_the_largest_size() -> None:
@@ -221,6 +237,25 @@ def test_times_grow_with_the_batch_and_are_seconds() -> None:
     assert min(before[1], after[1]) / 5 < big.backward_s(64) < max(before[1], after[1]) * 5
 
 
+class Cut(nn.Module):
+    """Passes its input on without a gradient: nothing flows back through it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() + 1
+
+
+@pytest.mark.parametrize("budget", [0, 2**40])  # a chunk per layer; one chunk
+def test_a_layer_no_gradient_reaches_has_no_backward_time(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    monkeypatch.setattr(profiler, "ROUND_HELD_BYTES", budget)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), Cut(), nn.Linear(32, 10))
+    result = profile(model, *data(8), F.mse_loss, rounds=1, warmup=0)
+    first, cut, last = result.layers
+    assert first.backward_measured_s == (0.0,) * 4 and cut.backward_measured_s == (0.0,) * 4
+    assert first.backward_s(64) == 0.0
+    assert last.backward_measured_s is not None
+
+
 def test_fit_recovers_a_line_and_never_goes_negative() -> None:
     alpha, beta = _fit((1, 2, 4), (1e-3 + 2e-4, 1e-3 + 4e-4, 1e-3 + 8e-4))
     assert alpha == pytest.approx(1e-3) and beta == pytest.approx(2e-4)
@@ -230,6 +265,112 @@ def test_fit_recovers_a_line_and_never_goes_negative() -> None:
     # A negative intercept: the best line through zero, sum(b*t) / sum(b*b).
     alpha, beta = _fit((1, 2, 4), (0.0, 1.0, 3.0))
     assert alpha == 0.0 and beta == pytest.approx(14 / 21)
+
+
+# -- the sizes measured, and the times between them --------------------------
+
+
+def layer(sizes: tuple[int, ...] | None = None, forward: tuple[float, ...] | None = None,
+          backward: tuple[float, ...] | None = None, **fit: float) -> LayerProfile:
+    """A hand-made layer: a linear fit ``fit`` (default 1 ms + 0.1 ms/sample), and measured times if given."""
+    coefficients = {"forward_alpha_s": 1e-3, "forward_beta_s": 1e-4, "backward_alpha_s": 2e-3,
+                    "backward_beta_s": 2e-4, **fit}
+    return LayerProfile(name="x", **coefficients, param_bytes=0, optimizer_bytes=0, update_s=0.0,
+                        output_bytes_per_sample=0.0, held_bytes_per_sample=0.0, measured_sizes=sizes,
+                        forward_measured_s=forward, backward_measured_s=backward)
+
+
+@pytest.mark.parametrize(
+    ("samples", "options", "sizes"),
+    [
+        (4, {}, (1, 2, 4)),
+        (2, {}, (1, 2)),
+        (48, {}, (1, 2, 4, 8, 16, 32, 48)),
+        (100, {}, (1, 2, 4, 8, 16, 32, 64)),
+        (100, {"max_micro_batch": 8}, (1, 2, 4, 8)),
+        (100, {"max_micro_batch": 12}, (1, 2, 4, 8, 12)),
+        (100, {"max_micro_batch": 128}, (1, 2, 4, 8, 16, 32, 64, 100)),
+        (100, {"micro_batch_sizes": [3, 1, 3]}, (1, 3)),
+    ],
+)
+def test_default_sizes_are_powers_of_two_capped_by_the_samples(
+    samples: int, options: dict[str, Any], sizes: tuple[int, ...]
+) -> None:
+    result = profile(mlp(), *data(samples), F.mse_loss, rounds=1, warmup=0, **options)
+    assert result.micro_batch_sizes == sizes
+    assert all(lp.measured_sizes == sizes for lp in result.layers)
+
+
+def test_a_profile_predicts_its_measured_times_and_never_less_for_more_samples() -> None:
+    result = profile(mlp(), *data(64), F.mse_loss, rounds=1, warmup=0)
+    for lp in result.layers:
+        assert lp.measured_sizes is not None and lp.forward_measured_s is not None
+        assert lp.backward_measured_s is not None
+        for b, f, g in zip(lp.measured_sizes, lp.forward_measured_s, lp.backward_measured_s, strict=True):
+            assert lp.forward_s(b) == f and lp.backward_s(b) == g
+        forward = [lp.forward_s(b) for b in range(1, 129)]
+        backward = [lp.backward_s(b) for b in range(1, 129)]
+        assert forward == sorted(forward) and backward == sorted(backward)
+        assert min(forward) >= 0
+
+
+def test_times_are_piecewise_linear_between_sizes_and_go_on_with_the_end_slopes() -> None:
+    lp = layer((2, 4, 8), (1.0, 1.0, 3.0), (2.0, 4.0, 4.0))
+    # Worked by hand: between 4 and 8 the forward climbs 0.5 per sample, below 4 it is flat.
+    assert [lp.forward_s(b) for b in (2, 3, 4, 5, 6, 8)] == [1.0, 1.0, 1.0, 1.5, 2.0, 3.0]
+    assert lp.forward_s(16) == 3.0 + 8 * 0.5 and lp.forward_s(64) == 3.0 + 56 * 0.5
+    assert lp.forward_s(1) == 1.0  # below the smallest size: the first segment's slope, 0
+    assert lp.backward_s(3) == 3.0 and lp.backward_s(1) == 1.0  # the first segment's slope, 1 per sample
+    assert lp.backward_s(64) == 4.0  # the last segment is flat
+    steep = layer((4, 8), (0.5, 4.5), (0.0, 1.0))
+    assert steep.forward_s(1) == 0.0  # 0.5 - 3 * 1.0 < 0: never negative
+    # Without measured times: the linear fit.
+    linear = layer()
+    assert linear.forward_s(10) == pytest.approx(1e-3 + 10 * 1e-4)
+    assert linear.backward_s(10) == pytest.approx(2e-3 + 10 * 2e-4)
+
+
+def test_chunks_hold_at_most_the_budget_and_cover_every_layer() -> None:
+    assert _chunks([1.0, 2.0, 3.0], 10.0) == [range(0, 3)]
+    assert _chunks([1.0, 2.0, 3.0, 4.0], 5.0) == [range(0, 2), range(2, 3), range(3, 4)]  # 1+2, 3, 4
+    assert _chunks([6.0, 1.0, 7.0], 5.0) == [range(0, 1), range(1, 2), range(2, 3)]  # a layer alone may exceed it
+    assert _chunks([0.0, 0.0], 0.0) == [range(0, 2)]
+    assert _chunks([1.0], 0.0) == [range(0, 1)]
+
+
+def test_a_round_in_chunks_measures_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(profiler, "ROUND_HELD_BYTES", 0)  # each layer its own chunk, on a random gradient
+    result = profile(mlp(), *data(), F.mse_loss, rounds=1, warmup=0)
+    assert all(lp.backward_measured_s is not None and lp.backward_measured_s[-1] > 0 for lp in result.layers)
+
+
+def test_isotonic_regression_pools_what_falls() -> None:
+    assert _isotonic([1.0, 2.0, 3.0]) == (1.0, 2.0, 3.0)
+    assert _isotonic([3.0, 1.0, 2.0]) == (2.0, 2.0, 2.0)  # (3 + 1) / 2 = 2, then 2 <= 2
+    assert _isotonic([1.0, 3.0, 2.0, 4.0]) == (1.0, 2.5, 2.5, 4.0)
+    assert _isotonic([4.0, 3.0, 2.0, 1.0]) == (2.5, 2.5, 2.5, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"sizes": (1, 2)}, "go together"),
+        ({"sizes": (1, 2), "forward": (1.0, 2.0)}, "go together"),
+        ({"sizes": (2, 1), "forward": (1.0, 2.0), "backward": (1.0, 2.0)}, r"ascending.*got \(2, 1\); hint"),
+        ({"sizes": (4,), "forward": (1.0,), "backward": (1.0,)}, r"at least two.*got \(4,\)"),
+        ({"sizes": (0, 2), "forward": (1.0, 2.0), "backward": (1.0, 2.0)}, r"positive.*got \(0, 2\)"),
+        ({"sizes": (1, 2), "forward": (1.0, 2.0, 3.0), "backward": (1.0, 2.0)},
+         r"forward_measured_s must be 2 .*got \(1.0, 2.0, 3.0\)"),
+        ({"sizes": (1, 2), "forward": (1.0, 2.0), "backward": (2.0, 1.0)},
+         r"backward_measured_s must be .*non-decreasing.*got \(2.0, 1.0\); hint"),
+        ({"sizes": (1, 2), "forward": (-1.0, 2.0), "backward": (1.0, 2.0)}, r"non-negative.*got \(-1.0, 2.0\)"),
+        ({"sizes": (1, 2), "forward": (float("nan"), 2.0), "backward": (1.0, 2.0)}, "non-negative"),
+        ({"sizes": 4, "forward": (1.0, 2.0), "backward": (1.0, 2.0)}, "measured_sizes must be a sequence"),
+    ],
+)
+def test_bad_measured_times_are_named(fields: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        layer(**fields)
 
 
 # -- the user's model and process are left alone -----------------------------
@@ -300,12 +441,42 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert all(isinstance(layer, LayerProfile) for layer in loaded.layers)
 
 
+def test_a_format_1_file_still_loads_as_linear_fits(tmp_path: Path) -> None:
+    fields = {"name": "0", "forward_alpha_s": 0.001, "forward_beta_s": 0.0005, "backward_alpha_s": 0.002,
+              "backward_beta_s": 0.001, "param_bytes": 400, "optimizer_bytes": 800, "update_s": 1e-5,
+              "output_bytes_per_sample": 40.0, "held_bytes_per_sample": 80.0}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"format": 1, "layers": [fields], "input_bytes_per_sample": 256.0,
+                                "target_bytes_per_sample": 40.0, "micro_batch_sizes": [1, 2, 4],
+                                "machine": {"cpu": "old"}}))
+    loaded = ModelProfile.load(path)
+    only = loaded.layers[0]
+    assert only.measured_sizes is None and only.param_bytes == 400
+    assert only.forward_s(64) == pytest.approx(0.001 + 64 * 0.0005)
+    assert only.backward_s(16) == pytest.approx(0.002 + 16 * 0.001)
+    assert loaded.micro_batch_sizes == (1, 2, 4) and loaded.machine == {"cpu": "old"}
+    assert loaded.to_dict()["format"] == FORMAT_VERSION == 2  # saved again in the new format
+
+
+def test_measured_times_survive_save_and_load(tmp_path: Path) -> None:
+    result = ModelProfile(layers=(layer((1, 4), (1.0, 2.0), (3.0, 5.0)),), input_bytes_per_sample=1.0,
+                          target_bytes_per_sample=1.0, micro_batch_sizes=(1, 4))
+    path = tmp_path / "p.json"
+    result.save(path)
+    assert json.loads(path.read_text())["layers"][0]["forward_measured_s"] == [1.0, 2.0]
+    loaded = ModelProfile.load(path)
+    assert loaded == result
+    assert loaded.layers[0].measured_sizes == (1, 4)  # a tuple again
+    assert loaded.layers[0].backward_s(2) == pytest.approx(3.0 + 2.0 / 3)
+
+
 @pytest.mark.parametrize(
     ("content", "match"),
     [
         (json.dumps({"layers": []}), "not a funcpipe model profile"),
         (json.dumps([1, 2]), "not a funcpipe model profile"),
         (json.dumps({"format": 1, "layers": [{"name": "0"}]}), "malformed"),
+        (json.dumps({"format": 3, "layers": []}), r"format 1 or 2 \(found format 3\)"),
         ("{not json", "not JSON"),
     ],
 )
@@ -341,8 +512,18 @@ def _raising_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
          r"got list.*wrap your layers in nn.Sequential"),
         (lambda: profile(nn.Linear(64, 10), *data(), F.mse_loss), r"got Linear.*nn.Sequential"),  # type: ignore[arg-type]
         (lambda: profile(nn.Sequential(), *data(), F.mse_loss), "empty"),
-        (lambda: profile(mlp(), *data(3), F.mse_loss), r"inputs hold 3 samples.*largest micro-batch size is 4"),
-        (lambda: profile(mlp(), data()[0], torch.randn(2, 10), F.mse_loss), r"targets hold 2 samples"),
+        (lambda: profile(mlp(), *data(3), F.mse_loss, micro_batch_sizes=(1, 2, 4)),
+         r"inputs hold 3 samples.*largest micro-batch size is 4"),
+        (lambda: profile(mlp(), data()[0], torch.randn(2, 10), F.mse_loss, micro_batch_sizes=(1, 4)),
+         r"targets hold 2 samples"),
+        (lambda: profile(mlp(), *data(1), F.mse_loss), r"at least 2 samples.*got 1; hint"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes=(1, 2.5)),  # type: ignore[arg-type]
+         r"got 2.5 in \(1, 2.5\); hint"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes=(True, 2)), r"got True in"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes="124"), "sequence of positive integers"),  # type: ignore[arg-type]
+        (lambda: profile(mlp(), *data(), F.mse_loss, max_micro_batch=1), r"max_micro_batch .* got 1; hint"),
+        (lambda: profile(mlp(), *data(), F.mse_loss, max_micro_batch="8"), r"got '8'"),  # type: ignore[arg-type]
+        (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes=(1, 2), max_micro_batch=2), "not both"),
         (lambda: profile(mlp(), *data(), _bad_loss, **FAST), r"loss_fn returned \(4, 10\).*mean"),
         (lambda: profile(mlp(), *data(), _raising_loss, **FAST), r"loss_fn failed.*ValueError: boom"),
         (lambda: profile(mlp(), *data(), F.mse_loss, micro_batch_sizes=(4,)), "at least 2 distinct"),

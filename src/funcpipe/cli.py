@@ -175,7 +175,8 @@ def _profile_model(spec: str, args: argparse.Namespace, *, quiet: bool) -> Model
 
     model, inputs, targets, loss_fn = load_model(spec)
     return profile(model, inputs, targets, loss_fn, micro_batch_sizes=args.micro_batch_sizes,
-                   rounds=args.rounds, warmup=args.warmup, progress=False if quiet else None)
+                   max_micro_batch=args.max_micro_batch, rounds=args.rounds,
+                   warmup=args.warmup, progress=False if quiet else None)
 
 
 def _load_profile(source: str, args: argparse.Namespace, *, quiet: bool) -> ModelProfile:
@@ -562,8 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     profiling = _Parser(add_help=False)
     measure = profiling.add_argument_group("profiling (when given a MODEL)")
-    measure.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="B",
-                         help="micro-batch sizes to time each layer at (default 1 2 4)")
+    measure.add_argument("--micro-batch-sizes", type=int, nargs="+", metavar="B",
+                         help="micro-batch sizes to time each layer at (default: powers of two up to "
+                         "--max-micro-batch and it, at most the samples FUNCTION returns)")
+    measure.add_argument("--max-micro-batch", type=int, metavar="B",
+                         help="the largest size the default sizes reach (default 64)")
     measure.add_argument("--rounds", type=int, default=5, help="timed rounds per size (default 5)")
     measure.add_argument("--warmup", type=int, default=2, help="untimed rounds before them (default 2)")
     model_help = ("MODULE:FUNCTION or path/to/file.py:FUNCTION; FUNCTION() returns "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -27,25 +29,54 @@ __all__ = ["LayerProfile", "ModelProfile", "default_optimizer", "profile"]
 
 log = logging.getLogger(__name__)
 
+#: The clock the layers are timed with: the calling thread's CPU time. With one
+#: torch thread, a CPU layer's forward, backward and optimizer step all run on
+#: the calling thread, so this is their compute time, and time the thread spends
+#: waiting for a core another process holds is not counted (wall time is, and
+#: swings with the machine's load).
+_clock = time.thread_time
+
 #: Models with more layers than this show a progress bar unless ``progress=False``.
 PROGRESS_MIN_LAYERS = 20
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-#: Version of the JSON layout written by :meth:`ModelProfile.save`.
-FORMAT_VERSION = 1
+#: Version of the JSON layout written by :meth:`ModelProfile.save`. Format 1 (no
+#: per-size times: the layers' times are the linear fit) is still read.
+FORMAT_VERSION = 2
+
+#: Formats :meth:`ModelProfile.load` reads.
+READABLE_FORMATS = (1, 2)
+
+#: What one timed round may hold, in bytes of activations and outputs (as the
+#: probe measures them): a round runs the layers in chunks of at most this much,
+#: each chunk's forwards then its backwards, so large micro-batches of large
+#: models fit in memory. A model within it runs as one chunk, as a stage would.
+ROUND_HELD_BYTES = 4 * 2**30
+
+#: The largest micro-batch size :func:`profile` measures unless told otherwise
+#: (capped by the samples it is given): the benchmarks' global batch.
+DEFAULT_MAX_MICRO_BATCH = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerProfile:
     """What one layer costs, measured on the profiling machine with one torch thread.
 
-    Times are seconds for a micro-batch of ``b`` samples: ``alpha + beta * b``.
+    Times are seconds for a micro-batch of ``b`` samples. A profile measured
+    by :func:`profile` keeps the time measured at every size it measured
+    (``measured_sizes``, ``forward_measured_s``, ``backward_measured_s``) and
+    predicts between them piecewise linearly; below the smallest and above the
+    largest size it goes on with the slope of the first / last segment.
+    Without them (a layer built by hand, or read from a format 1 file) the
+    times are the linear fit ``alpha + beta * b``, which is also kept for
+    reporting.
 
     Attributes:
         name: the layer's name in the ``nn.Sequential`` (``"0"``, ``"encoder"``).
-        forward_alpha_s, forward_beta_s: forward time fit.
+        forward_alpha_s, forward_beta_s: forward time, least-squares fit
+            ``alpha + beta * b`` to the measured times.
         backward_alpha_s, backward_beta_s: backward time fit (the last layer's
             includes the loss's forward and backward).
         param_bytes: bytes of the layer's trainable parameters.
@@ -57,6 +88,11 @@ class LayerProfile:
         held_bytes_per_sample: bytes the layer keeps for backward per sample
             (tensors saved by autograd), held while a micro-batch waits for its
             backward pass.
+        measured_sizes: the micro-batch sizes the times were measured at,
+            ascending, at least two; ``None``: use the linear fit.
+        forward_measured_s, backward_measured_s: the seconds at those sizes,
+            non-decreasing (the profiler makes the medians so by isotonic
+            regression: one more sample never costs less time).
     """
 
     name: str
@@ -69,14 +105,67 @@ class LayerProfile:
     update_s: float
     output_bytes_per_sample: float
     held_bytes_per_sample: float
+    measured_sizes: tuple[int, ...] | None = None
+    forward_measured_s: tuple[float, ...] | None = None
+    backward_measured_s: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        given = [v is not None for v in (self.measured_sizes, self.forward_measured_s, self.backward_measured_s)]
+        if not any(given):
+            return
+        if not all(given):
+            raise ConfigError(
+                f"layer {self.name!r}: measured_sizes, forward_measured_s and backward_measured_s go together, "
+                "got only some of them; hint: give all three, or none for the linear fit"
+            )
+        assert self.measured_sizes is not None and self.forward_measured_s is not None
+        assert self.backward_measured_s is not None
+        sizes = _as_tuple(self.name, "measured_sizes", self.measured_sizes)
+        if (len(sizes) < 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
+                or any(a >= b for a, b in itertools.pairwise(sizes))):
+            raise ConfigError(
+                f"layer {self.name!r}: measured_sizes must be at least two ascending positive integers, "
+                f"got {self.measured_sizes!r}; hint: measured_sizes=(1, 2, 4)"
+            )
+        object.__setattr__(self, "measured_sizes", sizes)
+        for field in ("forward_measured_s", "backward_measured_s"):
+            seconds = _as_tuple(self.name, field, getattr(self, field))
+            if (len(seconds) != len(sizes)
+                    or any(isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0 for t in seconds)
+                    or any(a > b for a, b in itertools.pairwise(seconds))):
+                raise ConfigError(
+                    f"layer {self.name!r}: {field} must be {len(sizes)} non-negative, non-decreasing seconds "
+                    f"(one per measured size {sizes}), got {getattr(self, field)!r}; hint: a time that drops "
+                    "as the micro-batch grows is noise: re-measure, or give the non-decreasing fit"
+                )
+            object.__setattr__(self, field, tuple(float(t) for t in seconds))
 
     def forward_s(self, batch: int) -> float:
         """Forward seconds for a micro-batch of ``batch`` samples (never negative)."""
-        return max(0.0, self.forward_alpha_s + self.forward_beta_s * batch)
+        if self.measured_sizes is None or self.forward_measured_s is None:
+            return max(0.0, self.forward_alpha_s + self.forward_beta_s * batch)
+        return _interpolate(self.measured_sizes, self.forward_measured_s, batch)
 
     def backward_s(self, batch: int) -> float:
         """Backward seconds for a micro-batch of ``batch`` samples (never negative)."""
-        return max(0.0, self.backward_alpha_s + self.backward_beta_s * batch)
+        if self.measured_sizes is None or self.backward_measured_s is None:
+            return max(0.0, self.backward_alpha_s + self.backward_beta_s * batch)
+        return _interpolate(self.measured_sizes, self.backward_measured_s, batch)
+
+
+def _as_tuple(layer: str, field: str, value: object) -> tuple[Any, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise ConfigError(f"layer {layer!r}: {field} must be a sequence, got {type(value).__name__}")
+    return tuple(value)
+
+
+def _interpolate(sizes: tuple[int, ...], seconds: tuple[float, ...], batch: float) -> float:
+    """Piecewise-linear through ``(sizes, seconds)``; the end segments' slopes outside; never negative."""
+    i = bisect.bisect_left(sizes, batch)
+    i = min(max(i, 1), len(sizes) - 1)  # the segment [i - 1, i]; the first / last one outside
+    b0, b1 = sizes[i - 1], sizes[i]
+    t0, t1 = seconds[i - 1], seconds[i]
+    return max(0.0, t0 + (t1 - t0) * (batch - b0) / (b1 - b0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +204,16 @@ class ModelProfile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelProfile:
-        """The inverse of :meth:`to_dict`.
+        """The inverse of :meth:`to_dict`; also reads format 1 (times as linear fits only).
 
         Raises:
             ConfigError: the data is not a profile of this format.
         """
-        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ConfigError(
-                f"not a funcpipe model profile of format {FORMAT_VERSION} (found format {found!r}); "
-                "hint: re-measure it with funcpipe.profile(...) or `funcpipe profile`"
+                f"not a funcpipe model profile of format {' or '.join(map(str, READABLE_FORMATS))} "
+                f"(found format {found!r}); hint: re-measure it with funcpipe.profile(...) or `funcpipe profile`"
             )
         try:
             layers = tuple(LayerProfile(**layer) for layer in data["layers"])
@@ -165,7 +254,8 @@ def profile(
     targets: torch.Tensor,
     loss_fn: LossFn,
     *,
-    micro_batch_sizes: Sequence[int] = (1, 2, 4),
+    micro_batch_sizes: Sequence[int] | None = None,
+    max_micro_batch: int | None = None,
     optimizer: OptimizerFactory | None = None,
     rounds: int = 5,
     warmup: int = 2,
@@ -176,10 +266,21 @@ def profile(
     Each layer is timed in isolation with one torch thread: the layers run one
     by one, each on the previous layer's output detached (so its backward
     stops at its own input), and backward runs layer by layer from the loss.
-    Per layer and micro-batch size, the median of ``rounds`` timed rounds
-    (after ``warmup`` untimed ones) is kept, and ``alpha + beta * b`` is fitted
-    to them by least squares with ``alpha, beta >= 0``. The last layer's
+    Times are the thread's CPU time (``time.thread_time``), not wall time: with
+    one torch thread all the work runs on the calling thread, and other
+    processes sharing the cores then do not inflate the times. Per layer and
+    micro-batch size, the median of ``rounds`` timed rounds (after ``warmup``
+    untimed ones) is kept, made non-decreasing in the size (isotonic
+    regression), and stored: :meth:`LayerProfile.forward_s` interpolates
+    between the sizes. ``alpha + beta * b`` is also fitted to them by least
+    squares with ``alpha, beta >= 0``, for reporting. The last layer's
     backward time includes the loss's forward and backward.
+
+    By default the sizes are the powers of two up to ``max_micro_batch``
+    (default :data:`DEFAULT_MAX_MICRO_BATCH`, capped by the samples given), and
+    that cap itself: with 64 samples, 1, 2, 4, 8, 16, 32 and 64. A round at
+    size ``b`` costs about ``b`` samples' forward and backward, so a profile
+    costs about ``(warmup + rounds) * sum(sizes)`` samples' worth.
 
     The model is not changed: it is measured on a deep copy, in train mode,
     and the global torch RNG and thread count are restored afterwards.
@@ -187,11 +288,16 @@ def profile(
     Args:
         model: the ``nn.Sequential`` to profile; every layer must return one tensor.
         inputs: model inputs, at least ``max(micro_batch_sizes)`` samples along dim 0
-            (floating point, or integer such as token ids).
+            (floating point, or integer such as token ids); without
+            ``micro_batch_sizes``, their number caps the sizes measured.
         targets: the matching targets, as many samples.
         loss_fn: ``loss_fn(output, target)`` returning the mean loss as a scalar tensor.
         micro_batch_sizes: the micro-batch sizes to measure; at least two distinct
-            positive sizes, to fit the times.
+            positive sizes. Default: see above. Predictions beyond the largest
+            size are extrapolated, so measure up to the largest micro-batch a
+            plan may use.
+        max_micro_batch: the largest micro-batch size the default sizes reach
+            (e.g. the global batch); only without ``micro_batch_sizes``.
         optimizer: a factory ``parameters -> torch.optim.Optimizer``, like the one
             :class:`~funcpipe.Trainer` takes; it sizes the optimizer state and times
             one update. Default: :func:`default_optimizer`, i.e.
@@ -208,7 +314,8 @@ def profile(
         ConfigError: an argument is invalid, or a layer, the loss or the optimizer
             failed while profiling (the message names the layer and its input shape).
     """
-    sizes = _check_arguments(model, inputs, targets, loss_fn, micro_batch_sizes, optimizer, rounds, warmup, progress)
+    sizes = _check_arguments(model, inputs, targets, loss_fn, micro_batch_sizes, max_micro_batch, optimizer, rounds,
+                             warmup, progress)
     factory = optimizer if optimizer is not None else default_optimizer
     show = progress if progress is not None else len(model) > PROGRESS_MIN_LAYERS
     threads = torch.get_num_threads()
@@ -238,6 +345,7 @@ def _check_arguments(
     targets: object,
     loss_fn: object,
     micro_batch_sizes: object,
+    max_micro_batch: object,
     optimizer: object,
     rounds: object,
     warmup: object,
@@ -265,27 +373,68 @@ def _check_arguments(
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     if progress is not None and not isinstance(progress, bool):
         raise ConfigError(f"progress must be True, False or None, got {progress!r}")
-    if isinstance(micro_batch_sizes, str | bytes) or not isinstance(micro_batch_sizes, Sequence) or any(
-        isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in micro_batch_sizes
-    ):
-        raise ConfigError(f"micro_batch_sizes must be a sequence of positive integers, got {micro_batch_sizes!r}")
-    sizes = tuple(sorted(set(micro_batch_sizes)))
-    if len(sizes) < 2:
-        raise ConfigError(
-            f"micro_batch_sizes needs at least 2 distinct sizes to fit alpha + beta * b, got "
-            f"{tuple(micro_batch_sizes)}; hint: micro_batch_sizes=(1, 2, 4)"
-        )
     for name, tensor in (("inputs", inputs), ("targets", targets)):
         if not isinstance(tensor, torch.Tensor):
             raise ConfigError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() == 0:
             raise ConfigError(f"{name} must have a sample dimension (dim 0), got a 0-dimensional tensor")
+    assert isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)
+    samples = min(inputs.shape[0], targets.shape[0])
+    if max_micro_batch is not None and (
+        isinstance(max_micro_batch, bool) or not isinstance(max_micro_batch, int) or max_micro_batch < 2
+    ):
+        raise ConfigError(
+            f"max_micro_batch must be an integer >= 2, got {max_micro_batch!r}; hint: the largest "
+            "micro-batch size a plan may use, e.g. the global batch size"
+        )
+    if micro_batch_sizes is None:
+        return _default_sizes(samples, max_micro_batch)
+    if max_micro_batch is not None:
+        raise ConfigError(
+            f"give micro_batch_sizes or max_micro_batch, not both (got {micro_batch_sizes!r} and "
+            f"{max_micro_batch!r}); hint: max_micro_batch only caps the default sizes"
+        )
+    if isinstance(micro_batch_sizes, str | bytes) or not isinstance(micro_batch_sizes, Sequence):
+        raise ConfigError(f"micro_batch_sizes must be a sequence of positive integers, got {micro_batch_sizes!r}")
+    for b in micro_batch_sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ConfigError(
+                f"micro_batch_sizes must be positive integers, got {b!r} in {micro_batch_sizes!r}; "
+                "hint: micro_batch_sizes=(1, 2, 4, 8), or leave it out for powers of two up to the samples given"
+            )
+    sizes = tuple(sorted(set(micro_batch_sizes)))
+    if len(sizes) < 2:
+        raise ConfigError(
+            f"micro_batch_sizes needs at least 2 distinct sizes to interpolate the times, got "
+            f"{tuple(micro_batch_sizes)}; hint: micro_batch_sizes=(1, 2, 4)"
+        )
+    for name, tensor in (("inputs", inputs), ("targets", targets)):
         if tensor.shape[0] < sizes[-1]:
             raise ConfigError(
                 f"{name} hold {tensor.shape[0]} samples, but the largest micro-batch size is {sizes[-1]}; "
                 f"hint: pass at least {sizes[-1]} samples, or smaller micro_batch_sizes"
             )
     return sizes
+
+
+def _default_sizes(samples: int, max_micro_batch: int | None = None) -> tuple[int, ...]:
+    """The sizes :func:`profile` measures by default: powers of two up to the cap, and the cap.
+
+    The cap is ``max_micro_batch`` (default :data:`DEFAULT_MAX_MICRO_BATCH`),
+    at most ``samples``: ``_default_sizes(48)`` is
+    ``(1, 2, 4, 8, 16, 32, 48)``.
+
+    Raises:
+        ConfigError: fewer than two samples (two sizes are needed).
+    """
+    cap = min(samples, max_micro_batch if max_micro_batch is not None else DEFAULT_MAX_MICRO_BATCH)
+    if cap < 2:
+        raise ConfigError(
+            f"profiling needs at least 2 samples to measure two micro-batch sizes, got {samples}; "
+            "hint: pass inputs and targets of at least 2 samples (as many as the largest micro-batch a plan may use)"
+        )
+    sizes = [1 << k for k in range(cap.bit_length()) if 1 << k <= cap]
+    return tuple(sizes) if sizes[-1] == cap else (*sizes, cap)
 
 
 # -- measurement -------------------------------------------------------------
@@ -320,22 +469,22 @@ def _measure(
     forward: list[list[float]] = [[] for _ in range(count)]  # per layer, a median per size
     backward: list[list[float]] = [[] for _ in range(count)]
     total = warmup + rounds
-    with tqdm(total=count * len(sizes), disable=not show, unit="layer", desc="profiling") as bar:
+    # The bar counts samples run forward and backward: a round at size b costs about b.
+    with tqdm(total=total * sum(sizes), disable=not show, unit="sample", desc="profiling") as bar:
         for b in sizes:
             x, y = inputs[:b].clone(), targets[:b].clone()
+            chunks = _chunks([(output_bytes[i] + held_bytes[i]) * b / largest for i in range(count)],
+                             ROUND_HELD_BYTES)
             timed_f: list[list[float]] = [[] for _ in range(count)]
             timed_b: list[list[float]] = [[] for _ in range(count)]
-            done = 0
             for r in range(total):
                 # A fresh copy each round: a first layer that works in place must not see its own output.
-                seconds_f, seconds_b = runner.run(x.clone(), y)
+                seconds_f, seconds_b = runner.run(x.clone(), y, chunks)
                 if r >= warmup:
                     for i in range(count):
                         timed_f[i].append(seconds_f[i])
                         timed_b[i].append(seconds_b[i])
-                step = (r + 1) * count // total - done  # whole layers, spread over the rounds
-                bar.update(step)
-                done += step
+                bar.update(b)
             for i in range(count):
                 forward[i].append(statistics.median(timed_f[i]))
                 backward[i].append(statistics.median(timed_b[i]))
@@ -347,6 +496,7 @@ def _measure(
         param_bytes, optimizer_bytes, update_s = _measure_update(i, name, layer, factory, rounds, warmup)
         forward_alpha, forward_beta = _fit(sizes, forward[i])
         backward_alpha, backward_beta = _fit(sizes, backward[i])
+        forward_measured, backward_measured = _isotonic(forward[i]), _isotonic(backward[i])
         profiles.append(LayerProfile(
             name=name,
             forward_alpha_s=forward_alpha,
@@ -358,6 +508,9 @@ def _measure(
             update_s=update_s,
             output_bytes_per_sample=output_bytes[i] / largest,
             held_bytes_per_sample=held_bytes[i] / largest,
+            measured_sizes=sizes,
+            forward_measured_s=forward_measured,
+            backward_measured_s=backward_measured,
         ))
     return tuple(profiles)
 
@@ -396,33 +549,54 @@ class _Runner:
         self.loss(x, y)  # check it returns a scalar before the timed rounds
         return output_bytes, held_bytes
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
-        """One round: forward and backward seconds of every layer."""
+    def run(
+        self, x: torch.Tensor, y: torch.Tensor, chunks: Sequence[range]
+    ) -> tuple[list[float], list[float]]:
+        """One round: forward and backward seconds of every layer.
+
+        The layers run chunk by chunk: a chunk's forwards, holding their
+        activations as a stage does, then its backwards in reverse, from a
+        random gradient of the chunk's output's shape (what a backward costs
+        does not depend on the gradient's values; the last chunk's comes from
+        the loss). With one chunk this is the model's own forward and backward;
+        smaller chunks bound what a round holds. A layer whose successor sends
+        no gradient back to its input gets no backward time, as in training.
+        """
         count = len(self.layers)
-        leaves: list[torch.Tensor] = []
-        outputs: list[torch.Tensor | None] = []
-        forward = []
-        for i in range(count):
-            leaf, x, seconds = self.forward(i, x)
-            leaves.append(leaf)
-            outputs.append(x)
-            forward.append(seconds)
+        forward = [0.0] * count
         backward = [0.0] * count
-        started = time.perf_counter()
-        loss = self.loss(x, y)
-        if loss.requires_grad:
-            self._backward(count - 1, loss, None, "the loss's")
-        backward[-1] = time.perf_counter() - started
-        outputs[-1] = None
-        for i in range(count - 2, -1, -1):
-            grad = leaves[i + 1].grad
-            output = outputs[i]
-            outputs[i] = None  # free activations as the backward goes
-            if grad is None or output is None or not output.requires_grad:
-                continue  # nothing flows back into this layer
-            started = time.perf_counter()
-            self._backward(i, output, grad, "its")
-            backward[i] = time.perf_counter() - started
+        for chunk in chunks:
+            leaves: list[torch.Tensor] = []
+            outputs: list[torch.Tensor | None] = []
+            for i in chunk:
+                leaf, x, forward[i] = self.forward(i, x)
+                leaves.append(leaf)
+                outputs.append(x)
+            last = chunk[-1]
+            if last == count - 1:
+                started = _clock()
+                loss = self.loss(x, y)
+                if loss.requires_grad:
+                    self._backward(last, loss, None, "the loss's")
+                backward[last] = _clock() - started
+            elif x.requires_grad:
+                noise = torch.randn_like(x)
+                started = _clock()
+                self._backward(last, x, noise, "its")
+                backward[last] = _clock() - started
+            outputs[-1] = None
+            for k in range(len(chunk) - 2, -1, -1):
+                grad = leaves[k + 1].grad
+                output = outputs[k]
+                outputs[k] = None  # free activations as the backward goes
+                if grad is None or output is None or not output.requires_grad:
+                    continue  # nothing flows back into this layer
+                started = _clock()
+                self._backward(chunk[k], output, grad, "its")
+                backward[chunk[k]] = _clock() - started
+            if chunk[0] > 0 and leaves[0].grad is None:
+                backward[chunk[0] - 1] = 0.0  # nothing flows back into the previous chunk's last layer
+            x = x.detach()
         return forward, backward
 
     def forward(
@@ -434,7 +608,7 @@ class _Runner:
             leaf.requires_grad_(True)  # a stage's input carries gradients; the model's input does not
         layer_input = leaf.clone() if self.clone_input[i] and leaf.requires_grad else leaf
         layer = self.layers[i]
-        started = time.perf_counter()
+        started = _clock()
         try:
             output = layer(layer_input)
         except Exception as exc:
@@ -448,7 +622,7 @@ class _Runner:
                 f"layer {i} ({self.names[i]!r}, {type(layer).__name__}) failed on an input of shape "
                 f"{tuple(leaf.shape)} ({leaf.dtype}): {type(exc).__name__}: {exc}"
             ) from exc
-        seconds = time.perf_counter() - started
+        seconds = _clock() - started
         if not isinstance(output, torch.Tensor):
             raise ConfigError(
                 f"layer {i} ({self.names[i]!r}, {type(layer).__name__}) returned {type(output).__name__}, "
@@ -497,7 +671,9 @@ class _SavedBytes:
                 nbytes = min(nbytes, capacity)  # an expanded view claims more than its storage
             # Views of one storage (x and x.t()) are held once: keep the largest.
             self.by_storage[key] = max(self.by_storage.get(key, 0), nbytes)
-        return tensor
+        # Not the tensor itself: an output autograd saves would then hold its own graph in a cycle
+        # that is never freed, and the probe would keep every layer's activations.
+        return tensor.detach()
 
     def clear(self) -> None:
         self.by_storage.clear()
@@ -546,7 +722,7 @@ def _measure_update(
         )
     seconds = []
     for r in range(warmup + rounds):
-        started = time.perf_counter()
+        started = _clock()
         try:
             optimizer.step()
         except Exception as exc:
@@ -554,7 +730,7 @@ def _measure_update(
                 f"{type(optimizer).__name__}.step() failed on the parameters of {what}: {type(exc).__name__}: {exc}"
             ) from exc
         if r >= warmup:
-            seconds.append(time.perf_counter() - started)
+            seconds.append(_clock() - started)
     state_bytes = sum(
         _bytes(value)
         for state in optimizer.state.values()
@@ -562,6 +738,30 @@ def _measure_update(
         if isinstance(value, torch.Tensor)
     )
     return param_bytes, state_bytes, statistics.median(seconds)
+
+
+def _chunks(held: Sequence[float], budget: float) -> list[range]:
+    """Consecutive layers, greedily, each run holding at most ``budget`` bytes (a layer alone may hold more)."""
+    chunks: list[range] = []
+    start, total = 0, 0.0
+    for i, nbytes in enumerate(held):
+        if i > start and total + nbytes > budget:
+            chunks.append(range(start, i))
+            start, total = i, 0.0
+        total += nbytes
+    chunks.append(range(start, len(held)))
+    return chunks
+
+
+def _isotonic(seconds: Sequence[float]) -> tuple[float, ...]:
+    """The non-decreasing sequence nearest ``seconds`` in squared error (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for t in seconds:
+        blocks.append([float(t), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
+    return tuple(mean for mean, n in blocks for _ in range(int(n)))
 
 
 def _fit(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
@@ -588,6 +788,7 @@ def _machine(rounds: int, warmup: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": 1,
+        "clock": "thread_time",
         "rounds": rounds,
         "warmup": warmup,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
