@@ -39,8 +39,8 @@ def profile() -> ModelProfile:
 
 @pytest.fixture(scope="module")
 def sim(profile: ModelProfile) -> Simulation:
-    """Three stages, the middle one with two replicas: four workers."""
-    plan = Plan.manual([1, 2, 1], replicas=[1, 2, 1], micro_batch_size=4, global_batch_size=16)
+    """Three stages, the middle one with two replicas: four workers, all on one tier."""
+    plan = Plan.manual([1, 2, 1], replicas=[1, 2, 1], micro_batch_size=4, global_batch_size=16, memory_mb=2048)
     return simulate(plan, profile, funcpipe.platforms.get("aws_lambda"))
 
 
