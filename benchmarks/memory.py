@@ -42,12 +42,13 @@ from torch import nn
 
 import funcpipe
 from funcpipe import Plan, Trainer, costmodel
-from funcpipe.backends import Ray
+from funcpipe.backends import AWSLambda, Ray
 from funcpipe.platforms.base import MIB
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.models.bert import BertConfig, bert
 from benchmarks.models.resnet import resnet
+from tests.fakes.aws_lambda import FakeLambda
 
 log = logging.getLogger("funcpipe.benchmarks.memory")
 
@@ -166,10 +167,37 @@ def lambda_entry_rss(repeats: int) -> list[float]:
     return out
 
 
+# -- the backends -----------------------------------------------------------------------
+
+#: Credentials of the loopback fake (it checks none); nothing here talks to AWS.
+FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIAFUNCPIPEBENCHMARK", "AWS_SECRET_ACCESS_KEY": "funcpipe-benchmark-fake",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull}
+
+
+class _LambdaRun:
+    """Fresh Lambda runtimes for one run: the real entry under awslambdaric, behind the loopback fake."""
+
+    def __init__(self, workers: int) -> None:
+        os.environ.update(FAKE_AWS_ENV)
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_REGION"):
+            os.environ.pop(name, None)
+        tiers = funcpipe.platforms.get("aws_lambda").tiers
+        self.fake = FakeLambda({f"funcpipe-worker-{t.memory_mb}": 900.0 for t in tiers}, runtimes=workers,
+                               env=FAKE_AWS_ENV)
+        self.fake.wait_ready(120.0)
+        self.backend = AWSLambda("us-east-1", endpoint_url=self.fake.endpoint_url, allow_local_storage=True)
+
+    def close(self) -> None:
+        if self.fake.errors or self.fake.init_errors:
+            log.warning("lambda runtime errors: %s %s", self.fake.errors, self.fake.init_errors)
+        self.fake.close()
+
+
 # -- the runs ---------------------------------------------------------------------------
 
 
-def run_case(case: Case, iterations: int, storage_root: Path, schedules: tuple[str, ...]) -> list[dict[str, Any]]:
+def run_case(case: Case, iterations: int, storage_root: Path, schedules: tuple[str, ...],
+             backends: tuple[str, ...] = ("lambda",)) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = case.make()
@@ -181,36 +209,52 @@ def run_case(case: Case, iterations: int, storage_root: Path, schedules: tuple[s
                                rounds=1, warmup=0, progress=False)
     log.info("%s: profiled in %.1f s, %.1f MB of parameters", case.name, time.perf_counter() - started,
              profile.param_bytes / MIB)
-    local = funcpipe.platforms.get("local")
     rows = []
     for balance, replicas, m in case.plans:
         for schedule in schedules:
             plan = Plan.manual(list(balance), replicas=list(replicas), micro_batch_size=b,
                                global_batch_size=b * m, schedule=schedule)
             batches = [case.batch(b * m, gen) for _ in range(iterations)]
-            storage = tempfile.mkdtemp(prefix="funcpipe-memory-", dir=storage_root)
-            backend = Ray()
-            trainer = Trainer(copy.deepcopy(model), case.loss_fn, optimizer, plan, backend=backend,
-                              storage=Path(storage).as_uri())
-            t0 = time.perf_counter()
-            history = trainer.fit(batches, iterations=iterations, progress=False)
-            seconds = time.perf_counter() - t0
-            del trainer
+            for backend_name in backends:
+                rows += _run(case, model, profile, plan, batches, backend_name, storage_root)
+    return rows
+
+
+def _run(case: Case, model: nn.Module, profile: funcpipe.ModelProfile, plan: Plan, batches: list[Any],
+         backend_name: str, storage_root: Path) -> list[dict[str, Any]]:
+    """Train ``plan`` on one backend (fresh processes) and compare each worker's peak with its prediction."""
+    local = funcpipe.platforms.get("local")
+    storage = tempfile.mkdtemp(prefix="funcpipe-memory-", dir=storage_root)
+    lambda_run = _LambdaRun(sum(plan.replicas)) if backend_name == "lambda" else None
+    backend: Any = lambda_run.backend if lambda_run is not None else Ray()
+    rows = []
+    try:
+        trainer = Trainer(copy.deepcopy(model), case.loss_fn, _optimizer(case.optimizer), plan,
+                          backend=backend, storage=Path(storage).as_uri())
+        t0 = time.perf_counter()
+        history = trainer.fit(batches, iterations=len(batches), progress=False)
+        seconds = time.perf_counter() - t0
+        del trainer
+    finally:
+        if lambda_run is not None:
+            lambda_run.close()
+        else:
             backend.shutdown()  # fresh hosts for the next run: what an earlier job left is not its memory
-            for w in sorted(history.workers, key=lambda w: (w["stage"], w["replica"])):
-                s = w["stage"]
-                predicted = costmodel.stage_memory_bytes(profile, local, plan, s) / MIB
-                measured = w["peak_rss_bytes"] / MIB
-                rows.append({
-                    "model": case.name, "balance": list(balance), "replicas": list(replicas),
-                    "micro_batch_size": b, "micro_batches": m, "schedule": schedule, "optimizer": case.optimizer,
-                    "stage": s, "replica": w["replica"], "predicted_mb": predicted, "measured_mb": measured,
-                    "start_mb": w["start_rss_bytes"] / MIB, "ratio": predicted / measured,
-                    "terms_mb": _terms(profile, local, plan, s), "seconds": seconds,
-                })
-                log.info("%s %s %s m=%d %s stage %d/%d: predicted %.0f MB, measured %.0f MB (start %.0f), ratio %.2f",
-                         case.name, list(balance), list(replicas), m, schedule, s, w["replica"], predicted, measured,
-                         rows[-1]["start_mb"], predicted / measured)
+    b, m = plan.micro_batch_size, plan.num_micro_batches
+    for w in sorted(history.workers, key=lambda w: (w["stage"], w["replica"])):
+        s = w["stage"]
+        predicted = costmodel.stage_memory_bytes(profile, local, plan, s) / MIB
+        measured = w["peak_rss_bytes"] / MIB
+        rows.append({
+            "model": case.name, "backend": backend_name, "balance": list(plan.balance),
+            "replicas": list(plan.replicas), "micro_batch_size": b, "micro_batches": m,
+            "schedule": plan.schedule, "optimizer": case.optimizer, "stage": s, "replica": w["replica"],
+            "predicted_mb": predicted, "measured_mb": measured, "start_mb": w["start_rss_bytes"] / MIB,
+            "ratio": predicted / measured, "terms_mb": _terms(profile, local, plan, s), "seconds": seconds,
+        })
+        log.info("%s %s %s %s m=%d %s stage %d/%d: predicted %.0f MB, measured %.0f MB (start %.0f), ratio %.2f",
+                 backend_name, case.name, list(plan.balance), list(plan.replicas), m, plan.schedule, s,
+                 w["replica"], predicted, measured, rows[-1]["start_mb"], predicted / measured)
     return rows
 
 
