@@ -276,6 +276,13 @@ def _terms(profile: funcpipe.ModelProfile, platform_: funcpipe.Platform, plan: P
     }
 
 
+BACKEND_LABELS = {
+    "lambda": "the real AWS Lambda entry (`awslambdaric` + `backends/aws_lambda/handler.py`, a fresh process "
+              "per worker and run) under the loopback fake of `tests/fakes/aws_lambda.py`",
+    "ray": "local Ray actors (fresh hosts per run; their processes also hold Ray's runtime)",
+}
+
+
 # -- output -----------------------------------------------------------------------------
 
 
@@ -303,7 +310,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['machine']['cpus']} CPUs, torch {result['machine']['torch']}), {result['generated']}.",
         "",
         "Each worker's measured peak is its process's `VmHWM` during the run (reset when the run "
-        "begins, setup and final checkpoint included), on local Ray with file storage; the prediction "
+        "begins, setup and final checkpoint included), with file storage, "
+        f"in {' and '.join(BACKEND_LABELS[b] for b in result['backends'])}; the prediction "
         "is `funcpipe.costmodel.stage_memory_bytes` on the `local` platform "
         f"(runtime constant {rt['local_constant_mb']} MB). {result['iterations']} iterations per run.",
         "",
@@ -315,16 +323,16 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Runtime constant (resident MB before any model): the AWS Lambda entry's process after its init "
         f"(`awslambdaric` + `backends/aws_lambda/handler.py`, which preloads torch and the stage worker): "
-        f"{', '.join(f'{v:.1f}' for v in rt['lambda_entry_mb'])} MB; an idle Ray host when a run began: "
-        f"{rt['ray_host_min_mb']:.1f} to {rt['ray_host_max_mb']:.1f} MB.",
+        f"{', '.join(f'{v:.1f}' for v in rt['lambda_entry_mb'])} MB; when a run began: "
+        + "; ".join(f"{b} {lo:.1f} to {hi:.1f} MB" for b, (lo, hi) in rt["start_mb"].items()) + ".",
         "",
-        "| model | plan (balance / replicas / micro-batches x size) | schedule | stage | replica "
+        "| backend | model | plan (balance / replicas / micro-batches x size) | schedule | stage | replica "
         "| predicted MB | measured MB | ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         plan = f"{r['balance']} / {r['replicas']} / {r['micro_batches']} x {r['micro_batch_size']}"
-        lines.append(f"| {r['model']} | {plan} | {r['schedule']} | {r['stage']} | {r['replica']} | "
+        lines.append(f"| {r['backend']} | {r['model']} | {plan} | {r['schedule']} | {r['stage']} | {r['replica']} | "
                      f"{r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | {r['ratio']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -334,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=[c.name for c in CASES], help="which models to run")
     parser.add_argument("--iterations", type=int, default=2, help="training iterations per run")
     parser.add_argument("--schedules", nargs="*", default=["gpipe", "1f1b"])
+    parser.add_argument("--backends", nargs="*", default=["lambda"], choices=["lambda", "ray"],
+                        help="where workers run: the Lambda entry under the loopback fake, local Ray")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of memory.{json,md}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -344,19 +354,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="funcpipe-memory-") as root:
         for case in CASES:
             if case.name in args.models:
-                rows += run_case(case, args.iterations, Path(root), tuple(args.schedules))
-    import ray
+                rows += run_case(case, args.iterations, Path(root), tuple(args.schedules), tuple(args.backends))
+    if "ray" in args.backends:
+        import ray
 
-    ray.shutdown()
+        ray.shutdown()
     result = {
         "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": funcpipe.profiler._cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "iterations": args.iterations,
+        "backends": args.backends,
         "runtime": {
             "lambda_entry_mb": entry,
-            "ray_host_min_mb": min(r["start_mb"] for r in rows),
-            "ray_host_max_mb": max(r["start_mb"] for r in rows),
+            "start_mb": {name: [min(r["start_mb"] for r in rows if r["backend"] == name),
+                                max(r["start_mb"] for r in rows if r["backend"] == name)]
+                         for name in args.backends},
             "local_constant_mb": local.runtime_overhead_mb,
         },
         "summary": summary(rows),
