@@ -3,13 +3,17 @@
 Several models (an MLP of wide linear layers, a bottleneck ResNet, a small BERT
 built from its config) are profiled with :func:`funcpipe.profile` and trained
 under several plans (stage counts, replicas for the all-reduce's buffers,
-micro-batch counts) and both schedules, on local Ray with file storage, through
-funcpipe's normal :class:`funcpipe.Trainer` path. Each worker reports the peak
-resident memory of its process during the run (``VmHWM``, reset when the run
-begins: :func:`funcpipe.worker.reset_peak_rss`); the table puts it next to
-:func:`funcpipe.costmodel.stage_memory_bytes` on the ``local`` platform, whose
-runtime constant is the resident memory of an idle Ray host process (measured
-here too, with the function entry's: see ``runtime`` in the JSON).
+micro-batch counts) and both schedules, with file storage, through funcpipe's
+normal :class:`funcpipe.Trainer` path. Workers run where a function runs: the real
+AWS Lambda entry (``awslambdaric`` and ``backends/aws_lambda/handler.py``, one
+fresh process per worker and run) behind the loopback fake of
+``tests/fakes/aws_lambda.py``, driven by :class:`funcpipe.backends.AWSLambda`;
+``--backends lambda ray`` adds local Ray actors (whose processes also carry Ray's
+runtime). Each worker reports the peak resident memory of its process during the
+run (``VmHWM``, reset when the run begins: :func:`funcpipe.worker.reset_peak_rss`);
+the table puts it next to :func:`funcpipe.costmodel.stage_memory_bytes` on the
+``local`` platform, whose runtime constant is the resident memory of the function
+entry after its init (measured here too: see ``runtime`` in the JSON).
 
 Target (issue 13): the prediction is never below the measured peak, and at most
 1.3 times above it for stages whose measured peak is 200 MB or more.
