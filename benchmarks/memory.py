@@ -46,7 +46,7 @@ from torch import nn
 
 import funcpipe
 from funcpipe import Plan, Trainer, costmodel
-from funcpipe.backends import AWSLambda, Ray
+from funcpipe.backends import AWSLambda, Ray, Timing
 from funcpipe.platforms.base import MIB
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -189,7 +189,10 @@ class _LambdaRun:
         self.fake = FakeLambda({f"funcpipe-worker-{t.memory_mb}": 900.0 for t in tiers}, runtimes=workers,
                                env=FAKE_AWS_ENV)
         self.fake.wait_ready(120.0)
-        self.backend = AWSLambda("us-east-1", endpoint_url=self.fake.endpoint_url, allow_local_storage=True)
+        # A long silence timeout: on a shared 2-CPU machine at a load of about 20, one worker's
+        # heartbeat once went 100 s unwritten (the default 60 s ended the run); this measures memory.
+        self.backend = AWSLambda("us-east-1", endpoint_url=self.fake.endpoint_url, allow_local_storage=True,
+                                 timing=Timing(silence_timeout_s=900.0))
 
     def close(self) -> None:
         if self.fake.errors or self.fake.init_errors:
