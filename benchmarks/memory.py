@@ -3,13 +3,17 @@
 Several models (an MLP of wide linear layers, a bottleneck ResNet, a small BERT
 built from its config) are profiled with :func:`funcpipe.profile` and trained
 under several plans (stage counts, replicas for the all-reduce's buffers,
-micro-batch counts) and both schedules, on local Ray with file storage, through
-funcpipe's normal :class:`funcpipe.Trainer` path. Each worker reports the peak
-resident memory of its process during the run (``VmHWM``, reset when the run
-begins: :func:`funcpipe.worker.reset_peak_rss`); the table puts it next to
-:func:`funcpipe.costmodel.stage_memory_bytes` on the ``local`` platform, whose
-runtime constant is the resident memory of an idle Ray host process (measured
-here too, with the function entry's: see ``runtime`` in the JSON).
+micro-batch counts) and both schedules, with file storage, through funcpipe's
+normal :class:`funcpipe.Trainer` path. Workers run where a function runs: the real
+AWS Lambda entry (``awslambdaric`` and ``backends/aws_lambda/handler.py``, one
+fresh process per worker and run) behind the loopback fake of
+``tests/fakes/aws_lambda.py``, driven by :class:`funcpipe.backends.AWSLambda`;
+``--backends lambda ray`` adds local Ray actors (whose processes also carry Ray's
+runtime). Each worker reports the peak resident memory of its process during the
+run (``VmHWM``, reset when the run begins: :func:`funcpipe.worker.reset_peak_rss`);
+the table puts it next to :func:`funcpipe.costmodel.stage_memory_bytes` on the
+``local`` platform, whose runtime constant is the resident memory of the function
+entry after its init (measured here too: see ``runtime`` in the JSON).
 
 Target (issue 13): the prediction is never below the measured peak, and at most
 1.3 times above it for stages whose measured peak is 200 MB or more.
@@ -42,12 +46,13 @@ from torch import nn
 
 import funcpipe
 from funcpipe import Plan, Trainer, costmodel
-from funcpipe.backends import Ray
+from funcpipe.backends import AWSLambda, Ray, Timing
 from funcpipe.platforms.base import MIB
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.models.bert import BertConfig, bert
 from benchmarks.models.resnet import resnet
+from tests.fakes.aws_lambda import FakeLambda
 
 log = logging.getLogger("funcpipe.benchmarks.memory")
 
@@ -166,10 +171,40 @@ def lambda_entry_rss(repeats: int) -> list[float]:
     return out
 
 
+# -- the backends -----------------------------------------------------------------------
+
+#: Credentials of the loopback fake (it checks none); nothing here talks to AWS.
+FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIAFUNCPIPEBENCHMARK", "AWS_SECRET_ACCESS_KEY": "funcpipe-benchmark-fake",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull}
+
+
+class _LambdaRun:
+    """Fresh Lambda runtimes for one run: the real entry under awslambdaric, behind the loopback fake."""
+
+    def __init__(self, workers: int) -> None:
+        os.environ.update(FAKE_AWS_ENV)
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_REGION"):
+            os.environ.pop(name, None)
+        tiers = funcpipe.platforms.get("aws_lambda").tiers
+        self.fake = FakeLambda({f"funcpipe-worker-{t.memory_mb}": 900.0 for t in tiers}, runtimes=workers,
+                               env=FAKE_AWS_ENV)
+        self.fake.wait_ready(120.0)
+        # A long silence timeout: on a shared 2-CPU machine at a load of about 20, one worker's
+        # heartbeat once went 100 s unwritten (the default 60 s ended the run); this measures memory.
+        self.backend = AWSLambda("us-east-1", endpoint_url=self.fake.endpoint_url, allow_local_storage=True,
+                                 timing=Timing(silence_timeout_s=900.0))
+
+    def close(self) -> None:
+        if self.fake.errors or self.fake.init_errors:
+            log.warning("lambda runtime errors: %s %s", self.fake.errors, self.fake.init_errors)
+        self.fake.close()
+
+
 # -- the runs ---------------------------------------------------------------------------
 
 
-def run_case(case: Case, iterations: int, storage_root: Path, schedules: tuple[str, ...]) -> list[dict[str, Any]]:
+def run_case(case: Case, iterations: int, storage_root: Path, schedules: tuple[str, ...],
+             backends: tuple[str, ...] = ("lambda",)) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = case.make()
@@ -181,36 +216,52 @@ def run_case(case: Case, iterations: int, storage_root: Path, schedules: tuple[s
                                rounds=1, warmup=0, progress=False)
     log.info("%s: profiled in %.1f s, %.1f MB of parameters", case.name, time.perf_counter() - started,
              profile.param_bytes / MIB)
-    local = funcpipe.platforms.get("local")
     rows = []
     for balance, replicas, m in case.plans:
         for schedule in schedules:
             plan = Plan.manual(list(balance), replicas=list(replicas), micro_batch_size=b,
                                global_batch_size=b * m, schedule=schedule)
             batches = [case.batch(b * m, gen) for _ in range(iterations)]
-            storage = tempfile.mkdtemp(prefix="funcpipe-memory-", dir=storage_root)
-            backend = Ray()
-            trainer = Trainer(copy.deepcopy(model), case.loss_fn, optimizer, plan, backend=backend,
-                              storage=Path(storage).as_uri())
-            t0 = time.perf_counter()
-            history = trainer.fit(batches, iterations=iterations, progress=False)
-            seconds = time.perf_counter() - t0
-            del trainer
+            for backend_name in backends:
+                rows += _run(case, model, profile, plan, batches, backend_name, storage_root)
+    return rows
+
+
+def _run(case: Case, model: nn.Module, profile: funcpipe.ModelProfile, plan: Plan, batches: list[Any],
+         backend_name: str, storage_root: Path) -> list[dict[str, Any]]:
+    """Train ``plan`` on one backend (fresh processes) and compare each worker's peak with its prediction."""
+    local = funcpipe.platforms.get("local")
+    storage = tempfile.mkdtemp(prefix="funcpipe-memory-", dir=storage_root)
+    lambda_run = _LambdaRun(sum(plan.replicas)) if backend_name == "lambda" else None
+    backend: Any = lambda_run.backend if lambda_run is not None else Ray()
+    rows = []
+    try:
+        trainer = Trainer(copy.deepcopy(model), case.loss_fn, _optimizer(case.optimizer), plan,
+                          backend=backend, storage=Path(storage).as_uri())
+        t0 = time.perf_counter()
+        history = trainer.fit(batches, iterations=len(batches), progress=False)
+        seconds = time.perf_counter() - t0
+        del trainer
+    finally:
+        if lambda_run is not None:
+            lambda_run.close()
+        else:
             backend.shutdown()  # fresh hosts for the next run: what an earlier job left is not its memory
-            for w in sorted(history.workers, key=lambda w: (w["stage"], w["replica"])):
-                s = w["stage"]
-                predicted = costmodel.stage_memory_bytes(profile, local, plan, s) / MIB
-                measured = w["peak_rss_bytes"] / MIB
-                rows.append({
-                    "model": case.name, "balance": list(balance), "replicas": list(replicas),
-                    "micro_batch_size": b, "micro_batches": m, "schedule": schedule, "optimizer": case.optimizer,
-                    "stage": s, "replica": w["replica"], "predicted_mb": predicted, "measured_mb": measured,
-                    "start_mb": w["start_rss_bytes"] / MIB, "ratio": predicted / measured,
-                    "terms_mb": _terms(profile, local, plan, s), "seconds": seconds,
-                })
-                log.info("%s %s %s m=%d %s stage %d/%d: predicted %.0f MB, measured %.0f MB (start %.0f), ratio %.2f",
-                         case.name, list(balance), list(replicas), m, schedule, s, w["replica"], predicted, measured,
-                         rows[-1]["start_mb"], predicted / measured)
+    b, m = plan.micro_batch_size, plan.num_micro_batches
+    for w in sorted(history.workers, key=lambda w: (w["stage"], w["replica"])):
+        s = w["stage"]
+        predicted = costmodel.stage_memory_bytes(profile, local, plan, s) / MIB
+        measured = w["peak_rss_bytes"] / MIB
+        rows.append({
+            "model": case.name, "backend": backend_name, "balance": list(plan.balance),
+            "replicas": list(plan.replicas), "micro_batch_size": b, "micro_batches": m,
+            "schedule": plan.schedule, "optimizer": case.optimizer, "stage": s, "replica": w["replica"],
+            "predicted_mb": predicted, "measured_mb": measured, "start_mb": w["start_rss_bytes"] / MIB,
+            "ratio": predicted / measured, "terms_mb": _terms(profile, local, plan, s), "seconds": seconds,
+        })
+        log.info("%s %s %s %s m=%d %s stage %d/%d: predicted %.0f MB, measured %.0f MB (start %.0f), ratio %.2f",
+                 backend_name, case.name, list(plan.balance), list(plan.replicas), m, plan.schedule, s,
+                 w["replica"], predicted, measured, rows[-1]["start_mb"], predicted / measured)
     return rows
 
 
@@ -230,6 +281,13 @@ def _terms(profile: funcpipe.ModelProfile, platform_: funcpipe.Platform, plan: P
         "held_per_micro_batch": sum(p.held_bytes_per_sample for p in lp) * b / MIB,
         "total_without_runtime": total / MIB,
     }
+
+
+BACKEND_LABELS = {
+    "lambda": "the real AWS Lambda entry (`awslambdaric` + `backends/aws_lambda/handler.py`, a fresh process "
+              "per worker and run) under the loopback fake of `tests/fakes/aws_lambda.py`",
+    "ray": "local Ray actors (fresh hosts per run; their processes also hold Ray's runtime)",
+}
 
 
 # -- output -----------------------------------------------------------------------------
@@ -259,7 +317,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['machine']['cpus']} CPUs, torch {result['machine']['torch']}), {result['generated']}.",
         "",
         "Each worker's measured peak is its process's `VmHWM` during the run (reset when the run "
-        "begins, setup and final checkpoint included), on local Ray with file storage; the prediction "
+        "begins, setup and final checkpoint included), with file storage, "
+        f"in {' and '.join(BACKEND_LABELS[b] for b in result['backends'])}; the prediction "
         "is `funcpipe.costmodel.stage_memory_bytes` on the `local` platform "
         f"(runtime constant {rt['local_constant_mb']} MB). {result['iterations']} iterations per run.",
         "",
@@ -271,16 +330,16 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Runtime constant (resident MB before any model): the AWS Lambda entry's process after its init "
         f"(`awslambdaric` + `backends/aws_lambda/handler.py`, which preloads torch and the stage worker): "
-        f"{', '.join(f'{v:.1f}' for v in rt['lambda_entry_mb'])} MB; an idle Ray host when a run began: "
-        f"{rt['ray_host_min_mb']:.1f} to {rt['ray_host_max_mb']:.1f} MB.",
+        f"{', '.join(f'{v:.1f}' for v in rt['lambda_entry_mb'])} MB; when a run began: "
+        + "; ".join(f"{b} {lo:.1f} to {hi:.1f} MB" for b, (lo, hi) in rt["start_mb"].items()) + ".",
         "",
-        "| model | plan (balance / replicas / micro-batches x size) | schedule | stage | replica "
+        "| backend | model | plan (balance / replicas / micro-batches x size) | schedule | stage | replica "
         "| predicted MB | measured MB | ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         plan = f"{r['balance']} / {r['replicas']} / {r['micro_batches']} x {r['micro_batch_size']}"
-        lines.append(f"| {r['model']} | {plan} | {r['schedule']} | {r['stage']} | {r['replica']} | "
+        lines.append(f"| {r['backend']} | {r['model']} | {plan} | {r['schedule']} | {r['stage']} | {r['replica']} | "
                      f"{r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | {r['ratio']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -290,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=[c.name for c in CASES], help="which models to run")
     parser.add_argument("--iterations", type=int, default=2, help="training iterations per run")
     parser.add_argument("--schedules", nargs="*", default=["gpipe", "1f1b"])
+    parser.add_argument("--backends", nargs="*", default=["lambda"], choices=["lambda", "ray"],
+                        help="where workers run: the Lambda entry under the loopback fake, local Ray")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of memory.{json,md}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -300,19 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="funcpipe-memory-") as root:
         for case in CASES:
             if case.name in args.models:
-                rows += run_case(case, args.iterations, Path(root), tuple(args.schedules))
-    import ray
+                rows += run_case(case, args.iterations, Path(root), tuple(args.schedules), tuple(args.backends))
+    if "ray" in args.backends:
+        import ray
 
-    ray.shutdown()
+        ray.shutdown()
     result = {
         "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": funcpipe.profiler._cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "iterations": args.iterations,
+        "backends": args.backends,
         "runtime": {
             "lambda_entry_mb": entry,
-            "ray_host_min_mb": min(r["start_mb"] for r in rows),
-            "ray_host_max_mb": max(r["start_mb"] for r in rows),
+            "start_mb": {name: [min(r["start_mb"] for r in rows if r["backend"] == name),
+                                max(r["start_mb"] for r in rows if r["backend"] == name)]
+                         for name in args.backends},
             "local_constant_mb": local.runtime_overhead_mb,
         },
         "summary": summary(rows),

@@ -46,7 +46,8 @@ MB = 2**20
 
 def test_memory_of_a_replica() -> None:
     # 100 MB runtime; 2 x 10 MB weights and gradients; 20 MB optimizer state; the workspace,
-    # 10 + 20 MB (the checkpoint's weights and state); 2 x 10 MB of all-reduce buffers
+    # 10 + 20 MB (the checkpoint's weights and state), and 1 MB (one micro-batch's held
+    # tensors: a layer's transients); 2 x 10 MB of all-reduce buffers
     # (replicas); 3 micro-batches of 1 MB held + 0.5 MB output; 4 inputs of 0.25 MB, one
     # output gradient of 0.5 MB, 2 targets of 0.125 MB.
     counts = costmodel.Held(activations=3, inputs=4, grads=1, targets=2)
@@ -54,7 +55,8 @@ def test_memory_of_a_replica() -> None:
         HAND, param_bytes=10 * MB, optimizer_bytes=20 * MB, held_bytes=MB, input_bytes=MB / 4,
         output_bytes=MB / 2, target_bytes=MB / 8, replicas=2, counts=counts,
     )
-    assert needed == (100 + 20 + 20 + 30 + 20) * MB + 3 * (MB + MB // 2) + 4 * MB // 4 + MB // 2 + 2 * MB // 8
+    assert needed == ((100 + 20 + 20 + 30 + 1 + 20) * MB + 3 * (MB + MB // 2) + 4 * MB // 4 + MB // 2
+                      + 2 * MB // 8)
     # One replica: no all-reduce buffers.
     alone = costmodel.memory_bytes(
         HAND, param_bytes=10 * MB, optimizer_bytes=20 * MB, held_bytes=MB, input_bytes=MB / 4,
@@ -100,18 +102,20 @@ def test_stage_memory_of_a_plan() -> None:
     second = dataclasses.replace(layer(0.1, 0.2), held_bytes_per_sample=2.0 * MB)
     profile = ModelProfile((first, second), input_bytes_per_sample=MB / 2, target_bytes_per_sample=MB / 8)
     plan = Plan.manual([1, 1], replicas=[2, 1], micro_batch_size=2, global_batch_size=8)
-    # Stage 0: runtime 100, 2 x 8, 16, workspace 8 + 16, all-reduce 2 x 8; 2 activations of
-    # 2 MB held + 0.5 MB output, 2 inputs of 1 MB, 2 gradients of 0.5 MB.
+    # Stage 0: runtime 100, 2 x 8, 16, workspace 8 + 16 + 2 (a micro-batch's held), all-reduce
+    # 2 x 8; 2 activations of 2 MB held + 0.5 MB output, 2 inputs of 1 MB, 2 gradients of 0.5 MB.
     assert costmodel.stage_memory_bytes(profile, HAND, plan, 0) == (
-        (100 + 16 + 16 + 24 + 16) * MB + 2 * (2 * MB + MB // 2) + 2 * MB + 2 * (MB // 2))
-    # Stage 1 (last): runtime 100, one activation of 4 MB held, 4 inputs of 0.5 MB, 4 targets of 0.25 MB.
-    assert costmodel.stage_memory_bytes(profile, HAND, plan, 1) == 100 * MB + 4 * MB + 4 * (MB // 2) + 4 * (MB // 4)
+        (100 + 16 + 16 + 24 + 2 + 16) * MB + 2 * (2 * MB + MB // 2) + 2 * MB + 2 * (MB // 2))
+    # Stage 1 (last): runtime 100, workspace 4, one activation of 4 MB held, 4 inputs of 0.5 MB,
+    # 4 targets of 0.25 MB.
+    assert costmodel.stage_memory_bytes(profile, HAND, plan, 1) == (
+        100 * MB + 4 * MB + 4 * MB + 4 * (MB // 2) + 4 * (MB // 4))
     # 1F1B, one replica a stage: stage 0 runs all 4 micro-batches but holds its window of 2 (the
     # stages after it, plus one): 2 activations, 3 inputs, 1 gradient; no all-reduce buffers.
     one = Plan.manual([1, 1], replicas=[1, 1], micro_batch_size=2, global_batch_size=8, schedule="1f1b")
     assert one.in_flight(0) == 2
     assert costmodel.stage_memory_bytes(profile, HAND, one, 0) == (
-        (100 + 16 + 16 + 24) * MB + 2 * (2 * MB + MB // 2) + 3 * MB + MB // 2)
+        (100 + 16 + 16 + 24 + 2) * MB + 2 * (2 * MB + MB // 2) + 3 * MB + MB // 2)
 
 
 def test_requests_of_an_iteration() -> None:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -448,3 +451,49 @@ def test_a_1f1b_worker_downloads_each_input_only_when_its_window_has_room(probed
         elif stage < plan.num_stages - 1:
             # GPipe prefetches the whole iteration: every input is requested before the first backward.
             assert [b for key, _, b in began if "/grad." not in key] == [0] * n * 2, (stage, replica)
+
+
+# A fresh process whose second thread (as a worker's compute thread: its own malloc arena)
+# frees 16 MiB (raising glibc's dynamic mmap threshold above 8 MiB), then allocates 8 MiB
+# tensors with small ones between them and frees the large ones. Prints the MiB resident
+# at the peak and after the frees, over the start.
+_RETENTION = """
+import sys, threading, torch
+from funcpipe.worker import limit_allocator_retention, _proc_status_bytes
+if sys.argv[1] == "limit":
+    assert limit_allocator_retention()
+rss = lambda: _proc_status_bytes("VmRSS") / 2**20
+out = []
+def work():
+    t = torch.ones(4 * 2**20); del t
+    before = rss()
+    large, small = [], []
+    for _ in range(24):
+        large.append(torch.ones(2 * 2**20))  # 8 MiB, its pages touched
+        small.append(torch.ones(1024))
+    peak = rss()
+    del large
+    out.append((peak - before, rss() - before))
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(*out[0])
+"""
+
+
+def _retained_mib(mode: str) -> tuple[float, float]:
+    done = subprocess.run([sys.executable, "-c", _RETENTION, mode], check=True, capture_output=True, text=True)
+    grown, kept = (float(v) for v in done.stdout.split())
+    return grown, kept
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS (Linux)")
+def test_limit_allocator_retention_returns_freed_tensors_to_the_system() -> None:
+    if not hasattr(ctypes.CDLL(None), "mallopt"):
+        pytest.skip("not glibc")
+    grown, kept = _retained_mib("limit")
+    assert grown >= 150, grown  # 24 x 8 MiB were resident
+    assert kept < 24, f"{kept:.0f} of {grown:.0f} MiB freed stayed resident"
+    # Without it, glibc keeps them in the thread's heap: what the call changes.
+    grown, kept = _retained_mib("default")
+    assert grown >= 150 and kept > 100, (grown, kept)

@@ -365,6 +365,16 @@ def memory_terms(
     stage holds its signed blob (``P``) beside the weights it unpickles. A sum rather
     than their maximum, so that the planner's programs keep it linear.
 
+    A workspace of one micro-batch's saved tensors (``held_bytes``) besides: what a
+    forward or backward makes and frees within a layer, on top of what is alive. A
+    forward's intermediates that autograd does not save, the backward's gradients
+    of the saved tensors (each the size of its tensor, freed once used). Measured on
+    the ResNet of ``benchmarks/memory.py`` (micro-batches of 8 at 160x160, each
+    bottleneck alone): 3 to 34 MB over its saved tensors during the forward, 15 to
+    53 MB during the backward (its weight gradients included), up to about the
+    layer's saved bytes; their sum over the stage's layers bounds the largest and
+    is linear.
+
     Only sums and products: every argument may be a float or a numpy array (the
     planner's programs evaluate it over every stage, tier and replica count at
     once, with the same operations in the same order), and it is linear in each
@@ -376,6 +386,7 @@ def memory_terms(
         + 2 * param_bytes
         + optimizer_bytes
         + (param_bytes + optimizer_bytes)
+        + held_bytes
         + synced * (2 * param_bytes)
         + activations * (held_bytes + output_bytes)
         + inputs * input_bytes

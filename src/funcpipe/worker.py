@@ -32,9 +32,19 @@ from funcpipe.plan import Plan
 from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
-__all__ = ["StageDefinition", "StageWorker", "WorkerConfig", "peak_rss_bytes", "reset_peak_rss"]
+__all__ = [
+    "StageDefinition", "StageWorker", "WorkerConfig", "limit_allocator_retention", "peak_rss_bytes", "reset_peak_rss",
+]
 
 log = logging.getLogger(__name__)
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the values a worker process sets.
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+#: Allocations of this many bytes or more are mmapped, and unmapped when freed.
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+#: Malloc arenas: the compute thread and the transfer threads share these.
+ARENA_MAX = 2
 
 #: How often a waiting worker looks for the driver's abort object, seconds.
 ABORT_CHECK_S = 1.0
@@ -433,6 +443,27 @@ class _Iteration:
                 "output does not depend on its input"
             )
         self.sends.append(self.worker.comm.send(self._message("grad", self.stage - 1, m), grad_in))
+
+
+def limit_allocator_retention() -> bool:
+    """Make this process's C allocator give large freed blocks back to the system; ``False`` where it cannot.
+
+    Worker processes call it when they start (a function entry's init, a Ray host).
+    glibc's ``malloc`` otherwise raises its mmap threshold (up to 32 MiB) after the
+    first large block is freed, so later tensors come from the heap, and what one
+    micro-batch frees stays resident in one of the arenas (one per thread: compute,
+    uploads, downloads) instead of being returned; peaks then grow with the arenas,
+    not with what is live. A fixed threshold (:data:`MMAP_THRESHOLD_BYTES`) turns the
+    growth off, and :data:`ARENA_MAX` bounds the arenas. Not glibc (macOS, musl):
+    nothing is changed.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_ARENA_MAX, ARENA_MAX))
 
 
 def reset_peak_rss() -> int | None:

@@ -28,6 +28,9 @@ class _Host:
     """
 
     def __init__(self) -> None:
+        from funcpipe.worker import limit_allocator_retention
+
+        limit_allocator_retention()  # this process's allocator: see the function
         self.instance: Actor | None = None
 
     def start(self, actor_cls: type[Actor], args: tuple[Any, ...]) -> None:

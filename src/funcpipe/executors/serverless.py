@@ -579,8 +579,9 @@ def preload() -> None:
     """
     import torch
 
-    import funcpipe.worker  # noqa: F401
+    import funcpipe.worker
 
+    funcpipe.worker.limit_allocator_retention()
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
 

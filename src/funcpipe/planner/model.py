@@ -153,7 +153,7 @@ class _Builder:
         slow_link = min(min(t.uplink_mb_s, t.downlink_mb_s) for t in problem.tiers) * MB_RATE
         total_bytes = (
             sum(lp.param_bytes * 5 + lp.optimizer_bytes * 2 for lp in self.layers)
-            + m * sum(lp.held_bytes_per_sample + lp.output_bytes_per_sample for lp in self.layers) * b
+            + (m + 1) * sum(lp.held_bytes_per_sample + lp.output_bytes_per_sample for lp in self.layers) * b
             + m * (prof.input_bytes_per_sample + prof.target_bytes_per_sample) * b
             + plat.runtime_overhead_mb * MIB
         )
@@ -414,7 +414,7 @@ class _Builder:
                 # The memory model of funcpipe.costmodel.memory_terms, with the counts of
                 # funcpipe.costmodel.held for this schedule.
                 sync_buffers = 2 * params if d > 1 else 0
-                base = self.b_overhead + 3 * params + 2 * seg("opt", s) + sync_buffers
+                base = self.b_overhead + 3 * params + 2 * seg("opt", s) + seg("held", s) + sync_buffers
                 if gpipe:
                     md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + n * out_b).only_enforce_if(
                         [lit, act[s], ~last[s]])
