@@ -1,7 +1,7 @@
 """The FuncPipe paper's comparison: funcpipe vs LambdaML, by the simulator.
 
     python benchmarks/paper.py [--models resnet101 ...] [--platforms aws_lambda alibaba_fc]
-                               [--time-limit 20]
+                               [--time-limit 20] [--update]
 
 For each benchmark model (profiles in ``benchmarks/profiles/``, measured by
 ``benchmarks/profile_models.py``) on AWS Lambda + S3 and Function Compute + OSS,
@@ -332,8 +332,18 @@ def main() -> None:
     parser.add_argument("--platforms", nargs="+", default=list(PLATFORMS), choices=PLATFORMS)
     parser.add_argument("--time-limit", type=float, default=20.0)
     parser.add_argument("--profiles", type=Path, default=PROFILES, help="where the <model>.json profiles are")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of paper.json this run does not redo (same time limit only)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    kept: list[dict[str, Any]] = []
+    if args.update and (RESULTS / "paper.json").is_file():
+        previous = json.loads((RESULTS / "paper.json").read_text())
+        if previous["time_limit_s"] != args.time_limit:
+            parser.error(f"--update: paper.json was run with --time-limit {previous['time_limit_s']:g}, "
+                         f"not {args.time_limit:g}; hint: pass --time-limit {previous['time_limit_s']:g}")
+        redone = {(m, p) for m in args.models for p in args.platforms}
+        kept = [r for r in previous["rows"] if (r["model"], r["platform"]) not in redone]
     rows = []
     for name in args.models:
         for platform_name in args.platforms:
@@ -346,6 +356,8 @@ def main() -> None:
             )
             print(f"{name} on {platform_name}: funcpipe {row['funcpipe_fastest']['seconds']:.2f} s / "
                   f"${row['funcpipe_cheapest']['dollars']:.5f}; LambdaML {versus} ({row['wall_s']:.0f} s)", flush=True)
+    order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in MODELS for p in PLATFORMS)}
+    rows = sorted(kept + rows, key=lambda r: order.get((r["model"], r["platform"]), len(order)))
     plot_bars(rows, RESULTS / "paper_bars.png")
     (RESULTS / "paper.json").write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "processor": host.processor() or host.machine()},
