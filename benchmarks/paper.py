@@ -144,14 +144,21 @@ def compare(name: str, spec: funcpipe.platforms.Platform, limit: float, profiles
     return row
 
 
+#: How much worse than each rival funcpipe's plan may be (issue 13): nothing against the baselines
+#: whose whole spaces the planner enumerates by the simulator (one function, LambdaML); 1% against
+#: the paper's configuration, whose pipelines the planner ranks by its formula and re-ranks by the
+#: simulator only among the best few (a separate search at that configuration may find another).
+TOLERANCE = {"lambdaml": 1e-9, "accumulation": 1e-9, "paper_config": 0.01}
+
+
 def never_worse(row: dict[str, Any]) -> dict[str, bool]:
-    """funcpipe's plans against each rival's under the same objective (1e-9 relative slack for float noise)."""
+    """funcpipe's plans against each rival's under the same objective, within :data:`TOLERANCE`."""
     out = {}
-    for rival in ("lambdaml", "accumulation", "paper_config"):
+    for rival, slack in TOLERANCE.items():
         for objective, field in (("fastest", "seconds"), ("cheapest", "dollars")):
             theirs = row[f"{rival}_{objective}"]
             if theirs is not None:
-                out[f"{objective} vs {rival}"] = row[f"funcpipe_{objective}"][field] <= theirs[field] * (1 + 1e-9)
+                out[f"{objective} vs {rival}"] = row[f"funcpipe_{objective}"][field] <= theirs[field] * (1 + slack)
     return out
 
 
@@ -269,6 +276,26 @@ def markdown(rows: list[dict[str, Any]], limit: float) -> str:
             note]) + " |")
     lines += [
         "",
+        "Where the gain over LambdaML comes from: time, LambdaML's fastest / the paper's configuration's "
+        "(pipelining, at micro-batches of 4 under GPipe) x the paper's configuration's / funcpipe's (choosing "
+        "the micro-batch size, schedule and all-reduce); cost, LambdaML's cheapest / one function's "
+        "(gradient accumulation, no pipeline) x one function's / funcpipe's (the pipeline's own part).",
+        "",
+        "| model | platform | speed: pipelining | speed: choices | cost: accumulation | cost: pipeline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lm_t, pc_t, fp_t = (r[k] and r[k]["seconds"] for k in ("lambdaml_fastest", "paper_config_fastest",
+                                                                 "funcpipe_fastest"))
+        lm_c, acc_c, fp_c = (r[k] and r[k]["dollars"] for k in ("lambdaml_cheapest", "accumulation_cheapest",
+                                                                 "funcpipe_cheapest"))
+        lines.append("| " + " | ".join([
+            r["model"], r["platform"], _fmt(lm_t and pc_t and lm_t / pc_t, ".2f", suffix="x"),
+            _fmt(pc_t and fp_t and pc_t / fp_t, ".2f", suffix="x"),
+            _fmt(lm_c and acc_c and lm_c / acc_c, ".2f", suffix="x"),
+            _fmt(acc_c and fp_c and acc_c / fp_c, ".2f", suffix="x")]) + " |")
+    lines += [
+        "",
         "Ablation of funcpipe's time-optimal plan (seconds per iteration):",
         "",
         "| model | platform | funcpipe | no overlap | four-phase all-reduce | one tier |",
@@ -280,7 +307,7 @@ def markdown(rows: list[dict[str, Any]], limit: float) -> str:
                                         _fmt(ab["no_overlap"], ".2f"), _fmt(ab["four_phase"], ".2f"),
                                         _fmt(ab["one_tier"], ".2f")]) + " |")
     checks = [f"{r['model']} on {r['platform']}: {k}" for r in rows for k, ok in r["never_worse"].items() if not ok]
-    lines += ["", "Never worse than a baseline (the same simulator): "
+    lines += ["", "Never worse than a baseline (the same simulator; within 1% of the paper's configuration): "
               + ("every plan is at least as good as each rival's." if not checks else "FAILS for " + "; ".join(checks)),
               "", "Targets (issue 5): time-optimal plan >= "
               f"{PAPER_SPEEDUP[0]}x faster and cost-optimal plan >= {PAPER_SAVING[0]:.0%} cheaper than "
@@ -358,6 +385,8 @@ def main() -> None:
                   f"${row['funcpipe_cheapest']['dollars']:.5f}; LambdaML {versus} ({row['wall_s']:.0f} s)", flush=True)
     order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in MODELS for p in PLATFORMS)}
     rows = sorted(kept + rows, key=lambda r: order.get((r["model"], r["platform"]), len(order)))
+    for r in rows:
+        r["never_worse"] = never_worse(r)
     plot_bars(rows, RESULTS / "paper_bars.png")
     (RESULTS / "paper.json").write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "processor": host.processor() or host.machine()},
