@@ -402,12 +402,10 @@ NCOORD = 10
 class _Labels:
     """Labels at one cut: coordinates (rows) and back-pointers."""
 
-    __slots__ = ("bound", "opt", "parent_cut", "parent_row", "vals")
+    __slots__ = ("opt", "parent_cut", "parent_row", "vals")
 
-    def __init__(self, vals: Array, parent_cut: IntArray, parent_row: IntArray, opt: IntArray,
-                 bound: Array) -> None:
+    def __init__(self, vals: Array, parent_cut: IntArray, parent_row: IntArray, opt: IntArray) -> None:
         self.vals, self.parent_cut, self.parent_row, self.opt = vals, parent_cut, parent_row, opt
-        self.bound = bound  # each label's lower bound on its completions' objective
 
 
 def _pareto(vals: Array) -> IntArray:
@@ -667,7 +665,7 @@ class _Search:
         start = np.zeros((1, NCOORD))
         start[0, [DL, C, PI, RHO]] = -np.inf
         start[0, SG] = -NO_LIMIT
-        self.labels[0] = _Labels(start, np.array([-1]), np.array([-1]), np.array([-1]), np.zeros(1))
+        self.labels[0] = _Labels(start, np.array([-1]), np.array([-1]), np.array([-1]))
         for j in range(1, count + 1):
             if time.perf_counter() > self.give_up:
                 raise TimeoutError("the dynamic program ran out of time")
@@ -680,7 +678,7 @@ class _Search:
                 self._extend(j, src_cut, src_row, vals)
 
     def _sources(self, j: int, last: bool) -> tuple[IntArray, IntArray, Array | None]:
-        cuts, rows, vals, bounds = [], [], [], []
+        cuts, rows, vals = [], [], []
         room = self.p.max_stages - (1 if last else 2)  # stages a source may have used
         for i in range(j):
             lab = self.labels[i]
@@ -692,11 +690,9 @@ class _Search:
             cuts.append(np.full(len(idx), i))
             rows.append(idx)
             vals.append(lab.vals[idx])
-            bounds.append(lab.bound[idx])
         if not vals:
             return np.empty(0, np.int64), np.empty(0, np.int64), None
-        src_cut, src_row, src_vals = np.concatenate(cuts), np.concatenate(rows), np.concatenate(vals)
-        return src_cut, src_row, src_vals
+        return np.concatenate(cuts), np.concatenate(rows), np.concatenate(vals)
 
     def _step(self, col: _Column, src_cut: IntArray, vals: Array, last: bool) -> tuple[dict[str, Array], Any]:
         """The new stage ``[i, j)`` for every source label and every option: ``[N, O]`` arrays."""
@@ -810,9 +806,9 @@ class _Search:
         rows, new, bound = rows[keep], new[keep], bound[keep]
         if self.beam is not None and len(new) > self.beam:
             keep = np.argsort(bound, kind="stable")[:self.beam]
-            rows, new, bound = rows[keep], new[keep], bound[keep]
+            rows, new = rows[keep], new[keep]
         row, o = np.unravel_index(rows, shape)
-        self.labels[j] = _Labels(new, src_cut[row], src_row[row], o.astype(np.int64), bound)
+        self.labels[j] = _Labels(new, src_cut[row], src_row[row], o.astype(np.int64))
         self.kept += len(new)
 
     def _plan(self, cut: int, row: int, o: int) -> Candidate:
