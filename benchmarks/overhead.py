@@ -46,10 +46,10 @@ from torch import nn
 
 import funcpipe
 from funcpipe import Plan, Trainer
-from funcpipe.collectives import ALGORITHMS, PIECE_BYTES, Comm, all_reduce, piece_count
-from funcpipe.keys import JobKeys
+from funcpipe.collectives import Comm, all_reduce
+from funcpipe.protocol import FETCH_CONNECTIONS, PIECE_BYTES, PUSH_CONNECTIONS, JobKeys, piece_count
+from funcpipe.protocol import SYNC_ALGORITHMS as ALGORITHMS
 from funcpipe.storage import MemoryStorage, throttle
-from funcpipe.worker import FETCH_CONNECTIONS, PUSH_CONNECTIONS
 
 log = logging.getLogger("funcpipe.benchmarks.overhead")
 

@@ -50,7 +50,7 @@ import funcpipe
 from funcpipe import costmodel
 from funcpipe.baselines import accumulation, lambdaml
 from funcpipe.errors import PlanInfeasible, PlanTimeout
-from funcpipe.plan import Plan
+from funcpipe.plans import Plan
 
 HERE = Path(__file__).parent
 PROFILES = HERE / "profiles"

@@ -11,7 +11,7 @@ from torch import nn
 import funcpipe
 from funcpipe import PlanInfeasible, Trainer, simulate
 from funcpipe.baselines import lambdaml
-from funcpipe.plan import Plan
+from funcpipe.plans import Plan
 from funcpipe.profiler import LayerProfile, ModelProfile
 from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches
 from tests.test_planner import random_platform, random_profile

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from funcpipe import codec
-from funcpipe.collectives import ALGORITHMS, Comm, all_reduce, piece_count
+from funcpipe.collectives import Comm, all_reduce
 from funcpipe.errors import ConfigError, ForeignObject, IntegrityError
-from funcpipe.keys import JobKeys
+from funcpipe.protocol import SYNC_ALGORITHMS as ALGORITHMS
+from funcpipe.protocol import JobKeys, piece_count
 from funcpipe.storage import MemoryStorage, Storage, WaitCancelled
 
 WORLDS = [1, 2, 3, 4, 5]

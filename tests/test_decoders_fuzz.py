@@ -31,12 +31,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from funcpipe import binding, checkpoint, codec, collectives, signed
+from funcpipe import binding, checkpoint, codec, collectives, protocol, signed
 from funcpipe.errors import IntegrityError
 from funcpipe.executors.serverless import Timing, _Call, _Watcher
 from funcpipe.storage import MemoryStorage
-from funcpipe.trainer import _report_loss
-from funcpipe.worker import _stop_iteration
 
 KEY = "job-b/a1/i00000002/act.s1.r0.m3"
 OTHER = "job-a/a0/i00000002/act.s1.r0.m3"
@@ -100,8 +98,10 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "checkpoint.decode_state": lambda data: checkpoint.decode_state(data, key=KEY),
     "signed.unseal": lambda data: signed.unseal(data, SIGNING_KEY, name=KEY),
     "binding.decode_json": lambda data: binding.decode_json(data, KEY),
-    "worker._stop_iteration": lambda data: _stop_iteration(data, KEY),
-    "trainer._report_loss": lambda data: _report_loss(data, KEY),
+    "protocol.decode_stop": lambda data: protocol.decode_stop(data, KEY),
+    "protocol.decode_metrics": lambda data: protocol.decode_metrics(data, KEY),
+    "protocol.decode_abort": lambda data: protocol.decode_abort(data, KEY),
+    "protocol.decode_status": lambda data: protocol.decode_status(data, KEY),
     "serverless status": lambda data: watch_status(data),
 }
 

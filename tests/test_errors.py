@@ -23,6 +23,7 @@ from funcpipe.errors import (
     PlanTimeout,
     StorageAccessDenied,
     StorageError,
+    VersionMismatch,
     WorkerFailed,
     WorkerNotStarted,
     WorkerSilent,
@@ -32,6 +33,7 @@ from funcpipe.errors import (
 # (class, its parent in the tree of the errors module's docstring)
 TREE: list[tuple[type[Exception], type[Exception]]] = [
     (ConfigError, FuncpipeError),
+    (VersionMismatch, ConfigError),
     (PlanInfeasible, FuncpipeError),
     (PlanTimeout, FuncpipeError),
     (StorageError, FuncpipeError),
@@ -165,7 +167,7 @@ def test_package_all_is_sorted() -> None:
 
 def test_package_all_exports_every_public_error() -> None:
     # Load every module that could define an error (not the Ray executor: Ray is slow to import).
-    for module in ("checkpoint", "collectives", "keys", "plan", "signed", "trainer", "worker", "storage"):
+    for module in ("checkpoint", "collectives", "function", "plans", "protocol", "signed", "trainer", "worker", "storage"):
         importlib.import_module(f"funcpipe.{module}")
     classes = _public_error_classes()
     assert {cls.__name__ for cls in classes} >= set(errors.__all__)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from funcpipe import Plan, Trainer, WorkerNotStarted, WorkerTimeout
-from funcpipe.keys import JobKeys
+from funcpipe.protocol import JobKeys
 from funcpipe.stall import Stall, find_stall
 from funcpipe.storage import MemoryStorage
 from tests.fakes.layers import Hang, HangOnLoad

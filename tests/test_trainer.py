@@ -370,7 +370,7 @@ def train_over_foreign_objects(backend: str, storage: str, source: str, caplog: 
     """Every object a finished run wrote is copied, before a new run starts, under the key the new run's
     workers and driver will read for the same object; the new run must read none of them."""
     from funcpipe import binding
-    from funcpipe.keys import JobKeys
+    from funcpipe.protocol import JobKeys
     from funcpipe.storage import open_storage
 
     iterations = 3

@@ -3,7 +3,7 @@
 FC forwards each invocation as ``POST /invoke`` (body: the payload, header
 ``x-fc-request-id``) to the server on the port the function's
 ``customContainerConfig`` names (9000). Everything else is
-:func:`funcpipe.executors.serverless.handle`, which runs the call and
+:func:`funcpipe.function.handle`, which runs the call and
 reports its result or failure through the job's storage.
 """
 
@@ -16,7 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-from funcpipe.executors.serverless import handle, preload
+from funcpipe.function import handle, preload
 
 log = logging.getLogger("funcpipe.fc")
 

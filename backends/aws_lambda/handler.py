@@ -1,7 +1,7 @@
 """AWS Lambda entry of the funcpipe stage-worker function (handler ``handler.handler``).
 
 Lambda decodes the JSON payload; everything else is
-:func:`funcpipe.executors.serverless.handle`, which runs the call and
+:func:`funcpipe.function.handle`, which runs the call and
 reports its result or failure through the job's storage.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import funcpipe.storage.s3  # noqa: F401 - boto3 and S3's service model, loaded at init
-from funcpipe.executors.serverless import handle, preload
+from funcpipe.function import handle, preload
 
 # At init, outside the time-limited invocation: torch and its optimizers take seconds to load.
 preload()

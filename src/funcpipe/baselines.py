@@ -32,11 +32,12 @@ from collections.abc import Sequence
 
 from funcpipe import costmodel
 from funcpipe.errors import ConfigError, PlanInfeasible
-from funcpipe.plan import SYNCS, Plan
 from funcpipe.planner import DEFAULT_MAX_REPLICAS, DEFAULT_MAX_STAGES, objective_weight
+from funcpipe.plans import Plan
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MIB
 from funcpipe.profiler import ModelProfile
+from funcpipe.protocol import SYNC_ALGORITHMS
 from funcpipe.simulator import Simulation, simulate
 
 __all__ = ["accumulation", "lambdaml"]
@@ -83,8 +84,8 @@ def lambdaml(
     spec, tiers, weight = _common(profile, platform, global_batch_size, objective, memory_mb)
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise ConfigError(f"max_workers must be a positive integer, got {max_workers!r}")
-    if sync not in SYNCS:
-        raise ConfigError(f"unknown gradient sync {sync!r}; choose one of {list(SYNCS)}")
+    if sync not in SYNC_ALGORITHMS:
+        raise ConfigError(f"unknown gradient sync {sync!r}; choose one of {list(SYNC_ALGORITHMS)}")
     workers = [d for d in range(1, min(max_workers, global_batch_size) + 1) if global_batch_size % d == 0]
     plans = [Plan((profile.num_layers,), (d,), global_batch_size // d, global_batch_size, None, sync)
              for d in workers]

@@ -1,6 +1,6 @@
 """Objects bound to the key they were written for, and readers that refuse any other.
 
-Keys are deterministic (:mod:`funcpipe.keys`), so an object copied or left
+Keys are deterministic (:mod:`funcpipe.protocol`), so an object copied or left
 under a key — by another job, an earlier attempt, another iteration or
 micro-batch — would otherwise be read as the object that key names. So every
 object a worker or the driver writes carries the key it was written for: a

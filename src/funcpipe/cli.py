@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from funcpipe.plan import Plan
+    from funcpipe.plans import Plan
     from funcpipe.profiler import LossFn, ModelProfile
 
 __all__ = ["build_parser", "load_model", "main"]
@@ -189,7 +189,7 @@ def _load_profile(source: str, args: argparse.Namespace, *, quiet: bool) -> Mode
 
 
 def _load_plan(path: str) -> Plan:
-    from funcpipe.plan import Plan
+    from funcpipe.plans import Plan
 
     data = read_json(path, "plan", missing_hint=f"; hint: write one with `funcpipe plan ... --out {path}`")
     if not isinstance(data, dict):

@@ -1,6 +1,6 @@
 """Communication through object storage: point-to-point and gradient all-reduce.
 
-Point-to-point messages go to one deterministic key (see :mod:`funcpipe.keys`)
+Point-to-point messages go to one deterministic key (see :mod:`funcpipe.protocol`)
 as safetensors bytes whose header names the key they were written for, so a
 reader can tell a misplaced object from the one it waits for, and waits on
 past it (:mod:`funcpipe.binding`); so do the all-reduce's shares and merged chunks.
@@ -42,16 +42,10 @@ import torch
 
 from funcpipe import binding, codec
 from funcpipe.errors import ConfigError, IntegrityError
-from funcpipe.keys import JobKeys
+from funcpipe.protocol import PIECE_BYTES, SYNC_ALGORITHMS, JobKeys, piece_count, ring_peers
 from funcpipe.storage.base import Storage
 
-__all__ = ["ALGORITHMS", "Comm", "all_reduce", "decode_tensor", "piece_count", "put_tensor", "read_tensor"]
-
-ALGORITHMS = ("pipelined", "four_phase")
-
-#: Target size of one piece of a chunk in the pipelined algorithm, and the most pieces per chunk.
-PIECE_BYTES = 4 * 2**20
-MAX_PIECES = 16
+__all__ = ["Comm", "all_reduce", "decode_tensor", "put_tensor", "read_tensor"]
 
 
 @dataclasses.dataclass
@@ -151,15 +145,6 @@ def read_tensor(data: bytes, key: str) -> codec.TensorBytes:
     return received
 
 
-def piece_count(size_bytes: int, world: int, piece_bytes: int = PIECE_BYTES) -> int:
-    """Pieces per chunk in the pipelined algorithm: about ``piece_bytes`` each, at most MAX_PIECES.
-
-    Every replica computes the same count from the same sizes.
-    """
-    largest_chunk = -(-size_bytes // world)
-    return max(1, min(MAX_PIECES, -(-largest_chunk // max(1, piece_bytes))))
-
-
 def all_reduce(
     comm: Comm,
     flat: torch.Tensor,
@@ -177,18 +162,14 @@ def all_reduce(
     The result is bitwise identical on every replica: chunk ``k`` is summed
     once, by replica ``k``, and everybody downloads that one sum.
     """
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+    if algorithm not in SYNC_ALGORITHMS:
+        raise ConfigError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {SYNC_ALGORITHMS}")
     if flat.dim() != 1:
         raise ValueError(f"all_reduce takes a 1-D tensor, got shape {tuple(flat.shape)}")
     if world == 1:
         return flat
     chunks = torch.tensor_split(flat, world)
-    # Replica r sends to r+1, r+2, ... and reads from r-1, r-2, ...: at every step
-    # each replica reads what some peer wrote at the same step, so nobody waits
-    # on a share that is still queued behind others.
-    to_peers = [(rank + step) % world for step in range(1, world)]
-    from_peers = [(rank - step) % world for step in range(1, world)]
+    to_peers, from_peers = ring_peers(rank, world)
 
     def chunk_key(owner: int, sender: int, piece: int = 0) -> str:
         return keys.chunk(iteration, stage, owner, sender, piece)

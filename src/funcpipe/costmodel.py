@@ -89,15 +89,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from funcpipe.collectives import piece_count
 from funcpipe.errors import ConfigError, PlanInfeasible
-from funcpipe.plan import Plan
+from funcpipe.plans import Plan
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
+from funcpipe.protocol import REPORT_BYTES, owned, piece_count
 
 __all__ = [
-    "FETCH_CONNECTIONS",
-    "REPORT_BYTES",
     "Held",
     "StageCost",
     "SyncBounds",
@@ -111,13 +109,6 @@ __all__ = [
     "sync_bounds",
     "sync_s",
 ]
-
-#: Bytes of the per-iteration report the last stage writes for the driver.
-REPORT_BYTES = 64
-
-#: Parallel download connections of a worker's all-reduce (as in :mod:`funcpipe.worker`).
-FETCH_CONNECTIONS = 4
-
 
 @dataclasses.dataclass(frozen=True)
 class StageCost:
@@ -420,7 +411,7 @@ def sync_bounds(param_bytes: float, replicas: int, tier: Tier, latency_s: float,
     Four-phase: the phases follow one another on the replica's own threads:
     ``(d-1)`` chunk uploads, ``(d-1)`` downloads, one upload, ``(d-1)`` downloads.
 
-    Pipelined, with ``q`` pieces per chunk (:func:`funcpipe.collectives.piece_count`),
+    Pipelined, with ``q`` pieces per chunk (:func:`funcpipe.protocol.piece_count`),
     pieces of ``π = P / (d q)`` bytes, ``u = π / up + lat`` and ``dn = π / down + lat``:
     each replica uploads ``(d-1) q`` chunk pieces and then ``q`` merged pieces, one after
     the other, and downloads ``2 (d-1) q`` pieces over :data:`FETCH_CONNECTIONS`
@@ -625,7 +616,7 @@ def _one_f_one_b_e(
 
     def own(m: int) -> int:
         """Micro-batches of the replica that runs ``m``."""
-        return -(-(m_total - m % d) // d)
+        return len(owned(m % d, d, m_total))
 
     def after(m: int) -> float:
         """The backwards of ``m``'s replica after ``m``'s, each after its gradient's download."""

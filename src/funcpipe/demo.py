@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from funcpipe.errors import ConfigError
-from funcpipe.plan import Plan
+from funcpipe.plans import Plan
 from funcpipe.trainer import DEFAULT_CHECKPOINT_EVERY, History, Trainer
 
 __all__ = ["DemoResult", "demo_plan", "digits_model", "load_digits", "run_demo"]

@@ -4,6 +4,7 @@
 
     FuncpipeError
     ├── ConfigError          the user asked for something that cannot work
+    │   └── VersionMismatch  a function runs another torch or funcpipe than the driver
     ├── PlanInfeasible       no plan fits the model on the platform
     ├── PlanTimeout          the planner found no plan within its time limit (also a TimeoutError)
     ├── StorageError         an object store failed
@@ -40,6 +41,7 @@ __all__ = [
     "PlanTimeout",
     "StorageAccessDenied",
     "StorageError",
+    "VersionMismatch",
     "WorkerFailed",
     "WorkerNotStarted",
     "WorkerSilent",
@@ -53,6 +55,10 @@ class FuncpipeError(Exception):
 
 class ConfigError(FuncpipeError, ValueError):
     """The user asked for something that cannot work (bad plan, URL, data...)."""
+
+
+class VersionMismatch(ConfigError):
+    """A function runs another torch or funcpipe version than the driver; it refuses the call."""
 
 
 class PlanInfeasible(FuncpipeError):

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from funcpipe.errors import ConfigError
-from funcpipe.plan import Plan
+from funcpipe.report import is_history, is_plan, is_simulation, is_timeline
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from funcpipe.plans import Plan
     from funcpipe.simulator import Simulation, Timeline
     from funcpipe.trainer import History
 
@@ -48,9 +49,7 @@ def timeline_figure(timeline: Timeline, *, title: str | None = None, path: _Path
     Raises:
         ConfigError: ``timeline`` is not a timeline, or it holds no spans.
     """
-    from funcpipe.simulator import Timeline
-
-    if not isinstance(timeline, Timeline):
+    if not is_timeline(timeline):
         raise ConfigError(
             f"timeline must be a funcpipe Timeline, got {type(timeline).__name__}; "
             "hint: pass simulate(plan, profile, platform).timeline"
@@ -120,7 +119,7 @@ def frontier_figure(
     Raises:
         ConfigError: no plans, or a plan without predicted seconds and dollars.
     """
-    if isinstance(plans, Plan) or not isinstance(plans, Sequence):
+    if is_plan(plans) or not isinstance(plans, Sequence):
         raise ConfigError(
             f"plans must be a list of Plans, got {type(plans).__name__}; hint: frontier_figure(funcpipe.pareto(...))"
         )
@@ -166,9 +165,7 @@ def cost_breakdown_figure(simulation: Simulation, *, title: str | None = None, p
     Raises:
         ConfigError: ``simulation`` is not a simulation, or it has no stages.
     """
-    from funcpipe.simulator import Simulation
-
-    if not isinstance(simulation, Simulation):
+    if not is_simulation(simulation):
         raise ConfigError(
             f"simulation must be a funcpipe Simulation, got {type(simulation).__name__}; "
             "hint: pass simulate(plan, profile, platform)"
@@ -211,9 +208,7 @@ def loss_figure(
     Raises:
         ConfigError: no losses, or a value that is not a number.
     """
-    from funcpipe.trainer import History
-
-    raw: Any = history.losses if isinstance(history, History) else history
+    raw: Any = history.losses if is_history(history) else history
     if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
         raise ConfigError(
             f"history must be a funcpipe History or a list of losses, got {type(history).__name__}; "
@@ -266,7 +261,7 @@ def _kind(lane: str, label: str) -> str:
 
 
 def _predicted(plan: object, what: str) -> tuple[float, float, Plan]:
-    if not isinstance(plan, Plan):
+    if not is_plan(plan):
         raise ConfigError(f"{what} must be a funcpipe Plan, got {type(plan).__name__}")
     seconds, dollars = plan.predicted_iteration_s, plan.predicted_cost_usd
     if seconds is None or dollars is None or not (math.isfinite(seconds) and math.isfinite(dollars)):

@@ -13,14 +13,15 @@ import dataclasses
 import html
 import math
 import statistics
+import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from funcpipe.errors import ConfigError
 
 if TYPE_CHECKING:
-    from funcpipe.plan import Plan, StageReport
-    from funcpipe.simulator import Simulation
+    from funcpipe.plans import Plan, StageReport
+    from funcpipe.simulator import Simulation, Timeline
     from funcpipe.trainer import History
 
 __all__ = [
@@ -327,6 +328,32 @@ def simulation_report(sim: Simulation) -> Report:
     return Report((Table(title, header, rows, groups, tuple(notes), left=(1, *range(3, 3 + len(reduce)))),))
 
 
+def _instance(obj: object, module: str, name: str) -> bool:
+    """``isinstance(obj, module.name)`` without importing ``module``: if ``obj`` is one, its module is loaded.
+
+    The presentation modules (this one, :mod:`funcpipe.plot`) check the objects they are given
+    this way, so the modules whose objects they render can import them without a circle.
+    """
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(obj, getattr(loaded, name))
+
+
+def is_plan(obj: object) -> TypeGuard[Plan]:
+    return _instance(obj, "funcpipe.plans", "Plan")
+
+
+def is_simulation(obj: object) -> TypeGuard[Simulation]:
+    return _instance(obj, "funcpipe.simulator", "Simulation")
+
+
+def is_timeline(obj: object) -> TypeGuard[Timeline]:
+    return _instance(obj, "funcpipe.simulator", "Timeline")
+
+
+def is_history(obj: object) -> TypeGuard[History]:
+    return _instance(obj, "funcpipe.trainer", "History")
+
+
 # -- training runs ----------------------------------------------------------------------
 
 
@@ -339,14 +366,11 @@ class _Prediction:
 
 
 def _prediction(predicted: Plan | Simulation | None) -> _Prediction | None:
-    from funcpipe.plan import Plan
-    from funcpipe.simulator import Simulation
-
     if predicted is None:
         return None
-    if isinstance(predicted, Simulation):
+    if is_simulation(predicted):
         return _Prediction(predicted.platform, predicted.iteration_s, predicted.cost_usd, predicted.stages)
-    if isinstance(predicted, Plan):
+    if is_plan(predicted):
         if predicted.predicted_iteration_s is None or predicted.predicted_cost_usd is None:
             return None
         return _Prediction(predicted.platform, predicted.predicted_iteration_s, predicted.predicted_cost_usd,

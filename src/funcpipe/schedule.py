@@ -11,7 +11,7 @@ posted, so the list also bounds what a worker prefetches, and the download
 thread fetches in exactly the order the compute thread consumes.
 
 For stage ``s`` with ``d_s`` replicas, replica ``r`` owns the micro-batches
-``m`` with ``m mod d_s == r`` (:func:`owned`). Two schedules:
+``m`` with ``m mod d_s == r`` (:func:`funcpipe.protocol.owned`). Two schedules:
 
 ``gpipe``
     Every input (and, on a stage that is not the last, every output
@@ -62,7 +62,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
-__all__ = ["SCHEDULES", "Op", "Task", "in_flight", "owned", "worker_tasks"]
+from funcpipe.protocol import owned
+
+__all__ = ["SCHEDULES", "Op", "Task", "in_flight", "worker_tasks"]
 
 #: The schedules a plan may name.
 SCHEDULES = ("gpipe", "1f1b")
@@ -85,11 +87,6 @@ class Task(NamedTuple):
 
     op: Op
     micro_batch: int = -1
-
-
-def owned(replica: int, replicas: int, num_micro_batches: int) -> range:
-    """The micro-batches of an iteration that ``replica`` of a stage with ``replicas`` replicas runs."""
-    return range(replica, num_micro_batches, replicas)
 
 
 def in_flight(stage: int, replicas: Sequence[int], num_micro_batches: int, schedule: str) -> int:

@@ -7,7 +7,7 @@ gives it, on the same three threads as :class:`funcpipe.worker.StageWorker`:
   the optimizer step, each waiting for its inputs;
 * the **download** thread fetches, one at a time and in the order they were
   posted, the inputs, targets and gradients (and the four-phase all-reduce's
-  chunks); during the pipelined all-reduce, :data:`~funcpipe.costmodel.FETCH_CONNECTIONS`
+  chunks); during the pipelined all-reduce, :data:`~funcpipe.protocol.FETCH_CONNECTIONS`
   fetch connections share the downlink;
 * the **upload** thread sends outputs in the order they were produced.
 
@@ -32,12 +32,12 @@ from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from funcpipe import costmodel
-from funcpipe.collectives import piece_count
-from funcpipe.costmodel import FETCH_CONNECTIONS, REPORT_BYTES, StageCost
-from funcpipe.plan import Plan, StageReport
+from funcpipe.costmodel import StageCost
+from funcpipe.plans import Plan, StageReport
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MB_RATE
 from funcpipe.profiler import ModelProfile
+from funcpipe.protocol import FETCH_CONNECTIONS, REPORT_BYTES, piece_count, ring_peers
 from funcpipe.schedule import worker_tasks
 
 if TYPE_CHECKING:
@@ -398,8 +398,7 @@ class _Worker:
     def _sync_transfers(self) -> None:
         """Queue the all-reduce's transfers, as :func:`funcpipe.collectives.all_reduce` posts them."""
         d, r, s, p = self.st.replicas, self.replica, self.s, self.st.param_bytes
-        to_peers = [(r + k) % d for k in range(1, d)]
-        from_peers = [(r - k) % d for k in range(1, d)]
+        to_peers, from_peers = ring_peers(r, d)
         if self.sync == "pipelined":
             q_count = piece_count(p, d)
             piece = p / d / q_count

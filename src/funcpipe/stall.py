@@ -2,7 +2,7 @@
 
 When the driver's wait for an iteration times out, every worker but one is
 usually blocked on a message that the one stuck worker has not sent. Messages
-have deterministic keys (:mod:`funcpipe.keys`), so the driver can walk the
+have deterministic keys (:mod:`funcpipe.protocol`), so the driver can walk the
 pipeline's data flow and find the first worker whose inputs are all there but
 whose output is not: that one hangs (a layer, the loss or an upload blocks).
 
@@ -34,8 +34,8 @@ import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 
-from funcpipe.keys import JobKeys
-from funcpipe.plan import Plan
+from funcpipe.plans import Plan
+from funcpipe.protocol import JobKeys, ring_peers
 from funcpipe.schedule import worker_tasks
 from funcpipe.storage import Storage
 
@@ -102,7 +102,7 @@ def _worker_steps(
         waited = max(waited, position[kind, m] + 1)
 
     def message(kind: str, stage: int, m: int) -> str:
-        return keys.message(it, kind, stage, plan.replica_of(stage, m), m)
+        return keys.message_for(plan, it, kind, stage, m)
 
     out: list[tuple[tuple[int, int, int], _Step]] = []
     for op, m in worker_tasks(s, r, replicas=plan.replicas, num_micro_batches=plan.num_micro_batches,
@@ -124,7 +124,7 @@ def _worker_steps(
             out.append(((1, -s, m), (s, r, posted[:waited], message("grad", s - 1, m),
                                      f"its input gradient of micro-batch {m} for stage {s - 1}")))
         elif op == "sync" and gradient_bytes[s] > 0:
-            owner = (r + 1) % plan.replicas[s]
+            owner = ring_peers(r, plan.replicas[s])[0][0]  # the first share it sends
             out.append(((2, s, r), (s, r, posted[:waited], keys.chunk(it, s, owner, r),
                                     f"its share of replica {owner}'s gradient chunk (the all-reduce)")))
     if s == last:

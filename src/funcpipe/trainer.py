@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from funcpipe import binding, checkpoint, signed
+from funcpipe import binding, checkpoint, protocol, signed
 from funcpipe.collectives import put_tensor
 from funcpipe.errors import (
     BackendError,
@@ -36,9 +36,9 @@ from funcpipe.errors import (
 )
 from funcpipe.executors import Executor, get_executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
-from funcpipe.keys import JobKeys
 from funcpipe.manifest import JobManifest, check_job_name, find_job, manifest_key
-from funcpipe.plan import Plan
+from funcpipe.plans import Plan
+from funcpipe.protocol import JobKeys
 from funcpipe.stall import find_stall
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
@@ -400,8 +400,7 @@ class Trainer:
     def _gradient_bytes(self) -> list[int]:
         """Bytes of each stage's flat gradient (its trainable parameters), as the workers sync it."""
         return [
-            sum(p.numel() * p.element_size() for i in self.plan.layer_range(s) for p in self._model[i].parameters()
-                if p.requires_grad)
+            protocol.gradient_bytes(p for i in self.plan.layer_range(s) for p in self._model[i].parameters())
             for s in range(self.plan.num_stages)
         ]
 
@@ -444,7 +443,7 @@ class Trainer:
         """Stop the attempt's workers, keep its newest complete checkpoint, delete the rest of what it wrote."""
         failed, self.keys = self.keys, JobKeys(self.keys.job, self.keys.attempt + 1)
         try:  # tell workers we could not kill (serverless ones) to stop
-            self.storage.put(failed.abort, binding.encode_json(failed.abort, {}))
+            self.storage.put(failed.abort, protocol.encode_abort(failed.abort))
             # A checkpoint every stage wrote that the driver had not yet seen complete: the
             # workers write one before they begin an iteration, and may have got further.
             points = [i for i in range(start + 1, self._fed + 1) if checkpoint_every and i % checkpoint_every == 0]
@@ -530,7 +529,7 @@ class Trainer:
         self._extra = dict(manifest.extra)
         try:  # workers the dead driver left running (serverless calls) stop
             abort = JobKeys(manifest.job, manifest.attempt).abort
-            self.storage.put(abort, binding.encode_json(abort, {}))
+            self.storage.put(abort, protocol.encode_abort(abort))
         except StorageError as exc:
             log.warning("could not write the abort object of attempt %d: %s", manifest.attempt, exc)
         if manifest.restore_iteration is None or manifest.restore_attempt is None:
@@ -633,7 +632,7 @@ class Trainer:
                     stop_at = self._stop_point(first, fed, total, history.seconds[done_before:], invoked + budget)
                     if stop_at is not None:
                         key = self.keys.stop(first)
-                        self.storage.put(key, binding.encode_json(key, {"iteration": stop_at}))
+                        self.storage.put(key, protocol.encode_stop(key, stop_at))
                         if stop_at == first + fed:
                             break
                 batch = replay.get(first + fed)
@@ -728,7 +727,7 @@ class Trainer:
         pairs = zip(torch.split(inputs, micro), torch.split(targets, micro), strict=True)
         for m, (x, y) in enumerate(pairs):
             for kind, stage, tensor in (("input", 0, x), ("target", last, y)):
-                key = self.keys.message(iteration, kind, stage, plan.replica_of(stage, m), m)
+                key = self.keys.message_for(plan, iteration, kind, stage, m)
                 futures.append(feeder.submit(put_tensor, self.storage, key, tensor))
         return futures
 
@@ -753,7 +752,7 @@ class Trainer:
         for replica in range(self.plan.replicas[last]):
             key = self.keys.metrics(iteration, last, replica)
             try:
-                loss += binding.wait(self.storage, key, wait_s, functools.partial(_report_loss, key=key),
+                loss += binding.wait(self.storage, key, wait_s, functools.partial(protocol.decode_metrics, key=key),
                                      cancelled=lambda: failed() is not None)
             except WaitCancelled:
                 failure = failed()
@@ -831,25 +830,6 @@ def _postfix(history: History, usd_per_iteration: float | None) -> dict[str, str
     if usd_per_iteration is not None:
         postfix["$"] = f"{usd_per_iteration * len(history):.4g}"
     return postfix
-
-
-def _report_loss(data: bytes, key: str) -> float:
-    """The loss in a last-stage worker's per-iteration report read from ``key`` (:meth:`JobKeys.metrics`).
-
-    Raises:
-        IntegrityError: ``data`` is not ``{"loss": <number>, "key": key}``.
-        ForeignObject: it was written for another key.
-    """
-    loss = binding.decode_json(data, key).get("loss")
-    if not isinstance(loss, bool) and isinstance(loss, (int, float)):
-        try:
-            return float(loss)
-        except OverflowError:  # an integer beyond float's range
-            pass
-    raise IntegrityError(
-        f"metrics report {key!r} has loss {loss!r:.80}, not a float; expected "
-        f'{{"loss": <number>, "key": {key!r}}}'
-    )
 
 
 def _fresh_directory() -> str:
@@ -973,7 +953,7 @@ class _Replay:
 def _retryable(exc: BaseException) -> bool:
     """Whether running again may help: not when a worker found the user's code or data at fault."""
     if isinstance(exc, WorkerFailed):
-        return not exc.cause.startswith("ConfigError")
+        return not exc.cause.startswith(("ConfigError", "VersionMismatch"))
     return not isinstance(exc, ConfigError)
 
 

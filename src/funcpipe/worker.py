@@ -23,12 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from funcpipe import binding, checkpoint, signed
+from funcpipe import checkpoint, protocol, signed
 from funcpipe.collectives import Comm, all_reduce
-from funcpipe.errors import ConfigError, ForeignObject, IntegrityError, WorkerFailed
-from funcpipe.executors.base import Actor
-from funcpipe.keys import JobKeys
-from funcpipe.plan import Plan
+from funcpipe.errors import ConfigError, ForeignObject, WorkerFailed
+from funcpipe.plans import Plan
+from funcpipe.protocol import FETCH_CONNECTIONS, PUSH_CONNECTIONS, JobKeys
 from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
@@ -49,11 +48,6 @@ ARENA_MAX = 2
 #: How often a waiting worker looks for the driver's abort object, seconds.
 ABORT_CHECK_S = 1.0
 
-#: Parallel download connections for the gradient all-reduce (overlapping request latencies).
-FETCH_CONNECTIONS = 4
-#: Parallel upload connections for the gradient all-reduce (overlapping request latencies,
-#: and the encoding of one piece with the transfer of another).
-PUSH_CONNECTIONS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +91,12 @@ class WorkerConfig:
         return f"stage {self.stage} replica {self.replica}"
 
 
-class StageWorker(Actor):
-    """Runs the schedule of one (stage, replica) for a range of iterations."""
+class StageWorker:
+    """Runs the schedule of one (stage, replica) for a range of iterations.
+
+    An actor (:class:`funcpipe.executors.base.Actor`): built from plain data, its
+    :meth:`run` called one at a time, :meth:`cancel` from any thread.
+    """
 
     def __init__(self, payload: dict[str, Any]) -> None:
         self.config = WorkerConfig.from_payload(payload)
@@ -244,7 +242,7 @@ class StageWorker(Actor):
         if data is None:
             return False
         try:
-            binding.decode_json(data, key)
+            protocol.decode_abort(data, key)
         except ForeignObject as exc:  # not this attempt's: the driver's own would overwrite it
             self._ignore(exc)
             return False
@@ -257,7 +255,7 @@ class StageWorker(Actor):
             if stop is None:
                 return
             try:
-                self._stop_at = _stop_iteration(stop, key)
+                self._stop_at = protocol.decode_stop(stop, key)
             except ForeignObject as exc:  # not this run's: the driver's own would overwrite it
                 self._ignore(exc)
 
@@ -284,7 +282,7 @@ class StageWorker(Actor):
         return run.finish(started)
 
     def _sync_gradients(self, iteration: int) -> None:
-        params = [p for p in self.layers.parameters() if p.requires_grad]
+        params = protocol.trainable(self.layers.parameters())
         if not params:
             return
         flat = torch.cat([
@@ -370,7 +368,7 @@ class _Iteration:
         worker = self.worker
         if self.last:
             key = worker.keys.metrics(self.iteration, self.stage, self.replica)
-            data = binding.encode_json(key, {"loss": self.loss_sum})
+            data = protocol.encode_metrics(key, self.loss_sum)
             self.sends.append(worker._upload.submit(worker.storage.put, key, data))
         t0 = time.perf_counter()
         for send in self.sends:
@@ -380,7 +378,7 @@ class _Iteration:
                 "total_s": time.perf_counter() - started}
 
     def _message(self, kind: str, stage: int, m: int) -> str:
-        return self.worker.keys.message(self.iteration, kind, stage, self.worker.plan.replica_of(stage, m), m)
+        return self.worker.keys.message_for(self.worker.plan, self.iteration, kind, stage, m)
 
     def _recv(self, kind: str, m: int) -> Future[torch.Tensor]:
         return self.worker.comm.recv(self._message(kind, self.stage, m))
@@ -516,19 +514,3 @@ def _proc_status_bytes(field: str) -> int | None:
         return None
     return None
 
-
-def _stop_iteration(data: bytes, key: str) -> int:
-    """The iteration the driver's stop object (:meth:`JobKeys.stop`) read from ``key`` names.
-
-    Raises:
-        IntegrityError: ``data`` is not ``{"iteration": N, "key": key}``.
-        ForeignObject: it was written for another key.
-    """
-    fields = binding.decode_json(data, key)
-    iteration = fields.get("iteration")
-    if not isinstance(iteration, int) or isinstance(iteration, bool):
-        raise IntegrityError(
-            f"stop object {key!r} names iteration {iteration!r:.80}, not an integer; expected "
-            f'{{"iteration": N, "key": {key!r}}}'
-        )
-    return iteration

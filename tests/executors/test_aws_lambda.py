@@ -26,7 +26,7 @@ from funcpipe import (
 )
 from funcpipe.backends import AWSLambda, Timing
 from funcpipe.executors.base import Resources
-from funcpipe.executors.serverless import STATUS_PREFIX
+from funcpipe.protocol import STATUS_PREFIX
 from funcpipe.storage import open_storage
 from tests.fakes.actors import Sleeper
 from tests.fakes.aws_lambda import FakeLambda

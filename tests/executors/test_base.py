@@ -65,8 +65,11 @@ def test_release_defaults_to_kill() -> None:
     assert handle.kills == 1
 
 
-def test_actor_cancel_is_a_harmless_default() -> None:
-    Actor().cancel()  # nothing to interrupt: must not raise
+def test_an_actor_subclass_inherits_a_harmless_cancel() -> None:
+    class Plain(Actor):
+        pass
+
+    Plain().cancel()  # nothing to interrupt: must not raise
 
 
 # --------------------------------------------------------------------------- Executor defaults

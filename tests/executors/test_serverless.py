@@ -13,7 +13,10 @@ import pytest
 
 from funcpipe import binding
 from funcpipe.errors import ForeignObject, IntegrityError, WorkerFailed
-from funcpipe.executors.serverless import STATUS_PREFIX, Timing, _Call, _read_status, _Reporter, _Watcher
+from funcpipe.executors.serverless import Timing, _Call, _Watcher
+from funcpipe.function import _Reporter
+from funcpipe.protocol import STATUS_PREFIX
+from funcpipe.protocol import decode_status as _read_status
 from funcpipe.storage import MemoryStorage
 
 KEY = STATUS_PREFIX + "job-b/call-2"

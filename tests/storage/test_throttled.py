@@ -224,11 +224,11 @@ def test_url_roundtrip() -> None:
     assert storage.downlink_bytes_per_s == 70 * MB
     assert storage.latency_s == pytest.approx(0.02)
     assert storage.url == url
-    assert ThrottledStorage.from_url(url).url == url
+    assert ThrottledStorage.from_url(url, open_storage).url == url
 
 
 def test_url_params_are_optional_and_in_any_order(tmp_path: Path) -> None:
-    storage = ThrottledStorage.from_url(f"throttled+file://{tmp_path}?latency_ms=5&up_mb_s=1")
+    storage = ThrottledStorage.from_url(f"throttled+file://{tmp_path}?latency_ms=5&up_mb_s=1", open_storage)
     assert isinstance(storage.inner, FileStorage)
     assert storage.inner.root == tmp_path
     assert storage.uplink_bytes_per_s == MB
@@ -236,7 +236,7 @@ def test_url_params_are_optional_and_in_any_order(tmp_path: Path) -> None:
     assert storage.latency_s == pytest.approx(0.005)
     assert storage.url == f"throttled+file://{tmp_path}?up_mb_s=1&latency_ms=5"
 
-    plain = ThrottledStorage.from_url("throttled+memory://x")
+    plain = ThrottledStorage.from_url("throttled+memory://x", open_storage)
     assert (plain.uplink_bytes_per_s, plain.downlink_bytes_per_s, plain.latency_s) == (None, None, 0)
     assert plain.url == "throttled+memory://x"
 

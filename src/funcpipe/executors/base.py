@@ -15,7 +15,7 @@ import functools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 from funcpipe.errors import WorkerFailed
 
@@ -30,8 +30,12 @@ class Resources:
     memory_mb: int | None = None
 
 
-class Actor:
-    """Base of the classes executors run: built from plain data, called one method at a time."""
+class Actor(Protocol):
+    """What executors run: a class built from plain data, whose methods are called one at a time.
+
+    A protocol, so the classes it describes (:class:`funcpipe.worker.StageWorker`) need not
+    import this module: an actor does not know how it is launched.
+    """
 
     def cancel(self) -> None:
         """Stop a running call soon and release what the actor holds (threads).

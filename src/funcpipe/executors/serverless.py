@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 import json
 import logging
 import threading
 import time
-import traceback
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlsplit
 
-from funcpipe import binding
+from funcpipe import protocol
 from funcpipe.errors import (
     ConfigError,
     ForeignObject,
@@ -56,19 +53,10 @@ from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.throttled import SCHEME_PREFIX
 
 __all__ = [
-    "PAYLOAD_FORMAT", "STATUS_PREFIX", "ServerlessActor", "ServerlessExecutor", "Timing", "handle", "preload",
+    "ServerlessActor", "ServerlessExecutor", "Timing",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Version of the invocation payload; a function refuses any other.
-PAYLOAD_FORMAT = 1
-
-#: Where status objects live in the job's storage, one per call.
-STATUS_PREFIX = "funcpipe-calls/"
-
-#: Suffix of the object that asks a running call to stop.
-CANCEL_SUFFIX = ".cancel"
 
 #: Storage schemes a function in the cloud cannot reach.
 LOCAL_SCHEMES = ("file", "memory")
@@ -157,6 +145,8 @@ class ServerlessExecutor(Executor):
         self.allow_local_storage = allow_local_storage
         self._storage_url: str | None = None
         self._watcher = _Watcher(self.timing.poll_s)
+        #: The driver's torch and funcpipe versions, which every payload carries (the function checks them).
+        self.versions = protocol.versions()
 
     # -- what a platform implements -----------------------------------------------
 
@@ -239,7 +229,7 @@ class ServerlessActor(ActorHandle):
     def payload(self, method: str, args: tuple[Any, ...], status_key: str) -> bytes:
         """The JSON bytes one invocation carries."""
         document = {
-            "funcpipe": PAYLOAD_FORMAT,
+            "funcpipe": protocol.PAYLOAD_FORMAT,
             "name": self.name,
             "actor": self._actor,
             "args": self._args,
@@ -248,6 +238,7 @@ class ServerlessActor(ActorHandle):
             "storage_url": self._storage_url,
             "status_key": status_key,
             "heartbeat_s": self._executor.timing.heartbeat_s,
+            "versions": self._executor.versions,
         }
         try:
             return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
@@ -257,7 +248,7 @@ class ServerlessActor(ActorHandle):
     def call(self, method: str, *args: Any) -> Future[Any]:
         if method.startswith("_"):
             raise ConfigError(f"{self.name}: cannot call private method {method!r} in a function")
-        status_key = f"{STATUS_PREFIX}{uuid.uuid4().hex}"
+        status_key = f"{protocol.STATUS_PREFIX}{uuid.uuid4().hex}"
         body = self.payload(method, args, status_key)
         limit = self._executor.payload_limit_bytes
         if len(body) > limit:
@@ -292,7 +283,7 @@ class ServerlessActor(ActorHandle):
             self._executor._watcher.forget(call)
             try:
                 storage = self._executor._watcher.storage_for(self._storage_url)
-                storage.put(call.status_key + CANCEL_SUFFIX, b"")
+                storage.put(call.status_key + protocol.CANCEL_SUFFIX, b"")
             except (StorageError, ConfigError) as exc:
                 log.warning("%s: could not write the cancel object of %s: %s", self.name, call.status_key, exc)
             _settle(call.future, exception=WorkerFailed(self.name, "killed by the driver"))
@@ -313,41 +304,6 @@ class _Call:
     beat: int = -1  # last heartbeat seen; -1: not started
     last_change: float = 0.0
     foreign: str | None = None  # the binding of a foreign status object last warned about
-
-
-#: The fields each state of a status object has besides its state, and their types.
-_STATUS_FIELDS: dict[str, dict[str, type]] = {
-    "started": {"beat": int}, "running": {"beat": int}, "done": {}, "failed": {"cause": str, "traceback": str},
-}
-
-
-def _read_status(data: bytes, key: str) -> dict[str, Any]:
-    """A call's status object read from ``key``, checked: what :class:`_Reporter` writes.
-
-    ``{"state": "started" | "running", "beat": n}``, ``{"state": "done", "result": ...}`` or
-    ``{"state": "failed", "cause": "...", "traceback": "..."}``, bound to ``key``.
-
-    Raises:
-        IntegrityError: ``data`` is none of these.
-        ForeignObject: it was written for another key.
-    """
-    status = binding.decode_json(data, key)
-    state = status.get("state")
-    required = _STATUS_FIELDS.get(state) if isinstance(state, str) else None
-    if required is None:
-        raise IntegrityError(
-            f"status object {key!r} has state {state!r:.80}, not one of {sorted(_STATUS_FIELDS)}; "
-            "hint: driver and function must run the same funcpipe version"
-        )
-    for name, kind in required.items():
-        value = status.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise IntegrityError(
-                f"status object {key!r} in state {state!r} has {name} {value!r:.80}, not a {kind.__name__}"
-            )
-    if state == "done" and "result" not in status:
-        raise IntegrityError(f"status object {key!r} says the call is done but holds no result")
-    return status
 
 
 def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
@@ -433,7 +389,7 @@ class _Watcher:
                 if finished:
                     self.forget(call)
                     try:
-                        storage.delete([call.status_key, call.status_key + CANCEL_SUFFIX])
+                        storage.delete([call.status_key, call.status_key + protocol.CANCEL_SUFFIX])
                     except StorageError as exc:
                         log.warning("could not delete status object %s: %s", call.status_key, exc)
 
@@ -445,7 +401,7 @@ class _Watcher:
         now = time.monotonic()
         if data is None:
             return self._overdue(call, timing, now)
-        status = _read_status(data, call.status_key)
+        status = protocol.decode_status(data, call.status_key)
         state = status["state"]
         if state == "done":
             _settle(call.future, result=status["result"])
@@ -481,156 +437,3 @@ class _Watcher:
             ))
             return True
         return False
-
-
-# -- the function side ----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    name: str
-    actor: str
-    args: list[Any]
-    method: str
-    call_args: list[Any]
-    storage_url: str
-    status_key: str
-    heartbeat_s: float
-
-    @classmethod
-    def from_event(cls, event: Any) -> _Request:
-        if not isinstance(event, dict) or event.get("funcpipe") != PAYLOAD_FORMAT:
-            got = event.get("funcpipe") if isinstance(event, dict) else type(event).__name__
-            raise ConfigError(
-                f"not a funcpipe invocation payload (format {got!r}, expected {PAYLOAD_FORMAT}); "
-                "hint: driver and function must run the same funcpipe version"
-            )
-        fields: dict[str, Any] = {f.name: event.get(f.name) for f in dataclasses.fields(cls)}
-        missing = sorted(k for k, v in fields.items() if v is None)
-        if missing:
-            raise ConfigError(f"invocation payload lacks {missing}")
-        if not str(fields["status_key"]).startswith(STATUS_PREFIX) or str(fields["method"]).startswith("_"):
-            raise ConfigError("invocation payload has a malformed status key or method")
-        return cls(**fields)
-
-
-def _load_actor(target: str) -> type[Actor]:
-    module_name, _, qualname = target.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, Actor)):
-        raise ConfigError(f"{target!r} is not a funcpipe Actor class")
-    return obj
-
-
-class _Reporter:
-    """Writes a call's status object: started, heartbeats, then done or failed (exactly once)."""
-
-    def __init__(
-        self, storage: Storage, key: str, heartbeat_s: float, remaining_s: Callable[[], float] | None
-    ) -> None:
-        self.storage = storage
-        self.key = key
-        self.heartbeat_s = heartbeat_s
-        self.remaining_s = remaining_s
-        #: Seconds before the platform's hard end at which the call gives up and says so.
-        self.lifetime_guard_s = 2 * heartbeat_s + 0.5
-        self.expired = False
-        self._beat = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def write(self, status: dict[str, Any]) -> None:
-        self.storage.put(self.key, binding.encode_json(self.key, status))
-
-    def watch(self, actor: Actor) -> None:
-        self._thread = threading.Thread(target=self._run, args=(actor,), name="funcpipe-heartbeat", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self, actor: Actor) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                if self.storage.exists(self.key + CANCEL_SUFFIX):
-                    actor.cancel()
-                if (
-                    not self.expired and self.remaining_s is not None
-                    and self.remaining_s() < self.lifetime_guard_s
-                ):
-                    self.expired = True
-                    actor.cancel()
-                self._beat += 1
-                self.write({"state": "running", "beat": self._beat})
-            except StorageError as exc:  # a missed beat; the driver's silence timeout covers many
-                log.warning("heartbeat to %s failed: %s", self.key, exc)
-
-
-def preload() -> None:
-    """Import what a worker's first call would otherwise import inside the time-limited invocation.
-
-    Function entries call it at init (Lambda does not bill, nor count toward the
-    timeout, an init of up to 10 s): the stage worker and torch, and torch's
-    optimizer machinery, which the first optimizer built imports (about 2 s).
-    """
-    import torch
-
-    import funcpipe.worker
-
-    funcpipe.worker.limit_allocator_retention()
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-
-
-def handle(event: Any, *, remaining_s: Callable[[], float] | None = None) -> dict[str, Any]:
-    """Run one invocation: build the actor, call the method, report through storage.
-
-    The function entries in ``backends/`` call this with the decoded payload
-    and, where the platform says, a callable giving the seconds left before
-    it ends the invocation. Failures of the call are *reported* (so the
-    platform does not retry the invocation); only a payload that names no
-    status object to report to raises.
-
-    Returns:
-        ``{"state": "done"}`` or ``{"state": "failed", "cause": ...}``, for the platform's logs.
-    """
-    request = _Request.from_event(event)
-    storage = open_storage(request.storage_url)
-    reporter = _Reporter(storage, request.status_key, float(request.heartbeat_s), remaining_s)
-    try:
-        reporter.write({"state": "started", "beat": 0})
-        status: dict[str, Any]
-        try:
-            actor = _load_actor(request.actor)(*request.args)
-            reporter.watch(actor)
-            try:
-                result = getattr(actor, request.method)(*request.call_args)
-            finally:
-                reporter.stop()
-                actor.cancel()  # release its threads: a warm function serves the next invocation
-            json.dumps(result, allow_nan=False)  # a result the driver cannot read is a failure here
-            status = {"state": "done", "result": result}
-        except BaseException as exc:
-            reporter.stop()
-            status = _failure(request.name, exc, reporter.expired)
-        reporter.write(status)
-        return {"state": status["state"], **({"cause": status["cause"]} if "cause" in status else {})}
-    finally:
-        storage.close()
-
-
-def _failure(name: str, exc: BaseException, expired: bool) -> dict[str, Any]:
-    if expired:
-        return {
-            "state": "failed",
-            "cause": "the function reached its lifetime limit before the call ended; hint: the driver "
-                     "ends runs lifetime_margin_s before lifetime_s: make lifetime_s the functions' "
-                     "timeout and leave a larger margin",
-            "traceback": "",
-        }
-    if isinstance(exc, WorkerFailed):
-        return {"state": "failed", "cause": exc.cause, "traceback": exc.remote_traceback}
-    return {"state": "failed", "cause": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}

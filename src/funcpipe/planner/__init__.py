@@ -24,7 +24,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from funcpipe.errors import ConfigError, PlanInfeasible, PlanTimeout
-from funcpipe.plan import Plan
 from funcpipe.planner.search import (
     DEFAULT_MAX_REPLICAS,
     DEFAULT_MAX_STAGES,
@@ -34,6 +33,7 @@ from funcpipe.planner.search import (
     Space,
     objective_weight,
 )
+from funcpipe.plans import Plan
 from funcpipe.platforms import Platform
 from funcpipe.profiler import ModelProfile
 from funcpipe.simulator import Simulation

@@ -61,10 +61,10 @@ import numpy as np
 import numpy.typing as npt
 
 from funcpipe import costmodel
-from funcpipe.collectives import MAX_PIECES, PIECE_BYTES
 from funcpipe.errors import PlanInfeasible
 from funcpipe.planner.model import Candidate, Problem
 from funcpipe.platforms.base import MB_RATE, MIB
+from funcpipe.protocol import MAX_PIECES, PIECE_BYTES, REPORT_BYTES
 
 __all__ = ["Optimum", "optimum"]
 
@@ -326,7 +326,7 @@ class _Tables:
             ok = need <= cap
             a1 = np.maximum(k1 + n * f, n * k1 + f)
             kk = np.maximum(k1 + n * (f + g), n * k1 + g)
-            report = costmodel.REPORT_BYTES / up + lat
+            report = REPORT_BYTES / up + lat
             full_tail = tail + report
             req = (sync_writes + d) * self.put + (sync_reads + d) * self.get + 0.0 * f
             return _Column(

@@ -28,12 +28,11 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
-from funcpipe.collectives import MAX_PIECES, PIECE_BYTES, piece_count
-from funcpipe.costmodel import REPORT_BYTES
 from funcpipe.errors import PlanTimeout
-from funcpipe.plan import Plan
+from funcpipe.plans import Plan
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
+from funcpipe.protocol import MAX_PIECES, PIECE_BYTES, REPORT_BYTES, piece_count
 
 __all__ = ["Candidate", "Objective", "Problem", "Rounding", "Solution", "rounding", "solve"]
 
@@ -636,7 +635,7 @@ class _Builder:
         m, stages, d_max = p.num_micro_batches, min(p.max_stages, len(self.layers)), p.max_replicas
         units = (10 * stages + 7 * m + 12) * per_term + 2 * d_max * MAX_PIECES * lat_err + 4 * per_term
         if "pipelined" in p.syncs and d_max > 1:
-            # Pieces the model may count fewer of than funcpipe.collectives.piece_count.
+            # Pieces the model may count fewer of than funcpipe.protocol.piece_count.
             params = [0]
             for lp in self.layers:
                 params.append(params[-1] + lp.param_bytes)

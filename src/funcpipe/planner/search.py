@@ -35,12 +35,13 @@ from typing import Any
 
 from funcpipe import costmodel
 from funcpipe.errors import ConfigError, PlanInfeasible, PlanTimeout
-from funcpipe.plan import SYNCS, Plan
 from funcpipe.planner import dp
 from funcpipe.planner.model import Objective, Problem, solve
+from funcpipe.plans import Plan
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MIB, Tier
 from funcpipe.profiler import ModelProfile
+from funcpipe.protocol import REPORT_BYTES, SYNC_ALGORITHMS
 from funcpipe.schedule import SCHEDULES
 from funcpipe.simulator import Simulation, simulate
 
@@ -125,7 +126,7 @@ class Space:
         sizes = _sizes(micro_batch_size, global_batch_size)
         schedules = _choice("schedule", schedule, SCHEDULES,
                             "gpipe: every forward, then every backward; 1f1b: one forward one backward, less memory")
-        syncs = _choice("sync", sync, SYNCS, "pipelined: funcpipe's scatter-reduce; four_phase: LambdaML's")
+        syncs = _choice("sync", sync, SYNC_ALGORITHMS, "pipelined: funcpipe's scatter-reduce; four_phase: LambdaML's")
         layers = profile.num_layers
         stages = min(_limit("max_stages", max_stages, min(layers, DEFAULT_MAX_STAGES)), layers)
         replicas = None if max_replicas is None else _limit("max_replicas", max_replicas, 1)
@@ -310,7 +311,7 @@ def _simulated_at_least(st: costmodel.StageCost, platform: Platform) -> float:
     ``2 (d-1)/d`` of the gradient after its last backward; the update; the report goes up."""
     lat = platform.latency_s
     seconds = (st.down_s(st.input_bytes, lat) + st.down_s(st.target_bytes, lat)
-               + st.micro_batches * (st.forward_s + st.backward_s) + st.update_s + st.up_s(costmodel.REPORT_BYTES, lat))
+               + st.micro_batches * (st.forward_s + st.backward_s) + st.update_s + st.up_s(REPORT_BYTES, lat))
     if st.replicas > 1 and st.param_bytes > 0:
         d = st.replicas
         seconds += st.down_s(2 * (d - 1) / d * st.param_bytes, lat)

@@ -116,7 +116,7 @@ def open_storage(url: str) -> Storage:
             (the message carries the install hint), or the URL is malformed.
     """
     if url.startswith(SCHEME_PREFIX):
-        return ThrottledStorage.from_url(url)
+        return ThrottledStorage.from_url(url, open_storage)
     match = _URL_SCHEME.match(url)
     if match is None:
         raise ConfigError(

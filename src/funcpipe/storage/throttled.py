@@ -79,12 +79,13 @@ class ThrottledStorage(Storage):
         self.url = _compose_url(inner.url, uplink_bytes_per_s, downlink_bytes_per_s, latency_s)
 
     @classmethod
-    def from_url(cls, url: str) -> ThrottledStorage:
+    def from_url(cls, url: str, open_inner: Callable[[str], Storage]) -> ThrottledStorage:
         """Open ``throttled+<inner url>?up_mb_s=70&down_mb_s=70&latency_ms=20``.
 
         MB is 10**6 bytes. Each parameter is optional (absent bandwidth means
         unlimited, absent latency means 0). They are removed before the inner
-        URL is opened; any other query parameters are passed on to it.
+        URL is opened with ``open_inner`` (the registry's
+        :func:`funcpipe.storage.open_storage`); any other query parameters are passed on to it.
 
         Raises:
             ConfigError: a parameter is malformed, repeated or unknown.
@@ -105,10 +106,8 @@ class ThrottledStorage(Storage):
             values[name] = _parse_number(name, unquote_plus(raw_value), url)
         inner_url = base + ("?" + "&".join(passed_on) if passed_on else "")
 
-        from funcpipe.storage import open_storage  # the registry imports this module
-
         try:
-            inner = open_storage(inner_url)
+            inner = open_inner(inner_url)
         except ConfigError as exc:
             if not passed_on:
                 raise

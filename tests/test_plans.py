@@ -9,7 +9,7 @@ import re
 import pytest
 
 from funcpipe.errors import ConfigError
-from funcpipe.plan import Plan, StageReport
+from funcpipe.plans import Plan, StageReport
 
 
 def test_manual_defaults() -> None:

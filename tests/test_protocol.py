@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from funcpipe.keys import JobKeys
+from funcpipe.protocol import JobKeys
 from funcpipe.storage.file import check_key
 
 KINDS = ("input", "target", "act", "grad")

@@ -7,12 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from funcpipe.errors import ConfigError
-from funcpipe.schedule import SCHEDULES, in_flight, owned
+from funcpipe.protocol import SYNC_ALGORITHMS, owned, replica_of
+from funcpipe.schedule import SCHEDULES, in_flight
 
-__all__ = ["SYNCS", "Plan", "StageReport"]
-
-#: The gradient all-reduce algorithms a stage may use (:mod:`funcpipe.collectives`).
-SYNCS = ("pipelined", "four_phase")
+__all__ = ["Plan", "StageReport"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +133,8 @@ class Plan:
                 f"sync: {list(self.sync)}); hint: sync='pipelined'"
             )
         for name in syncs:
-            if name not in SYNCS:
-                raise ConfigError(f"unknown gradient sync {name!r}; choose one of {list(SYNCS)}")
+            if name not in SYNC_ALGORITHMS:
+                raise ConfigError(f"unknown gradient sync {name!r}; choose one of {list(SYNC_ALGORITHMS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)} "
@@ -219,7 +217,7 @@ class Plan:
 
     def replica_of(self, stage: int, micro_batch: int) -> int:
         """The replica of ``stage`` that runs ``micro_batch``: ``micro_batch mod d_s``."""
-        return micro_batch % self.replicas[stage]
+        return replica_of(micro_batch, self.replicas[stage])
 
     def stage_sync(self, stage: int) -> str:
         """The gradient all-reduce ``stage``'s replicas use."""
