@@ -167,7 +167,8 @@ def test_package_all_is_sorted() -> None:
 
 def test_package_all_exports_every_public_error() -> None:
     # Load every module that could define an error (not the Ray executor: Ray is slow to import).
-    for module in ("checkpoint", "collectives", "function", "plans", "protocol", "signed", "trainer", "worker", "storage"):
+    for module in ("checkpoint", "collectives", "function", "plans", "protocol", "signed", "trainer", "worker",
+                   "storage"):
         importlib.import_module(f"funcpipe.{module}")
     classes = _public_error_classes()
     assert {cls.__name__ for cls in classes} >= set(errors.__all__)

@@ -23,3 +23,23 @@ class Sleeper(Actor):
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+
+class Counted(Sleeper):
+    """A :class:`Sleeper` that counts how many were built in this process."""
+
+    built = 0
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        type(self).built += 1
+
+
+class NoCancel:
+    """Built from plain data, but not an actor: no ``cancel()``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def sleep(self, seconds: float) -> None:
+        return None
