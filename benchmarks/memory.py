@@ -153,7 +153,7 @@ def _optimizer(name: str) -> Callable[[Any], torch.optim.Optimizer]:
 def lambda_entry_rss(repeats: int) -> list[float]:
     """Resident MB of the AWS Lambda entry's process after its init (``awslambdaric`` and the handler imported).
 
-    The handler's import runs :func:`funcpipe.executors.serverless.preload` (torch, the
+    The handler's import runs :func:`funcpipe.function.preload` (torch, the
     stage worker, an optimizer) and loads boto3's S3 model: all a function has resident
     before its first invocation.
     """

@@ -16,7 +16,7 @@ from alibabacloud_credentials import models as credential_models
 from alibabacloud_credentials.client import Client as CredentialClient
 from torch import nn
 
-from funcpipe import ConfigError, FunctionNotDeployed, PayloadTooLarge, Plan, Trainer
+from funcpipe import ConfigError, FunctionNotDeployed, PayloadTooLarge, Plan, Trainer, protocol
 from funcpipe.backends import AlibabaFC, Timing
 from tests.fakes.alibaba_fc import FakeFC
 from tests.helpers import (
@@ -115,7 +115,7 @@ def test_training_writes_no_credential_anywhere(
                       storage=f"oss://{bucket}/run?endpoint={moto_endpoint}&multipart_threshold={64 * 2**20}")
     trainer.fit(regression_batches(2, 8), progress=False)
     payloads = [i.payload for i in fake_fc.invocations[before:]]
-    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == 1 for p in payloads)
+    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == protocol.PAYLOAD_FORMAT for p in payloads)
     assert [leaks(p, secrets) for p in payloads] == [[]] * 3
     objects = list(every_version(moto_endpoint, bucket, "run/"))
     kinds = {key.split("/")[-1].split(".")[0] for key, _ in objects}

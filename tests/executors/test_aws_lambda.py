@@ -23,6 +23,7 @@ from funcpipe import (
     WorkerNotStarted,
     WorkerSilent,
     WorkerTimeout,
+    protocol,
 )
 from funcpipe.backends import AWSLambda, Timing
 from funcpipe.executors.base import Resources
@@ -238,7 +239,9 @@ def test_training_writes_no_credential_anywhere(
                       backend=executor(fake_lambda), storage=f"s3://{bucket}/run?endpoint_url={moto_endpoint}")
     trainer.fit(regression_batches(2, 8), progress=False)
     payloads = [i.payload for i in fake_lambda.invocations[before:]]
-    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == 1 for p in payloads)
+    assert len(payloads) == 3 and all(json.loads(p)["funcpipe"] == protocol.PAYLOAD_FORMAT for p in payloads)
+    # The driver's versions travel in each payload; the functions (the same install) accepted them.
+    assert all(json.loads(p)["versions"] == protocol.versions() for p in payloads)
     assert [leaks(p) for p in payloads] == [[]] * 3
     objects = list(every_version(moto_endpoint, bucket, "run/"))
     kinds = {key.split("/")[-1].split(".")[0] for key, _ in objects}

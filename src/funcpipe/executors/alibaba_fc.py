@@ -2,7 +2,7 @@
 
 The function side is ``backends/alibaba_fc/`` (a custom container whose HTTP
 server answers ``POST /invoke`` by calling
-:func:`funcpipe.executors.serverless.handle`); :func:`deploy` creates or
+:func:`funcpipe.function.handle`); :func:`deploy` creates or
 updates its functions.
 """
 

@@ -1,7 +1,7 @@
 """Actors as AWS Lambda functions: asynchronous invocations through boto3, one function per memory tier.
 
 The function side is ``backends/aws_lambda/`` (a container image whose
-handler calls :func:`funcpipe.executors.serverless.handle`);
+handler calls :func:`funcpipe.function.handle`);
 :func:`deploy` creates or updates its functions.
 """
 

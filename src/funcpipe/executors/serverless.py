@@ -5,8 +5,8 @@ nothing to the caller: an asynchronous invocation is only *accepted*. So the
 call's payload names a *status object* in the job's storage, and the function
 writes its progress there::
 
-    driver                                   function (backends/<platform>/, handle())
-    ------                                   -----------------------------------------
+    driver (this module)                     function (backends/<platform>/, funcpipe.function.handle())
+    --------------------                     -----------------------------------------------------------
     call(): payload = actor + args +         {"state": "started"}
             method + status key   ──invoke──▶ builds the actor, runs the method;
     watcher polls the status key ◀────────── {"state": "running", "beat": n} every heartbeat_s
@@ -21,7 +21,10 @@ The driver notices a function that never starts (no status within
 
 Functions keep no state between invocations, so every call builds its actor
 anew from the launch arguments. The payload is JSON and carries no cloud
-credentials: the function gets those from its own role.
+credentials: the function gets those from its own role. It carries the
+driver's torch and funcpipe versions, which the function checks. The status
+and cancel objects' keys and encodings are :mod:`funcpipe.protocol`'s; the
+function side is :mod:`funcpipe.function`, which imports nothing of this module.
 """
 
 from __future__ import annotations
