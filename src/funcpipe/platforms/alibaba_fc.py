@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from funcpipe.platforms.aws_lambda import S3_PRICE_PER_GET, S3_PRICE_PER_PUT
-from funcpipe.platforms.base import TORCH_RUNTIME_OVERHEAD_MB, Platform, estimated_tiers
+from funcpipe.platforms.base import FC_RUNTIME_OVERHEAD_MB, Platform, estimated_tiers
 
 __all__ = ["PLATFORM"]
 
@@ -60,9 +60,8 @@ PLATFORM = Platform(
     price_per_put=PRICE_PER_PUT,
     price_per_get=PRICE_PER_GET,
     lifetime_s=LIFETIME_S,
-    # Measured here, see funcpipe.platforms.base.TORCH_RUNTIME_OVERHEAD_MB
-    # (the function entry's resident memory after init, 355.5 MB -> 360 MB).
-    runtime_overhead_mb=TORCH_RUNTIME_OVERHEAD_MB,
+    # The function entry's resident memory after init (benchmarks/coldstart.py).
+    runtime_overhead_mb=FC_RUNTIME_OVERHEAD_MB,
     async_payload_bytes=ASYNC_PAYLOAD_BYTES,
     storage="oss",
 )

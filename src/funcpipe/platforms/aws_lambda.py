@@ -63,8 +63,7 @@ PLATFORM = Platform(
     price_per_put=S3_PRICE_PER_PUT,
     price_per_get=S3_PRICE_PER_GET,
     lifetime_s=LIFETIME_S,
-    # Measured here, see funcpipe.platforms.base.TORCH_RUNTIME_OVERHEAD_MB
-    # (the function entry's resident memory after init, 355.5 MB -> 360 MB).
+    # The function entry's resident memory after init (benchmarks/coldstart.py).
     runtime_overhead_mb=TORCH_RUNTIME_OVERHEAD_MB,
     async_payload_bytes=ASYNC_PAYLOAD_BYTES,
     storage="s3",

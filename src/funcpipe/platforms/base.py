@@ -16,19 +16,23 @@ __all__ = ["Platform", "Tier"]
 MB_RATE = 1e6
 MIB = 2**20
 
-#: Resident memory of a function's process before any model, in MB (2**20 bytes),
-#: shared by the built-in platforms: what the function entry has resident when its
-#: init is done (Python, torch, the stage worker and funcpipe's imports, an optimizer
-#: built once, boto3's S3 model), the process that then runs every invocation.
-#: Measured by ``benchmarks/memory.py`` (``lambda_entry_rss``): ``VmRSS`` of
-#: ``python -c "import awslambdaric.bootstrap, handler"`` run in ``backends/aws_lambda``
-#: (the entry the fake Lambda of the tests runs under ``awslambdaric``) was 355.5 MB,
-#: three times (torch 2.13.0+cpu, Python 3.11.7; torch alone 218.6, ``preload()``
-#: 346.3: torch's optimizers 72 and funcpipe's imports, its planner's among them, 56),
-#: rounded up to a multiple of 10 MB. A fresh local Ray host process (Ray's worker
-#: runtime, torch and the stage worker) has 333 MB resident when its first run begins,
-#: under this figure. (It was 250, from ``ru_maxrss`` of ``python -c "import torch"``.)
-TORCH_RUNTIME_OVERHEAD_MB = 360
+#: Resident memory of a function's process before any model, in MB (2**20 bytes): what
+#: the function entry has resident when its init is done (Python, torch, the stage
+#: worker and the function side's imports, an optimizer built once, the storage SDK),
+#: the process that then runs every invocation. Measured by ``benchmarks/coldstart.py``
+#: (``benchmarks/results/coldstart.md``): ``VmRSS`` after AWS Lambda's entry
+#: (``awslambdaric`` and ``backends/aws_lambda/handler.py``, boto3's S3 model loaded)
+#: was 303.5 MB (torch 2.13.0+cpu, Python 3.11.7), rounded up to a multiple of 10 MB;
+#: Function Compute's entry (``server.py``, with oss2) is :data:`FC_RUNTIME_OVERHEAD_MB`.
+#: It was 360 MB while the worker imported the whole package (the planner, ortools, tqdm,
+#: yaml: 52 MB more), and 250 MB before that, from ``ru_maxrss`` of ``python -c "import torch"``.
+#: A fresh local Ray host process (Ray's worker runtime, torch and the stage worker) has
+#: more (333 MB when its first run began): Ray's runtime is not a function's.
+TORCH_RUNTIME_OVERHEAD_MB = 310
+
+#: :data:`TORCH_RUNTIME_OVERHEAD_MB` of Function Compute's entry (``backends/alibaba_fc/server.py``
+#: with the OSS SDK, ``benchmarks/coldstart.py``): 315.8 MB resident after init, rounded up.
+FC_RUNTIME_OVERHEAD_MB = 320
 
 #: Share of each vCPU beyond the first that a stage's layers actually use.
 #: A weak estimate: torch's intra-op parallelism gains little on the small
