@@ -93,7 +93,7 @@ from funcpipe.errors import ConfigError, PlanInfeasible
 from funcpipe.plans import Plan
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
-from funcpipe.protocol import REPORT_BYTES, owned, piece_count
+from funcpipe.protocol import REPORT_BYTES, owned, piece_count, replica_of
 
 __all__ = [
     "Held",
@@ -414,7 +414,7 @@ def sync_bounds(param_bytes: float, replicas: int, tier: Tier, latency_s: float,
     Pipelined, with ``q`` pieces per chunk (:func:`funcpipe.protocol.piece_count`),
     pieces of ``π = P / (d q)`` bytes, ``u = π / up + lat`` and ``dn = π / down + lat``:
     each replica uploads ``(d-1) q`` chunk pieces and then ``q`` merged pieces, one after
-    the other, and downloads ``2 (d-1) q`` pieces over :data:`FETCH_CONNECTIONS`
+    the other, and downloads ``2 (d-1) q`` pieces over :data:`funcpipe.protocol.FETCH_CONNECTIONS`
     connections sharing its downlink. From the last replica's last input-gradient upload:
 
     * ``d q u + dn``: its uploads, then a peer fetches its last merged piece;
@@ -616,7 +616,7 @@ def _one_f_one_b_e(
 
     def own(m: int) -> int:
         """Micro-batches of the replica that runs ``m``."""
-        return len(owned(m % d, d, m_total))
+        return len(owned(replica_of(m, d), d, m_total))
 
     def after(m: int) -> float:
         """The backwards of ``m``'s replica after ``m``'s, each after its gradient's download."""
@@ -626,7 +626,7 @@ def _one_f_one_b_e(
     # From micro-batch 0's backward up the chain 0, δ, 2δ, ...
     chain_0 = b0 + cycles * trip + after(cycles * delta)
     # Up the chain that ends at `last`: from `start`, on the replica that runs it.
-    first = b0 if start % d == 0 else h + trip
+    first = b0 if replica_of(start, d) == 0 else h + trip
     steps = start // d
     k_start = min(plan.in_flight(s), own(start))
     steady_steps = min(steps, max(0, own(start) - k_start))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from funcpipe import protocol
 from funcpipe.errors import ConfigError
 from funcpipe.jsonfile import read_json
 
@@ -704,8 +705,8 @@ def _measure_update(
     i: int, name: str, layer: nn.Module, factory: OptimizerFactory, rounds: int, warmup: int
 ) -> tuple[int, int, float]:
     """(trainable parameter bytes, optimizer state bytes, median seconds of a step) of one layer."""
-    params = [p for p in layer.parameters() if p.requires_grad]
-    param_bytes = sum(_bytes(p) for p in params)
+    params = protocol.trainable(layer.parameters())  # what a worker syncs and updates
+    param_bytes = protocol.gradient_bytes(params)
     if not params:
         return 0, 0, 0.0
     what = f"layer {i} ({name!r}, {type(layer).__name__})"

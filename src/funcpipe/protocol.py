@@ -316,8 +316,8 @@ class JobKeys:
     def iteration_keys(self, iteration: int, plan: Plan, sizes: Sequence[int]) -> list[str]:
         """Every key the driver and the workers write for ``iteration`` of ``plan``.
 
-        ``sizes[s]`` is :func:`gradient_bytes` of stage ``s``: the size of stage ``s``'s flat gradient (0: the
-        stage has nothing to train, so it does not sync). The driver deletes a
+        ``sizes[s]`` is :func:`gradient_bytes` of stage ``s``'s parameters (0: the stage
+        has nothing to train, so it does not sync). The driver deletes a
         finished iteration by these keys — storage is never listed on the data
         path (some S3-compatible stores' listings are slow or differ).
         """
