@@ -691,14 +691,6 @@ def test_pipelined_in_pieces_sums_exactly(
     assert len(memory.list(keys.iteration_prefix(ITERATION) + "merged.")) == world * pieces
 
 
-@pytest.mark.parametrize(
-    ("size_bytes", "world", "piece_bytes", "expected"),
-    [(100, 2, 1000, 1), (8_000, 2, 1000, 4), (8_000, 4, 1000, 2), (10**9, 2, 1000, 16), (7, 3, 1, 3)],
-)
-def test_piece_count(size_bytes: int, world: int, piece_bytes: int, expected: int) -> None:
-    assert piece_count(size_bytes, world, piece_bytes) == expected
-
-
 class ConcurrencyStorage(Wrapper):
     """Counts the most puts in flight at once; each put takes a little while."""
 

@@ -1,12 +1,15 @@
-"""keys: one distinct, valid storage key per object; iteration prefixes that do not overlap."""
+"""protocol: one distinct, valid key per object; routing, pieces and peers; the control objects' encodings."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 
-from funcpipe.protocol import JobKeys
+from funcpipe import Plan, binding, protocol
+from funcpipe.errors import ConfigError, ForeignObject, IntegrityError
+from funcpipe.protocol import JobKeys, piece_count
 from funcpipe.storage.file import check_key
 
 KINDS = ("input", "target", "act", "grad")
@@ -106,3 +109,110 @@ def test_every_key_is_a_valid_storage_key(attempt: int) -> None:
     keys = JobKeys("my-job_2024.01", attempt)
     for key in iteration_keys(keys, 0) + iteration_keys(keys, 99) + job_keys(keys):
         check_key(key)  # raises ConfigError on a malformed key
+
+
+# --------------------------------------------------------------------------- routing, pieces, peers
+
+
+@pytest.mark.parametrize(("replicas", "micro_batches"), [(1, 4), (2, 7), (3, 3), (4, 2)])
+def test_each_micro_batch_runs_on_exactly_one_replica(replicas: int, micro_batches: int) -> None:
+    runs = [m for r in range(replicas) for m in protocol.owned(r, replicas, micro_batches)]
+    assert sorted(runs) == list(range(micro_batches))
+    for r in range(replicas):
+        assert all(protocol.replica_of(m, replicas) == r for m in protocol.owned(r, replicas, micro_batches))
+
+
+def test_a_message_goes_to_the_replica_that_runs_its_micro_batch() -> None:
+    plan = Plan.manual(balance=[1, 1], global_batch_size=6, micro_batch_size=1, replicas=[1, 3])
+    keys = JobKeys("job")
+    assert keys.message_for(plan, 2, "act", 1, 4) == keys.message(2, "act", 1, 1, 4)
+    assert keys.message_for(plan, 2, "grad", 0, 4) == keys.message(2, "grad", 0, 0, 4)
+
+
+@pytest.mark.parametrize(
+    ("size_bytes", "world", "piece_bytes", "expected"),
+    [(100, 2, 1000, 1), (8_000, 2, 1000, 4), (8_000, 4, 1000, 2), (10**9, 2, 1000, 16), (7, 3, 1, 3)],
+)
+def test_piece_count(size_bytes: int, world: int, piece_bytes: int, expected: int) -> None:
+    assert piece_count(size_bytes, world, piece_bytes) == expected
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_at_every_step_a_replica_reads_what_a_peer_writes_at_that_step(world: int) -> None:
+    peers = [protocol.ring_peers(r, world) for r in range(world)]
+    for r, (to_peers, from_peers) in enumerate(peers):
+        assert sorted(to_peers) == sorted(from_peers) == [p for p in range(world) if p != r]
+        for step, source in enumerate(from_peers):
+            assert peers[source][0][step] == r
+
+
+class _Param:
+    def __init__(self, numel: int, element_size: int, requires_grad: bool) -> None:
+        self._numel, self._size, self.requires_grad = numel, element_size, requires_grad
+
+    def numel(self) -> int:
+        return self._numel
+
+    def element_size(self) -> int:
+        return self._size
+
+
+def test_the_gradient_synced_is_that_of_the_trainable_parameters() -> None:
+    params = [_Param(10, 4, True), _Param(5, 4, False), _Param(3, 2, True)]
+    assert protocol.trainable(params) == [params[0], params[2]]
+    assert protocol.gradient_bytes(params) == 10 * 4 + 3 * 2
+
+
+# --------------------------------------------------------------------------- the control objects
+
+
+KEY = "job/a0/stop.from00000004"
+
+
+def test_control_objects_read_back_what_was_written() -> None:
+    assert protocol.decode_stop(protocol.encode_stop(KEY, 7), KEY) == 7
+    assert protocol.decode_metrics(protocol.encode_metrics(KEY, 0.25), KEY) == 0.25
+    protocol.decode_abort(protocol.encode_abort(KEY), KEY)
+    status = {"state": "running", "beat": 3}
+    assert protocol.decode_status(protocol.encode_status(KEY, status), KEY) == status
+
+
+@pytest.mark.parametrize(
+    "read",
+    [protocol.decode_stop, protocol.decode_metrics, protocol.decode_abort, protocol.decode_status],
+    ids=["stop", "metrics", "abort", "status"],
+)
+def test_control_objects_of_another_key_are_foreign(read: Callable[[bytes, str], object]) -> None:
+    other = "job/a1/stop.from00000004"
+    data = {
+        protocol.decode_stop: protocol.encode_stop(other, 7),
+        protocol.decode_metrics: protocol.encode_metrics(other, 0.5),
+        protocol.decode_abort: protocol.encode_abort(other),
+        protocol.decode_status: protocol.encode_status(other, {"state": "done", "result": 1}),
+    }[read]
+    with pytest.raises(ForeignObject):
+        read(data, KEY)
+
+
+@pytest.mark.parametrize(
+    ("read", "fields", "message"),
+    [
+        (protocol.decode_stop, {"iteration": "7"}, "names iteration '7', not an integer"),
+        (protocol.decode_stop, {"iteration": True}, "not an integer"),
+        (protocol.decode_metrics, {"loss": None}, "has loss None, not a float"),
+        (protocol.decode_metrics, {"loss": 10**400}, "not a float"),
+        (protocol.decode_status, {"state": "sleeping"}, "has state 'sleeping'"),
+        (protocol.decode_status, {"state": "done"}, "holds no result"),
+        (protocol.decode_status, {"state": "failed", "cause": 3, "traceback": ""}, "has cause 3, not a str"),
+    ],
+)
+def test_malformed_control_objects_are_integrity_errors(
+    read: Callable[[bytes, str], object], fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(IntegrityError, match=message):
+        read(binding.encode_json(KEY, fields), KEY)
+
+
+def test_a_status_without_a_state_is_not_written() -> None:
+    with pytest.raises(ConfigError, match="no state"):
+        protocol.encode_status(KEY, {"beat": 1})
