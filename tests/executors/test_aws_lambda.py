@@ -163,6 +163,21 @@ def test_payload_over_the_limit_is_refused_before_invoking(fake_lambda: FakeLamb
     assert len(fake_lambda.invocations) == before
 
 
+def test_a_function_on_other_versions_fails_the_fit_at_once(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    """A driver whose torch differs from the functions' (the image was built for another): every worker
+    refuses its call with VersionMismatch, and fit raises it without retrying or rolling back."""
+    lam = executor(fake_lambda)
+    lam.versions = {**protocol.versions(), "torch": "1.0.0"}  # what the payload carries as the driver's
+    before = len(fake_lambda.invocations)
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(), backend=lam,
+                      storage=bucket.url("versions"))
+    with pytest.raises(WorkerFailed, match=r"VersionMismatch: this function runs torch .* but the driver runs "
+                                           r"torch 1\.0\.0") as info:
+        trainer.fit(regression_batches(2, 8), progress=False, max_retries=3)
+    assert "TORCH_VERSION" in info.value.cause
+    assert len(fake_lambda.invocations) - before == 3  # one attempt: 3 workers, no retry
+
+
 def test_a_failing_call_reports_the_remote_traceback(fake_lambda: FakeLambda, bucket: Bucket) -> None:
     lam = executor(fake_lambda)
     lam.check_storage(bucket.url("fail"))
