@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import funcpipe
+import funcpipe.executors
 from funcpipe import Plan, cli, simulate
 from funcpipe.cli import build_parser, main
 from funcpipe.profiler import LayerProfile, ModelProfile
@@ -443,3 +444,42 @@ def test_train_errors_are_one_line(
     assert "returned 8 samples, fewer than one global batch of the plan (16)" in capsys.readouterr().err
     assert main(["train", tiny_model, "--plan", str(tiny_plan), "--backend", "thread", "--lr", "-1"]) == 2
     assert "--lr must be a positive learning rate, got -1.0" in capsys.readouterr().err
+
+
+# -- a cloud backend without its SDK (train and deploy) ------------------------------
+
+#: backend -> (the module of its SDK that its extra installs, the extra)
+CLOUD_SDKS = {"aws_lambda": ("boto3", "aws"), "alibaba_fc": ("alibabacloud_fc20230330", "alibaba")}
+
+
+@pytest.fixture(params=sorted(CLOUD_SDKS))
+def backend_without_sdk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A cloud backend whose SDK ``import`` fails, as when its extra is not installed; yields the backend."""
+    backend: str = request.param
+    monkeypatch.setitem(sys.modules, CLOUD_SDKS[backend][0], None)  # None in sys.modules: the import is refused
+    # Imported afresh: neither the cached module nor the package's attribute for it stand in.
+    monkeypatch.delitem(sys.modules, f"funcpipe.executors.{backend}", raising=False)
+    monkeypatch.delattr(funcpipe.executors, backend, raising=False)
+    yield backend
+
+
+def missing_sdk_line(backend: str) -> str:
+    sdk, extra = CLOUD_SDKS[backend]
+    return (f"funcpipe: error: backend {backend!r} needs {sdk}, which is not installed; "
+            f"hint: pip install 'funcpipe[{extra}]'\n")
+
+
+def test_train_on_a_cloud_backend_without_its_sdk_names_the_extra(
+    tiny_model: str, backend_without_sdk: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(Plan.manual([3], micro_batch_size=2, global_batch_size=8).to_dict()), "utf-8")
+    assert main(["train", tiny_model, "--plan", str(plan), "--backend", backend_without_sdk]) == 2
+    assert capsys.readouterr().err == missing_sdk_line(backend_without_sdk)
+
+
+def test_deploy_without_the_sdk_names_the_extra(backend_without_sdk: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["deploy", backend_without_sdk, "--image", "registry.example/funcpipe-worker:1",
+                 "--role", "arn:aws:iam::123456789012:role/funcpipe-worker",
+                 "--endpoint-url", "http://127.0.0.1:9"]) == 2  # should the SDK load after all: loopback only
+    assert capsys.readouterr().err == missing_sdk_line(backend_without_sdk)

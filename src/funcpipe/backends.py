@@ -26,26 +26,26 @@ if TYPE_CHECKING:
 
 __all__ = ["AWSLambda", "AlibabaFC", "Executor", "Ray", "Thread", "Timing"]
 
+#: name -> (module, attribute, the backend whose cloud SDK the module imports, or None).
 _WHERE = {
-    "AWSLambda": ("funcpipe.executors.aws_lambda", "AWSLambda", "pip install 'funcpipe[aws]'"),
-    "AlibabaFC": ("funcpipe.executors.alibaba_fc", "AlibabaFC", "pip install 'funcpipe[alibaba]'"),
-    "Executor": ("funcpipe.executors.base", "Executor", ""),
-    "Ray": ("funcpipe.executors.ray", "Ray", ""),
-    "Thread": ("funcpipe.executors.thread", "ThreadExecutor", ""),
-    "Timing": ("funcpipe.executors.serverless", "Timing", ""),
+    "AWSLambda": ("funcpipe.executors.aws_lambda", "AWSLambda", "aws_lambda"),
+    "AlibabaFC": ("funcpipe.executors.alibaba_fc", "AlibabaFC", "alibaba_fc"),
+    "Executor": ("funcpipe.executors.base", "Executor", None),
+    "Ray": ("funcpipe.executors.ray", "Ray", None),
+    "Thread": ("funcpipe.executors.thread", "ThreadExecutor", None),
+    "Timing": ("funcpipe.executors.serverless", "Timing", None),
 }
 
 
 def __getattr__(name: str) -> Any:
     try:
-        module, attr, hint = _WHERE[name]
+        module, attr, backend = _WHERE[name]
     except KeyError:
         raise AttributeError(f"module 'funcpipe.backends' has no attribute {name!r}") from None
-    try:
+    if backend is None:
         return getattr(importlib.import_module(module), attr)
-    except ImportError as exc:
-        from funcpipe.errors import ConfigError
+    from funcpipe.executors import cloud_sdk
 
-        raise ConfigError(
-            f"funcpipe.backends.{name} needs a package that is not installed ({exc}); hint: {hint}"
-        ) from exc
+    with cloud_sdk(backend):  # a missing SDK: ConfigError naming funcpipe[aws] / funcpipe[alibaba]
+        loaded = importlib.import_module(module)
+    return getattr(loaded, attr)

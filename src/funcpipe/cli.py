@@ -469,6 +469,8 @@ def _environment(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def _deploy(args: argparse.Namespace) -> int:
+    from funcpipe.executors import cloud_sdk  # the cloud backend's module is imported below, through it
+
     image = args.image or os.environ.get(_DEPLOY_ENV["image"])
     role = args.role or os.environ.get(_DEPLOY_ENV["role"])
     if not image:
@@ -479,8 +481,8 @@ def _deploy(args: argparse.Namespace) -> int:
     environment = _environment(args.env)
     deployed: Sequence[Any]
     if args.platform == "aws_lambda":
-        from funcpipe.executors import aws_lambda
-
+        with cloud_sdk(args.platform):
+            from funcpipe.executors import aws_lambda
         if not role:
             raise ConfigError(
                 f"Lambda functions need an execution role; hint: --role arn:aws:iam::ACCOUNT:role/NAME or "
@@ -492,8 +494,8 @@ def _deploy(args: argparse.Namespace) -> int:
             environment=environment, **({"tiers": args.tiers} if args.tiers else {}),
         )
     else:
-        from funcpipe.executors import alibaba_fc
-
+        with cloud_sdk(args.platform):
+            from funcpipe.executors import alibaba_fc
         deployed = alibaba_fc.deploy(
             image=image, role=role, timeout_s=args.timeout or alibaba_fc.DEFAULT_TIMEOUT_S,
             function_prefix=args.prefix, region=args.region, account_id=args.account_id,

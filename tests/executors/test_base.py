@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import pytest
 
+import funcpipe.executors
 from funcpipe.errors import ConfigError, WorkerFailed
 from funcpipe.executors import ThreadExecutor, get_executor
 from funcpipe.executors.base import Actor, ActorHandle, CallGroup, Executor, Resources
@@ -177,6 +180,50 @@ def test_get_executor_passes_an_instance_through() -> None:
 def test_get_executor_unknown_backend_lists_the_names() -> None:
     with pytest.raises(ConfigError, match=r"unknown backend 'lambda'; choose one of alibaba_fc, aws_lambda, ray, thr"):
         get_executor("lambda")
+
+
+#: backend -> (the module of its SDK that its extra installs, the extra)
+CLOUD_SDKS = {"aws_lambda": ("boto3", "aws"), "alibaba_fc": ("alibabacloud_fc20230330", "alibaba")}
+
+
+def without(monkeypatch: pytest.MonkeyPatch, backend: str, module: str) -> None:
+    """As if ``module`` were not installed: ``import module`` fails, and so does the backend's own import."""
+    monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules: the import machinery refuses it
+    # Imported afresh: neither the cached module nor the package's attribute for it stand in.
+    monkeypatch.delitem(sys.modules, f"funcpipe.executors.{backend}", raising=False)
+    monkeypatch.delattr(funcpipe.executors, backend, raising=False)
+
+
+@pytest.mark.parametrize("backend", sorted(CLOUD_SDKS))
+def test_get_executor_without_the_cloud_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    sdk, extra = CLOUD_SDKS[backend]
+    without(monkeypatch, backend, sdk)
+    with pytest.raises(ConfigError) as info:
+        get_executor(backend)
+    assert str(info.value) == (
+        f"backend {backend!r} needs {sdk}, which is not installed; hint: pip install 'funcpipe[{extra}]'"
+    )
+    assert isinstance(info.value.__cause__, ModuleNotFoundError) and info.value.__cause__.name == sdk
+
+
+def test_get_executor_with_an_sdk_lacking_a_name_says_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An SDK too old for the backend: the module imports, the name the backend takes from it is not there.
+    name = "alibabacloud_credentials.client"
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.delitem(sys.modules, "funcpipe.executors.alibaba_fc", raising=False)
+    monkeypatch.delattr(funcpipe.executors, "alibaba_fc", raising=False)
+    with pytest.raises(ConfigError, match=(
+        r"^backend 'alibaba_fc' cannot import alibabacloud_credentials.client \(cannot import name 'Client' .*\); "
+        r"hint: pip install --upgrade 'funcpipe\[alibaba\]'$"
+    )):
+        get_executor("alibaba_fc")
+
+
+def test_get_executor_lets_a_broken_funcpipe_module_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    # funcpipe's own module failing to import is a bug, not a missing extra: no install hint hides it.
+    without(monkeypatch, "aws_lambda", "funcpipe.executors.serverless")
+    with pytest.raises(ModuleNotFoundError, match=r"funcpipe\.executors\.serverless"):
+        get_executor("aws_lambda")
 
 
 def test_call_group_names_the_unfinished_and_the_not_started() -> None:
