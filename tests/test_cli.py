@@ -43,17 +43,17 @@ def test_demo_prints_accuracy_and_time_per_stage(capsys: pytest.CaptureFixture[s
 
 KILLED_DEMO = """
 import os, signal, sys
-from funcpipe import trainer
+from funcpipe import batches
 from funcpipe.cli import main
 
-original = trainer._Replay.get
+original = batches.Replay.get
 
 def get(self, iteration):
     if iteration == 10:  # the driver dies once it has seen iteration 7 finish
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, iteration)
 
-trainer._Replay.get = get
+batches.Replay.get = get
 main(["demo", "--epochs", "1", "--backend", "thread", "--storage", sys.argv[1], "--job", "digits",
       "--checkpoint-every", "4", "--json"])
 """

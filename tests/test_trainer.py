@@ -12,6 +12,7 @@ from torch import nn
 
 from funcpipe import ConfigError, Plan, StorageAccessDenied, Trainer, WorkerFailed
 from funcpipe.executors.thread import ThreadActor, ThreadExecutor
+from funcpipe.run import Run
 from funcpipe.worker import StageWorker
 from tests.helpers import SpyExecutor, assert_same_parameters, mlp7, plain_training, regression_batches
 
@@ -359,13 +360,6 @@ def test_storage_holds_only_a_few_iterations_during_a_long_fit() -> None:
     assert 2 <= IterationCensus.most <= 5, IterationCensus.most
 
 
-class LeavesItsObjects(Trainer):
-    """A driver that never deletes an iteration's objects, as one that crashed leaves them."""
-
-    def _forget(self, iteration: int) -> None:
-        pass
-
-
 def train_over_foreign_objects(backend: str, storage: str, source: str, caplog: pytest.LogCaptureFixture) -> None:
     """Every object a finished run wrote is copied, before a new run starts, under the key the new run's
     workers and driver will read for the same object; the new run must read none of them."""
@@ -381,11 +375,12 @@ def train_over_foreign_objects(backend: str, storage: str, source: str, caplog: 
     # A short timeout: a run that consumed a foreign object fails in a minute rather than hangs for five.
     new = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, plan, backend=backend, storage=storage, timeout_s=60)
     # The old run: other weights and data, the same shapes (so nothing but the binding tells its objects apart).
-    old = LeavesItsObjects(mlp7(seed=5), nn.functional.mse_loss, SGD_MOMENTUM, plan, backend=backend,
-                           storage=storage)
+    old = Trainer(mlp7(seed=5), nn.functional.mse_loss, SGD_MOMENTUM, plan, backend=backend, storage=storage)
     if source == "earlier-attempt":  # the same job; fit() moves to the next attempt after a failed one
         old.keys, new.keys = JobKeys(new.keys.job, 0), JobKeys(new.keys.job, 1)
-    old.fit(regression_batches(iterations, 8, seed=9), progress=False)
+    with pytest.MonkeyPatch.context() as patch:  # its driver never deletes an iteration's objects, as a crashed one
+        patch.setattr(Run, "_forget", lambda self, iteration: None)
+        old.fit(regression_batches(iterations, 8, seed=9), progress=False)
 
     objects = open_storage(storage)
     for key in objects.list(old.keys.root + "/"):

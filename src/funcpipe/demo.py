@@ -111,7 +111,7 @@ def run_demo(
         storage=storage,
         job=job,
     )
-    trainer._extra = {"cli": {"command": "demo", "epochs": epochs}}  # for `funcpipe resume`
+    trainer._job.extra = {"cli": {"command": "demo", "epochs": epochs}}  # for `funcpipe resume`
     started = time.perf_counter()
     history = trainer.fit(batches, epochs=epochs, progress=progress, resume=resume, max_retries=max_retries,
                           checkpoint_every=checkpoint_every)

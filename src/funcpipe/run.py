@@ -1,0 +1,423 @@
+"""One run of a fit: every stage worker launched once, fed its batches, awaited, and ended at one boundary.
+
+A run is one ``run`` call on every worker (:meth:`StageWorker.run`) from
+the job's restore point on. The driver uploads the micro-batches of
+:data:`LOOKAHEAD` iterations ahead of the last one the last stage reported,
+deletes each finished iteration's messages, and makes every checkpoint the
+workers completed the job's restore point (:mod:`funcpipe.restore`). When
+the executor's calls have a lifetime, it ends the run early at an iteration
+boundary (the stop object) and the fit's next run continues from there. On
+any failure the run kills its workers and abandons the attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from funcpipe import binding, protocol
+from funcpipe.batches import InputDtype, Replay, check_batch
+from funcpipe.collectives import put_tensor
+from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, WorkerNotStarted, WorkerTimeout
+from funcpipe.executors import Executor
+from funcpipe.executors.base import ActorHandle, CallGroup, Resources
+from funcpipe.plans import Plan
+from funcpipe.restore import JobState
+from funcpipe.stall import find_stall
+from funcpipe.storage import Storage, WaitCancelled
+from funcpipe.worker import StageWorker, WorkerConfig
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+    from funcpipe.trainer import History
+
+__all__ = ["LOOKAHEAD", "Fit", "Run", "Setup"]
+
+#: Global batches the driver uploads ahead of the slowest finished iteration.
+LOOKAHEAD = 2
+
+#: Threads that upload the driver's micro-batches.
+FEED_THREADS = 4
+
+#: The time fields of a worker's per-iteration report that :class:`~funcpipe.trainer.History` sums.
+_TIMES = ("compute_s", "wait_s", "sync_s", "update_s", "total_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every run of a trainer launches with.
+
+    Attributes:
+        plan: the plan the workers run.
+        executor: launches them.
+        storage: the job's storage, and ``storage_url`` its URL, which the workers open.
+        timeout_s: the driver's longest wait for one iteration (a run's first
+            waits the executor's ``start_timeout_s`` longer).
+        worker_timeout_s: a worker's longest wait for one object.
+        threads_per_worker: torch threads (and CPUs asked for) per worker.
+        signing_key: the key the stage definitions are signed with.
+        gradient_bytes: per stage, :func:`funcpipe.protocol.gradient_bytes` of its parameters.
+        input_dtype: what the model's inputs must be (:func:`funcpipe.batches.model_input_dtype`).
+    """
+
+    plan: Plan
+    executor: Executor
+    storage: Storage
+    storage_url: str
+    timeout_s: float
+    worker_timeout_s: float
+    threads_per_worker: int
+    signing_key: str = dataclasses.field(repr=False)  # never logged
+    gradient_bytes: Sequence[int]
+    input_dtype: InputDtype | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """One call of :meth:`Trainer.fit`, as its runs see it.
+
+    Attributes:
+        replay: its batches, by iteration.
+        history: what its runs measured so far.
+        bar: its progress bar.
+        first: the iteration it began at.
+        total: the iterations it makes.
+        checkpoint_every: every stage checkpoints before each iteration that is a multiple of this (0: never).
+    """
+
+    replay: Replay
+    history: History
+    bar: tqdm
+    first: int
+    total: int
+    checkpoint_every: int
+
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= self.total
+
+    @property
+    def next_iteration(self) -> int:
+        """The iteration the next run begins at."""
+        return self.first + len(self.history)
+
+    def checkpoint_due(self, iteration: int) -> bool:
+        """Whether the workers checkpoint before ``iteration`` when a run gets there from an earlier one."""
+        return bool(self.checkpoint_every) and iteration % self.checkpoint_every == 0
+
+    def rollback(self, restart: int) -> None:
+        """Forget what was measured from iteration ``restart`` on, to run it again."""
+        done = restart - self.first
+        del self.history.losses[done:], self.history.seconds[done:]
+        self.replay.rewind(restart)
+        self.bar.n = done
+        self.bar.refresh()
+
+
+class Run:
+    """One run of ``fit`` from its next iteration: made per launch, :meth:`execute` once.
+
+    Args:
+        setup: what the workers are launched with.
+        job: the job; the run starts from its restore point, and moves it on.
+        fit: the fit the run belongs to.
+    """
+
+    def __init__(self, setup: Setup, job: JobState, fit: Fit) -> None:
+        self.setup = setup
+        self.job = job
+        self.fit = fit
+        self.first = fit.next_iteration  # the run's first iteration
+        self.count = fit.total - len(fit.history)  # iterations asked of it
+        self.fed = 0  # iterations of the run whose batches the driver fed
+        self.stop_at: int | None = None  # the iteration the run ends before, once decided
+        self._handles: list[ActorHandle] = []
+        self._calls = CallGroup([])
+        self._uploads: list[Future[None]] = []
+        self._feed_errors: list[BaseException] = []  # a failed upload ends the waits at once (workers would hang)
+        self._deadline: float | None = None  # when the calls' time budget ends (monotonic)
+        self._finished = 0.0  # when the last iteration finished, or the run began (perf_counter)
+
+    def execute(self) -> int:
+        """Launch a run of every worker and drive it; the iterations it made.
+
+        On any failure the attempt is abandoned: the workers are killed, the
+        attempt's abort object written (for workers that cannot be killed),
+        what it fed deleted, and the job moved to a fresh attempt, with new
+        keys, so nothing of the failed one is ever consumed
+        (:meth:`JobState.abandon`).
+        """
+        try:
+            self._launch()
+            self._drive()
+        except BaseException:
+            for handle in self._handles:
+                handle.kill()
+            self._abandon()
+            raise
+        for handle in self._handles:
+            handle.release()
+        return self.fed
+
+    def _launch(self) -> None:
+        """One worker per (stage, replica), to start from the job's restore point."""
+        setup, plan = self.setup, self.setup.plan
+        assert self.job.restore_iteration == self.first
+        workers = [(s, r) for s in range(plan.num_stages) for r in range(plan.replicas[s])]
+        requested = [
+            Resources(setup.threads_per_worker, plan.memory_mb[s] if plan.memory_mb else None) for s, _ in workers
+        ]
+        for (stage, replica), resources in zip(workers, setup.executor.fit_resources(requested), strict=True):
+            config = WorkerConfig(
+                job=self.job.keys.job,
+                attempt=self.job.keys.attempt,
+                storage_url=setup.storage_url,
+                stage=stage,
+                replica=replica,
+                plan=plan.to_dict(),
+                timeout_s=setup.worker_timeout_s,
+                threads=setup.threads_per_worker,
+                resume_attempt=self.job.restore_attempt,
+                checkpoint_every=self.fit.checkpoint_every,
+                signing_key=setup.signing_key,
+            )
+            self._handles.append(
+                setup.executor.launch(StageWorker, config.to_payload(), name=config.name, resources=resources)
+            )
+
+    def _drive(self) -> None:
+        """One call of ``run`` on every worker, fed and awaited; then the workers' reports.
+
+        When the executor's calls have a time budget (a function's lifetime),
+        the driver stops the run before the first iteration that would end
+        after it: it writes the stop object *before* that iteration's
+        micro-batches, which it then does not feed, so every worker stops at
+        the same boundary with nothing of that iteration done.
+        """
+        budget = self.setup.executor.call_budget_s
+        if budget is not None:
+            self._deadline = time.monotonic() + budget
+        self._calls = CallGroup([(h, h.call("run", self.first, self.count)) for h in self._handles])
+        self._finished = time.perf_counter()
+        with ThreadPoolExecutor(FEED_THREADS, thread_name_prefix="funcpipe-feed") as feeder:
+            while self.fed < self.count and not self._ends_here():
+                self._feed(feeder)
+                if self.fed > LOOKAHEAD:
+                    self._finish(self.first + self.fed - 1 - LOOKAHEAD)
+            for iteration in range(self.fit.next_iteration, self.first + self.fed):
+                self._finish(iteration)
+            for upload in self._uploads:
+                upload.result()
+        self._collect()
+
+    def _ends_here(self) -> bool:
+        """Whether the run ends before its next iteration.
+
+        With a time budget, the stop is decided (and its object written) once
+        the next iteration or the one after would finish too late.
+        """
+        if self._deadline is not None and self.stop_at is None:
+            self.stop_at = self._stop_point()
+            if self.stop_at is not None:
+                key = self.job.keys.stop(self.first)
+                self.setup.storage.put(key, protocol.encode_stop(key, self.stop_at))
+        return self.stop_at == self.first + self.fed
+
+    def _stop_point(self) -> int | None:
+        """The iteration to end this run before, if the next one or the one after would finish too late.
+
+        Deciding a step ahead lets workers read the stop at an iteration
+        boundary instead of noticing it while they wait for an iteration
+        that will not come. Every run makes at least one iteration.
+        """
+        for candidate in (self.fed, self.fed + 1):
+            if 0 < candidate < self.count and self._past_budget(self.first + candidate):
+                return self.first + candidate
+        return None
+
+    def _past_budget(self, iteration: int) -> bool:
+        """Whether ``iteration``, fed now, would likely finish after the calls' time budget.
+
+        It is judged by the finish-to-finish times of the run's iterations
+        finished so far; the first of them includes starting the workers, so
+        it counts only while it is the only measure.
+        """
+        assert self._deadline is not None
+        seconds = self.fit.history.seconds[self.first - self.fit.first:]
+        if seconds:
+            recent = seconds[1:][-5:] or seconds
+            per_iteration = max(recent)
+        else:
+            per_iteration = 0.0  # nothing measured yet: feed (each run makes progress)
+        next_done = self.first + len(seconds)
+        return time.monotonic() + (iteration - next_done + 1) * per_iteration > self._deadline
+
+    def _feed(self, feeder: ThreadPoolExecutor) -> None:
+        """Upload the micro-batches of the run's next iteration: stage 0's inputs, the last stage's targets."""
+        plan, iteration = self.setup.plan, self.first + self.fed
+        batch = self.fit.replay.get(iteration)
+        if batch is None:
+            raise ConfigError(
+                f"data ran out after {iteration - self.fit.first} batches, but {self.fit.total} iterations "
+                "were asked for; hint: pass data that can be iterated again (a list or a DataLoader)"
+            )
+        inputs, targets = check_batch(batch, plan.global_batch_size, iteration, self.setup.input_dtype)
+        last = plan.num_stages - 1
+        micro = plan.micro_batch_size
+        pairs = zip(torch.split(inputs, micro), torch.split(targets, micro), strict=True)
+        for m, (x, y) in enumerate(pairs):
+            for kind, stage, tensor in (("input", 0, x), ("target", last, y)):
+                key = self.job.keys.message_for(plan, iteration, kind, stage, m)
+                upload = feeder.submit(put_tensor, self.setup.storage, key, tensor)
+                upload.add_done_callback(self._note_upload)
+                self._uploads.append(upload)
+        self.fed += 1
+
+    def _note_upload(self, upload: Future[None]) -> None:
+        if not upload.cancelled() and upload.exception() is not None:
+            self._feed_errors.append(upload.exception())  # type: ignore[arg-type]
+
+    def _failure(self) -> BaseException | None:
+        """The first failure of the workers' calls or of the driver's own uploads, if any."""
+        return self._feed_errors[0] if self._feed_errors else self._calls.failure()
+
+    def _finish(self, iteration: int) -> None:
+        """Await ``iteration``, then make the checkpoint before it the restore point if one was due.
+
+        Once the last stage reported ``iteration``, every worker has begun it,
+        and so wrote its checkpoint before it if one was due (see :meth:`StageWorker.run`).
+        """
+        self._await(iteration)
+        if iteration != self.first and self.fit.checkpoint_due(iteration):
+            self._checkpoint_complete(iteration)
+
+    def _await(self, iteration: int) -> None:
+        """Wait for the last stage's reports of ``iteration``; a failure (:meth:`_failure`) ends the wait."""
+        plan = self.setup.plan
+        last = plan.num_stages - 1
+        wait_s = self.setup.timeout_s
+        if iteration == self.first:  # its wait allows for the workers' start
+            wait_s += self.setup.executor.start_timeout_s
+        loss = sum((self._await_report(iteration, replica, wait_s) for replica in range(plan.replicas[last])), 0.0)
+        now = time.perf_counter()
+        history = self.fit.history
+        history.seconds.append(now - self._finished)
+        self._finished = now
+        history.losses.append(loss)
+        self.fit.bar.set_postfix(_postfix(history, plan.predicted_cost_usd), refresh=False)
+        self.fit.bar.update(1)
+        if len(history) > 1:
+            self._forget(iteration - 1)
+
+    def _await_report(self, iteration: int, replica: int, wait_s: float) -> float:
+        """The loss ``replica`` of the last stage reports for ``iteration``."""
+        key = self.job.keys.metrics(iteration, self.setup.plan.num_stages - 1, replica)
+        decode = functools.partial(protocol.decode_metrics, key=key)
+        try:
+            return binding.wait(self.setup.storage, key, wait_s, decode, cancelled=lambda: self._failure() is not None)
+        except WaitCancelled:
+            failure = self._failure()
+            assert failure is not None
+            raise failure from None
+        except ObjectNotFound:
+            raise self._stalled(iteration, wait_s) from None
+
+    def _stalled(self, iteration: int, waited_s: float) -> Exception:
+        """The error for an iteration that did not finish in time: who never started, or who hangs."""
+        failure = self._calls.failure()  # a worker may have failed just now
+        if failure is not None:
+            return failure
+        hint = "hint: raise Trainer(timeout_s=...) if it is only slow"
+        not_started = self._calls.not_started()
+        if not_started:
+            return WorkerNotStarted(
+                not_started[0],
+                f"it had not started {waited_s:g} s after it was launched, when iteration {iteration} should "
+                f"have finished (not started: {', '.join(not_started)}); the backend could not place or start "
+                f"it (too few free resources, a cold start); {hint}",
+            )
+        stall = find_stall(self.setup.storage, self.job.keys, self.setup.plan, self.setup.gradient_bytes, iteration)
+        if stall is None:
+            return BackendError(
+                f"iteration {iteration} did not finish within {waited_s:g} s, and no worker reported an error "
+                f"or can be blamed; {hint}"
+            )
+        return WorkerTimeout(
+            stall.worker,
+            f"no progress in iteration {stall.iteration} for {waited_s:g} s: stage {stall.stage} has not "
+            f"written {stall.missing}, though its inputs are there; it hangs (a layer, the loss or an "
+            f"upload blocks) or is far slower than planned; {hint}",
+        )
+
+    def _collect(self) -> None:
+        """The workers' returns, into the fit's history; the run's last messages and stop object deleted."""
+        try:
+            reports = self._calls.results(timeout=self.setup.timeout_s)
+        except TimeoutError:
+            late = self._calls.unfinished()
+            raise WorkerTimeout(
+                late[0],
+                f"did not return within {self.setup.timeout_s:g} s after iteration {self.first + self.fed - 1}, "
+                f"the run's last, finished (unfinished: {', '.join(late)}); it hangs in a backward, the "
+                "all-reduce, the update or its checkpoint; hint: raise Trainer(timeout_s=...) if it is only slow",
+            ) from None
+        self.fit.history.workers.extend(self._summary(report) for report in reports)
+        self._forget(self.first + self.fed - 1)
+        if self.stop_at is not None:
+            self.setup.storage.delete([self.job.keys.stop(self.first)])
+        self._checkpoint_complete(self.first + self.fed)  # every worker wrote its own
+
+    def _summary(self, report: dict[str, Any]) -> dict[str, Any]:
+        """A worker's return, summed over the run's iterations (see :attr:`History.workers`)."""
+        iterations = report["iterations"]
+        if len(iterations) != self.fed:
+            raise BackendError(
+                f"stage {report['stage']} replica {report['replica']} ran {len(iterations)} "
+                f"iterations from {self.first}, the driver fed {self.fed}"
+            )
+        summary = {"stage": report["stage"], "replica": report["replica"], "iterations": len(iterations)}
+        for field in _TIMES:
+            summary[field] = sum(it[field] for it in iterations)
+        summary["peak_rss_bytes"] = report.get("peak_rss_bytes")
+        summary["start_rss_bytes"] = report.get("start_rss_bytes")
+        return summary
+
+    def _forget(self, iteration: int) -> None:
+        """Delete the messages of a finished iteration, so storage holds about two at a time.
+
+        Safe once the last stage reported the *next* iteration: every replica
+        of every stage owns a micro-batch of it, so each has finished reading
+        (and sending) everything of this one.
+        """
+        self.setup.storage.delete(self.job.keys.iteration_keys(iteration, self.setup.plan, self.setup.gradient_bytes))
+
+    def _checkpoint_complete(self, iteration: int) -> None:
+        """Every stage has its checkpoint before ``iteration`` of this attempt: the job's restore point."""
+        self.fit.replay.forget_before(iteration)
+        self.job.complete((iteration, self.job.keys.attempt))
+
+    def _abandon(self) -> None:
+        """Move the job past this run's failed attempt, keeping its newest complete checkpoint."""
+        failed, fed_to = self.job.keys, self.first + self.fed
+        due = [i for i in range(self.first + 1, fed_to + 1) if self.fit.checkpoint_due(i)]
+        # Iterations before these were deleted as they finished (see _await).
+        unfinished = range(max(self.first, fed_to - LOOKAHEAD - 2), fed_to)
+        plan, sizes = self.setup.plan, self.setup.gradient_bytes
+        self.job.abandon(due, [key for i in unfinished for key in failed.iteration_keys(i, plan, sizes)])
+        self.fit.replay.forget_before(self.job.restore_iteration)
+
+
+def _postfix(history: History, usd_per_iteration: float | None) -> dict[str, str]:
+    """The progress bar's: last loss, seconds of the last iteration and, when the plan carries its
+    predicted price, the dollars the iterations so far cost at it."""
+    postfix = {"loss": f"{history.losses[-1]:.4f}", "s/it": f"{history.seconds[-1]:.3f}"}
+    if usd_per_iteration is not None:
+        postfix["$"] = f"{usd_per_iteration * len(history):.4g}"
+    return postfix
