@@ -275,13 +275,9 @@ class Trainer:
                 that an iteration waited on for ``timeout_s`` (:class:`~funcpipe.WorkerTimeout`).
         """
         _check_fit_options(iterations, epochs, max_retries, checkpoint_every)
+        if not resume:
+            self._check_not_cleaned()
         job = self._job
-        if job.iteration and job.point is None and not resume:
-            raise ConfigError(
-                f"job {self.keys.job!r} was cleaned (trainer.clean()) after {job.iteration} iterations: its "
-                "checkpoint is gone, so this trainer cannot continue it; hint: start a new Trainer with "
-                "trainer.model, or clean(checkpoints=False) to keep what a later fit needs"
-            )
         batches, total = training_batches(data, iterations, epochs or 1)
         history = History(plan=self.plan, iterations_per_epoch=total // (epochs or 1) if iterations is None else None)
         fit_first = job.iteration
@@ -327,6 +323,15 @@ class Trainer:
             for s in range(self.plan.num_stages)
         ]
 
+    def _check_not_cleaned(self) -> None:
+        """Refuse to continue a job whose checkpoint :meth:`clean` deleted (a resume may start it over)."""
+        if self._job.iteration and self._job.point is None:
+            raise ConfigError(
+                f"job {self.keys.job!r} was cleaned (trainer.clean()) after {self._job.iteration} iterations: its "
+                "checkpoint is gone, so this trainer cannot continue it; hint: start a new Trainer with "
+                "trainer.model, or clean(checkpoints=False) to keep what a later fit needs"
+            )
+
     def _first_checked(self, batches: Iterator[Batch], total: int) -> Iterator[Batch]:
         """``batches``, whose first is checked before anything is launched (later ones as they are fed)."""
         head = next(batches, None)
@@ -361,16 +366,16 @@ class Trainer:
             try:
                 ran = Run(self._setup(), self._job, fit).execute()
             except (WorkerFailed, BackendError, StorageError) as exc:
-                if not _retryable(exc) or len(failures) >= max_retries:
-                    if not failures:
-                        raise
+                if _retryable(exc) and len(failures) < max_retries:
+                    failures.append(exc)
+                    restart = self._job.restore_iteration
+                    fit.rollback(restart)
+                    log.warning("attempt %d of %d failed (%s); rolling back to iteration %d and running again",
+                                len(failures), max_retries + 1, _one_line(exc), restart)
+                    continue
+                if failures:
                     raise _final_failure(exc, failures) from exc
-                failures.append(exc)
-                restart = self._job.restore_iteration
-                fit.rollback(restart)
-                log.warning("attempt %d of %d failed (%s); rolling back to iteration %d and running again",
-                            len(failures), max_retries + 1, _one_line(exc), restart)
-                continue
+                raise
             if not fit.done:
                 log.info("run from iteration %d stopped after %d iterations (lifetime limit); "
                          "continuing from the checkpoint", start, ran)
