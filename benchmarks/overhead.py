@@ -50,6 +50,7 @@ from funcpipe.collectives import Comm, all_reduce
 from funcpipe.protocol import FETCH_CONNECTIONS, PIECE_BYTES, PUSH_CONNECTIONS, JobKeys, piece_count
 from funcpipe.protocol import SYNC_ALGORITHMS as ALGORITHMS
 from funcpipe.storage import MemoryStorage, throttle
+from funcpipe.worker import REPORT_TIMES
 
 log = logging.getLogger("funcpipe.benchmarks.overhead")
 
@@ -401,7 +402,7 @@ def _median_stages(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]
     rows = []
     for index, first in enumerate(runs[0]):
         row = dict(first)
-        for field in ("compute_s", "wait_s", "sync_s", "update_s", "total_s"):
+        for field in REPORT_TIMES:
             row[field] = statistics.median(run[index][field] for run in runs)
         rows.append(row)
     return rows

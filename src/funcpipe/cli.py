@@ -54,6 +54,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _print_demo(result: Any, args: argparse.Namespace) -> int:
+    from funcpipe.worker import REPORT_TIMES
+
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -68,7 +70,7 @@ def _print_demo(result: Any, args: argparse.Namespace) -> int:
     print(f"  {'stage':>5} {'replicas':>8} {'compute':>8} {'waiting':>8} {'sync':>8} {'update':>8} {'total':>8}")
     for row in result.history.stage_summary():
         print(f"  {row['stage']:>5} {row['replicas']:>8} " + " ".join(
-            f"{row[field] * 1000:>8.1f}" for field in ("compute_s", "wait_s", "sync_s", "update_s", "total_s")
+            f"{row[field] * 1000:>8.1f}" for field in REPORT_TIMES
         ))
     return 0
 

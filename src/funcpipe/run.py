@@ -31,7 +31,7 @@ from funcpipe.plans import Plan
 from funcpipe.restore import JobState
 from funcpipe.stall import find_stall
 from funcpipe.storage import Storage, WaitCancelled
-from funcpipe.worker import StageWorker, WorkerConfig
+from funcpipe.worker import REPORT_TIMES, StageWorker, WorkerConfig
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -45,10 +45,6 @@ LOOKAHEAD = 2
 
 #: Threads that upload the driver's micro-batches.
 FEED_THREADS = 4
-
-#: The time fields of a worker's per-iteration report that :class:`~funcpipe.trainer.History` sums.
-_TIMES = ("compute_s", "wait_s", "sync_s", "update_s", "total_s")
-
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
@@ -383,7 +379,7 @@ class Run:
                 f"iterations from {self.first}, the driver fed {self.fed}"
             )
         summary = {"stage": report["stage"], "replica": report["replica"], "iterations": len(iterations)}
-        for field in _TIMES:
+        for field in REPORT_TIMES:
             summary[field] = sum(it[field] for it in iterations)
         summary["peak_rss_bytes"] = report.get("peak_rss_bytes")
         summary["start_rss_bytes"] = report.get("start_rss_bytes")

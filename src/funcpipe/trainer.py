@@ -36,7 +36,7 @@ from funcpipe.protocol import JobKeys
 from funcpipe.restore import JobState
 from funcpipe.run import Fit, Run, Setup
 from funcpipe.storage import Storage, open_storage
-from funcpipe.worker import StageDefinition
+from funcpipe.worker import REPORT_TIMES, StageDefinition
 
 if TYPE_CHECKING:
     from funcpipe.report import Report
@@ -103,7 +103,7 @@ class History:
             workers = per_stage[stage]
             iterations = max(1, sum(w["iterations"] for w in workers))
             row: dict[str, float] = {"stage": stage, "replicas": len(workers)}
-            for field in ("compute_s", "wait_s", "sync_s", "update_s", "total_s"):
+            for field in REPORT_TIMES:
                 row[field] = sum(w[field] for w in workers) / iterations
             rows.append(row)
         return rows
@@ -474,10 +474,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _final_failure(exc: BaseException, earlier: list[BaseException]) -> BaseException:
-    """The error ``fit`` raises when no retry is left: ``exc`` itself, or, after retries, a
-    :class:`WorkerFailed` that names every attempt's cause."""
-    if not earlier:
-        return exc
+    """The error ``fit`` raises when retries were made and none is left: a :class:`WorkerFailed`
+    that names every attempt's cause (``earlier``, then ``exc``)."""
     causes = [f"attempt {n}: {_one_line(e)}" for n, e in enumerate([*earlier, exc], 1)]
     worker = exc.worker if isinstance(exc, WorkerFailed) else "the job"
     trace = exc.remote_traceback if isinstance(exc, WorkerFailed) else ""

@@ -32,7 +32,8 @@ from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
 __all__ = [
-    "StageDefinition", "StageWorker", "WorkerConfig", "limit_allocator_retention", "peak_rss_bytes", "reset_peak_rss",
+    "REPORT_TIMES", "StageDefinition", "StageWorker", "WorkerConfig", "limit_allocator_retention", "peak_rss_bytes",
+    "reset_peak_rss",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ _M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 4 * 2**20
 #: Malloc arenas: the compute thread and the transfer threads share these.
 ARENA_MAX = 2
+
+#: The seconds a worker's per-iteration report holds (:meth:`StageWorker.run`), ``total_s`` last:
+#: computing, blocked on downloads and uploads, syncing gradients, updating, and the iteration's whole.
+REPORT_TIMES = ("compute_s", "wait_s", "sync_s", "update_s", "total_s")
 
 #: How often a waiting worker looks for the driver's abort object, seconds.
 ABORT_CHECK_S = 1.0
@@ -324,7 +329,7 @@ class _Iteration:
         self.replica = worker.config.replica
         self.first = self.stage == 0
         self.last = self.stage == worker.plan.num_stages - 1
-        self.timings = {"compute_s": 0.0, "wait_s": 0.0, "sync_s": 0.0, "update_s": 0.0}
+        self.timings = dict.fromkeys(REPORT_TIMES[:-1], 0.0)
         self.loss_sum = 0.0
         self.inputs: dict[int, Future[torch.Tensor]] = {}
         self.targets: dict[int, Future[torch.Tensor]] = {}
