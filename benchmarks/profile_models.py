@@ -12,11 +12,17 @@ parameter and the update time.
 
 Run it on an otherwise idle machine: the planner's predictions are only as
 good as these timings.
+
+``--ties-only`` records in the existing profiles which layers share parameters
+(``ModelProfile.tied``, from ``funcpipe.profiler.tied_parameters``), without
+timing anything again: a tie changes no layer's time, output or parameter count
+(each layer still holds the matrix), only what a stage holding both ends holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 
 import funcpipe
+from funcpipe.profiler import tied_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.models import MODELS, build
@@ -45,8 +52,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64, help="the largest micro-batch size measured (default 64)")
     parser.add_argument("--out", type=Path, default=PROFILES, help="directory for the <model>.json profiles")
+    parser.add_argument("--ties-only", action="store_true",
+                        help="only record the models' tied parameters in the existing profiles")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.ties_only:
+        for name in args.models:
+            path = args.out / f"{name}.json"
+            model = build(name, batch=1)[0]
+            tied = tied_parameters(model)
+            dataclasses.replace(funcpipe.ModelProfile.load(path), tied=tied).save(path)
+            print(f"{name}: tied {tied} -> {path}")
+        return
     for name in args.models:
         started = time.perf_counter()
         model, inputs, targets, loss_fn = build(name, batch=args.batch)

@@ -1,7 +1,8 @@
-"""The LambdaML baseline: pure data parallelism, whole model per function, four-phase sync."""
+"""The baselines: LambdaML (either all-reduce), one function, the original FuncPipe; each its own best."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import funcpipe
 from funcpipe import PlanInfeasible, Trainer, simulate
-from funcpipe.baselines import lambdaml
+from funcpipe.baselines import BASELINES, funcpipe_original, lambdaml, lambdaml_pipelined, one_function
 from funcpipe.plans import Plan
 from funcpipe.profiler import LayerProfile, ModelProfile
 from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches
@@ -54,6 +55,62 @@ def test_lambdaml_is_the_best_data_parallel_configuration(seed: int) -> None:
     meeting = [s for s in sims if s.iteration_s <= deadline]
     assert bounded.predicted_iteration_s <= deadline
     assert bounded.predicted_cost_usd == pytest.approx(min(s.cost_usd for s in meeting), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lambdaml_pipelined_is_the_best_data_parallel_configuration_with_the_pipelined_sync(seed: int) -> None:
+    rng = random.Random(seed)
+    platform, profile = random_platform(rng), random_profile(rng)
+    sims = [simulate(dataclasses.replace(s.plan, sync="pipelined"), profile, platform)
+            for s in every_data_parallel_plan(profile, platform)]
+    if not sims:
+        return
+    fastest = lambdaml_pipelined(profile, platform, global_batch_size=GLOBAL_BATCH, objective="time")
+    assert fastest.sync == "pipelined" and fastest.num_stages == 1
+    assert fastest.predicted_iteration_s == pytest.approx(min(s.iteration_s for s in sims), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_function_is_the_best_accumulation_over_every_micro_batch_size_and_tier(seed: int) -> None:
+    rng = random.Random(seed)
+    platform, profile = random_platform(rng), random_profile(rng)
+    sims = []
+    for b in (1, 2, 4, 8, 16):
+        for tier in platform.tiers:
+            plan = Plan((profile.num_layers,), (1,), b, GLOBAL_BATCH, (tier.memory_mb,), schedule="1f1b")
+            try:
+                sims.append(simulate(plan, profile, platform))
+            except PlanInfeasible:
+                continue
+    if not sims:
+        with pytest.raises(PlanInfeasible, match="one function cannot train"):
+            one_function(profile, platform, global_batch_size=GLOBAL_BATCH)
+        return
+    for objective, best in (("time", min(s.iteration_s for s in sims)), ("cost", min(s.cost_usd for s in sims))):
+        plan = one_function(profile, platform, global_batch_size=GLOBAL_BATCH, objective=objective)
+        assert plan.replicas == (1,) and plan.schedule == "1f1b"
+        got = plan.predicted_iteration_s if objective == "time" else plan.predicted_cost_usd
+        assert got == pytest.approx(best, rel=1e-12)
+
+
+def test_funcpipe_original_runs_the_papers_configuration_and_no_better_plan_of_it_exists() -> None:
+    rng = random.Random(3)
+    platform, profile = random_platform(rng), random_profile(rng)
+    plan = funcpipe_original(profile, platform, global_batch_size=GLOBAL_BATCH, objective="time", time_limit_s=10)
+    assert (plan.micro_batch_size, plan.schedule, plan.sync) == (4, "gpipe", "four_phase")
+    assert plan.predicted_iteration_s == pytest.approx(simulate(plan, profile, platform).iteration_s)
+    # No other cut at that configuration on the plan's own tiers and replicas is faster by the simulator
+    # (an independent enumeration of the two-stage cuts, where the plan has two stages or fewer).
+    if plan.num_stages == 1:
+        for cut in range(1, profile.num_layers):
+            rival = Plan((cut, profile.num_layers - cut), (plan.replicas[0],) * 2, 4, GLOBAL_BATCH, None,
+                         "four_phase", "gpipe")
+            try:
+                sim = simulate(rival, profile, platform)
+            except PlanInfeasible:
+                continue
+            assert plan.predicted_iteration_s <= sim.iteration_s * 1.01
+    assert set(BASELINES) == {"lambdaml", "lambdaml_pipelined", "one_function", "funcpipe_original"}
 
 
 def test_a_model_no_function_holds_is_refused_with_its_size() -> None:

@@ -27,6 +27,11 @@ def test_bert_large_body_has_the_published_parameter_count() -> None:
     pooler = 1024 * 1024 + 1024  # BERT's pooler, which the MLM pipeline does not use
     assert body + pooler == 335_141_888  # bert-large-uncased's BertModel
     assert len(model) == 26
+    # The MLM head's decoder is the token embedding matrix; only its transform and bias are its own.
+    assert model[-1].decoder.weight is model[0].tokens.weight
+    head = 1024 * 1024 + 1024 + 2 * 1024 + 30522
+    assert _params(model) == body + head
+    assert _params(bert(tied=False)) == body + head + 30522 * 1024
 
 
 def test_small_models_give_logits_of_the_right_shape() -> None:

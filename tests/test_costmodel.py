@@ -218,3 +218,56 @@ def test_a_stage_that_fits_under_no_schedule_gets_the_usual_hint() -> None:
         assert "schedule='1f1b'" not in message
         assert message.endswith("hint: a larger tier, more replicas, fewer layers in the stage or smaller "
                                 "micro-batches")
+
+
+# -- tied parameters and the speed at each micro-batch size ------------------------------------
+
+
+def tied_profile(tie_bytes: int) -> ModelProfile:
+    """Embedding-like layer 0 and decoder-like layer 2 sharing ``tie_bytes`` of parameters."""
+    layers = (layer(0.1, 0.1, params=tie_bytes + 1000, out=10.0), layer(0.1, 0.1, params=500, out=10.0),
+              layer(0.1, 0.1, params=tie_bytes))
+    return ModelProfile(layers, 10.0, 8.0, tied=((0, 2, tie_bytes),))
+
+
+def test_a_tie_inside_one_stage_is_held_once() -> None:
+    profile = tied_profile(10**6)
+    assert profile.param_bytes == 10**6 + 1500
+    plan = Plan.manual([3], replicas=[2], micro_batch_size=1, global_batch_size=4, memory_mb=1024)
+    (stage,) = costmodel.stage_costs(profile, HAND, plan)
+    assert stage.param_bytes == 10**6 + 1500 and stage.tied == ()
+    untied = dataclasses.replace(profile, tied=())
+    (doubled,) = costmodel.stage_costs(untied, HAND, plan)
+    # weights, gradients, workspace and the all-reduce's buffers each hold the tie once less
+    assert doubled.memory_bytes - stage.memory_bytes == 10**6 * (2 + 1 + 2)
+
+
+def test_a_tie_across_stages_is_exchanged_after_the_all_reduce() -> None:
+    profile = tied_profile(10**6)  # 1 s each way on HAND's 1 MB/s links
+    plan = Plan.manual([1, 2], replicas=[2, 1], micro_batch_size=1, global_batch_size=4, memory_mb=1024)
+    first, last = costmodel.stage_costs(profile, HAND, plan)
+    assert first.tied == ((1, 10**6),) and last.tied == ((0, 10**6),)
+    assert first.param_bytes == 10**6 + 1000 and last.param_bytes == 10**6 + 500  # a copy each
+    untied = costmodel.stage_costs(dataclasses.replace(profile, tied=()), HAND, plan)
+    writes, reads = costmodel.requests_per_iteration((first, last), plan)
+    assert (writes, reads) == tuple(n + extra for n, extra in
+                                    zip(costmodel.requests_per_iteration(untied, plan), (2, 1 + 2), strict=True))
+    with_tie = simulate(plan, profile, HAND)
+    without = simulate(plan, dataclasses.replace(profile, tied=()), HAND)
+    # Stage 0's replica 0 uploads its gradient of the tie once its all-reduce is done (where the
+    # untied run starts its update), 1 s + 0.1 s; stage 1 downloads it, 1 s + 0.1 s, before its update.
+    (done,) = [s.start for s in without.timeline.lane(0, 0, "compute") if s.label == "update"]
+    assert with_tie.iteration_s >= done + 2 * (1.0 + HAND.latency_s) - 1e-9
+    assert with_tie.iteration_s > without.iteration_s
+    # uploads: stage 0's replica 0 and stage 1's replica; downloads: both replicas of stage 0, stage 1's
+    assert len([s for s in with_tie.timeline.spans if s.label == "tie"]) == 2 + 3
+
+
+def test_compute_speed_follows_the_micro_batch_size() -> None:
+    fast = Tier(memory_mb=1024, vcpus=3.0, speed=2.0, uplink_mb_s=1.0, downlink_mb_s=1.0, speed_half_batch=4.0)
+    platform = HAND.replace(tiers=(fast,))
+    profile = ModelProfile((layer(1.0, 2.0),), 10.0, 8.0)
+    for b, speed in ((1, 1 + 1 / 5), (4, 1.5), (16, 1 + 16 / 20)):
+        plan = Plan.manual([1], micro_batch_size=b, global_batch_size=16, memory_mb=1024)
+        (stage,) = costmodel.stage_costs(profile, platform, plan)
+        assert stage.forward_s == pytest.approx(1.0 / speed) and stage.backward_s == pytest.approx(2.0 / speed)

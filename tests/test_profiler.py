@@ -551,3 +551,46 @@ def test_a_failing_layer_is_named_with_its_input_shape() -> None:
     with pytest.raises(ConfigError, match=r"layer 2 \('2', Linear\).*shape \(4, 256\).*RuntimeError") as info:
         profile(model, *data(), F.mse_loss, **FAST)
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+class _Decoder(nn.Module):
+    """Logits from hidden states by a weight it is given (BERT's tied decoder)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = nn.Parameter(torch.zeros(weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def tied_model() -> nn.Sequential:
+    embedding = nn.Embedding(50, 8)
+    return nn.Sequential(embedding, nn.Linear(8, 8), _Decoder(embedding.weight))
+
+
+def test_tied_parameters_are_found_and_counted_once(tmp_path: Path) -> None:
+    model = tied_model()
+    assert profiler.tied_parameters(model) == ((0, 2, 50 * 8 * 4),)
+    assert profiler.tied_parameters(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) == ()
+    ids = torch.randint(0, 50, (4, 3))
+    prof = profile(model, ids, torch.randint(0, 50, (4, 3)),
+                   lambda out, y: F.cross_entropy(out.reshape(-1, 50), y.reshape(-1)), rounds=1, warmup=0)
+    assert prof.tied == ((0, 2, 1600),)
+    distinct = sum(p.numel() * 4 for p in model.parameters())  # parameters() lists a shared one once
+    assert prof.param_bytes == distinct
+    assert sum(lp.param_bytes for lp in prof.layers) == distinct + 1600
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert ModelProfile.load(path).tied == prof.tied
+
+
+def test_a_tie_that_does_not_fit_the_layers_is_refused() -> None:
+    base = LayerProfile(name="x", forward_alpha_s=0.0, forward_beta_s=0.1, backward_alpha_s=0.0, backward_beta_s=0.1,
+                        param_bytes=100, optimizer_bytes=0, update_s=0.0, output_bytes_per_sample=4.0,
+                        held_bytes_per_sample=4.0)
+    with pytest.raises(ConfigError, match="tied parameters"):
+        ModelProfile((base, base), 4.0, 4.0, tied=((1, 0, 50),))
+    with pytest.raises(ConfigError, match="tied parameters"):
+        ModelProfile((base, base), 4.0, 4.0, tied=((0, 1, 500),))

@@ -422,3 +422,17 @@ def test_ray_training_over_foreign_objects_equals_plain_pytorch(
     source: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     train_over_foreign_objects("ray", tmp_path.as_uri(), source, caplog)
+
+
+def test_parameters_tied_across_stages_are_refused_before_launch() -> None:
+    embedding = nn.Embedding(10, 4)
+    decoder = nn.Linear(4, 10)
+    decoder.weight = embedding.weight
+    model = nn.Sequential(embedding, nn.ReLU(), decoder)
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1)
+    with pytest.raises(ConfigError, match=r"layers 0 and 2 share .* stages 0 and 1"):
+        Trainer(model, nn.functional.mse_loss, sgd, Plan.manual([2, 1], micro_batch_size=2, global_batch_size=4),
+                backend=ThreadExecutor())
+    # In one stage the tie is one parameter, trained as such.
+    Trainer(model, nn.functional.mse_loss, sgd, Plan.manual([3], micro_batch_size=2, global_batch_size=4),
+            backend=ThreadExecutor())

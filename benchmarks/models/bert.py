@@ -4,9 +4,13 @@ Sequence length 128: BERT's pre-training runs 90% of its steps at 128 tokens
 (the paper, §A.2), and at 512 one micro-batch of 4 would make the attention's
 activations, not the weights, the memory a function has to hold. Dropout is 0
 so that a run is deterministic (funcpipe checks equivalence with PyTorch); it
-changes neither the parameters nor the time much. The MLM decoder is not tied
-to the embeddings (a pipeline does not share weights across stages), so the
-model has ~31 M parameters more than BERT-Large's 340 M.
+changes neither the parameters nor the time much. The MLM decoder is tied to
+the token embeddings, as in standard BERT-Large (Devlin et al. 2019; 335 M
+parameters with the MLM head's transform and bias): a profile records the tie
+(``ModelProfile.tied``), so a function holding the whole model holds the matrix
+once, and a pipeline whose first and last stages hold one copy each adds the two
+copies' gradients every iteration (:mod:`funcpipe.costmodel`). ``bert(config,
+tied=False)`` gives the untied variant (31 M parameters more).
 """
 
 from __future__ import annotations
@@ -63,11 +67,15 @@ class MaskedLMHead(nn.Module):
         return self.decoder(self.transform(x))
 
 
-def bert(config: BertConfig = BERT_LARGE) -> nn.Sequential:
-    """Embeddings, ``config.layers`` post-norm encoder layers (GELU) and the MLM head."""
+def bert(config: BertConfig = BERT_LARGE, *, tied: bool = True) -> nn.Sequential:
+    """Embeddings, ``config.layers`` post-norm encoder layers (GELU) and the MLM head, whose
+    decoder shares the token embedding matrix unless ``tied=False``."""
     encoder = [
         nn.TransformerEncoderLayer(config.hidden, config.heads, config.intermediate, dropout=0.0,
                                    activation="gelu", batch_first=True, layer_norm_eps=1e-12)
         for _ in range(config.layers)
     ]
-    return nn.Sequential(Embeddings(config), *encoder, MaskedLMHead(config))
+    embeddings, head = Embeddings(config), MaskedLMHead(config)
+    if tied:
+        head.decoder.weight = embeddings.tokens.weight
+    return nn.Sequential(embeddings, *encoder, head)

@@ -1,36 +1,42 @@
 """Baselines funcpipe is measured against, as plans funcpipe itself can run and simulate.
 
-Each baseline's own best configuration is searched exhaustively, by the simulator,
-under the same objective and limits :func:`funcpipe.plan` takes; the planner's space
-contains every one of them (and re-ranks their best plans with its own), so its plan
-is never worse than theirs under the same simulator.
+Each baseline's own best configuration is searched over its whole space, by the
+simulator, under the same objective and limits :func:`funcpipe.plan` takes; the
+planner's space contains every one of them (and re-ranks their best plans with
+its own), so its plan is never worse than theirs under the same simulator.
 
-**LambdaML** (Jiang et al., SIGMOD 2021), the serverless system the FuncPipe
-paper compares with: pure data parallelism. Every function holds the whole
-model and trains on its share of the global batch in one pass (no
-micro-batches, no pipeline), then the workers average gradients through
-storage with the four-phase scatter-reduce. As a funcpipe plan that is one
-stage, ``d`` replicas, micro-batches of ``global_batch_size / d`` and
-``sync="four_phase"`` — so :class:`funcpipe.Trainer` trains it and
-:func:`funcpipe.simulate` predicts it exactly as it does funcpipe's own plans.
+* :func:`lambdaml` — **LambdaML** (Jiang et al., SIGMOD 2021), the serverless
+  system the FuncPipe paper compares with: pure data parallelism. Every function
+  holds the whole model and trains on its share of the global batch in one pass
+  (no micro-batches, no pipeline), then the workers average gradients through
+  storage with LambdaML's four-phase scatter-reduce. As a funcpipe plan that is one
+  stage, ``d`` replicas, micro-batches of ``global_batch_size / d`` and
+  ``sync="four_phase"`` — so :class:`funcpipe.Trainer` trains it and
+  :func:`funcpipe.simulate` predicts it exactly as it does funcpipe's own plans.
+  Searched: every worker count dividing the batch, every memory tier.
+* :func:`lambdaml_pipelined` — LambdaML with funcpipe's pipelined scatter-reduce
+  instead: what is left of funcpipe's gain over LambdaML is then the pipeline's
+  and the planner's, not the all-reduce's.
+* :func:`one_function` — the whole model and the whole batch on **one function**,
+  by gradient accumulation over micro-batches of any size that divides the batch
+  (one stage, one replica, 1F1B: one micro-batch's activations alive at a time).
+  Searched: every micro-batch size, every tier.
+* :func:`funcpipe_original` — the FuncPipe paper's system as its code ran: GPipe,
+  micro-batches of 4, and the sequential four-phase all-reduce (the original
+  code's ``AllReduce.latency_opt``; its ``bandwidth_opt`` is commented out), with
+  the stage cuts, per-stage memory and data-parallel degrees still planned (the
+  paper's MIQP) by :func:`funcpipe.plan` at that configuration.
 
-:func:`lambdaml` searches the baseline's own best configuration (worker count
-and memory tier) exhaustively, by the simulator, under the same objective and
-limits :func:`funcpipe.plan` takes; ``sync="pipelined"`` gives it funcpipe's
-all-reduce instead (to tell the gain of the pipeline from that of the all-reduce).
-
-**Gradient accumulation on one function** (:func:`accumulation`): the whole model
-and the whole batch on one function, in micro-batches whose gradients add up before
-one update (one stage, one replica, 1F1B: one micro-batch alive at a time).
+:data:`BASELINES` maps each name to its function.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from funcpipe import costmodel
+from funcpipe import costmodel, planner
 from funcpipe.errors import ConfigError, PlanInfeasible
 from funcpipe.planner import DEFAULT_MAX_REPLICAS, DEFAULT_MAX_STAGES, objective_weight
 from funcpipe.plans import Plan
@@ -40,10 +46,12 @@ from funcpipe.profiler import ModelProfile
 from funcpipe.protocol import SYNC_ALGORITHMS
 from funcpipe.simulator import Simulation, simulate
 
-__all__ = ["accumulation", "lambdaml"]
+__all__ = ["BASELINES", "funcpipe_original", "lambdaml", "lambdaml_pipelined", "one_function"]
 
 #: Default most workers: as many functions as funcpipe's largest default plan.
 DEFAULT_MAX_WORKERS = DEFAULT_MAX_STAGES * DEFAULT_MAX_REPLICAS
+#: The original FuncPipe code's micro-batch size.
+ORIGINAL_MICRO_BATCH = 4
 
 
 def lambdaml(
@@ -101,7 +109,47 @@ def lambdaml(
     return _best(fits, weight, deadline_s, budget_usd, "LambdaML", started)
 
 
-def accumulation(
+def lambdaml_pipelined(
+    profile: ModelProfile,
+    platform: Platform | str,
+    *,
+    global_batch_size: int,
+    objective: str | float = "time",
+    deadline_s: float | None = None,
+    budget_usd: float | None = None,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    memory_mb: int | Sequence[int] | None = None,
+) -> Plan:
+    """LambdaML's best configuration with funcpipe's pipelined scatter-reduce (:func:`lambdaml`)."""
+    return lambdaml(profile, platform, global_batch_size=global_batch_size, objective=objective,
+                    deadline_s=deadline_s, budget_usd=budget_usd, max_workers=max_workers, memory_mb=memory_mb,
+                    sync="pipelined")
+
+
+def funcpipe_original(
+    profile: ModelProfile,
+    platform: Platform | str,
+    *,
+    global_batch_size: int,
+    objective: str | float = "time",
+    deadline_s: float | None = None,
+    budget_usd: float | None = None,
+    memory_mb: int | Sequence[int] | None = None,
+    time_limit_s: float = 20.0,
+) -> Plan:
+    """The FuncPipe paper's system as its code ran: the best plan at micro-batches of 4, GPipe and
+    the four-phase all-reduce, by :func:`funcpipe.plan` (stage cuts, tiers and replicas planned).
+
+    Raises:
+        ConfigError: an argument is malformed, or the batch is not divisible into micro-batches of 4.
+        PlanInfeasible: no such plan fits, or none meets the deadline or budget.
+    """
+    return planner.plan(profile, platform, global_batch_size=global_batch_size, objective=objective,
+                deadline_s=deadline_s, budget_usd=budget_usd, memory_mb=memory_mb, time_limit_s=time_limit_s,
+                micro_batch_size=ORIGINAL_MICRO_BATCH, schedule="gpipe", sync="four_phase", progress=False)
+
+
+def one_function(
     profile: ModelProfile,
     platform: Platform | str,
     *,
@@ -139,7 +187,7 @@ def accumulation(
             f"micro-batches of {plan.micro_batch_size}, more than the largest allowed tier ({max(tiers)} MB); "
             "hint: this is the case pipelining is for (funcpipe.plan)"
         )
-    return _best(fits, weight, deadline_s, budget_usd, "one-function accumulation", started)
+    return _best(fits, weight, deadline_s, budget_usd, "one-function", started)
 
 
 def _common(profile: object, platform: Platform | str, global_batch_size: object, objective: str | float,
@@ -200,3 +248,12 @@ def _best(fits: list[Simulation], weight: float, deadline_s: float | None, budge
         best.plan, predicted_iteration_s=best.iteration_s, predicted_cost_usd=best.cost_usd,
         predicted_stages=best.stages, solver_status="optimal", solver_gap=0.0, solve_s=time.perf_counter() - started,
     )
+
+
+#: Every baseline by the name ``benchmarks/paper.py`` reports it under.
+BASELINES: dict[str, Callable[..., Plan]] = {
+    "lambdaml": lambdaml,
+    "lambdaml_pipelined": lambdaml_pipelined,
+    "one_function": one_function,
+    "funcpipe_original": funcpipe_original,
+}

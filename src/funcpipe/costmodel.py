@@ -131,6 +131,11 @@ class StageCost:
         memory_bytes: what one replica needs: runtime, weights, gradients,
             optimizer state, activations held for backward, buffered messages and
             all-reduce buffers.
+        tied: ``(other stage, bytes)`` for parameters the stage shares with another
+            stage (:attr:`funcpipe.ModelProfile.tied`, e.g. BERT's decoder and
+            embedding in the last and first stage): each holds a copy, and after its
+            own all-reduce its replica 0 uploads the copy's gradient, which every
+            replica of the other stage downloads and adds before the update.
     """
 
     stage: int
@@ -146,6 +151,7 @@ class StageCost:
     target_bytes: float
     param_bytes: int
     memory_bytes: int
+    tied: tuple[tuple[int, int], ...] = ()
 
     def up_s(self, nbytes: float, latency_s: float) -> float:
         """Seconds one upload of ``nbytes`` takes from this stage."""
@@ -184,7 +190,7 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
         input_bytes = before * b
         output_bytes = 0.0 if s == last else profiles[-1].output_bytes_per_sample * b
         target_bytes = profile.target_bytes_per_sample * b if s == last else 0.0
-        params = sum(p.param_bytes for p in profiles)
+        params = sum(p.param_bytes for p in profiles) - _tied_within(profile, layers)[0]
         needed = stage_memory_bytes(profile, platform, plan, s)
         if plan.memory_mb is not None:
             tier = platform.tier(plan.memory_mb[s])
@@ -207,7 +213,7 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
                                 "cut it into more stages, or use more replicas or smaller micro-batches")
                 )
             tier = fitting[0]
-        speed = tier.speed
+        speed = tier.speed_at(b)
         stages.append(
             StageCost(
                 stage=s,
@@ -223,9 +229,33 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
                 target_bytes=target_bytes,
                 param_bytes=params,
                 memory_bytes=needed,
+                tied=_tied_across(profile, plan, s),
             )
         )
     return tuple(stages)
+
+
+def _tied_within(profile: ModelProfile, layers: range) -> tuple[int, float]:
+    """Parameter and optimizer-state bytes counted twice among ``layers`` (both ends of a tie inside)."""
+    params, state = 0, 0.0
+    for i, j, n in profile.tied:
+        if i in layers and j in layers:
+            params += n
+            later = profile.layers[j]
+            state += later.optimizer_bytes * n / later.param_bytes if later.param_bytes else 0.0
+    return params, state
+
+
+def _tied_across(profile: ModelProfile, plan: Plan, stage: int) -> tuple[tuple[int, int], ...]:
+    """``(other stage, bytes)`` of the ties between ``stage`` and another stage of ``plan``."""
+    owner = [s for s in range(plan.num_stages) for _ in plan.layer_range(s)]
+    out: dict[int, int] = {}
+    for i, j, n in profile.tied:
+        a, b = owner[i], owner[j]
+        if a != b and stage in (a, b):
+            other = b if stage == a else a
+            out[other] = out.get(other, 0) + n
+    return tuple(sorted(out.items()))
 
 
 def _fit_hint(profile: ModelProfile, platform: Platform, plan: Plan, stage: int, capacity: float, usual: str) -> str:
@@ -291,10 +321,11 @@ def stage_memory_bytes(profile: ModelProfile, platform: Platform, plan: Plan, st
     target = profile.target_bytes_per_sample if last else 0.0
     d = plan.replicas[stage]
     n = -(-plan.num_micro_batches // d)
+    twice, twice_state = _tied_within(profile, layers)
     return memory_bytes(
         platform,
-        param_bytes=sum(p.param_bytes for p in profiles),
-        optimizer_bytes=sum(p.optimizer_bytes for p in profiles),
+        param_bytes=sum(p.param_bytes for p in profiles) - twice,
+        optimizer_bytes=sum(p.optimizer_bytes for p in profiles) - twice_state,
         held_bytes=sum(p.held_bytes_per_sample for p in profiles) * b,
         input_bytes=before * b,
         output_bytes=output * b,
@@ -654,6 +685,10 @@ def requests_per_iteration(stages: Sequence[StageCost], plan: Plan) -> tuple[int
             q = 1 if plan.stage_sync(st.stage) == "four_phase" else piece_count(st.param_bytes, d)
             writes += d * d * q
             reads += d * 2 * (d - 1) * q
+    for st in stages:  # a tie across stages: replica 0 writes the gradient, the other stage's replicas read it
+        for other, _ in st.tied:
+            writes += 1
+            reads += stages[other].replicas
     writes += stages[-1].replicas
     reads += stages[-1].replicas
     return writes, reads

@@ -180,6 +180,11 @@ class ModelProfile:
         target_bytes_per_sample: bytes of one sample's target (for the last stage).
         micro_batch_sizes: the sizes the times were measured at.
         machine: where it was measured: ``{"cpu": ..., "torch": ..., "threads": 1, ...}``.
+        tied: ``(i, j, nbytes)`` for each pair of layers ``i < j`` that share trainable
+            parameters of ``nbytes`` bytes (a tied decoder and embedding,
+            :func:`tied_parameters`); both layers' ``param_bytes`` count them. A stage
+            holding both holds them once; stages holding one each hold a copy each and
+            add their gradients every iteration (:mod:`funcpipe.costmodel`).
     """
 
     layers: tuple[LayerProfile, ...]
@@ -187,10 +192,20 @@ class ModelProfile:
     target_bytes_per_sample: float
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
     machine: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    tied: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ConfigError("a model profile needs at least one layer; the model was empty")
+        ties = tuple((int(i), int(j), int(n)) for i, j, n in self.tied)
+        for i, j, n in ties:
+            if not 0 <= i < j < len(self.layers) or n <= 0 or n > min(self.layers[i].param_bytes,
+                                                                      self.layers[j].param_bytes):
+                raise ConfigError(
+                    f"tied parameters ({i}, {j}, {n}) do not fit the profile's {len(self.layers)} layers; hint: "
+                    "(first layer, later layer, bytes shared), bytes at most either layer's param_bytes"
+                )
+        object.__setattr__(self, "tied", ties)
 
     @property
     def num_layers(self) -> int:
@@ -198,7 +213,8 @@ class ModelProfile:
 
     @property
     def param_bytes(self) -> int:
-        return sum(layer.param_bytes for layer in self.layers)
+        """Bytes of the model's distinct trainable parameters (a tied one once)."""
+        return sum(layer.param_bytes for layer in self.layers) - sum(n for _, _, n in self.tied)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, **dataclasses.asdict(self)}
@@ -224,6 +240,7 @@ class ModelProfile:
                 target_bytes_per_sample=float(data["target_bytes_per_sample"]),
                 micro_batch_sizes=tuple(int(b) for b in data["micro_batch_sizes"]),
                 machine=dict(data.get("machine", {})),
+                tied=tuple(tuple(t) for t in data.get("tied", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"model profile is malformed ({type(exc).__name__}: {exc})") from None
@@ -334,7 +351,25 @@ def profile(
         target_bytes_per_sample=_bytes(targets) / targets.shape[0],
         micro_batch_sizes=sizes,
         machine=_machine(rounds, warmup),
+        tied=tied_parameters(model),
     )
+
+
+def tied_parameters(model: nn.Sequential) -> tuple[tuple[int, int, int], ...]:
+    """``(i, j, nbytes)`` for each pair of layers ``i < j`` of ``model`` sharing trainable parameters
+    (the same ``nn.Parameter`` object in both), ``nbytes`` the bytes they share."""
+    holders: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}
+    for i in range(len(model)):
+        for p in protocol.trainable(model[i].parameters()):
+            if i not in holders.setdefault(id(p), []):
+                holders[id(p)].append(i)
+                sizes[id(p)] = p.numel() * p.element_size()
+    shared: dict[tuple[int, int], int] = {}
+    for key, layers in holders.items():
+        for a, b in itertools.combinations(layers, 2):
+            shared[(a, b)] = shared.get((a, b), 0) + sizes[key]
+    return tuple((a, b, n) for (a, b), n in sorted(shared.items()))
 
 
 # -- checks ------------------------------------------------------------------

@@ -371,6 +371,11 @@ class _Worker:
                 self._upload(("grad", s - 1, m), st.input_bytes, f"grad {m}")
             elif op == "sync" and st.param_bytes > 0:
                 self._sync_transfers()
+            elif op == "update":
+                for other, nbytes in st.tied:  # the tie's gradient, exchanged with the other stage
+                    if self.replica == 0:
+                        self._upload(("tie", s, other), nbytes, "tie")
+                    self._download(("tie", other, s), nbytes, "tie")
         if self.last:
             self._upload(("report", s, self.replica), REPORT_BYTES, "report")
         self.engine.start(self._compute())
@@ -468,6 +473,11 @@ class _Worker:
                 yield from self._sync()
                 self._span("compute", start, "sync")
             elif op == "update":
+                for other, _ in st.tied:
+                    if self.replica == 0:
+                        engine.fire(self.posted[("tie", s, other)])
+                    engine.fire(self.download_items[("tie", other, s)].posted)
+                    yield self.received[("tie", other, s)]
                 start = engine.now
                 yield st.update_s
                 self._span("compute", start, "update")

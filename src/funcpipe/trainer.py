@@ -32,6 +32,7 @@ from funcpipe.errors import BackendError, ConfigError, StorageError, WorkerFaile
 from funcpipe.executors import Executor, get_executor
 from funcpipe.manifest import check_job_name
 from funcpipe.plans import Plan
+from funcpipe.profiler import tied_parameters
 from funcpipe.protocol import JobKeys
 from funcpipe.restore import JobState
 from funcpipe.run import Fit, Run, Setup
@@ -424,6 +425,15 @@ def _check_model(
     for name, fn in (("loss_fn", loss_fn), ("optimizer", optimizer)):
         if not callable(fn):
             raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
+    owner = [s for s in range(plan.num_stages) for _ in plan.layer_range(s)]
+    for i, j, nbytes in tied_parameters(model):
+        if owner[i] != owner[j]:
+            raise ConfigError(
+                f"layers {i} and {j} share trainable parameters ({nbytes} bytes, e.g. a decoder tied to an "
+                f"embedding) but the plan puts them in stages {owner[i]} and {owner[j]} (balance "
+                f"{list(plan.balance)}), and the stages would train two copies apart; hint: put both layers in "
+                "one stage, or untie them (give the later layer its own copy of the weights)"
+            )
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) > 1:
         raise ConfigError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")

@@ -172,8 +172,22 @@ def test_get_tiers_from_mappings_take_missing_fields_from_the_base() -> None:
     lam = get("aws_lambda")
     picked = get("aws_lambda", tiers=[{"memory_mb": 2048, "speed": 1.0}, {"memory_mb": 8192}])
     assert [t.memory_mb for t in picked.tiers] == [2048, 8192]
-    assert picked.tier(2048) == dataclasses.replace(lam.tier(2048), speed=1.0)
+    # A speed the user gives holds at every micro-batch size; a tier taken whole keeps the estimate's curve.
+    assert picked.tier(2048) == dataclasses.replace(lam.tier(2048), speed=1.0, speed_half_batch=0.0)
     assert picked.tier(8192) == lam.tier(8192)
+
+
+def test_speed_at_grows_with_the_micro_batch_toward_speed() -> None:
+    tier = Tier(8192, 4.6, 2.8, 70.0, 70.0, speed_half_batch=4.0)
+    speeds = [tier.speed_at(b) for b in (1, 2, 4, 16, 64, 10**6)]
+    assert speeds == sorted(speeds)
+    assert speeds[2] == pytest.approx(1 + 1.8 / 2)  # at b = h, half of what the further vCPUs add
+    assert speeds[-1] == pytest.approx(2.8, rel=1e-5)
+    assert tier.at_batch(4) == Tier(8192, 4.6, 1.9, 70.0, 70.0)
+    assert Tier(1024, 0.58, 0.58, 70.0, 70.0, speed_half_batch=4.0).speed_at(1) == 0.58  # no parallelism to lose
+    assert Tier(8192, 4.6, 2.8, 70.0, 70.0).speed_at(1) == 2.8  # 0: the same speed at every size
+    with pytest.raises(ConfigError, match="speed_half_batch"):
+        Tier(8192, 4.6, 2.8, 70.0, 70.0, speed_half_batch=-1.0)
 
 
 def test_get_unknown_override_names_it() -> None:
@@ -317,7 +331,9 @@ def test_json_file_with_base_and_overrides(tmp_path: Path) -> None:
     assert spec.latency_s == 0.02
     assert [t.memory_mb for t in spec.tiers] == [2048, 4096]
     assert spec.tier(2048) == Tier(2048, lam.tier(2048).vcpus, 1.5, 120.0, 70.0)
-    assert spec.tier(4096) == Tier(4096, lam.tier(4096).vcpus, lam.tier(4096).speed, 120.0, 70.0)
+    assert spec.tier(4096) == Tier(4096, lam.tier(4096).vcpus, lam.tier(4096).speed, 120.0, 70.0,
+                                   lam.tier(4096).speed_half_batch)
+    assert lam.tier(4096).speed_half_batch > 0  # the estimate's, kept where the spec gives no speed
     assert spec.price_per_gb_s == lam.price_per_gb_s
 
 

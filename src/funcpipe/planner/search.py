@@ -146,7 +146,9 @@ class Space:
         m = self.global_batch_size // micro_batch_size
         replicas = min(self.max_replicas or DEFAULT_MAX_REPLICAS, m)
         chosen = syncs or self.syncs
-        return Problem(self.profile, self.platform, tiers or self.tiers, micro_batch_size, m, self.max_stages,
+        # Each tier at this micro-batch size's speed (Tier.speed_at), as costmodel.stage_costs prices it.
+        at_b = tuple(t.at_batch(micro_batch_size) for t in tiers or self.tiers)
+        return Problem(self.profile, self.platform, at_b, micro_batch_size, m, self.max_stages,
                        replicas, chosen if len(chosen) > 1 else chosen[0], schedule)
 
     def one_stage_replicas(self, micro_batch_size: int) -> int:
@@ -224,7 +226,8 @@ def undominated(tiers: Sequence[Tier]) -> tuple[Tier, ...]:
     """The tiers no other tier beats or matches on memory, speed and both bandwidths."""
 
     def covers(a: Tier, b: Tier) -> bool:
-        return (a.memory_mb >= b.memory_mb and a.speed >= b.speed and a.uplink_mb_s >= b.uplink_mb_s
+        return (a.memory_mb >= b.memory_mb and a.speed >= b.speed and a.speed_half_batch <= b.speed_half_batch
+                and a.uplink_mb_s >= b.uplink_mb_s
                 and a.downlink_mb_s >= b.downlink_mb_s)
 
     return tuple(t for t in tiers if not any(o is not t and covers(o, t) for o in tiers))
@@ -401,14 +404,14 @@ class Search:
         return best
 
     def baselines(self, goal: Goal) -> dict[str, Simulation]:
-        """The best plan, by the simulator, of each baseline's own space: ``accumulation`` (one
+        """The best plan, by the simulator, of each baseline's own space: ``one_function`` (one
         function, 1F1B, any micro-batch size and tier) and ``lambdaml`` / ``lambdaml_pipelined``
         (``d`` functions of one micro-batch each, four-phase / pipelined all-reduce)."""
-        families: dict[str, list[_Single]] = {"accumulation": [], "lambdaml": [], "lambdaml_pipelined": []}
+        families: dict[str, list[_Single]] = {"one_function": [], "lambdaml": [], "lambdaml_pipelined": []}
         for single in self.one_stage():
             plan = single.plan
             if plan.replicas == (1,) and plan.schedule == "1f1b":
-                families["accumulation"].append(single)
+                families["one_function"].append(single)
             if plan.replicas[0] == plan.num_micro_batches:  # one micro-batch per worker
                 if plan.replicas == (1,):
                     names = ["lambdaml", "lambdaml_pipelined"]  # no all-reduce

@@ -21,6 +21,8 @@ _BUILTINS: dict[str, Platform] = {p.name: p for p in (aws_lambda.PLATFORM, aliba
 _SPEC_SUFFIXES = (".json", ".yaml", ".yml")
 _PLATFORM_FIELDS = tuple(f.name for f in dataclasses.fields(Platform))
 _TIER_FIELDS = tuple(f.name for f in dataclasses.fields(Tier))
+#: The tier fields without a default: a spec's tier must give them or take them from its base.
+_TIER_REQUIRED = tuple(f.name for f in dataclasses.fields(Tier) if f.default is dataclasses.MISSING)
 #: Platform-level keys that set the bandwidth of every tier.
 _LINK_KEYS = ("uplink_mb_s", "downlink_mb_s")
 _OVERRIDE_KEYS = (*_PLATFORM_FIELDS, *_LINK_KEYS)
@@ -178,7 +180,9 @@ def _tiers(raw: Any, base: Platform | None, link: Mapping[str, Any], where: str)
                 "hint: give the bandwidth either per tier or for the platform, not both"
             )
         fields = {**item, **link}
-        missing = [f for f in _TIER_FIELDS if f not in fields]
+        if "speed" in item and "speed_half_batch" not in item:
+            fields["speed_half_batch"] = 0.0  # a speed the user gives is theirs at every micro-batch size
+        missing = [f for f in _TIER_REQUIRED if f not in fields]
         if missing:
             known = next((t for t in base.tiers if t.memory_mb == memory), None) if base is not None else None
             if known is None:

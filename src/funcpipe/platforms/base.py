@@ -34,25 +34,36 @@ TORCH_RUNTIME_OVERHEAD_MB = 310
 #: with the OSS SDK, ``benchmarks/coldstart.py``): 315.8 MB resident after init, rounded up.
 FC_RUNTIME_OVERHEAD_MB = 320
 
-#: Share of each vCPU beyond the first that a stage's layers actually use.
-#: A weak estimate: torch's intra-op parallelism gains little on the small
-#: micro-batches of a pipeline. Users should replace the tiers' ``speed`` with
-#: their own measurement (``get(name, tiers=[...])`` or a spec file).
+#: Share of each vCPU beyond the first that a stage's layers use at large micro-batches
+#: (:meth:`Tier.speed_at` scales it down for small ones). On this 2-core machine a second
+#: torch thread gave ``e(b) = e_max * b / (b + h)`` with the ``e_max`` and ``h`` of
+#: ``benchmarks/results/threads.md`` (forward + backward of the benchmark models' blocks,
+#: 1 vs 2 threads at each micro-batch size 1 ... 64). Whether the third to sixth vCPU of a
+#: large function add as much is not measurable here: a documented platform parameter,
+#: which users should replace with a measurement on the platform itself (a tier's
+#: ``speed`` and ``speed_half_batch``, by ``get(name, tiers=[...])`` or a spec file).
 PARALLEL_EFFICIENCY = 0.5
+
+#: The micro-batch size at which the multi-vCPU part of a tier's speed-up is half of
+#: what it is at large micro-batches (``h`` above): intra-op parallelism has little to
+#: split in a micro-batch of one sample.
+PARALLEL_HALF_BATCH = 4.0
 
 
 def estimated_speed(vcpus: float, parallel_efficiency: float = PARALLEL_EFFICIENCY) -> float:
-    """Speed relative to one profiled thread: the first vCPU fully, each further one at ``parallel_efficiency``."""
+    """Speed at large micro-batches relative to one profiled thread: the first vCPU fully, each
+    further one at ``parallel_efficiency``."""
     return min(vcpus, 1.0) + parallel_efficiency * max(0.0, vcpus - 1.0)
 
 
 def estimated_tiers(
     memory_mb: Sequence[int], vcpus: Callable[[int], float], bandwidth_mb_s: float
 ) -> tuple[Tier, ...]:
-    """Tiers of the given sizes, each with ``vcpus(size)``, :func:`estimated_speed` and one bandwidth both ways."""
+    """Tiers of the given sizes, each with ``vcpus(size)``, :func:`estimated_speed` (and
+    :data:`PARALLEL_HALF_BATCH`) and one bandwidth both ways."""
     return tuple(
         Tier(memory_mb=mb, vcpus=vcpus(mb), speed=estimated_speed(vcpus(mb)),
-             uplink_mb_s=bandwidth_mb_s, downlink_mb_s=bandwidth_mb_s)
+             uplink_mb_s=bandwidth_mb_s, downlink_mb_s=bandwidth_mb_s, speed_half_batch=PARALLEL_HALF_BATCH)
         for mb in memory_mb
     )
 
@@ -63,6 +74,8 @@ _TIER_HINTS = {
     "speed": "compute speed relative to one profiled thread, e.g. 1.0",
     "uplink_mb_s": "upload bandwidth in 10**6 bytes/s, e.g. 70",
     "downlink_mb_s": "download bandwidth in 10**6 bytes/s, e.g. 70",
+    "speed_half_batch": "the micro-batch size at which the speed-up beyond one vCPU is half its full value, "
+                        "e.g. 4 (0: speed does not depend on the micro-batch size)",
 }
 
 _PLATFORM_HINTS = {
@@ -122,11 +135,14 @@ class Tier:
         memory_mb: memory of the function, MB as the platform bills it (2**20 bytes).
         vcpus: CPU share the platform gives a function of this size.
         speed: compute speed relative to one thread of the profiling machine
-            (2.0 = layers run in half the profiled time).
+            (2.0 = layers run in half the profiled time), at large micro-batches.
         uplink_mb_s: upload bandwidth to storage, 10**6 bytes per second.
         downlink_mb_s: download bandwidth from storage, 10**6 bytes per second.
+        speed_half_batch: the micro-batch size at which the part of ``speed`` beyond
+            one (what the further vCPUs add) is half what it is at large micro-batches
+            (:meth:`speed_at`); 0 (the default): ``speed`` at every micro-batch size.
 
-    Every figure must be positive and finite (``ConfigError`` otherwise).
+    Every figure must be positive and finite, ``speed_half_batch`` >= 0 (``ConfigError`` otherwise).
     """
 
     memory_mb: int
@@ -134,6 +150,7 @@ class Tier:
     speed: float
     uplink_mb_s: float
     downlink_mb_s: float
+    speed_half_batch: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"tier {self.memory_mb!r} MB"
@@ -141,6 +158,20 @@ class Tier:
         for field in ("vcpus", "speed", "uplink_mb_s", "downlink_mb_s"):
             value = _number(owner, field, getattr(self, field), _TIER_HINTS, positive=True)
             object.__setattr__(self, field, value)
+        object.__setattr__(self, "speed_half_batch",
+                           _number(owner, "speed_half_batch", self.speed_half_batch, _TIER_HINTS, positive=False))
+
+    def speed_at(self, micro_batch_size: int) -> float:
+        """Speed at ``micro_batch_size``: ``1 + (speed - 1) * b / (b + speed_half_batch)`` above one,
+        ``speed`` itself at or below one (a function of one vCPU or less has no parallelism to lose)."""
+        if self.speed <= 1.0 or self.speed_half_batch == 0:
+            return self.speed
+        b = micro_batch_size
+        return 1.0 + (self.speed - 1.0) * b / (b + self.speed_half_batch)
+
+    def at_batch(self, micro_batch_size: int) -> Tier:
+        """This tier with its speed at ``micro_batch_size`` fixed (``speed_half_batch`` 0)."""
+        return dataclasses.replace(self, speed=self.speed_at(micro_batch_size), speed_half_batch=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
