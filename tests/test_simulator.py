@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from funcpipe import Plan, PlanInfeasible, Simulation, costmodel, simulate
+from funcpipe import ConfigError, Plan, PlanInfeasible, Simulation, costmodel, simulate
 from funcpipe.platforms import Platform, Tier
 from funcpipe.profiler import LayerProfile, ModelProfile
 from funcpipe.schedule import worker_tasks
@@ -487,3 +487,18 @@ def test_random_plans_replay_every_task_list(overlap: bool) -> None:
                 replayed(sim, plan, st.stage, replica, synced=st.param_bytes > 0)
         assert max(s.end for s in sim.timeline.spans) == pytest.approx(sim.iteration_s)
     assert {"gpipe", "1f1b"} <= set(schedules)
+
+
+def test_resident_data_takes_no_input_or_target_transfer_and_no_request() -> None:
+    # One function, one micro-batch of 4: fed, the input (4 x 1e5 B at 1 MB/s + 0.1 s) and the
+    # target (4 x 1e4 B + 0.1 s) come down before the forward; resident, they are in memory.
+    profile = ModelProfile((layer(1.0, 2.0, update=0.5),), input_bytes_per_sample=1e5, target_bytes_per_sample=1e4)
+    plan = Plan.manual([1], micro_batch_size=4, global_batch_size=4, memory_mb=1024)
+    fed = simulate(plan, profile, HAND)
+    resident = simulate(plan, profile, HAND, data="resident")
+    assert fed.iteration_s - resident.iteration_s == pytest.approx((0.4 + 0.1) + (0.04 + 0.1))
+    assert not [s for s in resident.timeline.spans if s.lane == "download"]
+    stages = costmodel.stage_costs(profile, HAND, plan)
+    assert costmodel.requests_per_iteration(stages, plan, fed=False) == (1, 1)  # the report only
+    with pytest.raises(ConfigError, match="data must be one of"):
+        simulate(plan, profile, HAND, data="cached")

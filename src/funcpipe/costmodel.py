@@ -666,19 +666,21 @@ def _one_f_one_b_e(
     return max(steady, chain_0, chain_last)
 
 
-def requests_per_iteration(stages: Sequence[StageCost], plan: Plan) -> tuple[int, int]:
+def requests_per_iteration(stages: Sequence[StageCost], plan: Plan, *, fed: bool = True) -> tuple[int, int]:
     """Storage ``(writes, reads)`` of one iteration: messages, all-reduce pieces and reports.
 
     The driver writes each micro-batch's input and target; every boundary
     carries an activation and a gradient per micro-batch; each replica of a
     synced stage writes ``d q`` pieces and reads ``2 (d-1) q`` (four-phase:
     ``d`` and ``2 (d-1)``); each last-stage replica writes a report the driver reads.
-    Polls for objects not there yet are not counted.
+    Without ``fed`` the workers hold their data (``simulate(..., data="resident")``): no
+    inputs or targets. Polls for objects not there yet are not counted.
     """
     m = plan.num_micro_batches
     boundaries = len(stages) - 1
-    writes = 2 * m + 2 * m * boundaries
-    reads = 2 * m + 2 * m * boundaries
+    driver = 2 * m if fed else 0  # inputs and targets (none when every worker holds its data)
+    writes = driver + 2 * m * boundaries
+    reads = driver + 2 * m * boundaries
     for st in stages:
         d = st.replicas
         if d > 1 and st.param_bytes > 0:
@@ -695,7 +697,7 @@ def requests_per_iteration(stages: Sequence[StageCost], plan: Plan) -> tuple[int
 
 
 def cost_per_iteration(
-    iteration_s: float, stages: Sequence[StageCost], plan: Plan, platform: Platform
+    iteration_s: float, stages: Sequence[StageCost], plan: Plan, platform: Platform, *, fed: bool = True
 ) -> float:
     """Dollars one iteration costs: functions billed for the whole iteration, plus requests.
 
@@ -706,7 +708,7 @@ def cost_per_iteration(
     iteration.
     """
     compute = iteration_s * sum(st.replicas * platform.price_per_s(st.tier) for st in stages)
-    writes, reads = requests_per_iteration(stages, plan)
+    writes, reads = requests_per_iteration(stages, plan, fed=fed)
     per_invocation = max(1, math.floor(platform.lifetime_s / max(iteration_s, 1e-9)))
     invocations = sum(st.replicas for st in stages) * platform.price_per_invocation / per_invocation
     return compute + writes * platform.price_per_put + reads * platform.price_per_get + invocations

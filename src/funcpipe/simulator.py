@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from funcpipe import costmodel
 from funcpipe.costmodel import StageCost
+from funcpipe.errors import ConfigError
 from funcpipe.plans import Plan, StageReport
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MB_RATE
@@ -141,7 +142,15 @@ class Simulation:
         return simulation_report(self)._repr_html_()
 
 
-def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, overlap: bool = True) -> Simulation:
+#: How the workers get their samples: ``"fed"`` (the driver writes each micro-batch's inputs and
+#: targets; stage 0 and the last stage download them, as funcpipe's Trainer runs) or ``"resident"``
+#: (each worker read its data partition once, before training, as LambdaML's workers do: no
+#: per-iteration input or target transfers or requests).
+DATA_MODES = ("fed", "resident")
+
+
+def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, overlap: bool = True,
+             data: str = "fed") -> Simulation:
     """Replay one iteration of ``plan`` on ``platform`` with the profile's durations.
 
     Args:
@@ -152,18 +161,21 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
             compute (an ablation: funcpipe's workers always do): each download
             starts when the computation needs it, and the computation waits for
             each upload to finish. ``formula_s`` stays the overlapped formula.
+        data: ``"fed"`` or ``"resident"`` (:data:`DATA_MODES`). ``formula_s`` stays the fed formula.
 
     Raises:
         ConfigError: the plan and the profile disagree, or the platform is unknown.
         PlanInfeasible: a stage does not fit its function's memory.
     """
     spec = resolve(platform)
+    if data not in DATA_MODES:
+        raise ConfigError(f"data must be one of {list(DATA_MODES)}, got {data!r}; hint: 'fed' is how Trainer runs")
     stages = costmodel.stage_costs(profile, spec, plan)
     if plan.memory_mb is None:
         plan = dataclasses.replace(plan, memory_mb=tuple(st.tier.memory_mb for st in stages))
-    spans, ends = _replay(stages, spec, plan, overlap)
+    spans, ends = _replay(stages, spec, plan, overlap, resident=data == "resident")
     iteration_s = max(ends.values())
-    cost = costmodel.cost_per_iteration(iteration_s, stages, plan, spec)
+    cost = costmodel.cost_per_iteration(iteration_s, stages, plan, spec, fed=data == "fed")
     timeline = Timeline(tuple(spans), iteration_s)
     busy = {(st.stage, r): dict.fromkeys(("compute", "sync", "upload", "download"), 0.0)
             for st in stages for r in range(st.replicas)}
@@ -290,7 +302,7 @@ class _Item:
 
 
 def _replay(
-    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True
+    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True, *, resident: bool = False
 ) -> tuple[list[Span], dict[tuple[int, int], float]]:
     engine = _Engine()
     objects: dict[tuple[Any, ...], _Signal] = {}
@@ -312,7 +324,7 @@ def _replay(
 
     for st in stages:
         for r in range(st.replicas):
-            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count, overlap).start()
+            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count, overlap, resident).start()
     engine.run()
     missing = [(st.stage, r) for st in stages for r in range(st.replicas) if (st.stage, r) not in ends]
     if missing:  # pragma: no cover - a schedule bug, not a user error
@@ -336,9 +348,11 @@ class _Worker:
         latency_s: float,
         count: int,
         overlap: bool = True,
+        resident: bool = False,
     ) -> None:
         self.engine, self.obj, self.spans, self.ends = engine, obj, spans, ends
         self.overlap = overlap
+        self.resident = resident  # inputs and targets already in memory
         self.st, self.replica, self.plan, self.lat = st, replica, plan, latency_s
         self.s = st.stage
         self.first, self.last = st.stage == 0, st.stage == count - 1
@@ -363,6 +377,9 @@ class _Worker:
         for op, m in self.tasks:
             if op in _RECEIVES:
                 key = self._received_key(op, m)
+                if self.resident and key[0] in ("input", "target"):
+                    self.received[key] = self.obj(key)  # the driver's objects: there from the start
+                    continue
                 nbytes = {"recv": st.input_bytes, "recv_target": st.target_bytes, "recv_grad": st.output_bytes}[op]
                 self._download(key, nbytes, f"{key[0]} {m}")
             elif op == "send":
@@ -443,8 +460,9 @@ class _Worker:
                 # The download is posted here, where the schedule puts it (GPipe: all at the
                 # start; 1F1B: one step ahead of its use). Without overlap it waits until the
                 # computation needs it (_fetch_now).
-                if self.overlap:
-                    engine.fire(self.download_items[self._received_key(op, m)].posted)
+                item = self.download_items.get(self._received_key(op, m))
+                if self.overlap and item is not None:
+                    engine.fire(item.posted)
             elif op == "forward":
                 needed = [("input", m) if self.first else ("act", s, m)] + ([("target", m)] if self.last else [])
                 for key in needed:
@@ -497,8 +515,8 @@ class _Worker:
 
     def _fetch_now(self, key: tuple[Any, ...]) -> _Process:
         """Without overlap: start the download of ``key`` now (it was not prefetched)."""
-        item = self.download_items[key]
-        if not self.overlap and item.posted.time is None:
+        item = self.download_items.get(key)
+        if not self.overlap and item is not None and item.posted.time is None:
             self.engine.fire(item.posted)
         yield from ()
 
