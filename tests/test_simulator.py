@@ -489,16 +489,56 @@ def test_random_plans_replay_every_task_list(overlap: bool) -> None:
     assert {"gpipe", "1f1b"} <= set(schedules)
 
 
-def test_resident_data_takes_no_input_or_target_transfer_and_no_request() -> None:
-    # One function, one micro-batch of 4: fed, the input (4 x 1e5 B at 1 MB/s + 0.1 s) and the
-    # target (4 x 1e4 B + 0.1 s) come down before the forward; resident, they are in memory.
+def test_lambdamls_runtime_reads_its_data_once_and_polls_by_listing() -> None:
+    # One function, one micro-batch of 4: as funcpipe runs it, the input (4 x 1e5 B at 1 MB/s + 0.1 s)
+    # and the target (4 x 1e4 B + 0.1 s) come down before the forward; as LambdaML runs it, its
+    # partition is in memory.
     profile = ModelProfile((layer(1.0, 2.0, update=0.5),), input_bytes_per_sample=1e5, target_bytes_per_sample=1e4)
     plan = Plan.manual([1], micro_batch_size=4, global_batch_size=4, memory_mb=1024)
     fed = simulate(plan, profile, HAND)
-    resident = simulate(plan, profile, HAND, data="resident")
+    resident = simulate(plan, profile, HAND, runtime="lambdaml")
     assert fed.iteration_s - resident.iteration_s == pytest.approx((0.4 + 0.1) + (0.04 + 0.1))
     assert not [s for s in resident.timeline.spans if s.lane == "download"]
-    stages = costmodel.stage_costs(profile, HAND, plan)
-    assert costmodel.requests_per_iteration(stages, plan, fed=False) == (1, 1)  # the report only
-    with pytest.raises(ConfigError, match="data must be one of"):
-        simulate(plan, profile, HAND, data="cached")
+    assert resident.requests == dict.fromkeys(("put", "get", "miss", "list", "delete"), 0.0)
+    assert fed.requests["put"] == 2 + 1 and fed.requests["get"] == 2 + 1  # input, target; the report
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        simulate(plan, profile, HAND, runtime="cached")
+
+
+def test_polls_count_the_reads_before_an_object_exists_and_the_delay_after() -> None:
+    from funcpipe.simulator import polls
+
+    # reads at 0, 0.2 (after 0.1 s + 0.1 s), 0.5 (0.1 + 0.2), 1.0, 1.5 (0.1 + 0.4, the cap) ...
+    assert polls(1.0, 0.1, 0.1, 0.4) == (3, pytest.approx(0.0, abs=1e-12))
+    misses, delay = polls(1.2, 0.1, 0.1, 0.4)
+    assert misses == 4 and delay == pytest.approx(0.3)
+    assert polls(0.0, 0.1, 0.1, 0.4) == (0, 0.0)  # there already
+    misses, delay = polls(0.25, 0.1, 0.0, 0.0)  # back to back, one round trip each
+    assert misses == 3 and delay == pytest.approx(0.05)
+
+
+def test_lambdaml_lists_while_it_waits_and_deletes_what_it_read() -> None:
+    profile = ModelProfile((layer(1.0, 2.0, params=10**6),), input_bytes_per_sample=10.0, target_bytes_per_sample=1.0)
+    # Three workers, four micro-batches: replica 0 trains two, so its peers wait for its shares.
+    plan = Plan.manual([1], replicas=[3], micro_batch_size=1, global_batch_size=4, memory_mb=1024, sync="four_phase")
+    sim = simulate(plan, profile, HAND, runtime="lambdaml")
+    assert sim.requests["delete"] == 3 * 2 + 1
+    # Every replica LISTs once per share and merged chunk it reads (3 x 2 x 2), the two that wait
+    # about 3 s for replica 0's shares once per round trip (0.1 s) meanwhile; one for the batch delete.
+    assert sim.requests["list"] >= 3 * 2 * 2 + 1 + 2 * 25
+    assert sim.requests["miss"] == 0 and sim.requests["put"] == 3 * 3 and sim.requests["get"] == 3 * 2 * 2
+    priced = HAND.replace(price_per_list=1.0)
+    assert simulate(plan, profile, priced, runtime="lambdaml").cost_usd == pytest.approx(
+        sim.cost_usd + sim.requests["list"])
+
+
+def test_funcpipe_polls_with_the_storage_back_off_and_pays_for_the_misses() -> None:
+    profile = ModelProfile((layer(1.0, 2.0, out=1e4), layer(1.0, 1.0)), input_bytes_per_sample=1e4,
+                           target_bytes_per_sample=1.0)
+    plan = Plan.manual([1, 1], micro_batch_size=1, global_batch_size=2, memory_mb=1024)
+    instant = simulate(plan, profile, HAND)
+    polled = HAND.replace(poll_initial_s=0.05, poll_max_s=0.4, price_per_miss=1.0)
+    sim = simulate(plan, profile, polled)
+    assert sim.requests["miss"] > 2  # stage 1 waits for activations, stage 0 for gradients, stop reads
+    assert sim.iteration_s > instant.iteration_s  # found by the next read, not the moment it exists
+    assert sim.cost_usd >= instant.cost_usd + sim.requests["miss"] - 1e-9

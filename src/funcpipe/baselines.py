@@ -65,7 +65,7 @@ def lambdaml(
     max_workers: int = DEFAULT_MAX_WORKERS,
     memory_mb: int | Sequence[int] | None = None,
     sync: str = "four_phase",
-    data: str = "fed",
+    runtime: str = "funcpipe",
 ) -> Plan:
     """LambdaML's best configuration for ``profile`` on ``platform``.
 
@@ -77,9 +77,10 @@ def lambdaml(
 
     Args:
         sync: the all-reduce: LambdaML's ``"four_phase"``, or funcpipe's ``"pipelined"``.
-        data: ``"fed"`` (as :class:`funcpipe.Trainer` runs the plan: the driver writes every
-            micro-batch) or ``"resident"`` (as LambdaML runs: each worker read its data partition
-            once, so no input or target moves per iteration; :func:`funcpipe.simulate`).
+        runtime: how the plan is simulated (:func:`funcpipe.simulate`): ``"funcpipe"``, as
+            :class:`funcpipe.Trainer` runs it (the driver feeds every micro-batch), or
+            ``"lambdaml"``, as LambdaML's own workers do (each read its data partition once;
+            the four-phase all-reduce polls with LIST and deletes what it read).
 
     Returns:
         A one-stage :class:`~funcpipe.Plan` with that ``sync``, carrying
@@ -101,7 +102,7 @@ def lambdaml(
     workers = [d for d in range(1, min(max_workers, global_batch_size) + 1) if global_batch_size % d == 0]
     plans = [Plan((profile.num_layers,), (d,), global_batch_size // d, global_batch_size, None, sync)
              for d in workers]
-    fits, lightest = _fitting(profile, spec, plans, tiers, data)
+    fits, lightest = _fitting(profile, spec, plans, tiers, runtime)
     if not fits:
         need, plan = lightest
         raise PlanInfeasible(
@@ -123,12 +124,12 @@ def lambdaml_pipelined(
     budget_usd: float | None = None,
     max_workers: int = DEFAULT_MAX_WORKERS,
     memory_mb: int | Sequence[int] | None = None,
-    data: str = "fed",
+    runtime: str = "funcpipe",
 ) -> Plan:
     """LambdaML's best configuration with funcpipe's pipelined scatter-reduce (:func:`lambdaml`)."""
     return lambdaml(profile, platform, global_batch_size=global_batch_size, objective=objective,
                     deadline_s=deadline_s, budget_usd=budget_usd, max_workers=max_workers, memory_mb=memory_mb,
-                    sync="pipelined", data=data)
+                    sync="pipelined", runtime=runtime)
 
 
 def funcpipe_original(
@@ -163,14 +164,14 @@ def one_function(
     deadline_s: float | None = None,
     budget_usd: float | None = None,
     memory_mb: int | Sequence[int] | None = None,
-    data: str = "fed",
+    runtime: str = "funcpipe",
 ) -> Plan:
     """The best way to train the whole batch on **one function** by gradient accumulation.
 
     One stage, one replica, the 1F1B schedule (one micro-batch's activations alive at a
     time): tries every micro-batch size that divides ``global_batch_size`` on every
     allowed tier the model fits, and returns the best by the simulator under
-    ``objective`` (as in :func:`funcpipe.plan`); ``data`` as in :func:`lambdaml`.
+    ``objective`` (as in :func:`funcpipe.plan`); ``runtime`` as in :func:`lambdaml`.
 
     Returns:
         A one-stage, one-replica :class:`~funcpipe.Plan` carrying its predicted seconds
@@ -185,7 +186,7 @@ def one_function(
     spec, tiers, weight = _common(profile, platform, global_batch_size, objective, memory_mb)
     sizes = [b for b in range(1, global_batch_size + 1) if global_batch_size % b == 0]
     plans = [Plan((profile.num_layers,), (1,), b, global_batch_size, None, schedule="1f1b") for b in sizes]
-    fits, lightest = _fitting(profile, spec, plans, tiers, data)
+    fits, lightest = _fitting(profile, spec, plans, tiers, runtime)
     if not fits:
         need, plan = lightest
         raise PlanInfeasible(
@@ -214,7 +215,7 @@ def _common(profile: object, platform: Platform | str, global_batch_size: object
 
 
 def _fitting(profile: ModelProfile, spec: Platform, plans: list[Plan],
-             tiers: list[int], data: str) -> tuple[list[Simulation], tuple[int, Plan]]:
+             tiers: list[int], runtime: str) -> tuple[list[Simulation], tuple[int, Plan]]:
     """Every plan on every tier it fits, simulated; and the plan needing the least memory."""
     fits: list[Simulation] = []
     lightest: tuple[int, Plan] | None = None
@@ -224,7 +225,7 @@ def _fitting(profile: ModelProfile, spec: Platform, plans: list[Plan],
             lightest = (need, plan)
         for mb in tiers:
             if need <= mb * MIB:
-                fits.append(simulate(dataclasses.replace(plan, memory_mb=(mb,)), profile, spec, data=data))
+                fits.append(simulate(dataclasses.replace(plan, memory_mb=(mb,)), profile, spec, runtime=runtime))
     assert lightest is not None
     return fits, lightest
 

@@ -697,7 +697,8 @@ def requests_per_iteration(stages: Sequence[StageCost], plan: Plan, *, fed: bool
 
 
 def cost_per_iteration(
-    iteration_s: float, stages: Sequence[StageCost], plan: Plan, platform: Platform, *, fed: bool = True
+    iteration_s: float, stages: Sequence[StageCost], plan: Plan, platform: Platform, *, fed: bool = True,
+    requests: bool = True,
 ) -> float:
     """Dollars one iteration costs: functions billed for the whole iteration, plus requests.
 
@@ -705,10 +706,11 @@ def cost_per_iteration(
     the platform bills waiting), so compute is ``iteration_s * sum(price of
     each replica's tier)``. Invocations are spread over the iterations one
     invocation lives (the lifetime limit), storage requests are counted per
-    iteration.
+    iteration. ``requests=False`` leaves the requests out (the simulator counts them itself,
+    polls included: :attr:`funcpipe.Simulation.requests`).
     """
     compute = iteration_s * sum(st.replicas * platform.price_per_s(st.tier) for st in stages)
-    writes, reads = requests_per_iteration(stages, plan, fed=fed)
+    writes, reads = requests_per_iteration(stages, plan, fed=fed) if requests else (0, 0)
     per_invocation = max(1, math.floor(platform.lifetime_s / max(iteration_s, 1e-9)))
     invocations = sum(st.replicas for st in stages) * platform.price_per_invocation / per_invocation
     return compute + writes * platform.price_per_put + reads * platform.price_per_get + invocations

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import math
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,8 @@ class Simulation:
         formula_s: the planner's closed-form estimate of ``iteration_s``, for comparison.
         stages: per-stage report.
         timeline: every span, for :meth:`Timeline.plot`.
+        requests: storage requests of the iteration by kind (:data:`REQUEST_KINDS`): writes,
+            reads, reads of objects not there yet, LISTs and DELETEs; ``cost_usd`` prices them.
     """
 
     plan: Plan
@@ -125,6 +128,7 @@ class Simulation:
     formula_s: float
     stages: tuple[StageReport, ...]
     timeline: Timeline
+    requests: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         from funcpipe.report import simulation_report
@@ -142,15 +146,31 @@ class Simulation:
         return simulation_report(self)._repr_html_()
 
 
-#: How the workers get their samples: ``"fed"`` (the driver writes each micro-batch's inputs and
-#: targets; stage 0 and the last stage download them, as funcpipe's Trainer runs) or ``"resident"``
-#: (each worker read its data partition once, before training, as LambdaML's workers do: no
-#: per-iteration input or target transfers or requests).
-DATA_MODES = ("fed", "resident")
+#: How a plan's workers run, as :func:`simulate` replays them:
+#:
+#: * ``"funcpipe"`` — as :class:`funcpipe.Trainer` runs a plan: the driver writes each
+#:   micro-batch's inputs and targets, which stage 0 and the last stage download; a worker
+#:   reads an object that is not there yet again and again with the storage's back-off
+#:   (``Platform.poll_initial_s`` doubling up to ``poll_max_s``), reads the driver's stop
+#:   object once per iteration, and writes a heartbeat every :data:`HEARTBEAT_S` on a
+#:   serverless platform; the driver polls for the last stage's reports and deletes each
+#:   finished iteration's objects in batches of :data:`DELETE_BATCH`.
+#: * ``"lambdaml"`` — as LambdaML's workers run (its ``reduce_scatter_batch`` on S3): each
+#:   read its data partition once, before training (no input or target per iteration);
+#:   the four-phase all-reduce waits for a phase's objects by LISTing the bucket in a loop
+#:   without sleeping (one LIST per round trip), deletes each share it read, and a batch
+#:   delete (after a LIST) clears the merged chunks; no driver, reports or heartbeats.
+RUNTIMES = ("funcpipe", "lambdaml")
+#: funcpipe's serverless executors' default heartbeat (``Timing.heartbeat_s``).
+HEARTBEAT_S = 5.0
+#: Keys per batch delete (S3's DeleteObjects and OSS's DeleteMultipleObjects take 1,000).
+DELETE_BATCH = 1000
+#: The request kinds :attr:`Simulation.requests` counts.
+REQUEST_KINDS = ("put", "get", "miss", "list", "delete")
 
 
 def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, overlap: bool = True,
-             data: str = "fed") -> Simulation:
+             runtime: str = "funcpipe") -> Simulation:
     """Replay one iteration of ``plan`` on ``platform`` with the profile's durations.
 
     Args:
@@ -161,21 +181,28 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
             compute (an ablation: funcpipe's workers always do): each download
             starts when the computation needs it, and the computation waits for
             each upload to finish. ``formula_s`` stays the overlapped formula.
-        data: ``"fed"`` or ``"resident"`` (:data:`DATA_MODES`). ``formula_s`` stays the fed formula.
+        runtime: ``"funcpipe"`` or ``"lambdaml"`` (:data:`RUNTIMES`): how the workers get
+            their data, poll and clean up, which sets the requests counted
+            (:attr:`Simulation.requests`) and the delay between an object's arrival and the
+            poll that finds it. ``formula_s`` stays funcpipe's formula, without polls.
 
     Raises:
         ConfigError: the plan and the profile disagree, or the platform is unknown.
         PlanInfeasible: a stage does not fit its function's memory.
     """
     spec = resolve(platform)
-    if data not in DATA_MODES:
-        raise ConfigError(f"data must be one of {list(DATA_MODES)}, got {data!r}; hint: 'fed' is how Trainer runs")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}; hint: 'funcpipe' is how "
+                          "Trainer runs a plan, 'lambdaml' how LambdaML's workers run")
     stages = costmodel.stage_costs(profile, spec, plan)
     if plan.memory_mb is None:
         plan = dataclasses.replace(plan, memory_mb=tuple(st.tier.memory_mb for st in stages))
-    spans, ends = _replay(stages, spec, plan, overlap, resident=data == "resident")
+    counts = dict.fromkeys(REQUEST_KINDS, 0.0)
+    spans, ends = _replay(stages, spec, plan, overlap, runtime=runtime, counts=counts)
     iteration_s = max(ends.values())
-    cost = costmodel.cost_per_iteration(iteration_s, stages, plan, spec, fed=data == "fed")
+    _count_the_rest(counts, stages, spec, plan, iteration_s, runtime)
+    cost = (costmodel.cost_per_iteration(iteration_s, stages, plan, spec, requests=False)
+            + request_cost(counts, spec))
     timeline = Timeline(tuple(spans), iteration_s)
     busy = {(st.stage, r): dict.fromkeys(("compute", "sync", "upload", "download"), 0.0)
             for st in stages for r in range(st.replicas)}
@@ -209,7 +236,67 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
         formula_s=costmodel.formula_iteration_s(stages, spec, plan),
         stages=reports_t,
         timeline=timeline,
+        requests=counts,
     )
+
+
+def request_cost(counts: dict[str, float], platform: Platform) -> float:
+    """Dollars of an iteration's storage requests, by kind (:data:`REQUEST_KINDS`)."""
+    return (counts["put"] * platform.price_per_put + counts["get"] * platform.price_per_get
+            + counts["miss"] * platform.price_per_miss + counts["list"] * platform.price_per_list
+            + counts["delete"] * platform.price_per_delete)
+
+
+def polls(wait_s: float, latency_s: float, initial_s: float, max_s: float) -> tuple[int, float]:
+    """``(misses, delay)`` of a worker that starts reading an object ``wait_s`` before it exists.
+
+    It reads at ``t0 = 0``; each read takes ``latency_s`` and finds nothing while ``t_k < wait_s``;
+    then it sleeps ``initial_s``, doubling up to ``max_s``, and reads again. ``misses`` counts the
+    reads before the object exists, ``delay`` the time from its arrival to the read that finds it.
+    """
+    if wait_s <= 0:
+        return 0, 0.0
+    t, sleep, misses = 0.0, initial_s, 0
+    while t < wait_s:
+        step = latency_s + sleep
+        if step <= 0:  # reads without cost or pause: found the moment it exists
+            return misses, 0.0
+        if sleep >= max_s:  # a constant step from here: jump
+            k = math.ceil((wait_s - t) / step)
+            return misses + k, t + k * step - wait_s
+        t += step
+        misses += 1
+        sleep = min(2 * sleep, max_s) if sleep > 0 else min(initial_s, max_s)
+    return misses, t - wait_s
+
+
+def _count_the_rest(counts: dict[str, float], stages: Sequence[StageCost], platform: Platform, plan: Plan,
+                    iteration_s: float, runtime: str) -> None:
+    """Add the requests the replay does not see object by object: its messages and pieces' writes and
+    reads, the driver's and the runtime's own (stop reads, reports, heartbeats, deletes)."""
+    writes, reads = costmodel.requests_per_iteration(stages, plan, fed=runtime == "funcpipe")
+    workers = sum(st.replicas for st in stages)
+    last = stages[-1].replicas
+    if runtime == "lambdaml":
+        writes, reads = writes - last, reads - last  # no driver to report to
+        for st in stages:
+            d = st.replicas
+            if d > 1 and st.param_bytes > 0 and plan.stage_sync(st.stage) == "four_phase":
+                counts["delete"] += d * (d - 1) + 1  # each share read, then one batch of merged chunks
+                counts["list"] += 1  # the batch delete's listing
+    else:
+        counts["miss"] += workers  # each worker reads the stop object, mostly not there
+        # The driver waits about an iteration for each report, reading with the back-off.
+        if platform.poll_max_s > 0:
+            counts["miss"] += last * polls(iteration_s, platform.latency_s, platform.poll_initial_s,
+                                           platform.poll_max_s)[0]
+        counts["delete"] += math.ceil(writes / DELETE_BATCH)
+        if platform.storage != "file":  # a serverless platform: status heartbeats, read by the driver
+            beats = workers * iteration_s / HEARTBEAT_S
+            writes += beats
+            reads += beats
+    counts["put"] += writes
+    counts["get"] += reads
 
 
 # -- the event engine ----------------------------------------------------------
@@ -302,7 +389,8 @@ class _Item:
 
 
 def _replay(
-    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True, *, resident: bool = False
+    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True, *,
+    runtime: str = "funcpipe", counts: dict[str, float] | None = None,
 ) -> tuple[list[Span], dict[tuple[int, int], float]]:
     engine = _Engine()
     objects: dict[tuple[Any, ...], _Signal] = {}
@@ -324,7 +412,8 @@ def _replay(
 
     for st in stages:
         for r in range(st.replicas):
-            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count, overlap, resident).start()
+            _Worker(engine, obj, spans, ends, st, r, stages, plan, platform, count, overlap, runtime,
+                    dict.fromkeys(REQUEST_KINDS, 0.0) if counts is None else counts).start()
     engine.run()
     missing = [(st.stage, r) for st in stages for r in range(st.replicas) if (st.stage, r) not in ends]
     if missing:  # pragma: no cover - a schedule bug, not a user error
@@ -345,15 +434,18 @@ class _Worker:
         replica: int,
         stages: Sequence[StageCost],
         plan: Plan,
-        latency_s: float,
+        platform: Platform,
         count: int,
-        overlap: bool = True,
-        resident: bool = False,
+        overlap: bool,
+        runtime: str,
+        counts: dict[str, float],
     ) -> None:
         self.engine, self.obj, self.spans, self.ends = engine, obj, spans, ends
         self.overlap = overlap
-        self.resident = resident  # inputs and targets already in memory
-        self.st, self.replica, self.plan, self.lat = st, replica, plan, latency_s
+        self.resident = runtime == "lambdaml"  # inputs and targets already in memory
+        self.list_polls = runtime == "lambdaml"  # the four-phase waits LIST in a loop
+        self.platform, self.counts = platform, counts
+        self.st, self.replica, self.plan, self.lat = st, replica, plan, platform.latency_s
         self.s = st.stage
         self.first, self.last = st.stage == 0, st.stage == count - 1
         self.stages = stages
@@ -561,13 +653,32 @@ class _Worker:
             engine.fire(self.obj(item.key))
             engine.fire(item.done)
 
+    def _await(self, item: _Item) -> _Process:
+        """Wait for ``item``'s object as the runtime polls for it: count the reads that miss it, and
+        add the time from its arrival to the read that finds it."""
+        engine = self.engine
+        asked = engine.now
+        yield self.obj(item.key)
+        listing = self.list_polls and item.key[0] in ("chunk", "merged") and self.sync == "four_phase"
+        if listing:  # LambdaML: LIST after LIST, no sleep
+            misses, delay = polls(engine.now - asked, self.lat, 0.0, 0.0)
+            self.counts["list"] += misses + 1
+        elif self.platform.poll_max_s > 0:  # 0: a platform that does not model polling
+            misses, delay = polls(engine.now - asked, self.lat, self.platform.poll_initial_s,
+                                  self.platform.poll_max_s)
+            self.counts["miss"] += misses
+        else:
+            delay = 0.0
+        if delay > 0:
+            yield delay
+
     def _fetcher(self, queue: collections.deque[_Item]) -> _Process:
         """One of the all-reduce's download connections: takes the next fetch when free."""
         engine = self.engine
         yield self.fetch_posted
         while queue:
             item = queue.popleft()
-            yield self.obj(item.key)
+            yield from self._await(item)
             start = engine.now
             yield self.down.reserve(engine.now, item.nbytes) + self.lat - engine.now
             self._span("download", start, item.label)
@@ -577,7 +688,7 @@ class _Worker:
         engine = self.engine
         for item in items:
             yield item.posted
-            yield self.obj(item.key)
+            yield from self._await(item)
             start = engine.now
             yield self.down.reserve(engine.now, item.nbytes) + self.lat - engine.now
             self._span("download", start, item.label)

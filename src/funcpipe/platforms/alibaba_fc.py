@@ -36,6 +36,15 @@ LATENCY_S = 0.05
 # GET requests in mainland China, unconfirmed.)
 PRICE_PER_PUT = S3_PRICE_PER_PUT
 PRICE_PER_GET = S3_PRICE_PER_GET
+# Alibaba Cloud OSS "Request fees" (help/en/oss/api-operation-calling-fees, updated Nov 2025): PUT
+# requests include those that upload, copy or delete objects, and GetBucket (ListObjects); requests
+# answered 4xx or 5xx are not charged, so a poll that finds no object yet is free.
+PRICE_PER_LIST = PRICE_PER_PUT
+PRICE_PER_DELETE = PRICE_PER_PUT
+PRICE_PER_MISS = 0.0
+# funcpipe.storage.OSSStorage's back-off while an object is not there yet (poll_initial_s, poll_max_s).
+POLL_INITIAL_S = 0.01
+POLL_MAX_S = 0.2
 
 # FC 2.0 limit: 86,400 s (24 h) per invocation, probably still in force in 3.0.
 LIFETIME_S = 86_400.0
@@ -64,4 +73,9 @@ PLATFORM = Platform(
     runtime_overhead_mb=FC_RUNTIME_OVERHEAD_MB,
     async_payload_bytes=ASYNC_PAYLOAD_BYTES,
     storage="oss",
+    price_per_list=PRICE_PER_LIST,
+    price_per_delete=PRICE_PER_DELETE,
+    price_per_miss=PRICE_PER_MISS,
+    poll_initial_s=POLL_INITIAL_S,
+    poll_max_s=POLL_MAX_S,
 )

@@ -36,6 +36,15 @@ PRICE_PER_INVOCATION = 0.20 / 1e6
 # USD 0.0004 per 1,000 GET (and all other) requests.
 S3_PRICE_PER_PUT = 0.005 / 1000
 S3_PRICE_PER_GET = 0.0004 / 1000
+# The same page: LIST is priced as a PUT; DELETE and CANCEL requests are free.
+S3_PRICE_PER_LIST = S3_PRICE_PER_PUT
+S3_PRICE_PER_DELETE = 0.0
+# S3 user guide, "Billing for Amazon S3 error responses": bucket owners are billed for HTTP 4XX
+# responses (but a listed few), so a GET or HEAD that finds no object yet costs a GET.
+S3_PRICE_PER_MISS = S3_PRICE_PER_GET
+# funcpipe.storage.S3Storage's back-off while an object is not there yet (poll_initial_s, poll_max_s).
+S3_POLL_INITIAL_S = 0.01
+S3_POLL_MAX_S = 0.2
 
 # AWS Lambda quotas page: function timeout at most 900 s (15 minutes).
 LIFETIME_S = 900.0
@@ -67,4 +76,9 @@ PLATFORM = Platform(
     runtime_overhead_mb=TORCH_RUNTIME_OVERHEAD_MB,
     async_payload_bytes=ASYNC_PAYLOAD_BYTES,
     storage="s3",
+    price_per_list=S3_PRICE_PER_LIST,
+    price_per_delete=S3_PRICE_PER_DELETE,
+    price_per_miss=S3_PRICE_PER_MISS,
+    poll_initial_s=S3_POLL_INITIAL_S,
+    poll_max_s=S3_POLL_MAX_S,
 )

@@ -91,6 +91,11 @@ _PLATFORM_HINTS = {
     "runtime_overhead_mb": "MB the Python/torch runtime takes before any model, e.g. 360",
     "async_payload_bytes": "the largest asynchronous invocation payload in bytes, e.g. 1048576",
     "storage": "the object store's scheme: 's3', 'oss' or 'file'",
+    "price_per_list": "USD per storage LIST request, e.g. 5e-06 (0 is allowed)",
+    "price_per_delete": "USD per storage DELETE request (one batch of keys), e.g. 0",
+    "price_per_miss": "USD per read of an object not there yet (a 404), e.g. 4e-07 (0 is allowed)",
+    "poll_initial_s": "seconds a worker first sleeps between reads of an object not there yet, e.g. 0.01",
+    "poll_max_s": "the longest such sleep (it doubles up to this), e.g. 0.2",
 }
 
 
@@ -192,6 +197,15 @@ class Platform:
             before any model state.
         async_payload_bytes: largest asynchronous invocation payload.
         storage: the object store its workers use (``"s3"``, ``"oss"``, ``"file"``).
+        price_per_list: USD per LIST request (LambdaML polls with them).
+        price_per_delete: USD per DELETE request (a batch of up to 1,000 keys).
+        price_per_miss: USD per read of an object that is not there yet (a poll that
+            finds nothing: S3 bills 404s, OSS bills no failed request).
+        poll_initial_s, poll_max_s: a worker's back-off while an object is not there
+            yet: it reads, sleeps ``poll_initial_s``, reads, sleeps twice as long, ...
+            up to ``poll_max_s`` (the storage adapter's own; the simulator counts the
+            polls and the delay until the read that finds the object). Both 0 (the
+            default): polling is not modelled (an object is found the moment it exists).
 
     Construction validates every field (``ConfigError`` naming the field, the
     value and a hint); ``tiers`` given as a list becomes a tuple.
@@ -209,6 +223,11 @@ class Platform:
     runtime_overhead_mb: int
     async_payload_bytes: int
     storage: str
+    price_per_list: float = 0.0
+    price_per_delete: float = 0.0
+    price_per_miss: float = 0.0
+    poll_initial_s: float = 0.0
+    poll_max_s: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"platform {self.name!r}"
@@ -236,9 +255,12 @@ class Platform:
             )
         object.__setattr__(self, "tiers", tiers)
         for field in ("latency_s", "price_per_gb_s", "price_per_vcpu_s", "price_per_invocation",
-                      "price_per_put", "price_per_get"):
+                      "price_per_put", "price_per_get", "price_per_list", "price_per_delete", "price_per_miss",
+                      "poll_initial_s"):
             object.__setattr__(self, field, _number(owner, field, getattr(self, field), _PLATFORM_HINTS,
                                                     positive=False))
+        object.__setattr__(self, "poll_max_s", max(self.poll_initial_s, _number(
+            owner, "poll_max_s", self.poll_max_s, _PLATFORM_HINTS, positive=False)))
         object.__setattr__(self, "lifetime_s",
                            _number(owner, "lifetime_s", self.lifetime_s, _PLATFORM_HINTS, positive=True))
         object.__setattr__(self, "runtime_overhead_mb",

@@ -48,4 +48,9 @@ PLATFORM = Platform(
     runtime_overhead_mb=TORCH_RUNTIME_OVERHEAD_MB,
     async_payload_bytes=ASYNC_PAYLOAD_BYTES,
     storage="file",
+    price_per_list=PRICE_PER_PUT,
+    price_per_miss=PRICE_PER_GET,
+    # funcpipe.storage.FileStorage's back-off while an object is not there yet.
+    poll_initial_s=0.0002,
+    poll_max_s=0.002,
 )
