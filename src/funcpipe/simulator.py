@@ -293,8 +293,8 @@ def _count_the_rest(counts: dict[str, float], stages: Sequence[StageCost], platf
         counts["delete"] += math.ceil(writes / DELETE_BATCH)
         if platform.storage != "file":  # a serverless platform: status heartbeats, read by the driver
             beats = workers * iteration_s / HEARTBEAT_S
-            writes += beats
-            reads += beats
+            counts["put"] += beats
+            counts["get"] += beats
     counts["put"] += writes
     counts["get"] += reads
 
@@ -396,7 +396,6 @@ def _replay(
     objects: dict[tuple[Any, ...], _Signal] = {}
     spans: list[Span] = []
     ends: dict[tuple[int, int], float] = {}
-    lat = platform.latency_s
     count = len(stages)
     m_total = plan.num_micro_batches
 
