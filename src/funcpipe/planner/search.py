@@ -62,7 +62,7 @@ CP_SAT_MIN_S = 2.0
 #: Most simulations the cheapening step of a time-optimal plan runs (each small gain costs a replay).
 CHEAPEN_SIMULATIONS = 12
 #: Rounds of tightened deadlines or budgets when the plans the formula lets through break them.
-LIMIT_ROUNDS = 3
+LIMIT_ROUNDS = 6
 #: How many one-stage plans (besides each baseline's best and the best one) the simulator sees.
 ONE_STAGE_CANDIDATES = 3
 #: How far above the best plan's formula value another's may be and still be re-ranked by the
@@ -429,7 +429,7 @@ class Search:
     # -- the whole search -------------------------------------------------------------
 
     def run(self, goal: Goal, *, candidates: int, time_limit_s: float, give_up_at: float,
-            bar: Any = None) -> Result:
+            bar: Any = None, fallback: bool = False) -> Result:
         """The best plan for ``goal`` by the simulator among the candidates (see the module docstring).
 
         Raises:
@@ -469,12 +469,18 @@ class Search:
                      and (best_ok is None or goal.score(sim) < best_ok)]
             if not broke or time.perf_counter() > give_up_at:
                 break
-            ratio = min(sim.formula_s / sim.iteration_s for sim in broke)
+            # Tighten by how far the formula fell short on the best plan that broke the limit (each
+            # round tightens a little more, as the next best break); the plans known to break it no
+            # longer bound what the programs look for.
+            worst = min(broke, key=goal.score)
+            ratio = worst.formula_s / worst.iteration_s
             if ratio >= 1 - 1e-9:
                 break
             dp_goal = dataclasses.replace(
                 dp_goal, deadline_s=None if dp_goal.deadline_s is None else dp_goal.deadline_s * ratio,
                 budget_usd=None if dp_goal.budget_usd is None else dp_goal.budget_usd * ratio)
+            broken = {sim.plan for sim in broke}
+            entries[:] = [e for e in entries if e.plan not in broken]
             entries += [e for e in self._one_stage_entries(dp_goal, one) if e not in entries]
             self._pipeline_entries(goal, dp_goal, one, entries, [], candidates, time.perf_counter(),
                                    max(0.5, (give_up_at - time.perf_counter()) / 2), give_up_at, None)
@@ -487,6 +493,15 @@ class Search:
         if single is not None:
             simulated.append(single)
             ok.append(single)
+        if not ok and (goal.deadline_s is not None or goal.budget_usd is not None) and not fallback:
+            # The programs' plans broke the limit in the replay: the fastest plan (for a deadline) or the
+            # cheapest (for a budget) without it may still meet it; then make it cheaper or keep it.
+            give_up_at = max(give_up_at, time.perf_counter() + time_limit_s / 2)  # the rescue's own time
+            rescue = self._within_limit(goal, candidates, give_up_at)
+            if rescue is not None:
+                give_up_at = max(give_up_at, time.perf_counter() + time_limit_s / 4)  # and its cheapening
+                simulated.append(rescue)
+                ok.append(rescue)
         if not ok:
             if not simulated and not entries:
                 self.explain_infeasible(goal)
@@ -505,6 +520,8 @@ class Search:
         best = min(ok, key=goal.score)
         if goal.pure_time:
             best = self.cheapen(best, goal, give_up_at)
+        elif goal.time_weight == 0 and goal.deadline_s is not None:
+            best = self.cheapen(best, goal, give_up_at, within_s=goal.deadline_s)
         best_formula = min((e.value for e in entries), default=math.inf)
         bound = min(lower_bounds) if lower_bounds else 0.0
         gap = 0.0 if not math.isfinite(best_formula) or best_formula <= 0 else max(
@@ -697,11 +714,28 @@ class Search:
             return None
         return found.value, found.candidate.to_plan(problem)
 
-    def cheapen(self, best: Simulation, goal: Goal, give_up_at: float) -> Simulation:
-        """Smaller tiers and fewer replicas, stage by stage, wherever the simulator says it costs no time."""
+    def _within_limit(self, goal: Goal, candidates: int, give_up_at: float) -> Simulation | None:
+        """For a deadline: the fastest plan (within the budget, if any), if it meets the deadline; for a
+        budget alone: the cheapest plan, if it meets it. ``None`` if that plan does not, or none is found
+        before ``give_up_at``."""
+        remaining = give_up_at - time.perf_counter()
+        if remaining <= 0.5:
+            return None
+        other = (Goal.of(1.0, None, goal.budget_usd) if goal.deadline_s is not None else Goal.of(0.0, None, None))
+        try:
+            found = Search(self.space, self.cache).run(other, candidates=candidates, time_limit_s=remaining / 2,
+                                                        give_up_at=give_up_at, fallback=True).best
+        except (PlanInfeasible, PlanTimeout):
+            return None
+        return found if goal.acceptable(found.iteration_s, found.cost_usd) else None
+
+    def cheapen(self, best: Simulation, goal: Goal, give_up_at: float, *, within_s: float | None = None) -> Simulation:
+        """Smaller tiers and fewer replicas, stage by stage, wherever the simulator says it costs no time
+        (or, with ``within_s``, keeps the iteration within ``within_s`` seconds)."""
         improved = True
         tries = 0
-        while improved and time.perf_counter() < give_up_at and tries < CHEAPEN_SIMULATIONS:
+        most = CHEAPEN_SIMULATIONS if within_s is None else 4 * CHEAPEN_SIMULATIONS  # a deadline leaves room
+        while improved and time.perf_counter() < give_up_at and tries < most:
             improved = False
             plan = best.plan
             assert plan.memory_mb is not None
@@ -715,13 +749,14 @@ class Search:
                         memory_mb=tuple(memory if s == stage else m for s, m in enumerate(plan.memory_mb)),
                         replicas=tuple(replicas if s == stage else r for s, r in enumerate(plan.replicas)),
                     )
-                    if not self._may_beat(candidate, best) or tries >= CHEAPEN_SIMULATIONS:
+                    limit_s = best.iteration_s if within_s is None else within_s
+                    if not self._may_beat(candidate, best, limit_s) or tries >= most:
                         continue
                     tries += 1
                     sim = self.try_simulate(candidate)
                     if sim is None:
                         continue
-                    if (sim.iteration_s <= best.iteration_s and sim.cost_usd < best.cost_usd
+                    if (sim.iteration_s <= limit_s and sim.cost_usd < best.cost_usd
                             and goal.acceptable(sim.iteration_s, sim.cost_usd)):
                         best, improved = sim, True
                         break
@@ -729,16 +764,16 @@ class Search:
                     break
         return best
 
-    def _may_beat(self, plan: Plan, best: Simulation) -> bool:
-        """Whether ``plan`` may be as fast as ``best`` and cheaper: the formula is a lower bound on the
-        simulator's seconds (and so on its dollars), so only those it allows are simulated."""
+    def _may_beat(self, plan: Plan, best: Simulation, limit_s: float) -> bool:
+        """Whether ``plan`` may take at most ``limit_s`` and cost less than ``best``: the formula is a lower
+        bound on the simulator's seconds (and so on its dollars), so only those it allows are simulated."""
         space = self.space
         try:
             stages = costmodel.stage_costs(space.profile, space.platform, plan)
         except PlanInfeasible:
             return False
         seconds = costmodel.formula_iteration_s(stages, space.platform, plan)
-        if seconds > best.iteration_s:
+        if seconds > limit_s:
             return False
         return costmodel.cost_per_iteration(seconds, stages, plan, space.platform) < best.cost_usd
 
