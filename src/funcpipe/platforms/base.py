@@ -35,19 +35,22 @@ TORCH_RUNTIME_OVERHEAD_MB = 310
 FC_RUNTIME_OVERHEAD_MB = 320
 
 #: Share of each vCPU beyond the first that a stage's layers use at large micro-batches
-#: (:meth:`Tier.speed_at` scales it down for small ones). On this 2-core machine a second
-#: torch thread gave ``e(b) = e_max * b / (b + h)`` with the ``e_max`` and ``h`` of
-#: ``benchmarks/results/threads.md`` (forward + backward of the benchmark models' blocks,
-#: 1 vs 2 threads at each micro-batch size 1 ... 64). Whether the third to sixth vCPU of a
-#: large function add as much is not measurable here: a documented platform parameter,
-#: which users should replace with a measurement on the platform itself (a tier's
-#: ``speed`` and ``speed_half_batch``, by ``get(name, tiers=[...])`` or a spec file).
+#: (:meth:`Tier.speed_at` scales it down for small ones). Measured on this 2-core machine
+#: (``benchmarks/threads.py``, ``benchmarks/results/threads.md``: forward + backward of
+#: blocks of ResNet-101, AmoebaNet-D18 and BERT-Large, 1 vs 2 torch threads at micro-batch
+#: sizes 1 ... 64): a second thread gave 0.29-1.02 of a thread, fitted by
+#: ``e(b) = 0.68 b / (b + 0.3)``. The third to sixth vCPU of a large function (hyperthreads
+#: on Lambda) are not measurable here and are taken to add less: 0.5 is a documented
+#: platform parameter, ``benchmarks/paper.py`` reports the results' sensitivity to it
+#: (x0.5 and x1.5), and users should replace a tier's ``speed`` and ``speed_half_batch``
+#: with a measurement on the platform itself (``get(name, tiers=[...])`` or a spec file).
 PARALLEL_EFFICIENCY = 0.5
 
 #: The micro-batch size at which the multi-vCPU part of a tier's speed-up is half of
-#: what it is at large micro-batches (``h`` above): intra-op parallelism has little to
-#: split in a micro-batch of one sample.
-PARALLEL_HALF_BATCH = 4.0
+#: what it is at large micro-batches: the fit above (0.1-1.2 per model, 0.3 over all
+#: three): intra-op parallelism already splits one sample's convolutions and matrix
+#: products, so the speed-up hardly depends on the micro-batch size on this machine.
+PARALLEL_HALF_BATCH = 0.3
 
 
 def estimated_speed(vcpus: float, parallel_efficiency: float = PARALLEL_EFFICIENCY) -> float:
