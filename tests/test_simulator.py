@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from funcpipe import Plan, PlanInfeasible, Simulation, costmodel, simulate
+from funcpipe import ConfigError, Plan, PlanInfeasible, Simulation, costmodel, simulate
 from funcpipe.platforms import Platform, Tier
 from funcpipe.profiler import LayerProfile, ModelProfile
 from funcpipe.schedule import worker_tasks
@@ -96,6 +96,26 @@ def test_two_stages() -> None:
     assert sim.iteration_s == pytest.approx(8.1)
     assert [st.compute_s for st in sim.stages] == pytest.approx([6.0, 3.0])
     assert [st.idle_s for st in sim.stages] == pytest.approx([2.1, 5.1])
+
+
+def test_a_waiting_read_finds_its_object_at_the_next_poll() -> None:
+    # test_two_stages with polls: a miss costs the latency (0.1 s), then the sleep (0.06 s,
+    # doubling up to 0.4 s). Stage 1 starts waiting for act 0 at 0: polls at 0, .16, .38, .72,
+    # 1.22, 1.72; act 0 is up at 1.5, so its read is [1.72, 2.02]; target 0 is there [2.02, 2.22].
+    # act 1 (up at 2.5) is waited for from 2.22: polls at 2.22, 2.38, 2.6: [2.6, 2.9]; target 1 [2.9, 3.1].
+    profile = ModelProfile(
+        (layer(1.0, 2.0, out=2e5), layer(0.5, 1.0)), input_bytes_per_sample=1e5, target_bytes_per_sample=1e5
+    )
+    plan = Plan.manual([1, 1], micro_batch_size=1, global_batch_size=2, memory_mb=1024)
+    sim = simulate(plan, profile, HAND, poll_s=(0.06, 0.4))
+    assert spans(sim, 1, 0, "download") == [
+        ("act 0", 1.72, 2.02), ("target 0", 2.02, 2.22), ("act 1", 2.6, 2.9), ("target 1", 2.9, 3.1),
+    ]
+    # Stage 0's inputs are there when it starts: no poll misses them.
+    assert spans(sim, 0, 0, "download")[:2] == [("input 0", 0.0, 0.2), ("input 1", 0.2, 0.4)]
+    assert sim.iteration_s > simulate(plan, profile, HAND).iteration_s
+    with pytest.raises(ConfigError, match="poll_s"):
+        simulate(plan, profile, HAND, poll_s=(0.2, 0.1))
 
 
 def test_two_stages_without_overlap() -> None:

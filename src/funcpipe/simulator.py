@@ -19,6 +19,10 @@ use, so a download can wait for the compute thread to get there.
 A request of ``x`` bytes holds the function's uplink or downlink for
 ``x / bandwidth``, then pays the storage latency; a read starts only once the
 object exists (the storage model of :class:`funcpipe.storage.ThrottledStorage`).
+With ``poll_s=(initial, largest)`` a read that has to wait finds its object
+only at a poll, as :meth:`funcpipe.storage.Storage.wait` polls: the first when
+the read starts waiting, each next one a latency (the miss) plus a sleep later,
+the sleeps doubling from ``initial`` to ``largest``.
 The driver's inputs and targets are in storage when the iteration starts.
 Durations come from the profile and the platform through :mod:`funcpipe.costmodel`.
 """
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from funcpipe import costmodel
 from funcpipe.costmodel import StageCost
+from funcpipe.errors import ConfigError
 from funcpipe.plans import Plan, StageReport
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MB_RATE
@@ -141,7 +146,14 @@ class Simulation:
         return simulation_report(self)._repr_html_()
 
 
-def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, overlap: bool = True) -> Simulation:
+def simulate(
+    plan: Plan,
+    profile: ModelProfile,
+    platform: Platform | str,
+    *,
+    overlap: bool = True,
+    poll_s: tuple[float, float] | None = None,
+) -> Simulation:
     """Replay one iteration of ``plan`` on ``platform`` with the profile's durations.
 
     Args:
@@ -152,6 +164,9 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
             compute (an ablation: funcpipe's workers always do): each download
             starts when the computation needs it, and the computation waits for
             each upload to finish. ``formula_s`` stays the overlapped formula.
+        poll_s: ``(initial, largest)`` sleep between two polls of a read whose object is
+            not there yet (e.g. ``(0.01, 0.2)``, :class:`funcpipe.storage.s3.S3Storage`'s);
+            ``None``: a waiting read starts the moment its object is written.
 
     Raises:
         ConfigError: the plan and the profile disagree, or the platform is unknown.
@@ -161,7 +176,9 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
     stages = costmodel.stage_costs(profile, spec, plan)
     if plan.memory_mb is None:
         plan = dataclasses.replace(plan, memory_mb=tuple(st.tier.memory_mb for st in stages))
-    spans, ends = _replay(stages, spec, plan, overlap)
+    if poll_s is not None and not (0 < poll_s[0] <= poll_s[1]):
+        raise ConfigError(f"poll_s must be (initial, largest) with 0 < initial <= largest, got {poll_s!r}")
+    spans, ends = _replay(stages, spec, plan, overlap, poll_s)
     iteration_s = max(ends.values())
     cost = costmodel.cost_per_iteration(iteration_s, stages, plan, spec)
     timeline = Timeline(tuple(spans), iteration_s)
@@ -290,7 +307,8 @@ class _Item:
 
 
 def _replay(
-    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True
+    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True,
+    poll_s: tuple[float, float] | None = None,
 ) -> tuple[list[Span], dict[tuple[int, int], float]]:
     engine = _Engine()
     objects: dict[tuple[Any, ...], _Signal] = {}
@@ -312,7 +330,7 @@ def _replay(
 
     for st in stages:
         for r in range(st.replicas):
-            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count, overlap).start()
+            _Worker(engine, obj, spans, ends, st, r, stages, plan, lat, count, overlap, poll_s).start()
     engine.run()
     missing = [(st.stage, r) for st in stages for r in range(st.replicas) if (st.stage, r) not in ends]
     if missing:  # pragma: no cover - a schedule bug, not a user error
@@ -336,9 +354,11 @@ class _Worker:
         latency_s: float,
         count: int,
         overlap: bool = True,
+        poll_s: tuple[float, float] | None = None,
     ) -> None:
         self.engine, self.obj, self.spans, self.ends = engine, obj, spans, ends
         self.overlap = overlap
+        self.poll_s = poll_s
         self.st, self.replica, self.plan, self.lat = st, replica, plan, latency_s
         self.s = st.stage
         self.first, self.last = st.stage == 0, st.stage == count - 1
@@ -523,6 +543,20 @@ class _Worker:
                 engine.fire(item.posted)
                 yield item.done
 
+    def _await_object(self, key: tuple[Any, ...]) -> _Process:
+        """Wait until a read of ``key``, starting to wait now, finds the object (see ``poll_s``)."""
+        waiting_from = self.engine.now
+        written = self.obj(key)
+        yield written
+        if self.poll_s is None or written.time is None or written.time <= waiting_from:
+            return
+        initial, largest = self.poll_s
+        poll, sleep = waiting_from, initial
+        while poll < written.time:  # each poll before the write misses: a latency, then a sleep
+            poll += self.lat + sleep
+            sleep = min(2 * sleep, largest)
+        yield poll - self.engine.now
+
     def _uploader(self) -> _Process:
         engine = self.engine
         for item in self.uploads:
@@ -539,7 +573,7 @@ class _Worker:
         yield self.fetch_posted
         while queue:
             item = queue.popleft()
-            yield self.obj(item.key)
+            yield from self._await_object(item.key)
             start = engine.now
             yield self.down.reserve(engine.now, item.nbytes) + self.lat - engine.now
             self._span("download", start, item.label)
@@ -549,7 +583,7 @@ class _Worker:
         engine = self.engine
         for item in items:
             yield item.posted
-            yield self.obj(item.key)
+            yield from self._await_object(item.key)
             start = engine.now
             yield self.down.reserve(engine.now, item.nbytes) + self.lat - engine.now
             self._span("download", start, item.label)
