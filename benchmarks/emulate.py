@@ -31,6 +31,10 @@ the rest of the machine and stolen by the hypervisor is read from ``/proc``.
 Variants run interleaved, ``--repeats`` times, and every reported number is
 a median. Writes ``benchmarks/results/emulate.json`` and ``emulate.md`` and
 prints the tables. ``python benchmarks/emulate.py --help`` lists the options.
+
+``python benchmarks/emulate.py --sleep-compute`` is the other mode (:mod:`benchmarks.emulate_scale`,
+its options with ``--sleep-compute --help``): the paper models' plans at their own scale (20-60
+functions) on threads, every layer's compute a sleep of its profiled time.
 """
 
 from __future__ import annotations
@@ -764,6 +768,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--sleep-compute" in given:  # the paper plans' scale, compute replaced by sleeps: its own options
+        from benchmarks import emulate_scale
+
+        given.remove("--sleep-compute")
+        return emulate_scale.main(given)
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from funcpipe.plans import Plan
 
 __all__ = [
+    "ABORT_CHECK_S",
     "CANCEL_SUFFIX",
     "FETCH_CONNECTIONS",
     "MAX_PIECES",
@@ -101,6 +102,10 @@ SYNC_ALGORITHMS = ("pipelined", "four_phase")
 #: Target size of one piece of a chunk in the pipelined algorithm, and the most pieces per chunk.
 PIECE_BYTES = 4 * 2**20
 MAX_PIECES = 16
+
+#: How often a waiting worker reads the driver's abort and stop objects, seconds (the simulator
+#: counts those reads as requests).
+ABORT_CHECK_S = 1.0
 
 #: Parallel download connections of a worker's all-reduce (overlapping request latencies).
 FETCH_CONNECTIONS = 4

@@ -39,7 +39,7 @@ from funcpipe.plans import Plan, StageReport
 from funcpipe.platforms import Platform, resolve
 from funcpipe.platforms.base import MB_RATE
 from funcpipe.profiler import ModelProfile
-from funcpipe.protocol import FETCH_CONNECTIONS, REPORT_BYTES, piece_count, ring_peers
+from funcpipe.protocol import ABORT_CHECK_S, FETCH_CONNECTIONS, REPORT_BYTES, piece_count, ring_peers
 from funcpipe.schedule import worker_tasks
 
 if TYPE_CHECKING:
@@ -285,7 +285,10 @@ def _count_the_rest(counts: dict[str, float], stages: Sequence[StageCost], platf
                 counts["delete"] += d * (d - 1) + 1  # each share read, then one batch of merged chunks
                 counts["list"] += 1  # the batch delete's listing
     else:
-        counts["miss"] += workers  # each worker reads the stop object, mostly not there
+        # Each worker reads the stop object once an iteration, and while it waits the abort and stop
+        # objects every ABORT_CHECK_S (taken as waiting the whole iteration: an upper bound); mostly
+        # not there.
+        counts["miss"] += workers * (1 + 2 * iteration_s / ABORT_CHECK_S)
         # The driver waits about an iteration for each report, reading with the back-off.
         if platform.poll_max_s > 0:
             counts["miss"] += last * polls(iteration_s, platform.latency_s, platform.poll_initial_s,

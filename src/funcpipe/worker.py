@@ -50,8 +50,8 @@ ARENA_MAX = 2
 #: computing, blocked on downloads and uploads, syncing gradients, updating, and the iteration's whole.
 REPORT_TIMES = ("compute_s", "wait_s", "sync_s", "update_s", "total_s")
 
-#: How often a waiting worker looks for the driver's abort object, seconds.
-ABORT_CHECK_S = 1.0
+#: How often a waiting worker looks for the driver's abort object, seconds (funcpipe.protocol).
+ABORT_CHECK_S = protocol.ABORT_CHECK_S
 
 
 

@@ -7,6 +7,7 @@ file               FileStorage in a temporary directory
 memory             MemoryStorage in a fresh namespace
 throttled-memory   ThrottledStorage over memory, bandwidth and latency in fake time
 throttled-file     ThrottledStorage over file, real time, no limits
+counting-memory    CountingStorage over memory
 s3-moto            S3Storage against moto's S3 server on loopback
 s3-moto-prefix     the same under a key prefix
 s3-seaweedfs       S3Storage against a real seaweedfs S3 gateway (signatures checked)
@@ -36,6 +37,7 @@ import pytest
 
 from funcpipe.errors import ObjectNotFound, StorageError
 from funcpipe.storage import (
+    CountingStorage,
     FileStorage,
     MemoryStorage,
     Storage,
@@ -53,6 +55,7 @@ BACKENDS = [
     "memory",
     "throttled-memory",
     "throttled-file",
+    "counting-memory",
     "s3-moto",
     "s3-moto-prefix",
     "s3-seaweedfs",
@@ -100,6 +103,12 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
                 clock=clock, sleep=clock.sleep,
             )
         inner.clear()
+    elif backend == "counting-memory":
+        name = f"conformance-{uuid.uuid4().hex}"
+        counted = open_storage(f"counted+memory://{name}?counter={name}")
+        assert isinstance(counted, CountingStorage)
+        yield counted
+        MemoryStorage(name).clear()
     elif backend == "throttled-file":
         yield ThrottledStorage(FileStorage(tmp_path), uplink_bytes_per_s=None, downlink_bytes_per_s=None)
     else:

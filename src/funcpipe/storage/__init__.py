@@ -12,7 +12,8 @@ Built in: ``file:///abs/path``, ``memory://name``, ``s3://bucket/prefix``
 (needs ``funcpipe[aws]``), ``oss://bucket/prefix`` (needs ``funcpipe[alibaba]``).
 
 ``throttled+<url>?up_mb_s=..&down_mb_s=..&latency_ms=..`` wraps any of them
-in a :class:`ThrottledStorage`.
+in a :class:`ThrottledStorage`, ``counted+<url>?counter=<name>`` in a
+:class:`CountingStorage` (requests counted by operation).
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import re
 
 from funcpipe.errors import ConfigError
 from funcpipe.storage.base import Storage, WaitCancelled
+from funcpipe.storage.counting import SCHEME_PREFIX as COUNTED_PREFIX
+from funcpipe.storage.counting import CountingStorage
 from funcpipe.storage.file import FileStorage
 from funcpipe.storage.memory import MemoryStorage
 from funcpipe.storage.throttled import SCHEME_PREFIX, ThrottledStorage, throttle
 
 __all__ = [
+    "CountingStorage",
     "FileStorage",
     "MemoryStorage",
     "Storage",
@@ -77,10 +81,10 @@ def register(
     Raises:
         ConfigError: the scheme or target is malformed, or the scheme is taken.
     """
-    if not _SCHEME.fullmatch(scheme) or scheme.startswith("throttled"):
+    if not _SCHEME.fullmatch(scheme) or scheme.startswith(("throttled", "counted")):
         raise ConfigError(
             f"invalid storage scheme {scheme!r}: use lower-case letters, digits, '+', '.', "
-            "'-', starting with a letter (and not 'throttled', which wraps other schemes)"
+            "'-', starting with a letter (and not 'throttled' or 'counted', which wrap other schemes)"
         )
     if isinstance(target, str):
         if not _TARGET.fullmatch(target):
@@ -109,7 +113,8 @@ def open_storage(url: str) -> Storage:
 
     ``file:///abs/path``, ``memory://name``, ``s3://bucket/prefix?endpoint_url=..``,
     ``oss://bucket/prefix?endpoint=..``,
-    ``throttled+<url>?up_mb_s=..``, or any registered or entry-point scheme.
+    ``throttled+<url>?up_mb_s=..``, ``counted+<url>?counter=<name>``, or any
+    registered or entry-point scheme.
 
     Raises:
         ConfigError: the scheme is unknown, its backend cannot be imported
@@ -117,6 +122,8 @@ def open_storage(url: str) -> Storage:
     """
     if url.startswith(SCHEME_PREFIX):
         return ThrottledStorage.from_url(url, open_storage)
+    if url.startswith(COUNTED_PREFIX):
+        return CountingStorage.from_url(url, open_storage)
     match = _URL_SCHEME.match(url)
     if match is None:
         raise ConfigError(
@@ -182,4 +189,4 @@ def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
 
 def _known_schemes() -> str:
     schemes = sorted(set(_REGISTRY) | set(_plugins()))
-    return ", ".join([*schemes, f"{SCHEME_PREFIX}<url>"])
+    return ", ".join([*schemes, f"{SCHEME_PREFIX}<url>", f"{COUNTED_PREFIX}<url>"])

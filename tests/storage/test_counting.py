@@ -1,0 +1,84 @@
+"""CountingStorage: requests counted by operation, misses apart, and the counted+ URL."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from funcpipe.errors import ConfigError, ObjectNotFound
+from funcpipe.storage import CountingStorage, MemoryStorage, ThrottledStorage, open_storage
+from funcpipe.storage.counting import Request, RequestCounter, counter
+
+
+def _name() -> str:
+    return f"count-{uuid.uuid4().hex[:12]}"
+
+
+def test_each_operation_counts_once_and_absent_reads_count_as_misses() -> None:
+    store = CountingStorage(MemoryStorage(_name()))
+    store.put("a/1", b"xyz")
+    store.put("a/2", b"")
+    assert store.get("a/1") == b"xyz"
+    assert store.get_if_exists("a/3") is None
+    with pytest.raises(ObjectNotFound):
+        store.get("a/4")
+    assert store.exists("a/2") and not store.exists("a/5")
+    assert store.list("a/") == ["a/1", "a/2"]
+    store.delete(["a/1", "a/2", "a/9"])
+    assert store.requests.counts() == {
+        "PUT": 2, "GET": 3, "HEAD": 2, "LIST": 1, "DELETE": 1, "GET_miss": 2, "HEAD_miss": 1,
+    }
+
+
+def test_a_wait_counts_every_poll_until_the_object_appears() -> None:
+    inner = MemoryStorage(_name())
+    store = CountingStorage(inner)
+    polled = threading.Event()
+
+    def note(request: Request) -> None:
+        if request.found is False:
+            polled.set()
+
+    store.requests.listen(note)
+    writer = threading.Thread(target=lambda: (polled.wait(5), inner.put("k", b"v")))
+    writer.start()
+    assert store.wait("k", timeout=5) == b"v"
+    writer.join()
+    counts = store.requests.counts()
+    assert counts["GET_miss"] >= 1
+    assert counts["GET"] == counts["GET_miss"] + 1  # the polls that missed, and the one that found it
+
+
+def test_listeners_see_each_request_with_its_key_bytes_and_client() -> None:
+    requests = RequestCounter()
+    store = CountingStorage(MemoryStorage(_name()), requests, client="worker-3")
+    seen: list[Request] = []
+    stop = requests.listen(seen.append)
+    store.put("k", b"abcd")
+    store.get("k")
+    stop()
+    store.get("k")
+    assert seen == [Request("PUT", "k", None, 4, 1, "worker-3"), Request("GET", "k", True, 4, 1, "worker-3")]
+    requests.reset()
+    assert requests.counts()["GET"] == 0
+
+
+def test_the_url_shares_one_counter_per_name_and_passes_other_parameters_on() -> None:
+    name, space = _name(), _name()
+    a = open_storage(f"counted+throttled+memory://{space}?latency_ms=0&counter={name}")
+    b = open_storage(a.url)
+    assert isinstance(a, CountingStorage) and isinstance(a.inner, ThrottledStorage)
+    assert a.url == f"counted+throttled+memory://{space}?counter={name}"
+    a.put("k", b"1")
+    assert b.get("k") == b"1"
+    assert a.requests is b.requests is counter(name)
+    assert counter(name).counts()["PUT"] == 1 and counter(name).counts()["GET"] == 1
+
+
+@pytest.mark.parametrize("url", ["counted+memory://x", "counted+memory://x?counter=a&counter=b",
+                                 "counted+memory://x?counter=no/slash"])
+def test_a_url_without_exactly_one_good_counter_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="counter"):
+        open_storage(url)
