@@ -79,7 +79,7 @@ class ScriptedStorage(Storage):
 
 def test_pauses_double_from_the_first_interval_to_the_largest_and_the_last_ends_at_the_deadline() -> None:
     storage = ScriptedStorage()
-    with pytest.raises(ObjectNotFound, match="did not appear within 0.02 s"):
+    with pytest.raises(ObjectNotFound, match=r"did not appear within 0\.02 s"):
         storage.wait("never", timeout=0.02)
     assert storage.pauses == pytest.approx([0.001, 0.002, 0.004, 0.004, 0.004, 0.004, 0.001])
     assert storage.fake.now == pytest.approx(100.02)
