@@ -7,6 +7,13 @@ references: the same loop over the micro-batches, and the slowest stage of the
 and two stages, with funcpipe's default storage directory (``/dev/shm`` when
 it has room) and, for comparison, in the system temporary directory.
 
+Part C: the original FuncPipe code's local job (15 layers: Linear(128,512), six
+Linear(512,512), Linear(512,10), ReLU between; batch 16, micro-batch 4): plain
+PyTorch, gradient accumulation in one process (the reference), both stages'
+compute at once in two processes with nothing exchanged (what the machine's 2
+cores give), and funcpipe on Ray with its default storage, 1 stage and 2
+stages [8, 7].
+
 Part B: wall time of ``funcpipe.collectives.all_reduce`` ("pipelined" and
 "four_phase") among n replicas, each a thread with its own throttled link to
 one shared in-memory store, against the bandwidth bound ``2 (n-1)/n * size / B``.
@@ -554,6 +561,240 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- Part C: the original FuncPipe code's local job ------------------------------------------
+
+#: Part C: the job the original FuncPipe code ran locally (issue 15, item 7): 15 layers.
+C_IN, C_HIDDEN, C_OUT, C_HIDDEN_LAYERS = 128, 512, 10, 6
+C_BALANCE = (8, 7)
+#: Part C's target: funcpipe 2 stages at most this many times the accumulation loop.
+C_TARGET_RATIO = 0.8
+
+
+def make_model_c(seed: int) -> nn.Sequential:
+    """Linear(128,512), six Linear(512,512), Linear(512,10), ReLU between: 15 layers."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(C_IN, C_HIDDEN), nn.ReLU()]
+    for _ in range(C_HIDDEN_LAYERS):
+        layers += [nn.Linear(C_HIDDEN, C_HIDDEN), nn.ReLU()]
+    layers.append(nn.Linear(C_HIDDEN, C_OUT))
+    return nn.Sequential(*layers)
+
+
+def make_batches_c(seed: int) -> list[Batch]:
+    generator = torch.Generator().manual_seed(seed + 3)
+    return [
+        (torch.randn(GLOBAL_BATCH, C_IN, generator=generator), torch.randn(GLOBAL_BATCH, C_OUT, generator=generator))
+        for _ in range(NUM_BATCHES)
+    ]
+
+
+def _stage_alone(stage: int, seed: int, iterations: int, warmup: int, start: Any, out: Any) -> None:
+    """One stage's compute of the 2-stage plan, micro-batch by micro-batch, in a process of its own.
+
+    Inputs and output gradients are random tensors of the right shapes (no
+    communication at all); ``start`` lines the two processes up, ``out`` gets
+    the per-iteration seconds.
+    """
+    torch.set_num_threads(1)
+    bounds = [0, C_BALANCE[0], sum(C_BALANCE)]
+    layers = make_model_c(seed)[bounds[stage] : bounds[stage + 1]]
+    optimizer = sgd(layers.parameters())
+    last = stage == len(C_BALANCE) - 1
+    width = C_IN if stage == 0 else C_HIDDEN
+    xs = [torch.randn(MICRO_BATCH, width) for _ in range(GLOBAL_BATCH // MICRO_BATCH)]
+    target = torch.randn(MICRO_BATCH, C_OUT)
+    grad = torch.randn(MICRO_BATCH, C_HIDDEN)
+
+    def iteration() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for x in xs:
+            if stage > 0:
+                x = x.detach().requires_grad_(True)
+            y = layers(x)
+            if last:
+                torch.autograd.backward(nn.functional.mse_loss(y, target) * (MICRO_BATCH / GLOBAL_BATCH))
+            else:
+                torch.autograd.backward(y, grad)
+        optimizer.step()
+
+    for _ in range(warmup):
+        iteration()
+    start.wait()
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        iteration()
+        times.append(time.perf_counter() - t0)
+    out.put((stage, times))
+
+
+def run_stages_in_parallel(seed: int, iterations: int, warmup: int) -> tuple[float, list[float]]:
+    """Both stages' compute at once, each in its own process, nothing exchanged: what 2 cores give now.
+
+    The sample per iteration is the slower stage's time at that index.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Event(), context.Queue()
+    processes = [
+        context.Process(target=_stage_alone, args=(s, seed, iterations, warmup, start, out)) for s in range(2)
+    ]
+    for process in processes:
+        process.start()
+    results: dict[int, list[float]] = {}
+    try:
+        started = time.perf_counter()
+        start.set()
+        for _ in processes:
+            stage, times = out.get(timeout=600)
+            results[stage] = times
+        wall = time.perf_counter() - started
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+    return wall, [max(pair) for pair in zip(results[0], results[1], strict=True)]
+
+
+def part_c(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    torch.set_num_threads(1)
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    batches = make_batches_c(args.seed)
+    layers = len(make_model_c(args.seed))
+    params = sum(p.numel() for p in make_model_c(args.seed).parameters())
+    plans = {"funcpipe-1stage": (layers,), "funcpipe-2stage": C_BALANCE}
+    trainers = {
+        name: Trainer(  # storage=None: funcpipe's default storage
+            make_model_c(args.seed), nn.functional.mse_loss, sgd,
+            Plan.manual(list(balance), micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH), backend="ray",
+        )
+        for name, balance in plans.items()
+    }
+    plain_model, micro_model = make_model_c(args.seed), make_model_c(args.seed)
+    for name, trainer in trainers.items():
+        t0 = time.perf_counter()
+        trainer.fit(list(batches), iterations=args.warmup_iterations, progress=False)
+        log.info("Part C: warm-up fit of %s: %.2f s", name, time.perf_counter() - t0)
+    run_plain(plain_model, batches, args.warmup_iterations, micro_batch=None)
+    run_plain(micro_model, batches, args.warmup_iterations, micro_batch=MICRO_BATCH)
+    names = ["plain", "accumulation", "stages-in-parallel", *trainers]
+    samples: list[Sample] = []
+    loads: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            stages: list[dict[str, float]] = []
+            if name == "plain":
+                wall, times = run_plain(plain_model, batches, args.iterations, micro_batch=None)
+            elif name == "accumulation":
+                wall, times = run_plain(micro_model, batches, args.iterations, micro_batch=MICRO_BATCH)
+            elif name == "stages-in-parallel":
+                wall, times = run_stages_in_parallel(args.seed, args.iterations, args.warmup_iterations)
+            else:
+                started = time.perf_counter()
+                history = trainers[name].fit(list(batches), iterations=args.iterations, progress=False)
+                wall = time.perf_counter() - started
+                times, stages = list(history.seconds), history.stage_summary()
+            sample = Sample(name, repeat, args.iterations, wall, times, stages)
+            samples.append(sample)
+            loads.append({"variant": name, "repeat": repeat, "load_average_1min": os.getloadavg()[0]})
+            log.info("Part C: repeat %d %-20s median %.2f ms/it", repeat, name, sample.median_s * 1e3)
+    labels = {
+        "plain": f"plain PyTorch, batch {GLOBAL_BATCH}",
+        "accumulation": (
+            f"plain PyTorch, gradient accumulation over {GLOBAL_BATCH // MICRO_BATCH} micro-batches of "
+            f"{MICRO_BATCH}, one process (the reference)"
+        ),
+        "stages-in-parallel": (
+            f"plain PyTorch, the two stages {list(C_BALANCE)} at once in two processes, nothing exchanged "
+            "(what 2 cores give; bound for the 2-stage compute)"
+        ),
+        "funcpipe-1stage": f"funcpipe Ray, 1 stage [{layers}], default storage",
+        "funcpipe-2stage": f"funcpipe Ray, 2 stages {list(C_BALANCE)}, default storage",
+    }
+    summary: dict[str, dict[str, Any]] = {}
+    reference = statistics.median(s.median_s for s in samples if s.variant == "accumulation")
+    for name in names:
+        mine = [s for s in samples if s.variant == name]
+        median = statistics.median(s.median_s for s in mine)
+        summary[name] = {
+            "label": labels[name],
+            "median_iteration_s": median,
+            "wall_per_iteration_s": statistics.median(s.wall_per_iteration_s for s in mine),
+            "ratio_vs_accumulation": median / reference,
+            # Side by side: each repeat's funcpipe against the same repeat's accumulation loop.
+            "ratio_vs_accumulation_per_repeat": [
+                s.median_s / next(r.median_s for r in samples if r.variant == "accumulation" and r.repeat == s.repeat)
+                for s in mine
+            ],
+        }
+        if mine[0].stages:
+            summary[name]["stages"] = _median_stages([s.stages for s in mine])
+    two = summary["funcpipe-2stage"]
+    ideal = (GLOBAL_BATCH // MICRO_BATCH + len(C_BALANCE) - 1) / (GLOBAL_BATCH // MICRO_BATCH) / len(C_BALANCE)
+    return {
+        "model": {"layers": repr(make_model_c(args.seed)), "layer_count": layers, "parameters": params,
+                  "balance": list(C_BALANCE), "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH},
+        "iterations": args.iterations,
+        "warmup_iterations": args.warmup_iterations,
+        "repeats": args.repeats,
+        "summary": summary,
+        "target": {
+            "ratio": C_TARGET_RATIO,
+            "ideal_ratio": ideal,
+            "two_stage_vs_accumulation": two["ratio_vs_accumulation"],
+            "parallel_stages_vs_accumulation": summary["stages-in-parallel"]["ratio_vs_accumulation"],
+            "met": two["ratio_vs_accumulation"] <= C_TARGET_RATIO,
+        },
+        "loads": loads,
+        "samples": [s.to_json() for s in samples],
+    }
+
+
+def render_part_c(c: dict[str, Any]) -> list[str]:
+    model, summary, target = c["model"], c["summary"], c["target"]
+    rows = [
+        [row["label"], _ms(row["median_iteration_s"]), _ms(row["wall_per_iteration_s"]),
+         f"{row['ratio_vs_accumulation']:.2f}x",
+         ", ".join(f"{r:.2f}" for r in row["ratio_vs_accumulation_per_repeat"])]
+        for row in summary.values()
+    ]
+    stage_rows = [
+        [name, str(int(stage["stage"])), _ms(stage["compute_s"]), _ms(stage["wait_s"]), _ms(stage["update_s"]),
+         _ms(stage["total_s"])]
+        for name, row in summary.items() for stage in row.get("stages", [])
+    ]
+    loads = [entry["load_average_1min"] for entry in c["loads"]]
+    return [
+        "## C. The original FuncPipe code's local job",
+        "",
+        f"`Linear({C_IN},{C_HIDDEN})`, {C_HIDDEN_LAYERS} x `Linear({C_HIDDEN},{C_HIDDEN})`, "
+        f"`Linear({C_HIDDEN},{C_OUT})`, ReLU between ({model['layer_count']} layers, "
+        f"{model['parameters']:,} parameters); batch {model['global_batch']}, micro-batch {model['micro_batch']}, "
+        f"MSE, SGD(lr=0.01); every process 1 torch thread; funcpipe `Trainer(backend=\"ray\")` with the default "
+        f"storage, plans [{model['layer_count']}] and {model['balance']}. Timed runs of {c['iterations']} iterations "
+        f"after warm-ups of {c['warmup_iterations']}; the variants interleaved, {c['repeats']} repeats, medians. "
+        f"Machine load (1-min average) after each run: {min(loads):.2f} to {max(loads):.2f}.",
+        "",
+        _table(["variant", "median ms/it", "wall/N ms/it", "vs accumulation (median)", "per repeat"], rows),
+        "",
+        f"Target: funcpipe 2 stages at most {target['ratio']:g}x the accumulation loop (ideal "
+        f"{target['ideal_ratio']:.2f}x: half the layers each, bubble (M+S-1)/M) -> "
+        f"**{'met' if target['met'] else 'not met'}** ({target['two_stage_vs_accumulation']:.2f}x). "
+        f"The two stages' compute alone, at once in two processes with nothing exchanged, is "
+        f"{target['parallel_stages_vs_accumulation']:.2f}x the accumulation loop on this machine now: no 2-stage "
+        "pipeline can be faster than that here.",
+        "",
+        "Where a funcpipe worker's iteration goes (ms per iteration, the workers' own reports; medians over repeats):",
+        "",
+        _table(["variant", "stage", "compute", "waiting", "update", "total"], stage_rows),
+        "",
+    ]
+
+
 # -- reporting ---------------------------------------------------------------------
 
 
@@ -687,7 +928,10 @@ def all_reduce_details(b: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[str, Any] | None, command: str) -> str:
+def render_markdown(
+    machine: dict[str, Any], a: dict[str, Any] | None, b: dict[str, Any] | None, command: str,
+    c: dict[str, Any] | None = None,
+) -> str:
     out = ["# funcpipe overhead benchmark", "", machine_line(machine), "", f"Command: `{command}`", ""]
     if a is not None:
         model, summary = a["model"], a["summary"]
@@ -781,6 +1025,8 @@ def render_markdown(machine: dict[str, Any], a: dict[str, Any] | None, b: dict[s
             "",
             *all_reduce_details(b),
         ]
+    if c is not None:
+        out += render_part_c(c)
     return "\n".join(out)
 
 
@@ -835,7 +1081,8 @@ def check_all_reduce_arguments(parser: argparse.ArgumentParser, args: argparse.N
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="AB", help="which parts to run: A, B or AB (default: %(default)s)")
+    parser.add_argument("--parts", default="ABC",
+                        help="which parts to run: any of A, B, C (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=200,
                         help="A: iterations per timed run (default: %(default)s)")
     parser.add_argument("--warmup-iterations", type=int, default=20,
@@ -855,8 +1102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_run_arguments(parser, "overhead")
     args = parser.parse_args(argv)
     args.parts = args.parts.upper()
-    if not args.parts or set(args.parts) - {"A", "B"}:
-        parser.error(f"--parts takes A, B or AB, got {args.parts!r}")
+    if not args.parts or set(args.parts) - {"A", "B", "C"}:
+        parser.error(f"--parts takes any of A, B and C, got {args.parts!r}")
     for name in ("iterations", "warmup_iterations", "repeats", "num_cpus"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -873,22 +1120,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python benchmarks/overhead.py", *given])
     machine = machine_info()
     started = time.perf_counter()
-    a = b = None
+    a = b = c = None
     try:
         if "A" in args.parts:
             a = part_a(args)
         if "B" in args.parts:
             b = part_b(args)
+        if "C" in args.parts:
+            c = part_c(args)
     finally:
-        if "A" in args.parts:
+        if "A" in args.parts or "C" in args.parts:
             import ray
 
             if ray.is_initialized():
                 ray.shutdown()
     elapsed = time.perf_counter() - started
     record_load_at_end(machine)
-    report = {"machine": machine, "command": command, "elapsed_s": elapsed, "part_a": a, "part_b": b}
-    markdown = render_markdown(machine, a, b, command) + f"\nTotal benchmark time: {elapsed:.0f} s.\n"
+    report = {"machine": machine, "command": command, "elapsed_s": elapsed, "part_a": a, "part_b": b, "part_c": c}
+    markdown = render_markdown(machine, a, b, command, c) + f"\nTotal benchmark time: {elapsed:.0f} s.\n"
     write_results(args.output_dir, "overhead", report, markdown)
     return 0
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from funcpipe import ConfigError
@@ -78,3 +80,80 @@ def test_release_kills_a_host_that_does_not_stop_in_time(monkeypatch: pytest.Mon
     assert all(handle.host not in hosts for hosts in ray_executor._IDLE.values())
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(handle.host.stop.remote(), timeout=60)
+
+
+def _can_lower_niceness() -> bool:
+    """Whether this process may lower a thread's niceness (root, CAP_SYS_NICE or RLIMIT_NICE), tried in a thread."""
+    import os
+    import threading
+
+    result: list[bool] = []
+
+    def attempt() -> None:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, min(mine + 5, 19))
+            os.setpriority(os.PRIO_PROCESS, 0, mine)
+        except PermissionError:
+            result.append(False)
+        else:
+            result.append(True)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return result == [True]
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+
+
+@linux_only
+def test_match_priority_lowers_niceness_and_never_raises_it() -> None:
+    import os
+    import threading
+
+    from funcpipe.executors.ray import match_priority
+
+    if not _can_lower_niceness():
+        pytest.skip("this process may not lower niceness")
+    seen: list[object] = []
+
+    def in_a_thread() -> None:  # niceness is per thread on Linux: the test's own stays as it is
+        os.setpriority(os.PRIO_PROCESS, 0, 12)
+        seen.append((match_priority(15), os.getpriority(os.PRIO_PROCESS, 0)))  # 12 is less nice already
+        seen.append((match_priority(4), os.getpriority(os.PRIO_PROCESS, 0)))
+        seen.append(match_priority(None))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(True, 12), (True, 4), False]
+
+
+@linux_only
+def test_a_host_and_the_threads_its_actor_starts_run_at_the_drivers_niceness() -> None:
+    """A local Ray starts its workers at niceness 15; a host runs at the driver's."""
+    import os
+
+    from funcpipe.executors.base import Actor
+
+    if not _can_lower_niceness():
+        pytest.skip("this process may not lower niceness")
+
+    class Niceness(Actor):
+        def read(self) -> tuple[int, int]:
+            import threading
+
+            started: list[int] = []
+            thread = threading.Thread(target=lambda: started.append(os.getpriority(os.PRIO_PROCESS, 0)))
+            thread.start()
+            thread.join()
+            return os.getpriority(os.PRIO_PROCESS, 0), started[0]
+
+    driver = os.getpriority(os.PRIO_PROCESS, 0)
+    handle = Ray().launch(Niceness, name="niceness", resources=Resources(0.1))
+    try:
+        assert tuple(handle.call("read").result(timeout=60)) == (driver, driver)
+    finally:
+        handle.kill()

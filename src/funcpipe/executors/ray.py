@@ -15,9 +15,38 @@ import ray.exceptions
 from funcpipe.errors import BackendError, ConfigError, WorkerFailed
 from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
 
-__all__ = ["Ray", "RayActor"]
+__all__ = ["Ray", "RayActor", "match_priority"]
 
 log = logging.getLogger(__name__)
+
+
+def match_priority(niceness: int | None) -> bool:
+    """Run the calling thread (and the threads it starts later) at ``niceness`` if it is nicer; whether it now is.
+
+    A local Ray starts its worker processes at niceness 15, so the driver and
+    anything else on the machine take the CPU from them first; but a funcpipe
+    worker *is* the training (it stands in for a function with CPUs of its
+    own), while the driver mostly waits for it. A host therefore runs at the
+    driver's niceness. Lowering niceness needs the privilege to (Linux:
+    ``CAP_SYS_NICE`` or ``RLIMIT_NICE``); without it, or off POSIX, nothing
+    changes. (On Linux niceness is per thread: call it from the thread that
+    will start the worker's threads.)
+    """
+    if niceness is None:
+        return False
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > niceness:
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+        return os.getpriority(os.PRIO_PROCESS, 0) <= niceness
+    except (OSError, AttributeError):  # not permitted, or not POSIX
+        return False
+
+
+def _own_niceness() -> int | None:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (OSError, AttributeError):  # not POSIX
+        return None
 
 
 class _Host:
@@ -27,11 +56,17 @@ class _Host:
     (seconds each); hosts outlive a job, so the next ``fit`` reuses them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, niceness: int | None = None) -> None:
         from funcpipe.worker import limit_allocator_retention
 
         limit_allocator_retention()  # this process's allocator: see the function
+        # Ray runs actor methods on the process's main thread, which starts the worker's threads.
+        match_priority(niceness)  # the driver's: see the function
         self.instance: Actor | None = None
+
+    def niceness(self) -> int | None:
+        """The niceness the actor's methods run at."""
+        return _own_niceness()
 
     def start(self, actor_cls: type[Actor], args: tuple[Any, ...]) -> None:
         self.instance = actor_cls(*args)
@@ -210,7 +245,7 @@ class Ray(Executor):
             if resources.memory_mb is not None:
                 options["memory"] = resources.memory_mb * 2**20
             try:
-                host = ray.remote(_Host).options(**options).remote()
+                host = ray.remote(_Host).options(**options).remote(_own_niceness())
             except (ValueError, TypeError) as exc:
                 raise BackendError(f"Ray could not launch {name}: {exc}") from exc
         return RayActor(host, host.start.remote(actor_cls, args), key, name)

@@ -8,11 +8,33 @@ from collections.abc import Callable, Iterable
 
 from funcpipe.errors import ObjectNotFound
 
-__all__ = ["Storage", "WaitCancelled"]
+__all__ = ["SLEEP", "Pause", "Storage", "WaitCancelled"]
 
 
 class WaitCancelled(Exception):
     """Raised inside :meth:`Storage.wait` when its ``cancelled`` callback says so."""
+
+
+class Pause:
+    """How :meth:`Storage.wait` passes the time between two looks at a key: a plain sleep.
+
+    A store that can tell a waiter something was written (:class:`funcpipe.storage.file.FileStorage`
+    on one host) returns one whose :meth:`pause` ends early on a wake-up; any wake-up after
+    :meth:`arm` ends the next :meth:`pause` at once, so one between a look and the pause after
+    it is not lost.
+    """
+
+    def arm(self) -> None:
+        """Called right before each look; wake-ups from before it no longer end a pause."""
+
+    def pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less; whether a wake-up ended the pause early (never, here)."""
+        time.sleep(seconds)
+        return False
+
+
+#: The plain sleep.
+SLEEP = Pause()
 
 
 class Storage(abc.ABC):
@@ -31,6 +53,9 @@ class Storage(abc.ABC):
     #: Cheap local stores poll fast; remote ones raise the floor (a GET costs money).
     poll_initial_s: float = 0.0005
     poll_max_s: float = 0.05
+
+    #: The clock :meth:`wait` measures its timeout on (tests replace it).
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None:
@@ -74,25 +99,32 @@ class Storage(abc.ABC):
 
         Polls by key (never by listing) with exponential backoff from
         :attr:`poll_initial_s` to :attr:`poll_max_s`, for at most ``timeout``
-        seconds.
+        seconds (on :attr:`clock`). Between two looks it waits on
+        :meth:`pause_for_wait` (a sleep, unless the store can wake it early).
 
         Raises:
             ObjectNotFound: the key did not appear within ``timeout`` seconds.
             WaitCancelled: ``cancelled()`` returned true between two polls.
         """
-        deadline = time.monotonic() + timeout
+        pause = self.pause_for_wait()
+        deadline = self.clock() + timeout
         delay = self.poll_initial_s
         while True:
+            pause.arm()
             data = self.get_if_exists(key)
             if data is not None:
                 return data
-            now = time.monotonic()
+            now = self.clock()
             if now >= deadline:
                 raise ObjectNotFound(key, f"object {key!r} did not appear within {timeout:g} s")
             if cancelled is not None and cancelled():
                 raise WaitCancelled(key)
-            time.sleep(min(delay, deadline - now))
+            pause.pause(min(delay, deadline - now))
             delay = min(delay * 2, self.poll_max_s)
+
+    def pause_for_wait(self) -> Pause:
+        """What :meth:`wait` pauses on between two looks, in the calling thread: :data:`SLEEP` here."""
+        return SLEEP
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections or threads held by this storage."""

@@ -11,7 +11,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from funcpipe.errors import ConfigError, ObjectNotFound, StorageError
-from funcpipe.storage.base import Storage
+from funcpipe.storage.base import Pause, Storage
+from funcpipe.storage.doorbell import doorbell_for
 
 __all__ = ["TEMP_MARKER", "FileStorage", "check_key", "check_prefix"]
 
@@ -85,6 +86,12 @@ class FileStorage(Storage):
     objects are visible to other processes at once but may not survive a
     power loss, which is fine for training traffic.
 
+    A wait polls by key with backoff, and on one host it need not sleep out
+    its poll interval: every ``put`` rings the threads of this host that wait
+    on the same root (:mod:`funcpipe.storage.doorbell`), which look again at
+    once. A writer on another host (a network file system) is seen at the
+    next poll, within ``poll_max_s``.
+
     A key cannot be both an object and the directory of other keys (``a`` and
     ``a/b``); object stores allow that, this backend raises
     :class:`StorageError`. Use it for tests, single-machine runs and shared
@@ -95,8 +102,8 @@ class FileStorage(Storage):
             path is made absolute against the current directory.
     """
 
-    # A failed open() costs microseconds, so poll often: a wait's latency is
-    # up to one poll interval on every hop of the pipeline.
+    # A failed open() costs microseconds, so poll often: without a ring (a writer
+    # on another host), a wait's latency is up to one poll interval on every hop.
     poll_initial_s = 0.0002
     poll_max_s = 0.002
 
@@ -110,6 +117,7 @@ class FileStorage(Storage):
             ) from exc
         self._prefix = self._root if self._root.endswith(os.sep) else self._root + os.sep
         self.url = Path(self._root).as_uri()
+        self._doorbell = doorbell_for(self._root)
 
     @property
     def root(self) -> Path:
@@ -181,6 +189,11 @@ class FileStorage(Storage):
             if isinstance(exc, OSError):
                 raise StorageError(f"cannot store key {key!r} at {path!r}: {exc}") from exc
             raise
+        self._doorbell.ring()
+
+    def pause_for_wait(self) -> Pause:
+        """The calling thread's pause, which a ``put`` on this host ends early (:mod:`funcpipe.storage.doorbell`)."""
+        return self._doorbell.pause()
 
     def _create(self, tmp: str, key: str) -> int:
         for _ in range(_CREATE_ATTEMPTS):
