@@ -122,7 +122,8 @@ def test_stage_memory_of_a_plan() -> None:
     profile = ModelProfile((first, second), input_bytes_per_sample=MB / 2, target_bytes_per_sample=MB / 8)
     plan = Plan.manual([1, 1], replicas=[2, 1], micro_batch_size=2, global_batch_size=8)
     # Stage 0: runtime 100, 2 x 8, 16, workspace 8 + 16 + 2 (a micro-batch's held), all-reduce
-    # 8 / 2 + 24 (a chunk, the pieces in flight); 2 activations of 2 MB held + 0.5 MB output, 2 inputs of 1 MB, 2 gradients of 0.5 MB.
+    # 8 / 2 + 24 (a chunk, the pieces in flight); 2 activations of 2 MB held + 0.5 MB output,
+    # 2 inputs of 1 MB, 2 gradients of 0.5 MB.
     assert costmodel.stage_memory_bytes(profile, HAND, plan, 0) == (
         (100 + 16 + 16 + 24 + 2 + 4 + 24) * MB + 2 * (2 * MB + MB // 2) + 2 * MB + 2 * (MB // 2))
     # Stage 1 (last): runtime 100, workspace 4, one activation of 4 MB held, 4 inputs of 0.5 MB,
@@ -257,8 +258,8 @@ def test_a_tie_inside_one_stage_is_held_once() -> None:
     assert stage.param_bytes == 10**6 + 1500 and stage.tied == ()
     untied = dataclasses.replace(profile, tied=())
     (doubled,) = costmodel.stage_costs(untied, HAND, plan)
-    # weights, gradients, workspace and the all-reduce's buffers each hold the tie once less
-    assert doubled.memory_bytes - stage.memory_bytes == 10**6 * (2 + 1 + 2)
+    # weights, gradients, workspace and the all-reduce's chunk (a half, 2 replicas) each hold the tie once less
+    assert doubled.memory_bytes - stage.memory_bytes == 10**6 * (2 + 1) + 10**6 // 2
 
 
 def test_a_tie_across_stages_is_exchanged_after_the_all_reduce() -> None:
