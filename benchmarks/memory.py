@@ -48,6 +48,7 @@ import funcpipe
 from funcpipe import Plan, Trainer, costmodel
 from funcpipe.backends import AWSLambda, Ray, Timing
 from funcpipe.platforms.base import MIB
+from funcpipe.protocol import SYNC_IN_FLIGHT_BYTES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.models.bert import BertConfig, bert
@@ -277,7 +278,7 @@ def _terms(profile: funcpipe.ModelProfile, platform_: funcpipe.Platform, plan: P
         "runtime": float(platform_.runtime_overhead_mb),
         "weights_grads": 2 * params / MIB,
         "optimizer": sum(p.optimizer_bytes for p in lp) / MIB,
-        "allreduce": (2 * params if plan.replicas[stage] > 1 else 0) / MIB,
+        "allreduce": (params / plan.replicas[stage] + SYNC_IN_FLIGHT_BYTES if plan.replicas[stage] > 1 else 0) / MIB,
         "held_per_micro_batch": sum(p.held_bytes_per_sample for p in lp) * b / MIB,
         "total_without_runtime": total / MIB,
     }

@@ -445,9 +445,10 @@ def run_all_reduce(
         push = ThreadPoolExecutor(PUSH_CONNECTIONS, thread_name_prefix=f"push-{rank}")
         try:
             comm = Comm(storage, upload, download, timeout_s, fetch=fetch, push=push)
+            flat = flats[rank].clone()  # all_reduce sums in place; the inputs are reused
             barrier.wait()
             results[rank] = all_reduce(
-                comm, flats[rank], keys=keys, iteration=0, stage=0, rank=rank, world=world, algorithm=algorithm
+                comm, flat, keys=keys, iteration=0, stage=0, rank=rank, world=world, algorithm=algorithm
             )
             finished[rank] = time.perf_counter()
         except BaseException as exc:

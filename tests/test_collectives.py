@@ -219,8 +219,8 @@ def run_replicas(
     def replica(rank: int) -> torch.Tensor:
         comm = make_comm(storages[rank])
         try:
-            return all_reduce(
-                comm, inputs[rank], keys=keys, iteration=iteration, stage=STAGE,
+            return all_reduce(  # in place: a copy, so the inputs stay the reference
+                comm, inputs[rank].clone(), keys=keys, iteration=iteration, stage=STAGE,
                 rank=rank, world=world, algorithm=algorithm,
             )
         finally:
@@ -671,7 +671,7 @@ def test_pipelined_in_pieces_sums_exactly(
             comm.fetch = ThreadPoolExecutor(connections, thread_name_prefix="test-fetch")
             comm.push = ThreadPoolExecutor(connections, thread_name_prefix="test-push")
         try:
-            return all_reduce(comm, inputs[rank], keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
+            return all_reduce(comm, inputs[rank].clone(), keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
                               world=world, algorithm="pipelined", piece_bytes=piece_bytes)
         finally:
             close_comm(comm)
@@ -721,7 +721,7 @@ def test_pipelined_uploads_overlap_on_the_push_connections(memory: MemoryStorage
         comm = make_comm(storages[rank])
         comm.push = ThreadPoolExecutor(2, thread_name_prefix="test-push")
         try:
-            return all_reduce(comm, inputs[rank], keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
+            return all_reduce(comm, inputs[rank].clone(), keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
                               world=world, algorithm="pipelined", piece_bytes=piece_bytes)
         finally:
             close_comm(comm)
@@ -731,3 +731,28 @@ def test_pipelined_uploads_overlap_on_the_push_connections(memory: MemoryStorage
         results = [f.result(timeout=THREAD_TIMEOUT_S) for f in [pool.submit(replica, r) for r in range(world)]]
     assert all(torch.equal(result, torch.stack(inputs).sum(0)) for result in results)
     assert [storage.most for storage in storages] == [2] * world
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_all_reduce_sums_in_place_into_the_gradient(memory: MemoryStorage, keys: JobKeys, algorithm: str) -> None:
+    """No second gradient-sized buffer: the sum is written into ``flat`` itself (the memory model charges none)."""
+    world, size = 3, 10_007
+    generator = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(size, generator=generator) for _ in range(world)]
+    flats = [x.clone() for x in inputs]
+
+    def replica(rank: int) -> torch.Tensor:
+        comm = make_comm(memory)
+        try:
+            return all_reduce(comm, flats[rank], keys=keys, iteration=ITERATION, stage=STAGE, rank=rank,
+                              world=world, algorithm=algorithm, piece_bytes=4096)
+        finally:
+            close_comm(comm)
+
+    with ThreadPoolExecutor(max_workers=world, thread_name_prefix="test-replica") as pool:
+        results = [f.result(timeout=THREAD_TIMEOUT_S) for f in [pool.submit(replica, r) for r in range(world)]]
+    expected = torch.stack(inputs).sum(0)
+    for flat, result in zip(flats, results, strict=True):
+        assert result is flat
+        assert torch.equal(flat, flats[0])  # bitwise the same sum everywhere
+    torch.testing.assert_close(flats[0], expected)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
+import numpy as np
 import pytest
 
 from funcpipe import Plan, PlanInfeasible, costmodel, simulate
@@ -47,22 +49,39 @@ MB = 2**20
 def test_memory_of_a_replica() -> None:
     # 100 MB runtime; 2 x 10 MB weights and gradients; 20 MB optimizer state; the workspace,
     # 10 + 20 MB (the checkpoint's weights and state), and 1 MB (one micro-batch's held
-    # tensors: a layer's transients); 2 x 10 MB of all-reduce buffers
-    # (replicas); 3 micro-batches of 1 MB held + 0.5 MB output; 4 inputs of 0.25 MB, one
+    # tensors: a layer's transients); the all-reduce's buffers (replicas): one chunk, 10 / 2 MB,
+    # and the pieces in flight, 6 x 4 MB; 3 micro-batches of 1 MB held + 0.5 MB output; 4 inputs of 0.25 MB, one
     # output gradient of 0.5 MB, 2 targets of 0.125 MB.
     counts = costmodel.Held(activations=3, inputs=4, grads=1, targets=2)
     needed = costmodel.memory_bytes(
         HAND, param_bytes=10 * MB, optimizer_bytes=20 * MB, held_bytes=MB, input_bytes=MB / 4,
         output_bytes=MB / 2, target_bytes=MB / 8, replicas=2, counts=counts,
     )
-    assert needed == ((100 + 20 + 20 + 30 + 1 + 20) * MB + 3 * (MB + MB // 2) + 4 * MB // 4 + MB // 2
+    assert needed == ((100 + 20 + 20 + 30 + 1 + 5 + 24) * MB + 3 * (MB + MB // 2) + 4 * MB // 4 + MB // 2
                       + 2 * MB // 8)
     # One replica: no all-reduce buffers.
     alone = costmodel.memory_bytes(
         HAND, param_bytes=10 * MB, optimizer_bytes=20 * MB, held_bytes=MB, input_bytes=MB / 4,
         output_bytes=MB / 2, target_bytes=MB / 8, replicas=1, counts=counts,
     )
-    assert needed - alone == 20 * MB
+    assert needed - alone == (5 + 24) * MB
+    # Four replicas: a quarter of the gradient in flight; not the 2 x 10 MB of a separate flat and result.
+    four = costmodel.memory_bytes(
+        HAND, param_bytes=10 * MB, optimizer_bytes=20 * MB, held_bytes=MB, input_bytes=MB / 4,
+        output_bytes=MB / 2, target_bytes=MB / 8, replicas=4, counts=counts,
+    )
+    assert four - alone == math.ceil(10 * MB / 4) + 24 * MB
+
+
+def test_memory_terms_over_arrays_of_replicas() -> None:
+    """The DP planner evaluates it over arrays of replica counts: each entry as if alone."""
+    base = {"param_bytes": 12.0 * MB, "optimizer_bytes": 5.0, "held_bytes": 7.0, "input_bytes": 11.0,
+            "output_bytes": 13.0, "target_bytes": 17.0, "activations": 2, "inputs": 3, "grads": 1, "targets": 0}
+    replicas = np.array([1.0, 2.0, 3.0, 4.0])
+    together = costmodel.memory_terms(HAND, **base, replicas=replicas)
+    alone = [costmodel.memory_terms(HAND, **base, replicas=int(d)) for d in replicas]
+    assert together.tolist() == pytest.approx(alone)
+    assert together[1] - together[0] == pytest.approx(6 * MB + 24 * MB)
 
 
 def test_memory_terms_are_linear_in_each_count() -> None:
@@ -103,9 +122,10 @@ def test_stage_memory_of_a_plan() -> None:
     profile = ModelProfile((first, second), input_bytes_per_sample=MB / 2, target_bytes_per_sample=MB / 8)
     plan = Plan.manual([1, 1], replicas=[2, 1], micro_batch_size=2, global_batch_size=8)
     # Stage 0: runtime 100, 2 x 8, 16, workspace 8 + 16 + 2 (a micro-batch's held), all-reduce
-    # 2 x 8; 2 activations of 2 MB held + 0.5 MB output, 2 inputs of 1 MB, 2 gradients of 0.5 MB.
+    # 8 / 2 + 24 (a chunk, the pieces in flight); 2 activations of 2 MB held + 0.5 MB output,
+    # 2 inputs of 1 MB, 2 gradients of 0.5 MB.
     assert costmodel.stage_memory_bytes(profile, HAND, plan, 0) == (
-        (100 + 16 + 16 + 24 + 2 + 16) * MB + 2 * (2 * MB + MB // 2) + 2 * MB + 2 * (MB // 2))
+        (100 + 16 + 16 + 24 + 2 + 4 + 24) * MB + 2 * (2 * MB + MB // 2) + 2 * MB + 2 * (MB // 2))
     # Stage 1 (last): runtime 100, workspace 4, one activation of 4 MB held, 4 inputs of 0.5 MB,
     # 4 targets of 0.25 MB.
     assert costmodel.stage_memory_bytes(profile, HAND, plan, 1) == (
@@ -238,8 +258,8 @@ def test_a_tie_inside_one_stage_is_held_once() -> None:
     assert stage.param_bytes == 10**6 + 1500 and stage.tied == ()
     untied = dataclasses.replace(profile, tied=())
     (doubled,) = costmodel.stage_costs(untied, HAND, plan)
-    # weights, gradients, workspace and the all-reduce's buffers each hold the tie once less
-    assert doubled.memory_bytes - stage.memory_bytes == 10**6 * (2 + 1 + 2)
+    # weights, gradients, workspace and the all-reduce's chunk (a half, 2 replicas) each hold the tie once less
+    assert doubled.memory_bytes - stage.memory_bytes == 10**6 * (2 + 1) + 10**6 // 2
 
 
 def test_a_tie_across_stages_is_exchanged_after_the_all_reduce() -> None:

@@ -28,8 +28,8 @@ owns chunk ``k``. Two algorithms:
 Both move the same bytes: each replica uploads ``size`` and downloads
 ``2 (n-1)/n * size``, so ``2 (n-1)/n * size / bandwidth`` bounds the time.
 Received tensors are added or copied straight from the downloaded bytes into
-the result (:class:`funcpipe.codec.TensorBytes`), with no tensor allocated per
-object.
+the gradient itself, reduced in place (:class:`funcpipe.codec.TensorBytes`), with
+no tensor allocated per object and no second buffer of the gradient's size.
 """
 
 from __future__ import annotations
@@ -157,10 +157,24 @@ def all_reduce(
     algorithm: str = "pipelined",
     piece_bytes: int = PIECE_BYTES,
 ) -> torch.Tensor:
-    """Sum a 1-D tensor across the ``world`` replicas of ``stage``; every replica gets the sum.
+    """Sum a 1-D tensor across the ``world`` replicas of ``stage``, in place; every replica gets the sum.
 
+    ``flat`` is overwritten with the sum and returned (no second buffer of its
+    size: the memory model charges none, :func:`funcpipe.costmodel.memory_terms`).
     The result is bitwise identical on every replica: chunk ``k`` is summed
     once, by replica ``k``, and everybody downloads that one sum.
+
+    In place is safe: my own chunk is summed where it lies (my share is its
+    starting value, the peers' shares are added in a fixed order, the same
+    operations as into a copy); a peer's merged piece is copied over my share
+    of it, and that merged piece exists only after the peer summed my share,
+    which it read from storage, which holds it only after my upload of it
+    returned, i.e. after :func:`put_tensor` had encoded the region into bytes
+    of its own. (Pipelined: the download waits for the peer's object, checked
+    for this key, before it copies; four-phase: every share's upload has
+    returned before any merged chunk is read.) Each received share is dropped
+    once added, so the downloads in flight are all a replica holds beside
+    ``flat``.
     """
     if algorithm not in SYNC_ALGORITHMS:
         raise ConfigError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {SYNC_ALGORITHMS}")
@@ -177,26 +191,25 @@ def all_reduce(
     def merged_key(owner: int, piece: int = 0) -> str:
         return keys.merged(iteration, stage, owner, piece)
 
-    result = torch.empty_like(flat)
-    out_chunks = torch.tensor_split(result, world)
     if algorithm == "pipelined":
         pieces = piece_count(flat.numel() * flat.element_size(), world, piece_bytes)
         parts = [torch.tensor_split(chunk, pieces) for chunk in chunks]
-        out_parts = [torch.tensor_split(chunk, pieces) for chunk in out_chunks]
         sends = [
             comm.push_send(chunk_key(peer, rank, q), parts[peer][q]) for q in range(pieces) for peer in to_peers
         ]
         # Every share download is queued before any merged one, so a connection
         # waiting for a peer's reduced piece never holds up a share that piece needs.
         shares = [[comm.fetch_bytes(chunk_key(rank, peer, q)) for peer in from_peers] for q in range(pieces)]
+        # Each merged piece lands on my share of it: see the docstring for why that share is encoded by then.
         merged = [
-            comm.fetch_into(merged_key(peer, q), out_parts[peer][q]) for q in range(pieces) for peer in from_peers
+            comm.fetch_into(merged_key(peer, q), parts[peer][q]) for q in range(pieces) for peer in from_peers
         ]
         for q in range(pieces):
-            mine = out_parts[rank][q]
-            mine.copy_(parts[rank][q])
-            for share in shares[q]:  # always in this order: the sum's bits do not depend on timing
-                share.result().add_to(mine)
+            mine = parts[rank][q]  # my share of my chunk: the sum's starting value
+            pending, shares[q] = shares[q], []
+            pending.reverse()
+            while pending:  # always in from_peers' order: the sum's bits do not depend on timing
+                pending.pop().result().add_to(mine)  # the share's bytes are freed here, once added
             sends.append(comm.push_send(merged_key(rank, q), mine))
         for future in merged:
             future.result()
@@ -205,11 +218,10 @@ def all_reduce(
     else:
         for send in [comm.send(chunk_key(peer, rank), chunks[peer]) for peer in to_peers]:
             send.result()
-        mine = out_chunks[rank]
-        mine.copy_(chunks[rank])
+        mine = chunks[rank]
         for peer in from_peers:
             comm.recv_bytes(chunk_key(rank, peer)).result().add_to(mine)
         comm.send(merged_key(rank), mine).result()
-        for peer in from_peers:
-            comm.recv_bytes(merged_key(peer)).result().copy_to(out_chunks[peer])
-    return result
+        for peer in from_peers:  # every share of mine is uploaded (encoded): overwriting them is safe
+            comm.recv_bytes(merged_key(peer)).result().copy_to(chunks[peer])
+    return flat

@@ -93,7 +93,7 @@ from funcpipe.errors import ConfigError, PlanInfeasible
 from funcpipe.plans import Plan
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
-from funcpipe.protocol import REPORT_BYTES, owned, piece_count, replica_of
+from funcpipe.protocol import REPORT_BYTES, SYNC_IN_FLIGHT_BYTES, owned, piece_count, replica_of
 
 __all__ = [
     "Held",
@@ -376,8 +376,22 @@ def memory_terms(
     Runtime overhead, weights and gradients (``2 P``), optimizer state ``O``; a
     workspace of ``P + O``; per micro-batch whose activations are alive, what
     autograd saves for backward and the stage's output; the inputs, output
-    gradients and targets the schedule buffers (:func:`held`). With replicas, the
-    all-reduce holds the flat gradient and the result (``2 P`` more).
+    gradients and targets the schedule buffers (:func:`held`). With ``d > 1``
+    replicas, the all-reduce's buffers: ``P / d + F``. The gradient is flattened
+    into one buffer that takes the gradients' place (each copied in and freed) and
+    summed in place (:func:`funcpipe.collectives.all_reduce`), so what it adds is
+    what is in flight: the four-phase algorithm one chunk (``P / d``, encoded for
+    its upload or downloaded), the pipelined one a piece per connection (at most
+    ``F`` = :data:`funcpipe.protocol.SYNC_IN_FLIGHT_BYTES`, 24 MiB, while pieces are
+    at most 4 MiB, and under ``P / d`` beyond). The larger of the two algorithms'
+    is charged (the planner picks the algorithm per stage); the sum of both
+    bounds is the margin. Measured in ``benchmarks/allreduce_memory.py``. Not
+    charged: the moment the flattening holds one parameter's gradient twice (the
+    largest parameter's bytes, which the profile does not give; covered by the
+    ``P / d`` term while that parameter is under ``1/d`` of the stage's), and
+    shares downloaded faster than they are added (the pipelined algorithm queues
+    every share's download; the adds run at memory speed, far above a function's
+    downlink).
 
     The workspace is the largest of what the phases outside the backwards add to the
     weights, gradients and state (measured in ``benchmarks/memory.py``): the checkpoint
@@ -397,19 +411,21 @@ def memory_terms(
     layer's saved bytes; their sum over the stage's layers bounds the largest and
     is linear.
 
-    Only sums and products: every argument may be a float or a numpy array (the
-    planner's programs evaluate it over every stage, tier and replica count at
-    once, with the same operations in the same order), and it is linear in each
+    Only sums, products and a division by ``replicas`` (at least 1): every
+    argument may be a float or a numpy array (the planner's programs evaluate it
+    over every stage, tier and replica count at once, with the same operations in
+    the same order), and it is linear in each
     count (the 1F1B window of :mod:`funcpipe.planner.dp` relies on it).
     """
     synced = (replicas > 1) * 1.0
+    sync_buffers = synced * (param_bytes / replicas + SYNC_IN_FLIGHT_BYTES)
     return (
         platform.runtime_overhead_mb * MIB
         + 2 * param_bytes
         + optimizer_bytes
         + (param_bytes + optimizer_bytes)
         + held_bytes
-        + synced * (2 * param_bytes)
+        + sync_buffers
         + activations * (held_bytes + output_bytes)
         + inputs * input_bytes
         + grads * output_bytes

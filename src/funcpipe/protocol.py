@@ -63,6 +63,7 @@ __all__ = [
     "REPORT_BYTES",
     "STATUS_PREFIX",
     "SYNC_ALGORITHMS",
+    "SYNC_IN_FLIGHT_BYTES",
     "JobKeys",
     "decode_abort",
     "decode_metrics",
@@ -112,6 +113,14 @@ FETCH_CONNECTIONS = 4
 #: Parallel upload connections of a worker's all-reduce (overlapping request latencies,
 #: and the encoding of one piece with the transfer of another).
 PUSH_CONNECTIONS = 2
+#: What an all-reduce holds in flight beside the gradient it sums in place, at most, where
+#: pieces are at most :data:`PIECE_BYTES`: one encoded piece per upload connection and one
+#: downloaded piece per download connection. (Larger pieces come only from chunks over
+#: ``MAX_PIECES * PIECE_BYTES``, and then the same connections hold at most 6/16 of a
+#: chunk; the four-phase algorithm holds one chunk.) The memory model charges this and
+#: one chunk (:func:`funcpipe.costmodel.memory_terms`); measured in
+#: ``benchmarks/allreduce_memory.py``.
+SYNC_IN_FLIGHT_BYTES = (FETCH_CONNECTIONS + PUSH_CONNECTIONS) * PIECE_BYTES
 
 
 def piece_count(size_bytes: int, world: int, piece_bytes: int = PIECE_BYTES) -> int:

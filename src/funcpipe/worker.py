@@ -32,7 +32,8 @@ from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 
 __all__ = [
-    "REPORT_TIMES", "StageDefinition", "StageWorker", "WorkerConfig", "limit_allocator_retention", "peak_rss_bytes",
+    "REPORT_TIMES", "StageDefinition", "StageWorker", "WorkerConfig", "flatten_gradients", "limit_allocator_retention",
+    "peak_rss_bytes",
     "reset_peak_rss",
 ]
 
@@ -290,9 +291,7 @@ class StageWorker:
         params = protocol.trainable(self.layers.parameters())
         if not params:
             return
-        flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-        ])
+        flat = flatten_gradients(params)
         total = all_reduce(
             self.comm,
             flat,
@@ -308,6 +307,33 @@ class StageWorker:
             n = p.numel()
             p.grad = total[offset : offset + n].view_as(p)
             offset += n
+
+
+def flatten_gradients(params: list[Any]) -> torch.Tensor:
+    """The parameters' gradients, concatenated (zeros for a parameter without one); each gradient is dropped.
+
+    The bits of ``torch.cat``, without its doubling: ``flat`` starts unwritten
+    (``torch.empty`` pages are resident only once written), and each gradient is
+    copied into its region and released at once (``p.grad = None``; a worker's
+    allocator returns large freed blocks to the system,
+    :func:`limit_allocator_retention`), so the gradients' memory moves into
+    ``flat``; at any moment at most one parameter's gradient is held twice.
+    """
+    dtype = params[0].grad.dtype if params[0].grad is not None else params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.grad.dtype if p.grad is not None else p.dtype)
+    flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        region = flat[offset : offset + n]
+        if p.grad is None:
+            region.zero_()
+        else:
+            region.view(p.shape).copy_(p.grad)
+            p.grad = None
+        offset += n
+    return flat
 
 
 class _Iteration:

@@ -32,7 +32,7 @@ from funcpipe.errors import PlanTimeout
 from funcpipe.plans import Plan
 from funcpipe.platforms.base import MB_RATE, MIB, Platform, Tier
 from funcpipe.profiler import ModelProfile
-from funcpipe.protocol import MAX_PIECES, PIECE_BYTES, REPORT_BYTES, piece_count
+from funcpipe.protocol import MAX_PIECES, PIECE_BYTES, REPORT_BYTES, SYNC_IN_FLIGHT_BYTES, piece_count
 
 __all__ = ["Candidate", "Objective", "Problem", "Rounding", "Solution", "rounding", "solve"]
 
@@ -202,6 +202,7 @@ class _Builder:
         self.b_report = round(REPORT_BYTES / bu)
         self.b_overhead = math.ceil(plat.runtime_overhead_mb * MIB / bu)
         self.piece_units = max(1, round(PIECE_BYTES / bu))
+        self.b_in_flight = math.ceil(SYNC_IN_FLIGHT_BYTES / bu)
         prices = [plat.price_per_s(t) for t in problem.tiers]
         self.price_unit = (min(p for p in prices if p > 0) / 1000) if any(prices) else 1e-12
         self.price = [round(p / self.price_unit) for p in prices]
@@ -396,6 +397,7 @@ class _Builder:
             rq_s = md.new_int_var(0, MAX_PIECES * 3 * d_max * d_max * (self._put + self._get), f"rq{s}")
             rq_report = md.new_int_var(0, d_max * (self._put + self._get), f"rq_report{s}")
             rq_terms += [rq_s, rq_report]
+            sync_chunk = md.new_int_var(0, self.byte_total, f"sync_chunk{s}")
             for i, d in enumerate(reps):
                 lit = r[i]
                 n = -(-m // d)
@@ -412,7 +414,10 @@ class _Builder:
                 md.add(v["nmin_dl"] >= n_min * (v["dn_in"] + v["dn_grad"] + v["dn_tgt"])).only_enforce_if(lit)
                 # The memory model of funcpipe.costmodel.memory_terms, with the counts of
                 # funcpipe.costmodel.held for this schedule.
-                sync_buffers = 2 * params if d > 1 else 0
+                # The all-reduce's buffers, P / d + SYNC_IN_FLIGHT_BYTES: a chunk at least params / d.
+                if d > 1:
+                    md.add(d * sync_chunk >= params).only_enforce_if(lit)
+                sync_buffers = sync_chunk + self.b_in_flight if d > 1 else 0
                 base = self.b_overhead + 3 * params + 2 * seg("opt", s) + seg("held", s) + sync_buffers
                 if gpipe:
                     md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + n * out_b).only_enforce_if(
