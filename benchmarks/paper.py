@@ -411,11 +411,22 @@ def main() -> None:
     parser.add_argument("--sensitivity-time-limit", type=float, default=8.0)
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the re-planned sensitivity bands")
     parser.add_argument("--profiles", type=Path, default=PROFILES, help="where the <model>.json profiles are")
+    parser.add_argument("--rows-out", type=Path, default=None,
+                        help="only write this run's rows to this JSON file (to run parts in parallel)")
+    parser.add_argument("--assemble", type=Path, nargs="+", default=None,
+                        help="write paper.{json,md} from the --rows-out files of earlier runs, in this order")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     started = time.perf_counter()
-    rows = []
     band_limit = None if args.no_sensitivity else args.sensitivity_time_limit
+    if args.assemble:
+        parts = [json.loads(path.read_text()) for path in args.assemble]
+        rows = [row for part in parts for row in part["rows"]]
+        meta = {**parts[0]["meta"], "wall_s": max(part["meta"]["wall_s"] for part in parts),
+                "command": " and ".join(part["meta"]["command"] for part in parts) + " (in parallel)"}
+        write(rows, meta)
+        return
+    rows = []
     for name in args.models:
         for platform_name in args.platforms:
             row = compare(name, funcpipe.platforms.get(platform_name), args.time_limit, band_limit, args.profiles)
@@ -426,6 +437,13 @@ def main() -> None:
                   f"{_f(mid['saving'], '.0%', 'n/a')} vs LambdaML ({row['wall_s']:.0f} s)", flush=True)
     meta = {"command": "python benchmarks/paper.py " + " ".join(sys.argv[1:]), "time_limit_s": args.time_limit,
             "sensitivity_time_limit_s": band_limit, "wall_s": time.perf_counter() - started}
+    if args.rows_out is not None:
+        args.rows_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        return
+    write(rows, meta)
+
+
+def write(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     machine = {"cpus": os.cpu_count(), "processor": host.processor() or host.machine()}
     for row in rows:  # a list of rows, each saying how it was made
         row["run"] = {**meta, "machine": machine, "global_batch_size": GLOBAL_BATCH,
