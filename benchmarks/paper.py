@@ -421,7 +421,9 @@ def main() -> None:
     band_limit = None if args.no_sensitivity else args.sensitivity_time_limit
     if args.assemble:
         parts = [json.loads(path.read_text()) for path in args.assemble]
-        rows = [row for part in parts for row in part["rows"]]
+        order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in MODELS for p in PLATFORMS)}
+        rows = sorted((row for part in parts for row in part["rows"]),
+                      key=lambda r: order.get((r["model"], r["platform"]), len(order)))
         meta = {**parts[0]["meta"], "wall_s": max(part["meta"]["wall_s"] for part in parts),
                 "command": " and ".join(part["meta"]["command"] for part in parts) + " (in parallel)"}
         write(rows, meta)
