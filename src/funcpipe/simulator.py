@@ -200,14 +200,17 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
     counts = dict.fromkeys(REQUEST_KINDS, 0.0)
     spans, ends = _replay(stages, spec, plan, overlap, runtime=runtime, counts=counts)
     iteration_s = max(ends.values())
-    _count_the_rest(counts, stages, spec, plan, iteration_s, runtime)
-    cost = (costmodel.cost_per_iteration(iteration_s, stages, plan, spec, requests=False)
-            + request_cost(counts, spec))
     timeline = Timeline(tuple(spans), iteration_s)
     busy = {(st.stage, r): dict.fromkeys(("compute", "sync", "upload", "download"), 0.0)
             for st in stages for r in range(st.replicas)}
     for span in spans:
         busy[(span.stage, span.replica)]["sync" if span.label == "sync" else span.lane] += span.end - span.start
+    _count_the_rest(counts, stages, spec, plan, iteration_s, runtime)
+    if runtime == "funcpipe":  # while its compute thread waits, a worker reads the abort and stop objects
+        idle = sum(max(0.0, iteration_s - b["compute"] - b["sync"]) for b in busy.values())
+        counts["miss"] += 2 * idle / ABORT_CHECK_S
+    cost = (costmodel.cost_per_iteration(iteration_s, stages, plan, spec, requests=False)
+            + request_cost(counts, spec))
     reports = []
     for st in stages:
         worst = max((busy[(st.stage, r)] for r in range(st.replicas)), key=lambda b: b["compute"] + b["sync"])
@@ -285,10 +288,7 @@ def _count_the_rest(counts: dict[str, float], stages: Sequence[StageCost], platf
                 counts["delete"] += d * (d - 1) + 1  # each share read, then one batch of merged chunks
                 counts["list"] += 1  # the batch delete's listing
     else:
-        # Each worker reads the stop object once an iteration, and while it waits the abort and stop
-        # objects every ABORT_CHECK_S (taken as waiting the whole iteration: an upper bound); mostly
-        # not there.
-        counts["miss"] += workers * (1 + 2 * iteration_s / ABORT_CHECK_S)
+        counts["miss"] += workers  # each worker reads the stop object once an iteration, mostly not there
         # The driver waits about an iteration for each report, reading with the back-off.
         if platform.poll_max_s > 0:
             counts["miss"] += last * polls(iteration_s, platform.latency_s, platform.poll_initial_s,
