@@ -289,10 +289,9 @@ def _count_the_rest(counts: dict[str, float], stages: Sequence[StageCost], platf
                 counts["list"] += 1  # the batch delete's listing
     else:
         counts["miss"] += workers  # each worker reads the stop object once an iteration, mostly not there
-        # The driver waits about an iteration for each report, reading with the back-off.
-        if platform.poll_max_s > 0:
-            counts["miss"] += last * polls(iteration_s, platform.latency_s, platform.poll_initial_s,
-                                           platform.poll_max_s)[0]
+        # The driver waits about an iteration for the reports, reading with the back-off.
+        if platform.poll_max_s > 0:  # the first report it waits for; the others are there by then
+            counts["miss"] += polls(iteration_s, platform.latency_s, platform.poll_initial_s, platform.poll_max_s)[0]
         counts["delete"] += math.ceil(writes / DELETE_BATCH)
         if platform.storage != "file":  # a serverless platform: status heartbeats, read by the driver
             beats = workers * iteration_s / HEARTBEAT_S
