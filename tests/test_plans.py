@@ -247,3 +247,9 @@ def test_plan_is_frozen() -> None:
 def test_from_dict_names_missing_fields() -> None:
     with pytest.raises(ConfigError, match=r"missing fields \['global_batch_size'\]"):
         Plan.from_dict({"balance": [1], "replicas": [1], "micro_batch_size": 1})
+
+
+def test_layer_stages_name_each_layers_stage() -> None:
+    plan = Plan.manual([2, 3, 1], micro_batch_size=1, global_batch_size=4)
+    assert plan.layer_stages() == (0, 0, 1, 1, 1, 2)
+    assert [list(plan.layer_range(s)) for s in range(3)] == [[0, 1], [2, 3, 4], [5]]

@@ -248,7 +248,7 @@ def _tied_within(profile: ModelProfile, layers: range) -> tuple[int, float]:
 
 def _tied_across(profile: ModelProfile, plan: Plan, stage: int) -> tuple[tuple[int, int], ...]:
     """``(other stage, bytes)`` of the ties between ``stage`` and another stage of ``plan``."""
-    owner = [s for s in range(plan.num_stages) for _ in plan.layer_range(s)]
+    owner = plan.layer_stages()
     out: dict[int, int] = {}
     for i, j, n in profile.tied:
         a, b = owner[i], owner[j]
@@ -689,7 +689,7 @@ def requests_per_iteration(stages: Sequence[StageCost], plan: Plan, *, fed: bool
     carries an activation and a gradient per micro-batch; each replica of a
     synced stage writes ``d q`` pieces and reads ``2 (d-1) q`` (four-phase:
     ``d`` and ``2 (d-1)``); each last-stage replica writes a report the driver reads.
-    Without ``fed`` the workers hold their data (``simulate(..., data="resident")``): no
+    Without ``fed`` the workers hold their data (``simulate(..., runtime="lambdaml")``): no
     inputs or targets. Polls for objects not there yet are not counted.
     """
     m = plan.num_micro_batches
@@ -713,8 +713,7 @@ def requests_per_iteration(stages: Sequence[StageCost], plan: Plan, *, fed: bool
 
 
 def cost_per_iteration(
-    iteration_s: float, stages: Sequence[StageCost], plan: Plan, platform: Platform, *, fed: bool = True,
-    requests: bool = True,
+    iteration_s: float, stages: Sequence[StageCost], plan: Plan, platform: Platform, *, requests: bool = True
 ) -> float:
     """Dollars one iteration costs: functions billed for the whole iteration, plus requests.
 
@@ -726,7 +725,7 @@ def cost_per_iteration(
     polls included: :attr:`funcpipe.Simulation.requests`).
     """
     compute = iteration_s * sum(st.replicas * platform.price_per_s(st.tier) for st in stages)
-    writes, reads = requests_per_iteration(stages, plan, fed=fed) if requests else (0, 0)
+    writes, reads = requests_per_iteration(stages, plan) if requests else (0, 0)
     per_invocation = max(1, math.floor(platform.lifetime_s / max(iteration_s, 1e-9)))
     invocations = sum(st.replicas for st in stages) * platform.price_per_invocation / per_invocation
     return compute + writes * platform.price_per_put + reads * platform.price_per_get + invocations

@@ -211,6 +211,10 @@ class Plan:
         start = sum(self.balance[:stage])
         return range(start, start + self.balance[stage])
 
+    def layer_stages(self) -> tuple[int, ...]:
+        """The stage that owns each of the model's layers, in layer order."""
+        return tuple(s for s, count in enumerate(self.balance) for _ in range(count))
+
     def micro_batches(self, stage: int, replica: int) -> list[int]:
         """Micro-batches of one iteration that ``replica`` of ``stage`` runs: ``m mod d_s``."""
         return list(owned(replica, self.replicas[stage], self.num_micro_batches))

@@ -391,8 +391,8 @@ class _Item:
 
 
 def _replay(
-    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool = True, *,
-    runtime: str = "funcpipe", counts: dict[str, float] | None = None,
+    stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool, *, runtime: str,
+    counts: dict[str, float],
 ) -> tuple[list[Span], dict[tuple[int, int], float]]:
     engine = _Engine()
     objects: dict[tuple[Any, ...], _Signal] = {}
@@ -413,8 +413,7 @@ def _replay(
 
     for st in stages:
         for r in range(st.replicas):
-            _Worker(engine, obj, spans, ends, st, r, stages, plan, platform, count, overlap, runtime,
-                    dict.fromkeys(REQUEST_KINDS, 0.0) if counts is None else counts).start()
+            _Worker(engine, obj, spans, ends, st, r, stages, plan, platform, count, overlap, runtime, counts).start()
     engine.run()
     missing = [(st.stage, r) for st in stages for r in range(st.replicas) if (st.stage, r) not in ends]
     if missing:  # pragma: no cover - a schedule bug, not a user error
@@ -443,8 +442,8 @@ class _Worker:
     ) -> None:
         self.engine, self.obj, self.spans, self.ends = engine, obj, spans, ends
         self.overlap = overlap
-        self.resident = runtime == "lambdaml"  # inputs and targets already in memory
-        self.list_polls = runtime == "lambdaml"  # the four-phase waits LIST in a loop
+        # LambdaML's runtime: inputs and targets already in memory, the four-phase waits LIST in a loop.
+        self.lambdaml = runtime == "lambdaml"
         self.platform, self.counts = platform, counts
         self.st, self.replica, self.plan, self.lat = st, replica, plan, platform.latency_s
         self.s = st.stage
@@ -470,7 +469,7 @@ class _Worker:
         for op, m in self.tasks:
             if op in _RECEIVES:
                 key = self._received_key(op, m)
-                if self.resident and key[0] in ("input", "target"):
+                if self.lambdaml and key[0] in ("input", "target"):
                     self.received[key] = self.obj(key)  # the driver's objects: there from the start
                     continue
                 nbytes = {"recv": st.input_bytes, "recv_target": st.target_bytes, "recv_grad": st.output_bytes}[op]
@@ -660,7 +659,7 @@ class _Worker:
         engine = self.engine
         asked = engine.now
         yield self.obj(item.key)
-        listing = self.list_polls and item.key[0] in ("chunk", "merged") and self.sync == "four_phase"
+        listing = self.lambdaml and item.key[0] in ("chunk", "merged") and self.sync == "four_phase"
         if listing:  # LambdaML: LIST after LIST, no sleep
             misses, delay = polls(engine.now - asked, self.lat, 0.0, 0.0)
             self.counts["list"] += misses + 1

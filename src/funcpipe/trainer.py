@@ -425,7 +425,7 @@ def _check_model(
     for name, fn in (("loss_fn", loss_fn), ("optimizer", optimizer)):
         if not callable(fn):
             raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
-    owner = [s for s in range(plan.num_stages) for _ in plan.layer_range(s)]
+    owner = plan.layer_stages()
     for i, j, nbytes in tied_parameters(model):
         if owner[i] != owner[j]:
             raise ConfigError(

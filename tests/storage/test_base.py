@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Iterable
-
 import pytest
 
 from funcpipe.errors import ObjectNotFound
-from funcpipe.storage.base import SLEEP, Pause, Storage, WaitCancelled
+from funcpipe.storage.base import SLEEP, Pause, WaitCancelled
+from tests.storage import NoPrimitives
 
 
 class FakeClock:
@@ -19,7 +17,7 @@ class FakeClock:
         return self.now
 
 
-class ScriptedStorage(Storage):
+class ScriptedStorage(NoPrimitives):
     """A dict store on a fake clock whose pauses advance the clock and are recorded.
 
     ``arrivals`` maps a key to the clock time it is written at; ``woken`` is how many
@@ -60,21 +58,6 @@ class ScriptedStorage(Storage):
         self.events.append("look")
         arrival = self.arrivals.get(key)
         return b"data" if arrival is not None and self.fake.now >= arrival else None
-
-    def put(self, key: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def get(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def exists(self, key: str) -> bool:
-        raise NotImplementedError
-
-    def delete(self, keys: Iterable[str]) -> None:
-        raise NotImplementedError
-
-    def list(self, prefix: str) -> builtins.list[str]:
-        raise NotImplementedError
 
 
 def test_pauses_double_from_the_first_interval_to_the_largest_and_the_last_ends_at_the_deadline() -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import builtins
 import importlib.metadata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,11 @@ from funcpipe.errors import ConfigError
 from funcpipe.storage import (
     FileStorage,
     MemoryStorage,
-    Storage,
     ThrottledStorage,
     open_storage,
     register,
 )
+from tests.storage import NoPrimitives
 
 
 class CustomStorage(MemoryStorage):
@@ -31,21 +30,8 @@ class CustomStorage(MemoryStorage):
         return storage
 
 
-class NoFromUrl(Storage):
-    def put(self, key: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def get(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def exists(self, key: str) -> bool:
-        raise NotImplementedError
-
-    def delete(self, keys: Iterable[str]) -> None:
-        raise NotImplementedError
-
-    def list(self, prefix: str) -> builtins.list[str]:
-        raise NotImplementedError
+class NoFromUrl(NoPrimitives):
+    """A storage class without from_url."""
 
 
 class FakeEntryPoint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from funcpipe.platforms.aws_lambda import S3_PRICE_PER_GET, S3_PRICE_PER_PUT
 from funcpipe.platforms.base import FC_RUNTIME_OVERHEAD_MB, Platform, estimated_tiers
+from funcpipe.storage.base import POLL_BACKOFF_S
 
 __all__ = ["PLATFORM"]
 
@@ -43,8 +44,7 @@ PRICE_PER_LIST = PRICE_PER_PUT
 PRICE_PER_DELETE = PRICE_PER_PUT
 PRICE_PER_MISS = 0.0
 # funcpipe.storage.OSSStorage's back-off while an object is not there yet (poll_initial_s, poll_max_s).
-POLL_INITIAL_S = 0.01
-POLL_MAX_S = 0.2
+POLL_INITIAL_S, POLL_MAX_S = POLL_BACKOFF_S["oss"]
 
 # FC 2.0 limit: 86,400 s (24 h) per invocation, probably still in force in 3.0.
 LIFETIME_S = 86_400.0

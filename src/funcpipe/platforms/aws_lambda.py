@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from funcpipe.platforms.base import TORCH_RUNTIME_OVERHEAD_MB, Platform, estimated_tiers
+from funcpipe.storage.base import POLL_BACKOFF_S
 
 __all__ = ["PLATFORM"]
 
@@ -43,8 +44,7 @@ S3_PRICE_PER_DELETE = 0.0
 # responses (but a listed few), so a GET or HEAD that finds no object yet costs a GET.
 S3_PRICE_PER_MISS = S3_PRICE_PER_GET
 # funcpipe.storage.S3Storage's back-off while an object is not there yet (poll_initial_s, poll_max_s).
-S3_POLL_INITIAL_S = 0.01
-S3_POLL_MAX_S = 0.2
+S3_POLL_INITIAL_S, S3_POLL_MAX_S = POLL_BACKOFF_S["s3"]
 
 # AWS Lambda quotas page: function timeout at most 900 s (15 minutes).
 LIFETIME_S = 900.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from funcpipe.platforms.aws_lambda import PRICE_PER_GB_S as LAMBDA_PRICE_PER_GB_S
 from funcpipe.platforms.aws_lambda import S3_PRICE_PER_GET, S3_PRICE_PER_PUT
 from funcpipe.platforms.base import TORCH_RUNTIME_OVERHEAD_MB, Platform, Tier
+from funcpipe.storage.base import POLL_BACKOFF_S
 
 __all__ = ["PLATFORM"]
 
@@ -51,6 +52,6 @@ PLATFORM = Platform(
     price_per_list=PRICE_PER_PUT,
     price_per_miss=PRICE_PER_GET,
     # funcpipe.storage.FileStorage's back-off while an object is not there yet.
-    poll_initial_s=0.0002,
-    poll_max_s=0.002,
+    poll_initial_s=POLL_BACKOFF_S["file"][0],
+    poll_max_s=POLL_BACKOFF_S["file"][1],
 )

@@ -37,6 +37,17 @@ class Pause:
 SLEEP = Pause()
 
 
+#: ``(poll_initial_s, poll_max_s)`` of each store by scheme: how :meth:`Storage.wait` backs off
+#: while an object is not there yet. Remote stores raise the floor (a GET costs money). The
+#: platforms' descriptions (``Platform.poll_initial_s``, ``poll_max_s``) take theirs from here.
+POLL_BACKOFF_S: dict[str, tuple[float, float]] = {
+    "s3": (0.01, 0.2),
+    "oss": (0.01, 0.2),
+    "file": (0.0002, 0.002),
+    "memory": (0.0001, 0.001),
+}
+
+
 class Storage(abc.ABC):
     """A flat key -> bytes object store.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from funcpipe.errors import ConfigError, ObjectNotFound, StorageError
-from funcpipe.storage.base import Pause, Storage
+from funcpipe.storage.base import POLL_BACKOFF_S, Pause, Storage
 from funcpipe.storage.doorbell import doorbell_for
 
 __all__ = ["TEMP_MARKER", "FileStorage", "check_key", "check_prefix"]
@@ -104,8 +104,7 @@ class FileStorage(Storage):
 
     # A failed open() costs microseconds, so poll often: without a ring (a writer
     # on another host), a wait's latency is up to one poll interval on every hop.
-    poll_initial_s = 0.0002
-    poll_max_s = 0.002
+    poll_initial_s, poll_max_s = POLL_BACKOFF_S["file"]
 
     def __init__(self, root: str | Path) -> None:
         self._root = os.path.abspath(os.fspath(root))

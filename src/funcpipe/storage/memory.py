@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from funcpipe.errors import ConfigError, ObjectNotFound
-from funcpipe.storage.base import Storage
+from funcpipe.storage.base import POLL_BACKOFF_S, Storage
 from funcpipe.storage.file import check_key, check_prefix
 
 __all__ = ["MemoryStorage"]
@@ -42,8 +42,7 @@ class MemoryStorage(Storage):
             ``.``, ``_``, ``~``, ``-`` only.
     """
 
-    poll_initial_s = 0.0001
-    poll_max_s = 0.001
+    poll_initial_s, poll_max_s = POLL_BACKOFF_S["memory"]
 
     def __init__(self, name: str = "default") -> None:
         if not _NAME.fullmatch(name):

@@ -23,7 +23,7 @@ from funcpipe.errors import (
     StorageAccessDenied,
     StorageError,
 )
-from funcpipe.storage.base import Storage
+from funcpipe.storage.base import POLL_BACKOFF_S, Storage
 from funcpipe.storage.bucket_url import (
     check_bucket,
     compose_bucket_url,
@@ -162,8 +162,7 @@ class OSSStorage(Storage):
     """
 
     # A GET is tens of milliseconds and costs money: start at 10 ms, back off to 200 ms.
-    poll_initial_s = 0.01
-    poll_max_s = 0.2
+    poll_initial_s, poll_max_s = POLL_BACKOFF_S["oss"]
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from funcpipe.errors import BucketNotFound, ConfigError, ObjectNotFound, StorageAccessDenied, StorageError
-from funcpipe.storage.base import Storage
+from funcpipe.storage.base import POLL_BACKOFF_S, Storage
 from funcpipe.storage.bucket_url import (
     check_bucket,
     compose_bucket_url,
@@ -117,8 +117,7 @@ class S3Storage(Storage):
     """
 
     # A GET is tens of milliseconds and costs money: start at 10 ms, back off to 200 ms.
-    poll_initial_s = 0.01
-    poll_max_s = 0.2
+    poll_initial_s, poll_max_s = POLL_BACKOFF_S["s3"]
 
     def __init__(
         self,
