@@ -4,15 +4,24 @@
 
     FuncpipeError
     ├── ConfigError          the user asked for something that cannot work
-    │   └── VersionMismatch  a function runs another torch or funcpipe than the driver
+    │   ├── VersionMismatch  a function runs another torch or funcpipe than the driver
+    │   ├── JobBusy          another live fit holds the job's lease
+    │   ├── JobUnfinished    a fresh fit of a job whose last run did not finish
+    │   ├── FitInProgress    a second concurrent fit on one Trainer
+    │   └── UserCodeError    the user's layers, loss or optimizer raised (the same batch fails again)
+    ├── NonFiniteTraining    a loss, gradient or weight became NaN or infinite
+    ├── LeaseLost            another fit took over this fit's job while it ran
     ├── PlanInfeasible       no plan fits the model on the platform
     ├── PlanTimeout          the planner found no plan within its time limit (also a TimeoutError)
     ├── StorageError         an object store failed
     │   ├── ObjectNotFound   a key is not there (or did not appear in time)
     │   ├── BucketNotFound   the bucket a storage URL names does not exist
     │   ├── StorageAccessDenied  the credentials may not do an operation on a bucket/key
-    │   └── IntegrityError   an object failed its signature, header or key check
-    │       └── ForeignObject  an object was written for another key (another job, attempt, iteration...)
+    │   ├── StorageFailure   a storage adapter or plugin raised something else (translated at the boundary)
+    │   ├── StorageTimeout   a storage operation of the driver did not finish in time (also a TimeoutError)
+    │   └── IntegrityError   an object failed its MAC, signature, header or key check
+    │       ├── ForeignObject  an object was written for another key (another job, attempt, iteration...)
+    │       └── CheckpointCorrupt  a checkpoint failed its check
     ├── WorkerFailed         a stage worker raised or died; carries the remote traceback
     │   ├── WorkerNotStarted a worker never started (a serverless call never reported, a Ray actor was never placed)
     │   ├── WorkerSilent     a serverless call stopped heart-beating
@@ -30,17 +39,26 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "BucketNotFound",
+    "CheckpointCorrupt",
     "ConfigError",
+    "FitInProgress",
     "ForeignObject",
     "FuncpipeError",
     "FunctionNotDeployed",
     "IntegrityError",
+    "JobBusy",
+    "JobUnfinished",
+    "LeaseLost",
+    "NonFiniteTraining",
     "ObjectNotFound",
     "PayloadTooLarge",
     "PlanInfeasible",
     "PlanTimeout",
     "StorageAccessDenied",
     "StorageError",
+    "StorageFailure",
+    "StorageTimeout",
+    "UserCodeError",
     "VersionMismatch",
     "WorkerFailed",
     "WorkerNotStarted",
@@ -59,6 +77,30 @@ class ConfigError(FuncpipeError, ValueError):
 
 class VersionMismatch(ConfigError):
     """A function runs another torch or funcpipe version than the driver; it refuses the call."""
+
+
+class JobBusy(ConfigError):
+    """Another fit holds the job's lease and keeps it fresh: one live run per job (:mod:`funcpipe.lease`)."""
+
+
+class JobUnfinished(ConfigError):
+    """A fresh fit (no ``resume=True``) of a job whose last run did not finish."""
+
+
+class FitInProgress(ConfigError):
+    """A second :meth:`Trainer.fit` on one trainer while another is running (from another thread)."""
+
+
+class UserCodeError(ConfigError):
+    """The user's layers, loss function or optimizer raised: the same batch would fail the same way again."""
+
+
+class NonFiniteTraining(FuncpipeError):
+    """A loss, a gradient or a weight became NaN or infinite (``fit(on_nonfinite="raise")``, the default)."""
+
+
+class LeaseLost(FuncpipeError):
+    """Another fit took over this fit's job (its lease) while this one ran: this one stops."""
 
 
 class PlanInfeasible(FuncpipeError):
@@ -122,8 +164,20 @@ class StorageAccessDenied(StorageError):
         return (type(self), (self.bucket, self.key, str(self)))
 
 
+class StorageFailure(StorageError):
+    """A storage adapter or plugin raised an exception that is not funcpipe's (translated at the boundary)."""
+
+
+class StorageTimeout(StorageError, TimeoutError):
+    """A storage operation of the driver did not finish within its timeout."""
+
+
 class IntegrityError(StorageError):
-    """An object read from storage failed its signature, header or key check."""
+    """An object read from storage failed its MAC, signature, header or key check."""
+
+
+class CheckpointCorrupt(IntegrityError):
+    """A checkpoint failed its check (its MAC, header or key); the job falls back to the one before."""
 
 
 class ForeignObject(IntegrityError):
