@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The drivers' master secret (funcpipe.secret) in a directory of the session's own, not the user's.
+os.environ["FUNCPIPE_HOME"] = tempfile.mkdtemp(prefix="funcpipe-home-")
+os.environ.pop("FUNCPIPE_SECRET", None)
 
 #: Fake credentials for loopback S3/OSS servers; tests check that they never leak
 #: into a URL, a repr or an error message.

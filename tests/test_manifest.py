@@ -15,8 +15,8 @@ PLAN = json.loads(json.dumps(Plan.manual([2, 3], micro_batch_size=2, global_batc
 
 
 def manifest(job: str = "job-a", **changes: object) -> JobManifest:
-    fields: dict[str, object] = dict(job=job, attempt=1, plan=PLAN, layers=5, fit_first=0, fit_total=10,
-                                     restore_iteration=4, restore_attempt=0)
+    fields: dict[str, object] = dict(job=job, attempt=1, run="r1", plan=PLAN, layers=5, fit_first=0,
+                                     fit_total=10, restore_iteration=4, restore_attempt=0)
     fields.update(changes)
     return JobManifest(**fields)  # type: ignore[arg-type]
 
@@ -52,6 +52,21 @@ def test_manifests_with_malformed_fields_are_refused(changes: dict[str, object])
     data.update(changes)
     with pytest.raises(IntegrityError, match="has malformed fields"):
         JobManifest.decode(json.dumps(data).encode(), manifest_key("job-a"))
+
+
+@pytest.mark.parametrize(("field", "value"), [("restore_iteration", 2), ("run", "r2"), ("finished", True)])
+def test_an_altered_manifest_fails_its_authentication(field: str, value: object) -> None:
+    data = json.loads(manifest().encode())
+    data[field] = value  # well-formed, but not what the driver wrote
+    with pytest.raises(IntegrityError, match="failed its authentication"):
+        JobManifest.decode(json.dumps(data).encode(), manifest_key("job-a"))
+
+
+def test_a_manifest_written_with_another_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = manifest().encode()
+    monkeypatch.setenv("FUNCPIPE_SECRET", "another machine's secret")
+    with pytest.raises(IntegrityError, match="another secret"):
+        JobManifest.decode(data, manifest_key("job-a"))
 
 
 def test_a_manifest_copied_under_another_jobs_key_is_refused() -> None:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from torch import nn
 
-from funcpipe import ConfigError, IntegrityError, Plan, checkpoint, protocol
+from funcpipe import CheckpointCorrupt, ConfigError, IntegrityError, Plan, checkpoint, protocol
 from funcpipe.errors import StorageError
 from funcpipe.manifest import JobManifest, find_job, manifest_key
 from funcpipe.protocol import JobKeys
@@ -41,26 +41,54 @@ def write_checkpoints(storage: MemoryStorage, iteration: int, attempt: int, mode
 
 def write_manifest(storage: MemoryStorage, **fields: object) -> None:
     defaults: dict[str, object] = {
-        "job": JOB, "attempt": 0, "plan": PLAN.to_dict(), "layers": 7, "fit_first": 0, "fit_total": 6,
+        "job": JOB, "attempt": 0, "run": "", "plan": PLAN.to_dict(), "layers": 7, "fit_first": 0, "fit_total": 6,
         "restore_iteration": None, "restore_attempt": None, "finished": False,
     }
     JobManifest(**{**defaults, **fields}).put(storage)  # type: ignore[arg-type]
 
 
-def test_a_complete_checkpoint_becomes_the_restore_point_and_the_one_before_is_deleted(storage: MemoryStorage) -> None:
+def test_a_complete_checkpoint_becomes_the_restore_point_the_one_before_is_kept_older_ones_deleted(
+    storage: MemoryStorage
+) -> None:
     job = job_state(storage)
     job.begin_fit(0, 6)
-    for iteration in (2, 4):
+    for iteration in (2, 4, 6):
         write_checkpoints(storage, iteration, 0, mlp7())
         job.complete((iteration, 0))
-    assert (job.point, job.restore_iteration, job.restore_attempt) == ((4, 0), 4, 0)
-    assert [storage.exists(key) for key in job.checkpoint_keys((2, 0)) + job.checkpoint_keys((4, 0))] == [
-        False, False, True, True
+    assert (job.point, job.restore_iteration, job.restore_attempt, job.points) == ((6, 0), 6, 0, [(4, 0), (6, 0)])
+    assert [storage.exists(key) for i in (2, 4, 6) for key in job.checkpoint_keys((i, 0))] == [
+        False, False, True, True, True, True
     ]
     manifest = find_job(storage, JOB)
-    assert (manifest.restore_iteration, manifest.restore_attempt, manifest.fit_total, manifest.finished) == (
-        4, 0, 6, False
-    )
+    assert (manifest.restore_iteration, manifest.restore_attempt, manifest.previous_iteration,
+            manifest.previous_attempt, manifest.fit_total, manifest.finished) == (6, 0, 4, 0, 6, False)
+
+
+def test_a_corrupt_restore_point_falls_back_to_the_checkpoint_before(storage: MemoryStorage) -> None:
+    job, older, newer = job_state(storage), mlp7(seed=3), mlp7(seed=4)
+    write_checkpoints(storage, 2, 0, older)
+    job.complete((2, 0))
+    write_checkpoints(storage, 4, 0, newer)
+    job.complete((4, 0))
+    bad = job.checkpoint_keys((4, 0))[1]
+    data = bytearray(storage.get(bad))
+    data[8:10] = b"{{"  # its header no longer parses
+    storage.put(bad, bytes(data))
+    job.after_failure()  # gathers the restore point: it fails its check, so the one before is loaded
+    assert (job.point, job.iteration, job.points) == ((2, 0), 2, [(2, 0)])
+    assert_same_parameters(job.model, older)
+    assert not any(storage.exists(key) for key in job.checkpoint_keys((4, 0)))
+    assert find_job(storage, JOB).restore_iteration == 2
+
+
+def test_with_nothing_to_fall_back_to_a_corrupt_checkpoint_is_named(storage: MemoryStorage) -> None:
+    job = job_state(storage)
+    write_checkpoints(storage, 4, 0, mlp7())
+    job.points = [(4, 0)]  # as a resume without a previous checkpoint leaves it
+    job.iteration = 4
+    storage.put(job.checkpoint_keys((4, 0))[0], b"not a checkpoint")
+    with pytest.raises(CheckpointCorrupt, match=r"checkpoint 'restore-test/a0/checkpoint/i00000004/s0'"):
+        job.finish(4)
 
 
 @pytest.mark.parametrize(("complete", "expected"), [((4, 6), (6, 0)), ((4,), (4, 0)), ((), (2, 0))],
@@ -83,8 +111,10 @@ def test_an_abandoned_attempt_keeps_its_newest_complete_checkpoint(
     protocol.decode_abort(storage.get(abort), abort)
     assert job.point == expected
     left = {key for key in storage.list(f"{JOB}/a0/") if key != abort}
-    assert left == set(job.checkpoint_keys(expected))  # the other checkpoints and the messages are gone
-    assert find_job(storage, JOB).attempt == (1 if complete else 0)  # recorded when the point moved
+    kept = {key for point in job.points if point is not None for key in job.checkpoint_keys(point)}
+    assert left == kept  # the other checkpoints and the messages are gone
+    assert kept >= set(job.checkpoint_keys(expected)) and len(job.points) == 2
+    assert find_job(storage, JOB).attempt == 1  # a resume after the driver died starts a newer attempt still
 
 
 class FailingPuts(MemoryStorage):
@@ -100,7 +130,7 @@ def test_a_storage_failure_while_abandoning_is_logged_and_the_job_still_moves_on
         job.abandon([2], [])
     assert job.keys.attempt == 1
     assert [r.getMessage() for r in caplog.records] == [
-        f"could not clean up after failed attempt 0: put {JobKeys(JOB).abort!r}: 503 Slow Down"
+        f"could not clean up after failed attempt 0: put {manifest_key(JOB)!r}: 503 Slow Down"
     ]
 
 

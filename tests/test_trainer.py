@@ -327,9 +327,9 @@ def test_storage_holds_only_a_few_iterations_during_a_long_fit() -> None:
 
         @staticmethod
         def _prefix(key: str) -> str | None:
-            parts = key.split("/")
-            is_message = len(parts) > 3 and parts[1].startswith("a") and parts[2].startswith("i")
-            return "/".join(parts[:3]) if is_message else None
+            parts = key.split("/")  # job/run/attempt/iteration/message
+            is_message = len(parts) > 4 and parts[2].startswith("a") and parts[3].startswith("i")
+            return "/".join(parts[:4]) if is_message else None
 
         def put(self, key: str, data: bytes) -> None:
             prefix = self._prefix(key)
@@ -403,8 +403,9 @@ def train_over_foreign_objects(backend: str, storage: str, source: str, caplog: 
     assert_same_parameters(new.model, expected)
     assert history.losses == pytest.approx(losses, rel=1e-5)
     if backend == "thread":  # Ray workers log in their own processes
-        # Every worker reads the stop object before each iteration, and nothing ever replaces it.
-        assert any(repr(new.keys.stop(0)) in r.getMessage() and repr(old.keys.stop(0)) in r.getMessage()
+        # Every worker reads the stop object before each iteration, and nothing ever replaces it: copied
+        # from another job or attempt, its MAC (bound to the key and the job's key) fails.
+        assert any(f"object {new.keys.stop(0)!r} failed its authentication" in r.getMessage()
                    for r in caplog.records)
 
 

@@ -207,13 +207,14 @@ def test_a_failed_fit_leaves_the_model_at_the_last_complete_checkpoint(tmp_path:
     assert_same_as_reference(trainer.model, reference(batches))
 
 
-def test_checkpoints_are_kept_only_for_the_latest_complete_point() -> None:
+def test_checkpoints_are_kept_only_for_the_two_latest_complete_points() -> None:
     storage = MemoryStorage("checkpoint-count")
     trainer = Trainer(mlp7(), nn.functional.mse_loss, sgd_momentum, PLAN, backend="thread",
                       storage="memory://checkpoint-count", job="counted")
     trainer.fit(regression_batches(5, 8), progress=False, checkpoint_every=2)
+    run = trainer.keys.run
     assert sorted(k for k in storage.list("counted/") if "/checkpoint/" in k) == [
-        f"counted/a0/checkpoint/i00000005/s{s}" for s in range(3)
+        f"counted/{run}/a0/checkpoint/i{i:08d}/s{s}" for i in (4, 5) for s in range(3)
     ]
     manifest = JobManifest.decode(storage.get(manifest_key("counted")), manifest_key("counted"))
     assert (manifest.restore_iteration, manifest.finished, manifest.fit_total) == (5, True, 5)

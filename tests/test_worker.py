@@ -22,6 +22,7 @@ from funcpipe.executors.base import ActorHandle, Resources
 from funcpipe.executors.thread import ThreadActor, ThreadExecutor
 from funcpipe.schedule import in_flight
 from funcpipe.storage import MemoryStorage
+from funcpipe.storage.authenticated import AuthenticatedStorage
 from funcpipe.worker import StageWorker
 from tests.helpers import SpyExecutor, mlp7, regression_batches
 
@@ -117,12 +118,18 @@ def test_worker_refuses_a_model_blob_signed_by_someone_else() -> None:
     from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
 
     plan = Plan.manual([1], micro_batch_size=1, global_batch_size=1)
-    storage = open_storage("memory://foreign-blob")
-    key = "job-x/model/s0"
+    worker_key, key = signed.new_key(), "job-x/model/s0"
     definition = StageDefinition(nn.Sequential(nn.Linear(1, 1)), lambda p: torch.optim.SGD(p, lr=1), None)
-    storage.put(key, signed.seal(definition, signed.new_key(), name=key))
     config = WorkerConfig(job="job-x", attempt=0, storage_url="memory://foreign-blob", stage=0, replica=0,
-                          plan=plan.to_dict(), timeout_s=5, signing_key=signed.new_key())
+                          plan=plan.to_dict(), timeout_s=5, signing_key=worker_key)
+    # Stored under another job's key: the object's MAC fails before the blob is even looked at.
+    AuthenticatedStorage(open_storage("memory://foreign-blob"), signed.new_key()).put(
+        key, signed.seal(definition, worker_key, name=key))
+    with pytest.raises(WorkerFailed, match="IntegrityError: object 'job-x/model/s0' failed its authentication"):
+        StageWorker(config.to_payload()).run(0, 1)
+    # Stored under the worker's key, but signed with another: its signature fails.
+    AuthenticatedStorage(open_storage("memory://foreign-blob"), worker_key).put(
+        key, signed.seal(definition, signed.new_key(), name=key))
     with pytest.raises(WorkerFailed, match="IntegrityError: object 'job-x/model/s0' has a bad signature"):
         StageWorker(config.to_payload()).run(0, 1)
 
@@ -163,7 +170,8 @@ def test_a_worker_cancelled_before_it_starts_makes_no_threads() -> None:
     plan = Plan.manual([1], micro_batch_size=1, global_batch_size=1)
     key, blob_key = signed.new_key(), "job-early/model/s0"
     definition = StageDefinition(nn.Sequential(nn.Linear(1, 1)), lambda p: torch.optim.SGD(p, lr=1), None)
-    open_storage("memory://early-cancel").put(blob_key, signed.seal(definition, key, name=blob_key))
+    AuthenticatedStorage(open_storage("memory://early-cancel"), key).put(
+        blob_key, signed.seal(definition, key, name=blob_key))
     config = WorkerConfig(job="job-early", attempt=0, storage_url="memory://early-cancel", stage=0, replica=0,
                           plan=plan.to_dict(), timeout_s=5, signing_key=key)
     worker = StageWorker(config.to_payload())
@@ -229,7 +237,7 @@ def test_a_pickle_written_over_an_object_is_refused_and_never_run(what: str, tmp
     }[what]
     with pytest.raises(WorkerFailed) as info:
         trainer.fit(regression_batches(1, 8), progress=False)
-    assert info.value.cause.startswith(f"IntegrityError: object {key!r} is not "), info.value.cause
+    assert info.value.cause.startswith(f"IntegrityError: object {key!r} failed its authentication"), info.value.cause
     assert not marker.exists()
 
 
@@ -244,18 +252,21 @@ def test_a_pickle_written_over_a_checkpoint_is_refused_by_the_resuming_worker(tm
     with pytest.raises(WorkerFailed) as info:
         trainer.fit(regression_batches(1, 8), progress=False)
     assert info.value.worker == "stage 1 replica 0"
-    assert info.value.cause.startswith(f"IntegrityError: checkpoint {key!r} is not a funcpipe checkpoint")
+    assert info.value.cause.startswith(f"CheckpointCorrupt: checkpoint {key!r} failed its check: object {key!r} "
+                                       "failed its authentication"), info.value.cause
     assert not marker.exists()
 
 
 def test_a_pickle_written_over_a_checkpoint_is_refused_by_the_driver_gathering_the_model(tmp_path: Path) -> None:
-    from funcpipe import IntegrityError
+    from funcpipe import CheckpointCorrupt, IntegrityError
 
     marker = tmp_path / "unpickled"
     trainer = swapping_trainer("/checkpoint/i00000001/s0", pickle_that_creates(marker))
     with pytest.raises(IntegrityError) as info:
         trainer.fit(regression_batches(1, 8), progress=False)
-    assert str(info.value).startswith(f"checkpoint {trainer.keys.checkpoint(0, 1)!r} is not a funcpipe checkpoint")
+    assert isinstance(info.value, CheckpointCorrupt)
+    assert str(info.value).startswith("the fit's final checkpoint (before iteration 1) failed its check "
+                                      f"(checkpoint {trainer.keys.checkpoint(0, 1)!r} failed its check")
     assert not marker.exists()
 
 

@@ -1,7 +1,7 @@
 """The job's storage protocol: every object a job writes, under which key, who writes it, who reads it.
 
 Every object has exactly one key computed from what it is
-(``job/attempt/iteration/kind.stage.replica.micro-batch``), so a retried
+(``job/run/attempt/iteration/kind.stage.replica.micro-batch``), so a retried
 iteration overwrites rather than duplicates, and a reader waits for one known
 key (a GET by key, never a bucket listing). Below the iteration the key is
 flat (dots, not slashes): on a file system an iteration is one directory,
@@ -24,7 +24,12 @@ abort (attempt abandoned)   ``abort``                              trainer      
 call status                 ``STATUS_PREFIX + id``                 function            serverless executor
 call cancel                 status key + ``CANCEL_SUFFIX``         serverless executor function
 job manifest                :func:`funcpipe.manifest.manifest_key`  trainer            trainer (resume)
+job lease (one live run)    :func:`funcpipe.lease.lease_key`       trainer            trainer
 ==========================  =====================================  ==================  ==================
+
+Every object but the manifest and the lease carries a MAC over its key and
+bytes under the job's key (:mod:`funcpipe.storage.authenticated`); the
+manifest carries its own (:mod:`funcpipe.manifest`).
 
 The JSON control objects' encoders and decoders are here, next to their keys;
 tensors are :func:`funcpipe.collectives.put_tensor`'s, checkpoints
@@ -222,7 +227,7 @@ def decode_metrics(data: bytes, key: str) -> float:
 # -- serverless calls: the invocation payload's format, status and cancel objects -------------
 
 #: Version of the invocation payload; a function refuses any other.
-PAYLOAD_FORMAT = 2
+PAYLOAD_FORMAT = 3
 
 
 def versions() -> dict[str, str]:
@@ -290,14 +295,31 @@ def decode_status(data: bytes, key: str) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class JobKeys:
-    """Key builder for one job and attempt."""
+    """Key builder for one run and attempt of a job.
+
+    ``run`` is the run id a trainer draws when it is made (``""``: none, the
+    keys of tools and tests that need no isolation): every key of a run holds
+    it, so nothing a crashed, concurrent or earlier run of the same job left in
+    storage is ever read as this run's. A resumed job continues its run with
+    the next attempt.
+    """
 
     job: str
     attempt: int = 0
+    run: str = ""
+
+    @property
+    def base(self) -> str:
+        """The prefix of every key of the run (its attempts and model blobs)."""
+        return f"{self.job}/{self.run}" if self.run else self.job
 
     @property
     def root(self) -> str:
-        return f"{self.job}/a{self.attempt}"
+        return f"{self.base}/a{self.attempt}"
+
+    def with_attempt(self, attempt: int) -> JobKeys:
+        """The keys of another attempt of the same run."""
+        return dataclasses.replace(self, attempt=attempt)
 
     def iteration_prefix(self, iteration: int) -> str:
         return f"{self.root}/i{iteration:08d}/"
@@ -356,7 +378,7 @@ class JobKeys:
 
     def model_blob(self, stage: int) -> str:
         """The signed definition of one stage (layers, optimizer factory, loss)."""
-        return f"{self.job}/model/s{stage}"
+        return f"{self.base}/model/s{stage}"
 
     def checkpoint(self, stage: int, iteration: int) -> str:
         """Weights and optimizer state of one stage before ``iteration``, as this attempt wrote them.

@@ -4,8 +4,10 @@ Every stage checkpoints its weights and optimizer state
 (:meth:`~funcpipe.protocol.JobKeys.checkpoint`) before every
 ``checkpoint_every``-th iteration and at the end of a run. Once every stage
 has a checkpoint of the same iteration, that is the job's *restore point*:
-the job manifest records it (:mod:`funcpipe.manifest`) and the checkpoint
-before it is deleted. A failed attempt is abandoned: its workers are told to
+the job manifest records it (:mod:`funcpipe.manifest`), and the job keeps it
+and the one complete checkpoint before it (older ones are deleted), so a
+checkpoint that fails its check falls back to the one before
+(:meth:`JobState.fall_back`). A failed attempt is abandoned: its workers are told to
 stop (the abort object), its newest complete checkpoint is kept and the rest
 of what it wrote deleted, and the job moves to a fresh attempt, whose keys
 nothing of the failed one can be mistaken for. A job whose driver died is
@@ -23,7 +25,8 @@ import torch
 from torch import nn
 
 from funcpipe import checkpoint, protocol
-from funcpipe.errors import ConfigError, IntegrityError, StorageError
+from funcpipe.errors import CheckpointCorrupt, ConfigError, IntegrityError, StorageError
+from funcpipe.lease import lease_key
 from funcpipe.manifest import JobManifest, find_job, manifest_key
 from funcpipe.plans import Plan
 from funcpipe.protocol import JobKeys
@@ -50,8 +53,9 @@ class JobState:
 
     Attributes:
         keys: the keys of the job's current attempt.
-        point: the latest state every stage has a checkpoint of, or ``None``:
-            the initial weights, in the model blobs.
+        points: the complete checkpoints the job keeps, oldest first (at most
+            two): :attr:`point`, and the one before it to fall back to. ``None``
+            stands for the initial weights, in the model blobs.
         iteration: iterations the trainer has finished; the model holds the
             weights before it.
         extra: attached to the job's manifest (see :class:`~funcpipe.manifest.JobManifest`).
@@ -64,10 +68,21 @@ class JobState:
         self.model = model
         self.keys = keys
         self.named = named
-        self.point: Point | None = None
+        self.points: list[Point | None] = [None]
         self.iteration = 0
         self.extra: dict[str, Any] = {}
         self.fit_span = (0, 0)
+
+    @property
+    def point(self) -> Point | None:
+        """The restore point: the latest state every stage has a checkpoint of (``None``: the initial weights)."""
+        return self.points[-1]
+
+    @property
+    def oldest_kept_iteration(self) -> int:
+        """The iteration of the oldest checkpoint kept (a fall-back replays the batches from there)."""
+        oldest = self.points[0]
+        return oldest[0] if oldest is not None else 0
 
     @property
     def restore_iteration(self) -> int:
@@ -82,7 +97,7 @@ class JobState:
     def checkpoint_keys(self, point: Point) -> list[str]:
         """The checkpoint of every stage that ``point`` is made of."""
         iteration, attempt = point
-        keys = JobKeys(self.keys.job, attempt)
+        keys = self.keys.with_attempt(attempt)
         return [keys.checkpoint(s, iteration) for s in range(self.plan.num_stages)]
 
     def begin_fit(self, first: int, total: int) -> None:
@@ -91,14 +106,37 @@ class JobState:
         self._write_manifest(finished=False)
 
     def complete(self, point: Point) -> None:
-        """Every stage has a checkpoint ``point``: make it the restore point, and delete the one before."""
-        old, self.point = self.point, point
-        if old is not None and old != self.point:
-            try:
-                self.storage.delete(self.checkpoint_keys(old))
-            except StorageError as exc:
-                log.warning("could not delete the checkpoint before iteration %d: %s", old[0], exc)
+        """Every stage has a checkpoint ``point``: make it the restore point; keep the one before, delete older."""
+        if point == self.point:
+            return
+        self.points.append(point)
+        dropped = self.points[:-2]
+        del self.points[:-2]
+        for old in dropped:
+            if old is not None and old not in self.points:
+                self._delete_checkpoint(old)
         self._write_manifest(finished=False)
+
+    def fall_back(self, corrupt: CheckpointCorrupt) -> bool:
+        """The restore point's checkpoint failed its check: make the one before it the restore point.
+
+        Returns whether there was one to fall back to (else the job cannot go on from storage).
+        """
+        if len(self.points) < 2:
+            return False
+        bad = self.points.pop()
+        log.warning("the checkpoint before iteration %d failed its check (%s); falling back to the one before "
+                    "iteration %d", bad[0] if bad else 0, corrupt, self.restore_iteration)
+        if bad is not None:
+            self._delete_checkpoint(bad)
+        self._write_manifest(finished=False)
+        return True
+
+    def _delete_checkpoint(self, point: Point) -> None:
+        try:
+            self.storage.delete(self.checkpoint_keys(point))
+        except StorageError as exc:
+            log.warning("could not delete the checkpoint before iteration %d: %s", point[0], exc)
 
     def abandon(self, due: Sequence[int], messages: Sequence[str]) -> None:
         """Move the job to a fresh attempt, after the current one failed and its workers were killed.
@@ -111,15 +149,16 @@ class JobState:
         are deleted; a storage failure in doing so is only logged, since the
         next attempt has keys of its own.
         """
-        failed, self.keys = self.keys, JobKeys(self.keys.job, self.keys.attempt + 1)
+        failed, self.keys = self.keys, self.keys.with_attempt(self.keys.attempt + 1)
         try:
+            self._write_manifest(finished=False)  # a resume after this driver dies starts a newer attempt still
             self.storage.put(failed.abort, protocol.encode_abort(failed.abort))
             newer = [(i, failed.attempt) for i in due if i > self.restore_iteration]
             newest = next((p for p in reversed(newer) if self._in_storage(p)), None)
             if newest is not None:
                 self.complete(newest)
             stale = list(messages)
-            stale += [key for i in due if (i, failed.attempt) != self.point
+            stale += [key for i in due if (i, failed.attempt) not in self.points
                       for key in self.checkpoint_keys((i, failed.attempt))]
             self.storage.delete(stale)
         except StorageError as exc:
@@ -129,8 +168,7 @@ class JobState:
         """Leave the trainer at the restore point, the model holding its weights (a fit failed for good)."""
         try:
             if self.point is not None:
-                self.iteration = self.point[0]
-                self._gather()
+                self._gather_falling_back()
             self._write_manifest(finished=False)
         except StorageError as exc:  # do not hide the failure that got us here
             log.warning("could not load the last checkpoint after the failure: %s", exc)
@@ -138,7 +176,18 @@ class JobState:
     def finish(self, iteration: int) -> None:
         """A fit ended before ``iteration``, the restore point: load its weights into the model."""
         self.iteration = iteration
-        self._gather()
+        try:
+            self._gather()
+        except CheckpointCorrupt as exc:
+            if not self.fall_back(exc):
+                raise
+            self._gather_falling_back()
+            self._write_manifest(finished=False)
+            raise CheckpointCorrupt(
+                f"the fit's final checkpoint (before iteration {iteration}) failed its check ({exc}); the model "
+                f"holds the weights before iteration {self.iteration}, the checkpoint before it, from which "
+                "the next fit continues"
+            ) from exc
         self._write_manifest(finished=True)
 
     def resume(self, total: int) -> int | None:
@@ -159,10 +208,10 @@ class JobState:
                 f"model of {manifest.layers} layers, not this trainer's plan {self.plan} and {len(self.model)} "
                 "layers; hint: resume with the same model and plan, or start a new job without resume=True"
             )
-        self.keys = JobKeys(manifest.job, manifest.attempt + 1)
+        self.keys = JobKeys(manifest.job, manifest.attempt + 1, manifest.run)
         self.extra = dict(manifest.extra)
         try:  # workers the dead driver left running (serverless calls) stop
-            abort = JobKeys(manifest.job, manifest.attempt).abort
+            abort = self.keys.with_attempt(manifest.attempt).abort
             self.storage.put(abort, protocol.encode_abort(abort))
         except StorageError as exc:
             log.warning("could not write the abort object of attempt %d: %s", manifest.attempt, exc)
@@ -181,40 +230,66 @@ class JobState:
         return done
 
     def clean(self, *, checkpoints: bool) -> None:
-        """Delete what the job keeps in storage: model blobs, manifest, abort objects and (``checkpoints``)
-        the restore point's checkpoints."""
-        keys = [self.keys.model_blob(s) for s in range(self.plan.num_stages)] + [manifest_key(self.keys.job)]
-        keys += [JobKeys(self.keys.job, attempt).abort for attempt in range(self.keys.attempt)]
-        if checkpoints and self.point is not None:
-            keys += self.checkpoint_keys(self.point)
-            self.point = None
+        """Delete what the job keeps in storage — every run's objects under the job's prefix, its manifest
+        and its lease — but (without ``checkpoints``) the checkpoints this trainer continues from."""
+        keep = set() if checkpoints else {k for p in self.points if p is not None for k in self.checkpoint_keys(p)}
+        keys = [key for key in self.storage.list(f"{self.keys.job}/") if key not in keep]
+        keys += [manifest_key(self.keys.job)]
+        keys += [key for key in self.storage.list(lease_key(self.keys.job, 0)[:-8])]
+        if checkpoints:
+            self.points = [None]
+        elif self.point is not None:
+            self.points = [self.point]
         self.storage.delete(keys)
 
     def _take_restore_point(self, manifest: JobManifest) -> int:
-        """Adopt the restore point ``manifest`` records, loading its weights; how many iterations of the
-        manifest's fit it is past."""
+        """Adopt the restore point ``manifest`` records (and the one before it), loading its weights; how
+        many iterations of the manifest's fit it is past."""
         if manifest.restore_iteration is None or manifest.restore_attempt is None:
             if manifest.fit_first != 0:
                 raise IntegrityError(
                     f"job manifest of {manifest.job!r} has no checkpoint but its fit began at iteration "
                     f"{manifest.fit_first}; cannot resume it"
                 )
-            self.point, self.iteration = None, 0
+            self.points, self.iteration = [None], 0
             return 0
-        self.point = (manifest.restore_iteration, manifest.restore_attempt)
-        self.iteration = manifest.restore_iteration
-        self._gather()  # also proves every stage's checkpoint is there
-        return manifest.restore_iteration - manifest.fit_first
+        restore = (manifest.restore_iteration, manifest.restore_attempt)
+        previous = (None if manifest.previous_iteration is None or manifest.previous_attempt is None
+                    else (manifest.previous_iteration, manifest.previous_attempt))
+        self.points = [previous, restore] if previous is not None or manifest.fit_first == 0 else [restore]
+        self._gather_falling_back()  # also proves every stage's checkpoint is there
+        return self.iteration - manifest.fit_first
 
     def _in_storage(self, point: Point) -> bool:
         return all(self.storage.exists(key) for key in self.checkpoint_keys(point))
 
+    def _gather_falling_back(self) -> None:
+        """:meth:`_gather` the restore point; if its checkpoint fails its check, the one before it."""
+        while True:
+            self.iteration = self.restore_iteration
+            try:
+                self._gather()
+                return
+            except CheckpointCorrupt as exc:
+                if not self.fall_back(exc):
+                    raise
+
     def _gather(self) -> None:
-        """Load the restore point's checkpoints (before the trainer's current iteration) into the model."""
-        assert self.point is not None and self.point[0] == self.iteration
+        """Load the restore point's checkpoints (before the trainer's current iteration) into the model.
+
+        Raises:
+            CheckpointCorrupt: one fails its check (its MAC, header or key).
+        """
+        if self.point is None:  # the initial weights: the model blobs' (the user's model as it was)
+            assert self.iteration == 0
+            return
+        assert self.point[0] == self.iteration
         merged: dict[str, torch.Tensor] = {}
         for key in self.checkpoint_keys(self.point):
-            state, _ = checkpoint.decode_state(self.storage.get(key), key=key)
+            try:
+                state, _ = checkpoint.decode_state(self.storage.get(key), key=key)
+            except IntegrityError as exc:
+                raise CheckpointCorrupt(f"checkpoint {key!r} failed its check: {exc}") from exc
             merged.update(state)
         with torch.no_grad():
             self.model.load_state_dict(merged)
@@ -222,15 +297,20 @@ class JobState:
     def _write_manifest(self, *, finished: bool) -> None:
         fit_first, fit_total = self.fit_span
         restore_iteration, restore_attempt = self.point if self.point is not None else (None, None)
+        before = self.points[0] if len(self.points) == 2 else None
+        previous_iteration, previous_attempt = before if before is not None else (None, None)
         JobManifest(
             job=self.keys.job,
             attempt=self.keys.attempt,
+            run=self.keys.run,
             plan=self.plan.to_dict(),
             layers=len(self.model),
             fit_first=fit_first,
             fit_total=fit_total,
             restore_iteration=restore_iteration,
             restore_attempt=restore_attempt,
+            previous_iteration=previous_iteration,
+            previous_attempt=previous_attempt,
             finished=finished,
             extra=self.extra,
         ).put(self.storage)

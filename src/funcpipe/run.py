@@ -24,9 +24,10 @@ import torch
 from funcpipe import binding, protocol
 from funcpipe.batches import InputDtype, Replay, check_batch
 from funcpipe.collectives import put_tensor
-from funcpipe.errors import BackendError, ConfigError, ObjectNotFound, WorkerNotStarted, WorkerTimeout
+from funcpipe.errors import BackendError, ConfigError, LeaseLost, ObjectNotFound, WorkerNotStarted, WorkerTimeout
 from funcpipe.executors import Executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
+from funcpipe.lease import Lease
 from funcpipe.plans import Plan
 from funcpipe.restore import JobState
 from funcpipe.stall import find_stall
@@ -61,6 +62,7 @@ class Setup:
         signing_key: the key the stage definitions are signed with.
         gradient_bytes: per stage, :func:`funcpipe.protocol.gradient_bytes` of its parameters.
         input_dtype: what the model's inputs must be (:func:`funcpipe.batches.model_input_dtype`).
+        lease: the job's lease the fit holds (a takeover fails the run, :class:`~funcpipe.LeaseLost`).
     """
 
     plan: Plan
@@ -73,6 +75,7 @@ class Setup:
     signing_key: str = dataclasses.field(repr=False)  # never logged
     gradient_bytes: Sequence[int]
     input_dtype: InputDtype | None
+    lease: Lease | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +186,7 @@ class Run:
                 resume_attempt=self.job.restore_attempt,
                 checkpoint_every=self.fit.checkpoint_every,
                 signing_key=setup.signing_key,
+                run=self.job.keys.run,
             )
             self._handles.append(
                 setup.executor.launch(StageWorker, config.to_payload(), name=config.name, resources=resources)
@@ -281,7 +285,12 @@ class Run:
             self._feed_errors.append(upload.exception())  # type: ignore[arg-type]
 
     def _failure(self) -> BaseException | None:
-        """The first failure of the workers' calls or of the driver's own uploads, if any."""
+        """The first failure of the workers' calls or of the driver's own uploads, or the lease lost, if any."""
+        if self.setup.lease is not None:
+            try:
+                self.setup.lease.check()
+            except LeaseLost as exc:
+                return exc
         return self._feed_errors[0] if self._feed_errors else self._calls.failure()
 
     def _finish(self, iteration: int) -> None:
@@ -396,8 +405,8 @@ class Run:
 
     def _checkpoint_complete(self, iteration: int) -> None:
         """Every stage has its checkpoint before ``iteration`` of this attempt: the job's restore point."""
-        self.fit.replay.forget_before(iteration)
         self.job.complete((iteration, self.job.keys.attempt))
+        self.fit.replay.forget_before(max(self.fit.first, self.job.oldest_kept_iteration))
 
     def _abandon(self) -> None:
         """Move the job past this run's failed attempt, keeping its newest complete checkpoint."""
@@ -407,7 +416,7 @@ class Run:
         unfinished = range(max(self.first, fed_to - LOOKAHEAD - 2), fed_to)
         plan, sizes = self.setup.plan, self.setup.gradient_bytes
         self.job.abandon(due, [key for i in unfinished for key in failed.iteration_keys(i, plan, sizes)])
-        self.fit.replay.forget_before(self.job.restore_iteration)
+        self.fit.replay.forget_before(max(self.fit.first, self.job.oldest_kept_iteration))
 
 
 def _postfix(history: History, usd_per_iteration: float | None) -> dict[str, str]:

@@ -14,8 +14,11 @@ import functools
 import itertools
 import logging
 import os
+import secrets
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -26,17 +29,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from funcpipe import protocol, signed
+from funcpipe import protocol, secret, signed
 from funcpipe.batches import Batch, Replay, check_batch, model_input_dtype, training_batches
-from funcpipe.errors import BackendError, ConfigError, StorageError, WorkerFailed
+from funcpipe.errors import (
+    BackendError,
+    CheckpointCorrupt,
+    ConfigError,
+    FitInProgress,
+    JobUnfinished,
+    StorageError,
+    WorkerFailed,
+)
 from funcpipe.executors import Executor, get_executor
-from funcpipe.manifest import check_job_name
+from funcpipe.lease import Lease
+from funcpipe.manifest import JobManifest, check_job_name, find_job, read_manifest
 from funcpipe.plans import Plan
 from funcpipe.profiler import tied_parameters
 from funcpipe.protocol import JobKeys
 from funcpipe.restore import JobState
 from funcpipe.run import Fit, Run, Setup
 from funcpipe.storage import Storage, open_storage
+from funcpipe.storage.authenticated import AuthenticatedStorage
 from funcpipe.worker import REPORT_TIMES, StageDefinition
 
 if TYPE_CHECKING:
@@ -208,13 +221,26 @@ class Trainer:
             storage = Path(directory).as_uri()
         self.storage_url = storage
         self.executor.check_storage(self.storage_url)
-        self.storage: Storage = open_storage(self.storage_url)
+        self._raw_storage = open_storage(self.storage_url)
         self.timeout_s = timeout_s
         self.threads_per_worker = threads_per_worker
-        keys = JobKeys(check_job_name(job) if job is not None else f"job-{uuid.uuid4().hex[:12]}")
-        self._job = JobState(self.storage, plan, model, keys, named=job is not None)
-        self._signing_key = signed.new_key()
+        #: This trainer's run id: in every key its fits write, and the holder of the job's lease.
+        self.run_id = f"r{secrets.token_hex(6)}"
+        name = check_job_name(job) if job is not None else f"job-{uuid.uuid4().hex[:12]}"
+        self._job = JobState(self._raw_storage, plan, model, JobKeys(name, 0, self.run_id), named=job is not None)
+        self._use_job(name)
         self._uploaded = False  # the signed stage definitions are in storage
+        self._fit_lock = threading.Lock()
+
+    def _use_job(self, name: str) -> None:
+        """Train job ``name``: its key, its authenticated storage, its lease."""
+        #: The job's key (:func:`funcpipe.secret.job_key`): the definitions are signed and every object
+        #: authenticated under it; the payloads carry it to the workers.
+        self._signing_key = secret.job_key(name)
+        self.storage: Storage = AuthenticatedStorage(self._raw_storage, self._signing_key)
+        self._job.storage = self.storage
+        self._job.keys = dataclasses.replace(self._job.keys, job=name)
+        self._lease = Lease(self.storage, name, self.run_id)
 
     @property
     def model(self) -> nn.Sequential:
@@ -276,32 +302,68 @@ class Trainer:
                 that an iteration waited on for ``timeout_s`` (:class:`~funcpipe.WorkerTimeout`).
         """
         _check_fit_options(iterations, epochs, max_retries, checkpoint_every)
+        if not self._fit_lock.acquire(blocking=False):
+            raise FitInProgress(
+                f"this Trainer (job {self.keys.job!r}) is already running a fit, from another thread; one "
+                "Trainer trains one fit at a time; hint: wait for the first fit to return, or make another "
+                "Trainer (with its own job name) for a second model"
+            )
+        try:
+            return self._fit(data, iterations, epochs, progress, max_retries, checkpoint_every, resume)
+        finally:
+            self._fit_lock.release()
+
+    def _fit(
+        self, data: Iterable[Batch], iterations: int | None, epochs: int | None, progress: bool, max_retries: int,
+        checkpoint_every: int, resume: bool,
+    ) -> History:
         if not resume:
             self._check_not_cleaned()
         job = self._job
         batches, total = training_batches(data, iterations, epochs or 1)
         history = History(plan=self.plan, iterations_per_epoch=total // (epochs or 1) if iterations is None else None)
-        fit_first = job.iteration
-        if resume:
-            done = job.resume(total)
-            if done is None:  # the job had finished: its final weights are loaded
+        if resume and not job.named:  # the most recently updated unfinished job in storage
+            self._use_job(find_job(self.storage, None).job)
+            job.named = True
+        self._take_lease(resume)
+        try:
+            fit_first = job.iteration
+            if resume:
+                done = job.resume(total)
+                if done is None:  # the job had finished: its final weights are loaded
+                    return history
+                batches, fit_first, total = itertools.islice(batches, done, None), job.iteration - done, total - done
+            if total == 0:
                 return history
-            batches, fit_first, total = itertools.islice(batches, done, None), job.iteration - done, total - done
-        if total == 0:
+            first = job.iteration
+            batches = self._first_checked(batches, total)
+            if not self._uploaded:
+                self._upload_definitions()
+            job.begin_fit(fit_first, total + first - fit_first)
+            with tqdm(total=total, disable=not progress, unit="it", desc="funcpipe") as bar:
+                try:
+                    self._train(Fit(Replay(batches, first), history, bar, first, total, checkpoint_every), max_retries)
+                except BaseException:
+                    job.after_failure()
+                    raise
+            job.finish(first + len(history))
             return history
-        first = job.iteration
-        batches = self._first_checked(batches, total)
-        if not self._uploaded:
-            self._upload_definitions()
-        job.begin_fit(fit_first, total + first - fit_first)
-        with tqdm(total=total, disable=not progress, unit="it", desc="funcpipe") as bar:
-            try:
-                self._train(Fit(Replay(batches, first), history, bar, first, total, checkpoint_every), max_retries)
-            except BaseException:
-                job.after_failure()
-                raise
-        job.finish(first + len(history))
-        return history
+        finally:
+            self._lease.release()
+
+    def _take_lease(self, resume: bool) -> None:
+        """Hold the job's lease for the fit: one live run per job.
+
+        Raises:
+            JobBusy: another fit holds a live lease on the job.
+            JobUnfinished: a fresh fit (not ``resume``) of a job whose last run, another trainer's, did not finish.
+        """
+        holder = self._lease.busy()
+        if holder is None and not resume:
+            manifest = read_manifest(self.storage, self.keys.job)
+            if manifest is not None and not manifest.finished and manifest.run != self.keys.run:
+                raise JobUnfinished(_unfinished(manifest, self.storage_url))
+        self._lease.acquire()  # JobBusy if another fit holds it, or takes it first
 
     def clean(self, *, checkpoints: bool = True) -> None:
         """Delete what the job keeps in storage: its model blobs, manifest and (by default) checkpoints.
@@ -311,6 +373,9 @@ class Trainer:
         checkpoint the job cannot continue: a later ``fit`` of this trainer
         raises :class:`~funcpipe.ConfigError` (``trainer.model`` keeps the weights).
         """
+        holder = self._lease.busy()
+        if holder is not None:
+            raise self._lease._busy(holder, self._lease.clock())
         self._job.clean(checkpoints=checkpoints)
         self._uploaded = False
 
@@ -367,6 +432,15 @@ class Trainer:
             try:
                 ran = Run(self._setup(), self._job, fit).execute()
             except (WorkerFailed, BackendError, StorageError) as exc:
+                corrupt = _corrupt_checkpoint(exc)
+                if corrupt is not None and len(failures) < max_retries and self._can_fall_back(fit):
+                    # The restore point's checkpoint failed its check: go back to the one before it.
+                    self._job.fall_back(corrupt)
+                    failures.append(exc)
+                    fit.rollback(self._job.restore_iteration)
+                    log.warning("attempt %d of %d failed (%s); rolling back to the checkpoint before iteration %d",
+                                len(failures), max_retries + 1, _one_line(exc), self._job.restore_iteration)
+                    continue
                 if _retryable(exc) and len(failures) < max_retries:
                     failures.append(exc)
                     restart = self._job.restore_iteration
@@ -381,6 +455,10 @@ class Trainer:
                 log.info("run from iteration %d stopped after %d iterations (lifetime limit); "
                          "continuing from the checkpoint", start, ran)
 
+    def _can_fall_back(self, fit: Fit) -> bool:
+        """Whether the job keeps a checkpoint before its restore point that this fit can replay from."""
+        return len(self._job.points) == 2 and self._job.oldest_kept_iteration >= fit.first
+
     def _setup(self) -> Setup:
         """What a run launches with, from the trainer's settings as they are now."""
         return Setup(
@@ -394,6 +472,7 @@ class Trainer:
             signing_key=self._signing_key,
             gradient_bytes=self._gradient_bytes,
             input_dtype=self._input_dtype,
+            lease=self._lease,
         )
 
 
@@ -477,6 +556,28 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, WorkerFailed):
         return not exc.cause.startswith(("ConfigError", "VersionMismatch"))
     return not isinstance(exc, ConfigError)
+
+
+def _corrupt_checkpoint(exc: BaseException) -> CheckpointCorrupt | None:
+    """The :class:`~funcpipe.CheckpointCorrupt` a run failed with (raised by a worker or the driver), if it did."""
+    if isinstance(exc, CheckpointCorrupt):
+        return exc
+    if isinstance(exc, WorkerFailed) and exc.cause.startswith("CheckpointCorrupt"):
+        return CheckpointCorrupt(exc.cause)
+    return None
+
+
+def _unfinished(manifest: JobManifest, url: str) -> str:
+    """:class:`~funcpipe.JobUnfinished`'s message for the job ``manifest`` describes."""
+    where = ("no checkpoint yet" if manifest.restore_iteration is None
+             else f"its last complete checkpoint is before iteration {manifest.restore_iteration}")
+    ago = max(0.0, time.time() - manifest.updated)
+    return (
+        f"job {manifest.job!r} in {url} has an unfinished run ({manifest.run}, a fit of {manifest.fit_total} "
+        f"iterations from iteration {manifest.fit_first}, last updated {ago:.0f} s ago; {where}); a fresh fit "
+        "would train over it; hint: fit(..., resume=True) with the same data and iterations continues it, or "
+        "trainer.clean() deletes it and a fit then starts the job over"
+    )
 
 
 def _one_line(exc: BaseException) -> str:

@@ -25,11 +25,12 @@ from torch import nn
 
 from funcpipe import checkpoint, protocol, signed
 from funcpipe.collectives import Comm, all_reduce
-from funcpipe.errors import ConfigError, ForeignObject, WorkerFailed
+from funcpipe.errors import CheckpointCorrupt, ConfigError, IntegrityError, WorkerFailed
 from funcpipe.plans import Plan
 from funcpipe.protocol import FETCH_CONNECTIONS, PUSH_CONNECTIONS, JobKeys
 from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
+from funcpipe.storage.authenticated import AuthenticatedStorage
 
 __all__ = [
     "REPORT_TIMES", "StageDefinition", "StageWorker", "WorkerConfig", "flatten_gradients", "limit_allocator_retention",
@@ -83,7 +84,11 @@ class WorkerConfig:
     #: Replica 0 also checkpoints the state before every iteration that is a
     #: multiple of this (0: only at the end of a run).
     checkpoint_every: int = 0
+    #: The key the stage definitions are signed with and every object is authenticated under
+    #: (:mod:`funcpipe.storage.authenticated`).
     signing_key: str = dataclasses.field(default="", repr=False)  # never logged
+    #: The run id in the job's keys (:class:`funcpipe.protocol.JobKeys`).
+    run: str = ""
 
     def to_payload(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,7 +112,7 @@ class StageWorker:
     def __init__(self, payload: dict[str, Any]) -> None:
         self.config = WorkerConfig.from_payload(payload)
         self.plan = Plan.from_dict(self.config.plan)
-        self.keys = JobKeys(self.config.job, self.config.attempt)
+        self.keys = JobKeys(self.config.job, self.config.attempt, self.config.run)
         self._cancel = threading.Event()
         self._last_abort_check = 0.0
         self._first = 0  # first iteration of the current run
@@ -184,7 +189,7 @@ class StageWorker:
             return
         config = self.config
         torch.set_num_threads(config.threads)
-        self.storage: Storage = open_storage(config.storage_url)
+        self.storage: Storage = AuthenticatedStorage(open_storage(config.storage_url), config.signing_key)
         blob_key = self.keys.model_blob(config.stage)
         definition = signed.unseal(self.storage.get(blob_key), config.signing_key, name=blob_key)
         if not isinstance(definition, StageDefinition):
@@ -197,8 +202,11 @@ class StageWorker:
             definition.optimizer(self.layers.parameters()) if has_params else None
         )
         if config.resume_attempt is not None:
-            source = JobKeys(config.job, config.resume_attempt).checkpoint(config.stage, first_iteration)
-            state, optim_state = checkpoint.decode_state(self.storage.get(source), key=source)
+            source = self.keys.with_attempt(config.resume_attempt).checkpoint(config.stage, first_iteration)
+            try:
+                state, optim_state = checkpoint.decode_state(self.storage.get(source), key=source)
+            except IntegrityError as exc:  # the driver falls back to the checkpoint before
+                raise CheckpointCorrupt(f"checkpoint {source!r} failed its check: {exc}") from exc
             self.layers.load_state_dict(state)
             if optim_state is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(optim_state)
@@ -244,12 +252,12 @@ class StageWorker:
     def _read_abort(self) -> bool:
         """Whether the driver's abort object for this attempt is there (one GET, as a HEAD would be)."""
         key = self.keys.abort
-        data = self.storage.get_if_exists(key)
-        if data is None:
-            return False
         try:
+            data = self.storage.get_if_exists(key)
+            if data is None:
+                return False
             protocol.decode_abort(data, key)
-        except ForeignObject as exc:  # not this attempt's: the driver's own would overwrite it
+        except IntegrityError as exc:  # not this attempt's, or forged: the driver's own would overwrite it
             self._ignore(exc)
             return False
         return True
@@ -257,15 +265,15 @@ class StageWorker:
     def _read_stop(self) -> None:
         if self._stop_at is None:
             key = self.keys.stop(self._first)
-            stop = self.storage.get_if_exists(key)
-            if stop is None:
-                return
             try:
+                stop = self.storage.get_if_exists(key)
+                if stop is None:
+                    return
                 self._stop_at = protocol.decode_stop(stop, key)
-            except ForeignObject as exc:  # not this run's: the driver's own would overwrite it
+            except IntegrityError as exc:  # not this run's, or forged: the driver's own would overwrite it
                 self._ignore(exc)
 
-    def _ignore(self, exc: ForeignObject) -> None:
+    def _ignore(self, exc: IntegrityError) -> None:
         """Log, once per object and binding, that a foreign control object is ignored."""
         if str(exc) not in self._foreign:
             self._foreign.add(str(exc))
