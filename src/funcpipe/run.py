@@ -89,6 +89,8 @@ class Fit:
         first: the iteration it began at.
         total: the iterations it makes.
         checkpoint_every: every stage checkpoints before each iteration that is a multiple of this (0: never).
+        on_nonfinite: what a worker does with a NaN or infinite loss or gradient
+            (:data:`funcpipe.worker.NONFINITE_POLICIES`).
     """
 
     replay: Replay
@@ -97,6 +99,7 @@ class Fit:
     first: int
     total: int
     checkpoint_every: int
+    on_nonfinite: str = "raise"
 
     @property
     def done(self) -> bool:
@@ -187,6 +190,7 @@ class Run:
                 checkpoint_every=self.fit.checkpoint_every,
                 signing_key=setup.signing_key,
                 run=self.job.keys.run,
+                on_nonfinite=self.fit.on_nonfinite,
             )
             self._handles.append(
                 setup.executor.launch(StageWorker, config.to_payload(), name=config.name, resources=resources)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -37,7 +38,9 @@ from funcpipe.errors import (
     ConfigError,
     FitInProgress,
     JobUnfinished,
+    NonFiniteTraining,
     StorageError,
+    UserCodeError,
     WorkerFailed,
 )
 from funcpipe.executors import Executor, get_executor
@@ -50,7 +53,7 @@ from funcpipe.restore import JobState
 from funcpipe.run import Fit, Run, Setup
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
-from funcpipe.worker import REPORT_TIMES, StageDefinition
+from funcpipe.worker import NONFINITE_POLICIES, REPORT_TIMES, StageDefinition
 
 if TYPE_CHECKING:
     from funcpipe.report import Report
@@ -204,9 +207,11 @@ class Trainer:
         _check_model(model, loss_fn, optimizer, plan)
         if timeout_s is None:
             timeout_s = _derived_timeout(plan)
-        if timeout_s <= 0 or threads_per_worker < 1:
+        if not _finite_positive(timeout_s) or threads_per_worker < 1:
             raise ConfigError(
-                f"timeout_s must be > 0 and threads_per_worker >= 1 (got {timeout_s}, {threads_per_worker})"
+                f"timeout_s must be > 0 and finite, and threads_per_worker >= 1 (got {timeout_s}, "
+                f"{threads_per_worker}); hint: timeout_s is the longest wait for one iteration in seconds, "
+                "e.g. timeout_s=600; leave it out to derive it from the plan"
             )
         self._model = model
         self._input_dtype = model_input_dtype(model)
@@ -266,6 +271,7 @@ class Trainer:
         max_retries: int = 0,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         resume: bool = False,
+        on_nonfinite: str = "raise",
     ) -> History:
         """Train on global batches of ``(inputs, targets)``; a ``DataLoader`` works.
 
@@ -290,10 +296,25 @@ class Trainer:
                 interrupted call: the batches it finished are skipped. Of a
                 job that had finished, the final weights are loaded and
                 nothing is trained.
+            on_nonfinite: what to do when the last stage's loss of a micro-batch,
+                or a stage's gradient (summed over its replicas) before its optimizer
+                step, is NaN or infinite. ``"raise"`` (default): stop with
+                :class:`~funcpipe.NonFiniteTraining`, naming the stage, replica,
+                iteration (and micro-batch, for a loss); the failing stage takes no
+                step, the fit is not retried (the same batch would fail again), and the
+                model holds the weights of the last complete checkpoint. ``"skip"``: a
+                stage whose gradient is not finite skips its optimizer step of that
+                iteration (the gradient is dropped, a warning logged) and training goes
+                on; each stage decides on its own gradient, but a NaN loss makes every
+                upstream gradient NaN too, so then every stage skips together.
+                ``"ignore"``: no checks (NaN losses end up in the history).
 
         Raises:
-            ConfigError: a malformed argument or bad data (the first batch is checked
-                before anything is launched), or nothing to resume.
+            ConfigError: a malformed argument, no data or bad data (the first batch is
+                checked before anything is launched), or nothing to resume.
+            NonFiniteTraining: a loss or gradient was NaN or infinite (``on_nonfinite="raise"``);
+                its ``__cause__`` is the worker's :class:`~funcpipe.WorkerFailed` with the
+                remote traceback.
             WorkerFailed: a worker raised or died, and no retry was left (with
                 ``max_retries``, the message lists every attempt's cause). Every other
                 worker is stopped; the model holds the weights of the last complete
@@ -302,6 +323,10 @@ class Trainer:
                 that an iteration waited on for ``timeout_s`` (:class:`~funcpipe.WorkerTimeout`).
         """
         _check_fit_options(iterations, epochs, max_retries, checkpoint_every)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(
+                f"on_nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {on_nonfinite!r}"
+            )
         if not self._fit_lock.acquire(blocking=False):
             raise FitInProgress(
                 f"this Trainer (job {self.keys.job!r}) is already running a fit, from another thread; one "
@@ -309,13 +334,13 @@ class Trainer:
                 "Trainer (with its own job name) for a second model"
             )
         try:
-            return self._fit(data, iterations, epochs, progress, max_retries, checkpoint_every, resume)
+            return self._fit(data, iterations, epochs, progress, max_retries, checkpoint_every, resume, on_nonfinite)
         finally:
             self._fit_lock.release()
 
     def _fit(
         self, data: Iterable[Batch], iterations: int | None, epochs: int | None, progress: bool, max_retries: int,
-        checkpoint_every: int, resume: bool,
+        checkpoint_every: int, resume: bool, on_nonfinite: str,
     ) -> History:
         if not resume:
             self._check_not_cleaned()
@@ -334,6 +359,8 @@ class Trainer:
                     return history
                 batches, fit_first, total = itertools.islice(batches, done, None), job.iteration - done, total - done
             if total == 0:
+                if not resume:
+                    raise _no_batches(data, self.plan.global_batch_size)
                 return history
             first = job.iteration
             batches = self._first_checked(batches, total)
@@ -342,7 +369,8 @@ class Trainer:
             job.begin_fit(fit_first, total + first - fit_first)
             with tqdm(total=total, disable=not progress, unit="it", desc="funcpipe") as bar:
                 try:
-                    self._train(Fit(Replay(batches, first), history, bar, first, total, checkpoint_every), max_retries)
+                    self._train(Fit(Replay(batches, first), history, bar, first, total, checkpoint_every,
+                                    on_nonfinite), max_retries)
                 except BaseException:
                     job.after_failure()
                     raise
@@ -432,6 +460,8 @@ class Trainer:
             try:
                 ran = Run(self._setup(), self._job, fit).execute()
             except (WorkerFailed, BackendError, StorageError) as exc:
+                if isinstance(exc, WorkerFailed) and exc.cause.startswith(_NONFINITE):
+                    raise _nonfinite(exc) from exc
                 corrupt = _corrupt_checkpoint(exc)
                 if corrupt is not None and len(failures) < max_retries and self._can_fall_back(fit):
                     # The restore point's checkpoint failed its check: go back to the one before it.
@@ -504,6 +534,7 @@ def _check_model(
     for name, fn in (("loss_fn", loss_fn), ("optimizer", optimizer)):
         if not callable(fn):
             raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
+    _check_optimizer(model, optimizer, plan)
     owner = plan.layer_stages()
     for i, j, nbytes in tied_parameters(model):
         if owner[i] != owner[j]:
@@ -518,6 +549,30 @@ def _check_model(
         raise ConfigError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
 
 
+def _check_optimizer(
+    model: nn.Sequential, optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer], plan: Plan
+) -> None:
+    """Call the optimizer factory on each stage's parameters, as its workers will, and refuse what it
+    returns unless it is a ``torch.optim.Optimizer`` (the optimizer made here is dropped)."""
+    hint = "hint: optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
+    for stage in range(plan.num_stages):
+        layers = nn.Sequential(collections.OrderedDict((str(i), model[i]) for i in plan.layer_range(stage)))
+        if next(layers.parameters(), None) is None:  # nothing to optimize: its worker makes no optimizer
+            continue
+        try:
+            made = optimizer(layers.parameters())
+        except Exception as exc:
+            raise UserCodeError(
+                f"the optimizer factory raised {type(exc).__name__}: {exc} when called on the parameters of "
+                f"stage {stage} (layers {list(plan.layer_range(stage))}); {hint}"
+            ) from exc
+        if not isinstance(made, torch.optim.Optimizer):
+            raise ConfigError(
+                f"the optimizer factory returned {made!r} (a {type(made).__name__}), not a torch.optim.Optimizer, "
+                f"for the parameters of stage {stage}; a lambda must return the optimizer it makes; {hint}"
+            )
+
+
 def _check_fit_options(iterations: int | None, epochs: int | None, max_retries: int, checkpoint_every: int) -> None:
     """Refuse :meth:`Trainer.fit` options that are not integers in range, or both iterations and epochs."""
     if iterations is not None and epochs is not None:
@@ -526,6 +581,30 @@ def _check_fit_options(iterations: int | None, epochs: int | None, max_retries: 
                                ("max_retries", max_retries, 0), ("checkpoint_every", checkpoint_every, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _finite_positive(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool), finite and > 0."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _no_batches(data: Iterable[Batch], global_batch_size: int) -> ConfigError:
+    """The error of a fit on data with no batch (``len(data) == 0``), naming the data and its length."""
+    what = f"{type(data).__name__} of length 0"
+    dataset, batch_size = getattr(data, "dataset", None), getattr(data, "batch_size", None)
+    try:
+        samples = len(dataset) if dataset is not None else None
+    except TypeError:
+        samples = None
+    if samples is not None:
+        what += f" (its dataset holds {samples} samples, in batches of {batch_size}"
+        what += ", drop_last=True)" if getattr(data, "drop_last", False) else ")"
+    return ConfigError(
+        f"data is a {what}: it yields no batch, so there is nothing to train; the plan's global batch is "
+        f"{global_batch_size} samples; hint: pass at least one batch of {global_batch_size} samples, e.g. "
+        f"DataLoader(dataset, batch_size={global_batch_size}, drop_last=True) over at least {global_batch_size} samples"
+    )
 
 
 def _derived_timeout(plan: Plan) -> float:
@@ -551,11 +630,24 @@ def _fresh_directory() -> str:
     return tempfile.mkdtemp(prefix="funcpipe-", dir=shm if roomy else None)
 
 
+#: How a worker's :class:`~funcpipe.NonFiniteTraining` begins its :attr:`WorkerFailed.cause`.
+_NONFINITE = f"{NonFiniteTraining.__name__}: "
+
+
 def _retryable(exc: BaseException) -> bool:
-    """Whether running again may help: not when a worker found the user's code or data at fault."""
+    """Whether running again may help: not when a worker found the user's code or data at fault,
+    nor the training non-finite (the same batch would fail the same way)."""
     if isinstance(exc, WorkerFailed):
-        return not exc.cause.startswith(("ConfigError", "VersionMismatch"))
-    return not isinstance(exc, ConfigError)
+        return not exc.cause.startswith(("ConfigError", "VersionMismatch", _NONFINITE))
+    return not isinstance(exc, (ConfigError, NonFiniteTraining))
+
+
+def _nonfinite(exc: WorkerFailed) -> NonFiniteTraining:
+    """The driver's :class:`~funcpipe.NonFiniteTraining` for a worker's (which ``exc`` carries)."""
+    return NonFiniteTraining(
+        exc.cause.removeprefix(_NONFINITE)
+        + "; the fit is not retried, and trainer.model holds the weights of the last complete checkpoint"
+    )
 
 
 def _corrupt_checkpoint(exc: BaseException) -> CheckpointCorrupt | None:

@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import gc
 import logging
+import math
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from torch import nn
 
 from funcpipe import checkpoint, protocol, signed
 from funcpipe.collectives import Comm, all_reduce
-from funcpipe.errors import CheckpointCorrupt, ConfigError, IntegrityError, WorkerFailed
+from funcpipe.errors import CheckpointCorrupt, ConfigError, IntegrityError, NonFiniteTraining, WorkerFailed
 from funcpipe.plans import Plan
 from funcpipe.protocol import FETCH_CONNECTIONS, PUSH_CONNECTIONS, JobKeys
 from funcpipe.schedule import Task, worker_tasks
@@ -33,7 +34,8 @@ from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
 
 __all__ = [
-    "REPORT_TIMES", "StageDefinition", "StageWorker", "WorkerConfig", "flatten_gradients", "limit_allocator_retention",
+    "NONFINITE_POLICIES", "REPORT_TIMES", "StageDefinition", "StageWorker", "WorkerConfig", "flatten_gradients",
+    "limit_allocator_retention",
     "peak_rss_bytes",
     "reset_peak_rss",
 ]
@@ -51,6 +53,16 @@ ARENA_MAX = 2
 #: The seconds a worker's per-iteration report holds (:meth:`StageWorker.run`), ``total_s`` last:
 #: computing, blocked on downloads and uploads, syncing gradients, updating, and the iteration's whole.
 REPORT_TIMES = ("compute_s", "wait_s", "sync_s", "update_s", "total_s")
+
+#: What a worker does with a NaN or infinite loss or gradient (``Trainer.fit(on_nonfinite=...)``):
+#: raise :class:`~funcpipe.NonFiniteTraining`, skip the stage's optimizer step, or not check.
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+
+#: The hint of every non-finite error.
+NONFINITE_HINT = (
+    "hint: lower the learning rate, check the inputs for NaN, clip the gradients "
+    "(e.g. in a wrapping optimizer), or fit(..., on_nonfinite=\"skip\") to skip such steps"
+)
 
 #: How often a waiting worker looks for the driver's abort object, seconds (funcpipe.protocol).
 ABORT_CHECK_S = protocol.ABORT_CHECK_S
@@ -89,6 +101,8 @@ class WorkerConfig:
     signing_key: str = dataclasses.field(default="", repr=False)  # never logged
     #: The run id in the job's keys (:class:`funcpipe.protocol.JobKeys`).
     run: str = ""
+    #: A NaN or infinite loss (last stage) or summed gradient: one of :data:`NONFINITE_POLICIES`.
+    on_nonfinite: str = "raise"
 
     def to_payload(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +134,7 @@ class StageWorker:
         self._stop_at: int | None = None  # from the driver's stop object, once seen
         self._foreign: set[str] = set()  # foreign stop and abort objects already warned about
         self._ready = False
+        self._synced: torch.Tensor | None = None  # the stage's summed flat gradient, between sync and update
         # Guards the thread pools: cancel() may come from another thread while _setup makes them.
         self._pools_lock = threading.Lock()
         self._pools: list[ThreadPoolExecutor] = []
@@ -310,11 +325,46 @@ class StageWorker:
             world=self.plan.replicas[self.config.stage],
             algorithm=self.plan.stage_sync(self.config.stage),
         )
+        self._synced = total
         offset = 0
         for p in params:
             n = p.numel()
             p.grad = total[offset : offset + n].view_as(p)
             offset += n
+
+
+    def _update(self, iteration: int) -> None:
+        """One optimizer step on the (summed) gradients, unless they are not finite (``on_nonfinite``)."""
+        optimizer, synced = self.optimizer, self._synced
+        self._synced = None
+        if optimizer is None:
+            return
+        if self.config.on_nonfinite == "ignore" or self._gradients_finite(synced):
+            optimizer.step()
+        elif self.config.on_nonfinite == "skip":
+            log.warning("%s: %s; skipping the stage's optimizer step of iteration %d (on_nonfinite=\"skip\")",
+                        self.config.name, self._nonfinite_gradient(iteration), iteration)
+        else:
+            raise NonFiniteTraining(f"{self.config.name}: {self._nonfinite_gradient(iteration)}; {NONFINITE_HINT}")
+        optimizer.zero_grad(set_to_none=True)
+
+    def _gradients_finite(self, synced: torch.Tensor | None) -> bool:
+        """Whether every gradient of the stage is finite: one check over the flat sum, when replicas synced it."""
+        if synced is not None:
+            return bool(torch.isfinite(synced).all())
+        grads = [p.grad for p in self.layers.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _nonfinite_gradient(self, iteration: int) -> str:
+        """What is not finite in the stage's gradients (called only once a check failed)."""
+        bad = [name for name, p in self.layers.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        nan = any(bool(torch.isnan(p.grad).any()) for p in self.layers.parameters() if p.grad is not None)
+        world = self.plan.replicas[self.config.stage]
+        summed = f", summed over the stage's {world} replicas," if world > 1 else ""
+        return (f"the gradient of iteration {iteration}{summed} is not finite ({'NaN' if nan else 'infinite'} "
+                f"in parameter{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad[:3]))}"
+                f"{', ...' if len(bad) > 3 else ''})")
 
 
 def flatten_gradients(params: list[Any]) -> torch.Tensor:
@@ -396,10 +446,7 @@ class _Iteration:
             self.timings["sync_s"] += time.perf_counter() - t0
         elif op == "update":
             t0 = time.perf_counter()
-            optimizer = self.worker.optimizer
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            self.worker._update(self.iteration)
             self.timings["update_s"] += time.perf_counter() - t0
 
     def finish(self, started: float) -> dict[str, Any]:
@@ -458,7 +505,13 @@ class _Iteration:
         # of the global batch, the sum over all micro-batches and replicas is the
         # mean over the global batch, and so are the summed gradients.
         scaled = loss * (worker.plan.micro_batch_size / worker.plan.global_batch_size)
-        self.loss_sum += float(scaled.detach())
+        value = float(scaled.detach())
+        if worker.config.on_nonfinite == "raise" and not math.isfinite(value):
+            raise NonFiniteTraining(
+                f"{worker.config.name}: the loss of iteration {self.iteration}, micro-batch {m}, is "
+                f"{float(loss.detach())} (not finite); {NONFINITE_HINT}"
+            )
+        self.loss_sum += value
         self.outputs[m] = scaled
         self.timings["compute_s"] += time.perf_counter() - t0
 

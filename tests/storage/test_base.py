@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
 
 from funcpipe.errors import ObjectNotFound
-from funcpipe.storage.base import SLEEP, Pause, WaitCancelled
+from funcpipe.storage.base import SLEEP, Pause, Storage, WaitCancelled
 from tests.storage import NoPrimitives
 
 
@@ -104,3 +106,57 @@ def test_a_woken_pause_looks_again_at_once_and_the_backoff_goes_on() -> None:
 def test_the_plain_pause_sleeps_and_is_never_woken() -> None:
     SLEEP.arm()
     assert SLEEP.pause(0.0) is False
+
+
+class _Plugin(Storage):
+    """A third-party backend that lets its library's exceptions out."""
+
+    url = "plugin://bucket"
+
+    def __init__(self, failure: BaseException | None) -> None:
+        self.failure = failure
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.objects[key] = data
+
+    def get(self, key: str) -> bytes:
+        if key not in self.objects:
+            raise ObjectNotFound(key)
+        return self.objects[key]
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def delete(self, keys: Iterable[str]) -> None:
+        raise RuntimeError("the plugin's delete is broken")
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("failure", [OSError(104, "Connection reset by peer"), RuntimeError("SDK bug"),
+                                     ValueError("bad response")])
+def test_a_plugins_own_exception_becomes_a_storage_failure_naming_the_storage_and_key(failure: Exception) -> None:
+    from funcpipe.errors import StorageFailure
+
+    with pytest.raises(StorageFailure) as info:
+        _Plugin(failure).put("job/a0/k", b"x")
+    assert info.value.__cause__ is failure
+    message = str(info.value)
+    assert "plugin://bucket" in message and "put of 'job/a0/k'" in message
+    assert f"{type(failure).__name__}: {failure}" in message
+    with pytest.raises(StorageFailure, match="delete.*RuntimeError: the plugin's delete is broken"):
+        _Plugin(None).delete(["k"])
+
+
+def test_funcpipe_errors_and_interrupts_pass_the_boundary_unchanged() -> None:
+    storage = _Plugin(None)
+    with pytest.raises(ObjectNotFound):
+        storage.get("missing")
+    for failure in (KeyboardInterrupt(), MemoryError(), WaitCancelled("k")):
+        with pytest.raises(type(failure)):
+            _Plugin(failure).put("k", b"x")
+    assert _Plugin.put.__name__ == "put" and "put" in (_Plugin.put.__qualname__ or "")

@@ -65,6 +65,9 @@ LISTING_BACKENDS = [name for name in BACKENDS if name != "oss-moto"]
 
 #: For tests that list keys or delete several at once (see the module docstring).
 needs_listing = pytest.mark.parametrize("storage", LISTING_BACKENDS, indirect=True)
+#: For tests of conditional creates: moto's S3 server does not know OSS's x-oss-forbid-overwrite header
+#: (test_oss.py tests it against OSS's recorded answer).
+needs_conditional_create = needs_listing
 
 
 @functools.cache
@@ -151,6 +154,33 @@ class TestConformance:
     def test_roundtrip(self, storage: Storage) -> None:
         storage.put("job/0/act/1", b"hello")
         assert storage.get("job/0/act/1") == b"hello"
+
+    @needs_conditional_create
+    def test_create_writes_only_where_nothing_is(self, storage: Storage) -> None:
+        assert storage.create("lease/0", b"first") is True
+        assert storage.get("lease/0") == b"first"
+        assert storage.create("lease/0", b"second") is False
+        assert storage.get("lease/0") == b"first"
+        storage.put("lease/0", b"renewed")  # a put still replaces it
+        assert storage.get("lease/0") == b"renewed"
+
+    @needs_conditional_create
+    def test_of_racing_creates_exactly_one_wins(self, storage: Storage) -> None:
+        barrier = threading.Barrier(6)
+        won: list[int] = []
+
+        def take(n: int) -> None:
+            barrier.wait()
+            if storage.create("race/key", f"racer {n}".encode()):
+                won.append(n)
+
+        threads = [threading.Thread(target=take, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1
+        assert storage.get("race/key") == f"racer {won[0]}".encode()
 
     def test_roundtrip_empty(self, storage: Storage) -> None:
         storage.put("empty", b"")

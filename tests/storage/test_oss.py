@@ -580,3 +580,28 @@ def test_moto_serves_an_oss_signature_that_looks_like_a_sigv4_scope(moto_oss: OS
     url = f"{moto_oss.endpoint}/{moto_oss.bucket}/p/k"
     answer = requests.get(url, headers={"Authorization": "OSS LTAIid:a/b/c/d/e="}, timeout=10)
     assert (answer.status_code, answer.content) == (200, b"payload")
+
+
+def test_create_forbids_overwriting_as_oss_does() -> None:
+    """A PUT with ``x-oss-forbid-overwrite: true`` on a key that holds an object: OSS answers 409
+    FileAlreadyExists and keeps the object; ``create`` says it did not create it."""
+    objects: dict[str, bytes] = {}
+
+    def handler(request: requests.PreparedRequest) -> Answer:
+        name = path(request)
+        if request.method == "PUT":
+            if request.headers.get("x-oss-forbid-overwrite") == "true" and name in objects:
+                return 409, {"Content-Type": "application/xml"}, error_xml(
+                    "FileAlreadyExists", "The object you specified already exists and can not be overwritten.")
+            objects[name] = bytes(request.body or b"")  # type: ignore[arg-type]
+            return 200, {"ETag": '"E"'}, b""
+        return 200, {}, objects[name]
+
+    adapter = ReplayAdapter(handler)
+    storage = replay(adapter, "p")
+    assert storage.create("lease", b"first") is True
+    assert storage.create("lease", b"second") is False
+    assert [r.headers.get("x-oss-forbid-overwrite") for r in adapter.requests] == ["true", "true"]
+    assert storage.get("lease") == b"first"
+    storage.put("lease", b"renewed")  # a plain put replaces it
+    assert adapter.requests[-2].headers.get("x-oss-forbid-overwrite") is None

@@ -182,6 +182,10 @@ def test_poll_intervals_respect_latency() -> None:
         {"downlink_bytes_per_s": -1.0},
         {"uplink_bytes_per_s": float("inf")},
         {"latency_s": -0.1},
+        {"uplink_bytes_per_s": 999.0},  # below 1 kB/s: every transfer would outlast any timeout
+        {"downlink_bytes_per_s": float("nan")},
+        {"latency_s": 3600.5},  # over an hour
+        {"latency_s": float("inf")},
     ],
 )
 def test_bad_parameters(kwargs: dict[str, float]) -> None:
@@ -254,16 +258,26 @@ def test_unknown_param() -> None:
     ("query", "match"),
     [
         ("up_mb_s=fast", "not a number"),
-        ("up_mb_s=0", "positive"),
-        ("down_mb_s=-3", "positive"),
-        ("up_mb_s=inf", "positive"),
-        ("latency_ms=-1", ">= 0"),
+        ("up_mb_s=0", r">= 0.001 \(1 kB/s\)"),
+        ("down_mb_s=-3", r">= 0.001"),
+        ("up_mb_s=inf", r">= 0.001"),
+        ("up_mb_s=1e-15", r"up_mb_s='1e-15' .* must be a number >= 0.001"),
+        ("down_mb_s=nan", r">= 0.001"),
+        ("latency_ms=-1", "from 0 to 3600000"),
+        ("latency_ms=1e12", r"latency_ms='1e12' .* from 0 to 3600000 \(1 hour\)"),
+        ("latency_ms=nan", "from 0 to 3600000"),
         ("latency_ms=1&latency_ms=2", "twice"),
     ],
 )
 def test_bad_params(query: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         open_storage(f"throttled+memory://x?{query}")
+
+
+def test_the_range_s_ends_are_accepted() -> None:
+    storage = open_storage("throttled+memory://x?up_mb_s=0.001&down_mb_s=0.001&latency_ms=3600000")
+    assert isinstance(storage, ThrottledStorage)
+    assert (storage.uplink_bytes_per_s, storage.latency_s) == (1000.0, 3600.0)
 
 
 def test_inner_url_errors_pass_through() -> None:

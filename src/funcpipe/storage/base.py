@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import abc
+import functools
+import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from funcpipe.errors import ObjectNotFound
+from funcpipe.errors import FuncpipeError, ObjectNotFound, StorageFailure
 
 __all__ = ["SLEEP", "Pause", "Storage", "WaitCancelled"]
+
+log = logging.getLogger(__name__)
 
 
 class WaitCancelled(Exception):
@@ -48,6 +53,34 @@ POLL_BACKOFF_S: dict[str, tuple[float, float]] = {
 }
 
 
+_WARNED_CREATE: set[type] = set()
+
+#: The methods whose exceptions are translated at the storage boundary (:meth:`Storage.__init_subclass__`).
+PRIMITIVES = ("put", "create", "get", "get_if_exists", "exists", "delete", "list")
+
+
+def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, raising :class:`~funcpipe.StorageFailure` for any exception that is not funcpipe's."""
+
+    @functools.wraps(method)
+    def call(self: Storage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (FuncpipeError, WaitCancelled, MemoryError):
+            raise
+        except Exception as exc:
+            where = self.url or type(self).__qualname__
+            what = f" of {args[0]!r}" if args and isinstance(args[0], str) else ""
+            raise StorageFailure(
+                f"storage {where} failed in {method.__name__}{what}: {type(exc).__name__}: {exc}; hint: the storage "
+                f"backend {type(self).__module__}.{type(self).__qualname__} raised it (a network, permission or "
+                "plugin error); funcpipe retries it like any storage error (fit(max_retries=...))"
+            ) from exc
+
+    call.__funcpipe_translated__ = True  # type: ignore[attr-defined]
+    return call
+
+
 class Storage(abc.ABC):
     """A flat key -> bytes object store.
 
@@ -59,6 +92,15 @@ class Storage(abc.ABC):
 
     #: The URL this storage was opened from; workers re-open it by URL.
     url: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Translate the exceptions of every primitive a subclass defines (built-in or a plugin's) once,
+        at the storage boundary: anything not funcpipe's becomes :class:`~funcpipe.StorageFailure`."""
+        super().__init_subclass__(**kwargs)
+        for name in PRIMITIVES:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "__funcpipe_translated__", False):
+                setattr(cls, name, _translated(method))
 
     #: First and largest sleep between polls in :meth:`wait`, seconds.
     #: Cheap local stores poll fast; remote ones raise the floor (a GET costs money).
@@ -87,6 +129,25 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Every key that starts with ``prefix``, sorted."""
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` unless the key holds an object: whether it did (a conditional create).
+
+        Stores implement it atomically (of two creates of one key exactly one
+        returns ``True``): files by a hard link, memory under a lock, S3 with
+        ``If-None-Match: *``, OSS with ``x-oss-forbid-overwrite``. This default,
+        for stores that do not, looks then writes: two drivers racing may both
+        succeed; it warns once per class.
+        """
+        cls = type(self)
+        if cls not in _WARNED_CREATE:
+            _WARNED_CREATE.add(cls)
+            log.warning("%s.%s has no atomic create(); funcpipe's job lease falls back to a check then a put, "
+                        "which two drivers starting at the same moment can both pass", cls.__module__, cls.__qualname__)
+        if self.exists(key):
+            return False
+        self.put(key, data)
+        return True
 
     def get_if_exists(self, key: str) -> bytes | None:
         """The bytes under ``key``, or ``None`` if there is none yet.

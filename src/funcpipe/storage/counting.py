@@ -170,6 +170,13 @@ class CountingStorage(Storage):
         finally:
             self._add("PUT", key, nbytes=len(data))
 
+    def create(self, key: str, data: bytes) -> bool:
+        """One ``PUT`` (a conditional one)."""
+        try:
+            return self.inner.create(key, data)
+        finally:
+            self._add("PUT", key, nbytes=len(data))
+
     def get(self, key: str) -> bytes:
         """One ``GET`` (found or not)."""
         data = None

@@ -165,6 +165,14 @@ class FileStorage(Storage):
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` atomically (temporary file + rename)."""
+        self._store(key, data, exclusive=False)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` unless it holds an object: a temporary file hard-linked into place,
+        which fails (``EEXIST``) when another process linked one first."""
+        return self._store(key, data, exclusive=True)
+
+    def _store(self, key: str, data: bytes, *, exclusive: bool) -> bool:
         path = self._path(key)
         tmp = f"{path}{TEMP_MARKER}{_TOKEN}-{os.getpid()}-{next(_COUNTER)}"
         fd = self._create(tmp, key)
@@ -176,7 +184,15 @@ class FileStorage(Storage):
                     written += os.write(fd, view[written:])
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            if exclusive:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except BaseException as exc:
             with contextlib.suppress(OSError):  # best effort; list() skips temporary files
                 os.unlink(tmp)
@@ -189,6 +205,7 @@ class FileStorage(Storage):
                 raise StorageError(f"cannot store key {key!r} at {path!r}: {exc}") from exc
             raise
         self._doorbell.ring()
+        return True
 
     def pause_for_wait(self) -> Pause:
         """The calling thread's pause, which a ``put`` on this host ends early (:mod:`funcpipe.storage.doorbell`)."""

@@ -77,6 +77,17 @@ class MemoryStorage(Storage):
         with ns.lock:
             ns.objects[key] = value
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Store a copy of ``data`` under ``key`` unless it holds an object (atomic under the namespace's lock)."""
+        check_key(key)
+        value = bytes(data)
+        ns = self._ns
+        with ns.lock:
+            if key in ns.objects:
+                return False
+            ns.objects[key] = value
+        return True
+
     def get(self, key: str) -> bytes:
         """Return the bytes under ``key``; raise :class:`ObjectNotFound` if absent."""
         check_key(key)

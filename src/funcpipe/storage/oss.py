@@ -308,6 +308,22 @@ class OSSStorage(Storage):
             raise self._error(exc, "PutObject", name) from _cause(exc)
         self._check_crc("PutObject", name, body, result.crc)
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` unless it holds an object: a PUT with ``x-oss-forbid-overwrite: true``
+        (OSS answers 409 FileAlreadyExists)."""
+        name = self._name(key)
+        body = data if isinstance(data, bytes) else bytes(data)
+        try:
+            result = self._bucket.put_object(name, body, headers={"x-oss-forbid-overwrite": "true"})
+        except oss2.exceptions.ServerError as exc:
+            if exc.status == 409 and exc.code == "FileAlreadyExists":
+                return False
+            raise self._error(exc, "PutObject", name) from _cause(exc)
+        except _SDK_ERRORS as exc:
+            raise self._error(exc, "PutObject", name) from _cause(exc)
+        self._check_crc("PutObject", name, body, result.crc)
+        return True
+
     def _multipart_upload(self, name: str, data: bytes) -> None:
         size = len(data)
         part_size = oss2.determine_part_size(size, preferred_size=self._part_size)

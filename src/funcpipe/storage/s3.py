@@ -240,6 +240,22 @@ class S3Storage(Storage):
         except _SDK_ERRORS as exc:
             raise self._error(exc, "PutObject", name) from exc
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` unless it holds an object: a PUT with ``If-None-Match: *``
+        (S3 answers 412 PreconditionFailed, or 409 ConditionalRequestConflict to a racing write)."""
+        name = self._name(key)
+        body = data if isinstance(data, bytes) else bytes(data)
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*")
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict") or exc.response.get(
+                    "ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise self._error(exc, "PutObject", name) from exc
+        except _SDK_ERRORS as exc:
+            raise self._error(exc, "PutObject", name) from exc
+        return True
+
     def get(self, key: str) -> bytes:
         """Return the bytes under ``key``; raise :class:`ObjectNotFound` if absent."""
         data = self._read(key)

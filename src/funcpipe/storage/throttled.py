@@ -18,6 +18,10 @@ __all__ = ["SCHEME_PREFIX", "ThrottledStorage", "throttle"]
 SCHEME_PREFIX = "throttled+"
 
 _PARAMS = ("up_mb_s", "down_mb_s", "latency_ms")
+
+#: The slowest link a throttled storage emulates, bytes per second (1 kB/s), and its longest latency, seconds.
+MIN_BANDWIDTH_BYTES_S = 1000.0
+MAX_LATENCY_S = 3600.0
 _MB = 1e6
 
 
@@ -58,13 +62,17 @@ class ThrottledStorage(Storage):
             ("uplink_bytes_per_s", uplink_bytes_per_s),
             ("downlink_bytes_per_s", downlink_bytes_per_s),
         ):
-            if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth > 0):
+            if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth >= MIN_BANDWIDTH_BYTES_S):
                 raise ConfigError(
-                    f"{name} must be a positive finite number, got {bandwidth!r}; "
-                    "pass None for unlimited bandwidth"
+                    f"{name} must be a finite number >= {MIN_BANDWIDTH_BYTES_S:g} (1 kB/s; up_mb_s / down_mb_s "
+                    f">= {MIN_BANDWIDTH_BYTES_S / _MB:g}), got {bandwidth!r}; a slower link would make every "
+                    "transfer outlast any timeout; pass None for unlimited bandwidth"
                 )
-        if not (math.isfinite(latency_s) and latency_s >= 0):
-            raise ConfigError(f"latency_s must be a finite number >= 0, got {latency_s!r}")
+        if not (math.isfinite(latency_s) and 0 <= latency_s <= MAX_LATENCY_S):
+            raise ConfigError(
+                f"latency_s must be a finite number from 0 to {MAX_LATENCY_S:g} (1 hour; latency_ms <= "
+                f"{int(MAX_LATENCY_S * 1000)}), got {latency_s!r}"
+            )
         self.inner = inner
         self.uplink_bytes_per_s = uplink_bytes_per_s
         self.downlink_bytes_per_s = downlink_bytes_per_s
@@ -147,6 +155,11 @@ class ThrottledStorage(Storage):
         self._finish(self._clock(), len(data), upload=True)
         self.inner.put(key, data)
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Upload ``data`` over the uplink, then create it in ``inner`` unless the key holds an object."""
+        self._finish(self._clock(), len(data), upload=True)
+        return self.inner.create(key, data)
+
     def get(self, key: str) -> bytes:
         """Read ``key`` from ``inner``, then pay for downloading it."""
         start = self._clock()
@@ -221,12 +234,14 @@ def _parse_number(name: str, text: str, url: str) -> float:
     except ValueError:
         raise ConfigError(f"parameter {name}={text!r} in {url!r} is not a number; e.g. {name}=70") from None
     if name == "latency_ms":
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"parameter latency_ms={text!r} in {url!r} must be >= 0")
-    elif not (math.isfinite(value) and value > 0):
+        if not (math.isfinite(value) and 0 <= value <= MAX_LATENCY_S * 1000):
+            raise ConfigError(
+                f"parameter latency_ms={text!r} in {url!r} must be from 0 to {int(MAX_LATENCY_S * 1000)} (1 hour)"
+            )
+    elif not (math.isfinite(value) and value >= MIN_BANDWIDTH_BYTES_S / _MB):
         raise ConfigError(
-            f"parameter {name}={text!r} in {url!r} must be a positive number; "
-            "leave it out for unlimited bandwidth"
+            f"parameter {name}={text!r} in {url!r} must be a number >= {MIN_BANDWIDTH_BYTES_S / _MB:g} "
+            "(1 kB/s); leave it out for unlimited bandwidth"
         )
     return value
 
