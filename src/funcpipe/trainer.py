@@ -638,7 +638,7 @@ def _retryable(exc: BaseException) -> bool:
     """Whether running again may help: not when a worker found the user's code or data at fault,
     nor the training non-finite (the same batch would fail the same way)."""
     if isinstance(exc, WorkerFailed):
-        return not exc.cause.startswith(("ConfigError", "VersionMismatch", _NONFINITE))
+        return not exc.cause.startswith(("ConfigError", "VersionMismatch", "UserCodeError", _NONFINITE))
     return not isinstance(exc, (ConfigError, NonFiniteTraining))
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +27,15 @@ from torch import nn
 
 from funcpipe import checkpoint, protocol, signed
 from funcpipe.collectives import Comm, all_reduce
-from funcpipe.errors import CheckpointCorrupt, ConfigError, IntegrityError, NonFiniteTraining, WorkerFailed
+from funcpipe.errors import (
+    CheckpointCorrupt,
+    ConfigError,
+    FuncpipeError,
+    IntegrityError,
+    NonFiniteTraining,
+    UserCodeError,
+    WorkerFailed,
+)
 from funcpipe.plans import Plan
 from funcpipe.protocol import FETCH_CONNECTIONS, PUSH_CONNECTIONS, JobKeys
 from funcpipe.schedule import Task, worker_tasks
@@ -340,7 +349,8 @@ class StageWorker:
         if optimizer is None:
             return
         if self.config.on_nonfinite == "ignore" or self._gradients_finite(synced):
-            optimizer.step()
+            with user_code(self.config.name, "the optimizer's step", iteration):
+                optimizer.step()
         elif self.config.on_nonfinite == "skip":
             log.warning("%s: %s; skipping the stage's optimizer step of iteration %d (on_nonfinite=\"skip\")",
                         self.config.name, self._nonfinite_gradient(iteration), iteration)
@@ -487,14 +497,22 @@ class _Iteration:
                 )
             x.requires_grad_(True)
             self.held_inputs[m] = x  # its .grad is what send_grad sends
-        y = worker.layers(x)
+        with user_code(worker.config.name, "the stage's forward", self.iteration, m):
+            y = worker.layers(x)
+        if not isinstance(y, torch.Tensor):
+            raise ConfigError(
+                f"stage {stage}'s layers returned a {type(y).__name__}, not a tensor (iteration {self.iteration}, "
+                f"micro-batch {m}); one tensor crosses each stage boundary; hint: make the stage's last layer "
+                "return a tensor, or move the cut so that a tuple or dict stays inside one stage"
+            )
         self.timings["compute_s"] += time.perf_counter() - t0
         if not self.last:
             self.outputs[m] = y
             return
         target = self._ready(self.targets.pop(m))
         t0 = time.perf_counter()
-        loss = worker.loss_fn(y, target)
+        with user_code(worker.config.name, "loss_fn", self.iteration, m):
+            loss = worker.loss_fn(y, target)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ConfigError(
@@ -520,7 +538,8 @@ class _Iteration:
         grad = None if self.last else self._ready(self.grads.pop(m))
         t0 = time.perf_counter()
         if out.requires_grad:
-            torch.autograd.backward(out, grad)
+            with user_code(self.worker.config.name, "the backward", self.iteration, m):
+                torch.autograd.backward(out, grad)
         if not self.first:
             self.input_grads[m] = self.held_inputs.pop(m).grad
         self.timings["compute_s"] += time.perf_counter() - t0
@@ -533,6 +552,30 @@ class _Iteration:
                 "output does not depend on its input"
             )
         self.sends.append(self.worker.comm.send(self._message("grad", self.stage - 1, m), grad_in))
+
+
+#: Words in a RuntimeError's message that say the allocator ran out of memory (not the user's code at fault).
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+@contextlib.contextmanager
+def user_code(worker: str, what: str, iteration: int, micro_batch: int | None = None) -> Iterator[None]:
+    """Raise what the user's layers, loss or optimizer raise as :class:`~funcpipe.UserCodeError`
+    (not retried: the same batch fails the same way); funcpipe's own errors and running out of memory
+    pass unchanged (those a retry may get past)."""
+    try:
+        yield
+    except (FuncpipeError, WaitCancelled, MemoryError):
+        raise
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _OUT_OF_MEMORY):
+            raise
+        where = f"iteration {iteration}" + (f", micro-batch {micro_batch}" if micro_batch is not None else "")
+        raise UserCodeError(
+            f"{worker}: {what} raised {type(exc).__name__}: {exc} ({where}); the same batch would fail the "
+            "same way, so it is not retried; hint: run the model, loss_fn and optimizer on one batch in plain "
+            "PyTorch to check shapes and dtypes (e.g. class-index targets for cross-entropy are int64)"
+        ) from exc
 
 
 def limit_allocator_retention() -> bool:

@@ -148,7 +148,7 @@ def test_a_plugins_own_exception_becomes_a_storage_failure_naming_the_storage_an
     message = str(info.value)
     assert "plugin://bucket" in message and "put of 'job/a0/k'" in message
     assert f"{type(failure).__name__}: {failure}" in message
-    with pytest.raises(StorageFailure, match="delete.*RuntimeError: the plugin's delete is broken"):
+    with pytest.raises(StorageFailure, match=r"delete.*RuntimeError: the plugin's delete is broken"):
         _Plugin(None).delete(["k"])
 
 

@@ -71,8 +71,7 @@ class AuthenticatedStorage(Storage):
         self.inner.put(key, self._seal(key, data))
 
     def create(self, key: str, data: bytes) -> bool:
-        created: bool = self.inner.create(key, self._seal(key, data))  # type: ignore[attr-defined]
-        return created
+        return self.inner.create(key, self._seal(key, data))
 
     def get(self, key: str) -> bytes:
         return self._open(key, self.inner.get(key))
