@@ -68,14 +68,28 @@ class Comm:
     #: the encoding of one piece overlap another's transfer; they share the one
     #: uplink, and start in the order posted); ``None``: the upload thread.
     push: ThreadPoolExecutor | None = None
+    #: Called with the exception of an upload that failed (a worker then stops at once: a peer
+    #: waiting for what it did not write would otherwise wait out its timeout).
+    on_failure: Callable[[BaseException], None] | None = None
 
     def send(self, key: str, tensor: torch.Tensor) -> Future[None]:
         """Post ``tensor`` to the upload thread; it is written to ``key``."""
-        return self.upload.submit(self.put_now, key, tensor)
+        return self._watched(self.upload.submit(self.put_now, key, tensor))
 
     def push_send(self, key: str, tensor: torch.Tensor) -> Future[None]:
         """Like :meth:`send`, on the all-reduce's upload connections."""
-        return (self.push or self.upload).submit(self.put_now, key, tensor)
+        return self._watched((self.push or self.upload).submit(self.put_now, key, tensor))
+
+    def _watched(self, upload: Future[None]) -> Future[None]:
+        if self.on_failure is not None:
+            report = self.on_failure
+
+            def done(future: Future[None]) -> None:
+                if not future.cancelled() and future.exception() is not None:
+                    report(future.exception())  # type: ignore[arg-type]
+
+            upload.add_done_callback(done)
+        return upload
 
     def recv(self, key: str) -> Future[torch.Tensor]:
         """Post a download of ``key`` (waiting for it to appear) to the download thread."""

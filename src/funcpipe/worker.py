@@ -143,6 +143,7 @@ class StageWorker:
         self._stop_at: int | None = None  # from the driver's stop object, once seen
         self._foreign: set[str] = set()  # foreign stop and abort objects already warned about
         self._ready = False
+        self._upload_error: BaseException | None = None  # the first upload that failed
         self._synced: torch.Tensor | None = None  # the stage's summed flat gradient, between sync and update
         # Guards the thread pools: cancel() may come from another thread while _setup makes them.
         self._pools_lock = threading.Lock()
@@ -195,9 +196,19 @@ class StageWorker:
                     "peak_rss_bytes": peak_rss_bytes(), "start_rss_bytes": start_rss}
         except BaseException as exc:
             self.cancel()
+            failed = self._upload_error
+            if failed is not None and isinstance(exc, WaitCancelled):  # it stopped for a failed upload
+                trace = "".join(traceback.format_exception(failed))
+                raise WorkerFailed(self.config.name, f"{type(failed).__name__}: {failed}", trace) from None
             raise WorkerFailed(
                 self.config.name, f"{type(exc).__name__}: {exc}", traceback.format_exc()
             ) from None
+
+    def _upload_failed(self, exc: BaseException) -> None:
+        """An upload failed: stop now (its reader would wait out its timeout) and report that failure."""
+        if self._upload_error is None:
+            self._upload_error = exc
+        self._cancel.set()
 
     def cancel(self) -> None:
         """Stop soon: waits give up at their next poll; the worker's threads are released."""
@@ -248,7 +259,8 @@ class StageWorker:
                 push = ThreadPoolExecutor(PUSH_CONNECTIONS, thread_name_prefix=f"funcpipe-push-{name}")
                 self._pools += [fetch, push]
         self.comm = Comm(
-            self.storage, self._upload, self._download, config.timeout_s, self._cancelled, fetch, push
+            self.storage, self._upload, self._download, config.timeout_s, self._cancelled, fetch, push,
+            on_failure=self._upload_failed,
         )
         self._ready = True
 
@@ -554,21 +566,26 @@ class _Iteration:
         self.sends.append(self.worker.comm.send(self._message("grad", self.stage - 1, m), grad_in))
 
 
-#: Words in a RuntimeError's message that say the allocator ran out of memory (not the user's code at fault).
-_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+#: Exceptions of the user's code that a rerun of the same batch raises again (a programming or data error).
+_DETERMINISTIC = (TypeError, ValueError, IndexError, KeyError, AttributeError, NotImplementedError)
+#: Words in a torch RuntimeError's message that name a shape, size or dtype mismatch (deterministic too).
+_MISMATCH = ("shape", "size", "dtype", "scalar type", "expected", "must match", "mat1 and mat2", "dimension")
 
 
 @contextlib.contextmanager
 def user_code(worker: str, what: str, iteration: int, micro_batch: int | None = None) -> Iterator[None]:
-    """Raise what the user's layers, loss or optimizer raise as :class:`~funcpipe.UserCodeError`
-    (not retried: the same batch fails the same way); funcpipe's own errors and running out of memory
-    pass unchanged (those a retry may get past)."""
+    """Raise a programming or data error of the user's layers, loss or optimizer — a TypeError, ValueError,
+    ..., or torch's shape / dtype RuntimeError — as :class:`~funcpipe.UserCodeError`, which is not retried
+    (the same batch fails the same way). Anything else (funcpipe's own errors, running out of memory, a
+    fault that may not come again) passes unchanged, and a retry may get past it."""
     try:
         yield
     except (FuncpipeError, WaitCancelled, MemoryError):
         raise
     except Exception as exc:
-        if isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _OUT_OF_MEMORY):
+        text = str(exc).lower()
+        mismatch = isinstance(exc, RuntimeError) and any(words in text for words in _MISMATCH)
+        if not (isinstance(exc, _DETERMINISTIC) or mismatch) or "out of memory" in text:
             raise
         where = f"iteration {iteration}" + (f", micro-batch {micro_batch}" if micro_batch is not None else "")
         raise UserCodeError(

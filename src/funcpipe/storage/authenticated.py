@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 from collections.abc import Callable, Iterable
 
-from funcpipe.errors import IntegrityError, ObjectNotFound
-from funcpipe.storage.base import Pause, Storage, WaitCancelled
+from funcpipe.errors import IntegrityError
+from funcpipe.storage.base import Pause, Storage
 
 __all__ = ["EXEMPT_PREFIXES", "TAG_BYTES", "AuthenticatedStorage", "tag"]
 
@@ -37,8 +36,6 @@ TAG_BYTES = hashlib.sha256().digest_size
 EXEMPT_PREFIXES = ("jobs/",)
 
 _DOMAIN = b"funcpipe-object-v1\0"
-
-log = logging.getLogger(__name__)
 
 
 def tag(secret: bytes, key: str, data: bytes | memoryview) -> bytes:
@@ -81,34 +78,12 @@ class AuthenticatedStorage(Storage):
         return None if data is None else self._open(key, data)
 
     def wait(self, key: str, timeout: float, *, cancelled: Callable[[], bool] | None = None) -> bytes:
-        """The inner store's wait, then the check; an object that fails it is not consumed.
+        """The inner store's wait (it may be woken early), then the check.
 
-        As :func:`funcpipe.binding.wait` does with a foreign object: a warning names
-        it (once), and polling goes on until the writer replaces it; if only the
-        refused object is there when ``timeout`` passes, its :class:`IntegrityError` is raised.
+        An object that fails its check is refused at once (:class:`IntegrityError`): a
+        worker's failure, which the driver retries with a fresh attempt and fresh keys.
         """
-        deadline = self.clock() + timeout
-        refused: IntegrityError | None = None
-        while True:
-            try:
-                data = self.inner.wait(key, max(0.0, deadline - self.clock()), cancelled=cancelled)
-            except ObjectNotFound:
-                if refused is None:
-                    raise
-                raise refused from None
-            try:
-                return self._open(key, data)
-            except IntegrityError as exc:
-                if refused is None:
-                    log.warning("%s; waiting for its writer to replace it", exc)
-                refused = exc
-            if self.clock() >= deadline:
-                raise refused
-            if cancelled is not None and cancelled():
-                raise WaitCancelled(key)
-            pause = self.inner.pause_for_wait()
-            pause.arm()
-            pause.pause(min(self.poll_max_s, max(0.0, deadline - self.clock())))
+        return self._open(key, self.inner.wait(key, timeout, cancelled=cancelled))
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
