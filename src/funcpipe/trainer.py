@@ -568,7 +568,7 @@ def _check_optimizer(
             ) from exc
         if not isinstance(made, torch.optim.Optimizer):
             raise ConfigError(
-                f"the optimizer factory returned {made!r} (a {type(made).__name__}), not a torch.optim.Optimizer, "
+                f"the optimizer factory returned {made!r:.80} (a {type(made).__name__}), not a torch.optim.Optimizer, "
                 f"for the parameters of stage {stage}; a lambda must return the optimizer it makes; {hint}"
             )
 
