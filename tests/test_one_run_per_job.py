@@ -177,8 +177,8 @@ def test_a_live_lease_refuses_a_stale_one_is_taken_over_and_its_holder_learns_it
         first.renew()  # the old holder's next renewal sees the newer generation
         with pytest.raises(LeaseLost, match=r"job 'j' was taken over by run r2"):
             first.check()
-        first.release()  # leaves the newer generation alone
-        assert storage.list("jobs/j.lease.") == [lease_key("j", 1)]
+        first.release()  # a newer generation holds the job: the chain stays for its holder to delete
+        assert storage.list("jobs/j.lease.") == [lease_key("j", 0), lease_key("j", 1)]
     finally:
         second.release()
     assert storage.list("jobs/j.lease.") == []
@@ -351,7 +351,7 @@ def test_a_raw_exception_of_a_storage_plugin_is_a_storage_failure_and_retried() 
     job.fit(batches, progress=False, max_retries=2)
     assert name in FlakyPlugin.failed and job.keys.attempt == 1
     assert_same_parameters(job.model, reference(batches))
-    with pytest.raises(StorageFailure, match=r"put of 'x/act\.s1': ConnectionResetError: \[Errno 104\] Connection reset") as info:
+    with pytest.raises(StorageFailure, match=r"put of 'x/act\.s1': ConnectionResetError: \[Errno 104\]") as info:
         FlakyPlugin.failed.discard(name)
         open_storage(f"flaky://{name}").put("x/act.s1", b"")
     assert isinstance(info.value.__cause__, OSError)

@@ -162,7 +162,8 @@ class Lease:
             )
 
     def release(self) -> None:
-        """Stop renewing and delete this run's generation and the stale ones before it."""
+        """Stop renewing and delete this run's generation and the stale ones before it (unless another run
+        took the job over: its release deletes them)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -171,20 +172,24 @@ class Lease:
             return
         own, self.generation = self.generation, None
         try:
-            older = [g for g in self._generations() if g <= own]
-            self.storage.delete([lease_key(self.job, g) for g in older])
+            if not self.storage.exists(lease_key(self.job, own + 1)):
+                for g in range(own, -1, -1):  # newest first, so the chain stays contiguous
+                    self.storage.delete([lease_key(self.job, g)])
         except FuncpipeError as exc:
             log.warning("job %s: could not release its lease: %s", self.job, exc)
+
+    def delete_all(self) -> None:
+        """Delete every generation (:meth:`Trainer.clean`, when no live run holds the job)."""
+        for g in reversed(self._generations()):
+            self.storage.delete([lease_key(self.job, g)])
 
     def renew(self) -> None:
         """Rewrite this run's generation with the time now; note a newer generation (a takeover)."""
         if self.generation is None:
             return
-        newer = [g for g in self._generations() if g > self.generation]
-        if newer:
-            data = self.storage.get_if_exists(lease_key(self.job, newer[-1]))
-            self._lost = _decode(data, newer[-1]) if data is not None else Holder(
-                newer[-1], "?", "?", 0, 0.0, 0.0, self.ttl_s)
+        newer = self.storage.get_if_exists(lease_key(self.job, self.generation + 1))
+        if newer is not None:
+            self._lost = _decode(newer, self.generation + 1)
             self._stop.set()
             return
         self.storage.put(lease_key(self.job, self.generation), self._encode(self.clock()))
@@ -199,13 +204,13 @@ class Lease:
                 log.warning("job %s: could not renew its lease: %s", self.job, exc)
 
     def _generations(self) -> list[int]:
-        prefix = lease_key(self.job, 0)[: -8]
-        found = []
-        for key in self.storage.list(prefix):
-            suffix = key[len(prefix):]
-            if suffix.isdigit():
-                found.append(int(suffix))
-        return sorted(found)
+        """The generations in storage, found by key from 0 up (no listing: some stores list slowly or not at
+        all). They stay contiguous: a holder deletes its generation only when no newer one exists, and the
+        newest holder deletes all of them, newest first."""
+        found: list[int] = []
+        while self.storage.exists(lease_key(self.job, len(found))):
+            found.append(len(found))
+        return found
 
     def _encode(self, now: float) -> bytes:
         return json.dumps({

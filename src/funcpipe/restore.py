@@ -26,7 +26,6 @@ from torch import nn
 
 from funcpipe import checkpoint, protocol
 from funcpipe.errors import CheckpointCorrupt, ConfigError, IntegrityError, StorageError
-from funcpipe.lease import lease_key
 from funcpipe.manifest import JobManifest, find_job, manifest_key
 from funcpipe.plans import Plan
 from funcpipe.protocol import JobKeys
@@ -230,12 +229,17 @@ class JobState:
         return done
 
     def clean(self, *, checkpoints: bool) -> None:
-        """Delete what the job keeps in storage — every run's objects under the job's prefix, its manifest
-        and its lease — but (without ``checkpoints``) the checkpoints this trainer continues from."""
+        """Delete what the job keeps in storage — every run's objects under the job's prefix (where the store
+        lists keys; else this run's model blobs, abort objects and checkpoints), its manifest and its lease —
+        but (without ``checkpoints``) the checkpoints this trainer continues from."""
         keep = set() if checkpoints else {k for p in self.points if p is not None for k in self.checkpoint_keys(p)}
-        keys = [key for key in self.storage.list(f"{self.keys.job}/") if key not in keep]
-        keys += [manifest_key(self.keys.job)]
-        keys += [key for key in self.storage.list(lease_key(self.keys.job, 0)[:-8])]
+        try:
+            keys = self.storage.list(f"{self.keys.job}/")
+        except StorageError:  # a store that serves objects by key only
+            keys = [self.keys.model_blob(s) for s in range(self.plan.num_stages)]
+            keys += [self.keys.with_attempt(a).abort for a in range(self.keys.attempt)]
+            keys += [k for p in self.points if p is not None for k in self.checkpoint_keys(p)]
+        keys = [key for key in keys if key not in keep] + [manifest_key(self.keys.job)]
         if checkpoints:
             self.points = [None]
         elif self.point is not None:

@@ -405,6 +405,7 @@ class Trainer:
         if holder is not None:
             raise self._lease._busy(holder, self._lease.clock())
         self._job.clean(checkpoints=checkpoints)
+        self._lease.delete_all()
         self._uploaded = False
 
     # -- internals -----------------------------------------------------------
