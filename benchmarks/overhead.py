@@ -56,7 +56,8 @@ from funcpipe import Plan, Trainer
 from funcpipe.collectives import Comm, all_reduce
 from funcpipe.protocol import FETCH_CONNECTIONS, PIECE_BYTES, PUSH_CONNECTIONS, JobKeys, piece_count
 from funcpipe.protocol import SYNC_ALGORITHMS as ALGORITHMS
-from funcpipe.storage import MemoryStorage, throttle
+from funcpipe.storage import MemoryStorage, Storage, throttle
+from funcpipe.storage.authenticated import AuthenticatedStorage
 from funcpipe.worker import REPORT_TIMES
 
 log = logging.getLogger("funcpipe.benchmarks.overhead")
@@ -426,8 +427,12 @@ def run_all_reduce(
     bandwidth_mb_s: float | None,
     latency_ms: float,
     timeout_s: float,
+    authenticate: bool = False,
 ) -> tuple[float, list[torch.Tensor]]:
-    """All-reduce ``flats`` among ``len(flats)`` replica threads; wall seconds until all finish."""
+    """All-reduce ``flats`` among ``len(flats)`` replica threads; wall seconds until all finish.
+
+    ``authenticate``: every replica's storage tags and checks every object, as a StageWorker's does
+    (:class:`funcpipe.storage.authenticated.AuthenticatedStorage`)."""
     world = len(flats)
     keys = JobKeys(f"bench-{uuid.uuid4().hex[:12]}")  # a fresh key namespace per run
     start: list[float] = []
@@ -437,7 +442,9 @@ def run_all_reduce(
     errors: list[BaseException] = []
 
     def replica(rank: int) -> None:
-        storage = throttle(inner, up_mb_s=bandwidth_mb_s, down_mb_s=bandwidth_mb_s, latency_ms=latency_ms)
+        storage: Storage = throttle(inner, up_mb_s=bandwidth_mb_s, down_mb_s=bandwidth_mb_s, latency_ms=latency_ms)
+        if authenticate:
+            storage = AuthenticatedStorage(storage, AUTH_KEY)
         upload = ThreadPoolExecutor(1, thread_name_prefix=f"up-{rank}")
         download = ThreadPoolExecutor(1, thread_name_prefix=f"down-{rank}")
         # As in a StageWorker of a replicated stage: parallel connections for the all-reduce.
@@ -1103,8 +1110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_run_arguments(parser, "overhead")
     args = parser.parse_args(argv)
     args.parts = args.parts.upper()
-    if not args.parts or set(args.parts) - {"A", "B", "C"}:
-        parser.error(f"--parts takes any of A, B and C, got {args.parts!r}")
+    if not args.parts or (set(args.parts) - {"A", "B", "C"} and args.parts != "D"):
+        parser.error(f"--parts takes any of A, B and C, or D alone, got {args.parts!r}")
     for name in ("iterations", "warmup_iterations", "repeats", "num_cpus"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -1112,6 +1119,88 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--balance takes two layer counts that sum to 5, got {args.balance}")
     check_all_reduce_arguments(parser, args)
     return args
+
+
+#: The job key part D authenticates under (any 32 bytes: the cost does not depend on it).
+AUTH_KEY = "ab" * 32
+
+
+def part_d(args: argparse.Namespace) -> dict[str, Any]:
+    """D: what authenticating every object costs, measured side by side with it off.
+
+    1. The all-reduce of part B at 100 MB (n = 2 and 4, pipelined), throttled as in B.
+    2. The per-iteration time of part A's MLP on the thread backend (every worker in this process,
+       so authentication can be turned off here by replacing the wrapper's tag and check with
+       identity), 2 stages, memory storage.
+    Variants alternate within each repeat; medians over the repeats.
+    """
+    from funcpipe.storage import authenticated
+
+    rows_b = []
+    for n in (2, 4):
+        size = 100 * MB
+        flats = [torch.randn(size // 4, generator=torch.Generator().manual_seed(args.seed + r)) for r in range(n)]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for auth in (False, True):
+                seconds, _ = run_all_reduce(MemoryStorage(f"auth-{uuid.uuid4().hex}"), flats, "pipelined",
+                                            bandwidth_mb_s=args.bandwidth_mb_s, latency_ms=args.latency_ms,
+                                            timeout_s=args.timeout_s, authenticate=auth)
+                times[auth].append(seconds)
+                log.info("D all-reduce n=%d auth=%s: %.3f s", n, auth, seconds)
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        rows_b.append({"n": n, "size_mb": 100, "off_s": off, "on_s": on, "ratio": on / off,
+                       "off_runs": times[False], "on_runs": times[True]})
+
+    plain_seal, plain_open = authenticated.AuthenticatedStorage._seal, authenticated.AuthenticatedStorage._open
+    per_it: dict[bool, list[float]] = {False: [], True: []}
+    plan = Plan.manual(list(args.balance), micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH)
+    try:
+        for _ in range(args.repeats):
+            for auth in (False, True):
+                if auth:
+                    authenticated.AuthenticatedStorage._seal = plain_seal  # type: ignore[method-assign]
+                    authenticated.AuthenticatedStorage._open = plain_open  # type: ignore[method-assign]
+                else:
+                    authenticated.AuthenticatedStorage._seal = lambda self, key, data: data  # type: ignore[method-assign]
+                    authenticated.AuthenticatedStorage._open = lambda self, key, data: data  # type: ignore[method-assign]
+                trainer = Trainer(make_model(args.seed), nn.functional.mse_loss, sgd, plan, backend="thread",
+                                  storage=f"memory://auth-{uuid.uuid4().hex}")
+                trainer.fit(make_batches(args.seed), iterations=args.warmup_iterations, progress=False)
+                history = trainer.fit(make_batches(args.seed), iterations=args.iterations, progress=False)
+                per_it[auth].append(statistics.median(history.seconds))
+                log.info("D per-iteration auth=%s: %.2f ms", auth, per_it[auth][-1] * 1000)
+    finally:
+        authenticated.AuthenticatedStorage._seal = plain_seal  # type: ignore[method-assign]
+        authenticated.AuthenticatedStorage._open = plain_open  # type: ignore[method-assign]
+    off, on = statistics.median(per_it[False]), statistics.median(per_it[True])
+    return {"all_reduce": rows_b, "per_iteration": {"balance": list(args.balance), "off_s": off, "on_s": on,
+                                                    "ratio": on / off, "off_runs": per_it[False],
+                                                    "on_runs": per_it[True]},
+            "bandwidth_mb_s": args.bandwidth_mb_s, "latency_ms": args.latency_ms, "repeats": args.repeats}
+
+
+def render_part_d(d: dict[str, Any], machine: dict[str, Any], command: str) -> str:
+    lines = [
+        "# funcpipe overhead benchmark, part D: authenticating every object", "",
+        machine_line(machine), "", f"Command: `{command}`", "",
+        "Every object a job writes carries an HMAC-SHA256 tag over its key and bytes under the job's key "
+        "(`funcpipe.storage.authenticated`); readers check it. Measured side by side with it off, variants "
+        f"alternating, medians over {d['repeats']} repeats.", "",
+        f"All-reduce (part B's setup: each replica a thread with its own throttled storage, "
+        f"{d['bandwidth_mb_s']:g} MB/s up and down, {d['latency_ms']:g} ms latency; pipelined):", "",
+        _table(["n", "size MB", "off s", "on s", "on / off"],
+               [[str(r["n"]), str(r["size_mb"]), f"{r['off_s']:.3f}", f"{r['on_s']:.3f}", f"{r['ratio']:.3f}"]
+                for r in d["all_reduce"]]), "",
+    ]
+    p = d["per_iteration"]
+    lines += [
+        f"Per iteration (part A's MLP, thread backend, 2 stages {p['balance']}, memory storage; median "
+        "seconds per iteration of each fit):", "",
+        _table(["off ms/it", "on ms/it", "on / off"], [[_ms(p["off_s"]), _ms(p["on_s"]), f"{p['ratio']:.3f}"]]),
+        "", "Target (issue 16): at most 1.03 on both.", "",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1122,6 +1211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     started = time.perf_counter()
     a = b = c = None
+    if args.parts == "D":  # its own report: benchmarks/results/overhead_authentication.{json,md}
+        d = part_d(args)
+        record_load_at_end(machine)
+        write_results(args.output_dir, "overhead_authentication", {"machine": machine, "command": command,
+                                                                    "part_d": d},
+                      render_part_d(d, machine, command))
+        print(render_part_d(d, machine, command))
+        return 0
     try:
         if "A" in args.parts:
             a = part_a(args)
