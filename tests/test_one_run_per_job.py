@@ -386,3 +386,42 @@ def test_a_stage_that_returns_a_tuple_is_a_config_error_not_retried() -> None:
     with pytest.raises(WorkerFailed, match=r"ConfigError: stage 0's layers returned a tuple, not a tensor") as info:
         job.fit(regression_batches(1, 8), progress=False, max_retries=2)
     assert info.value.attempts == []
+
+
+# -- every wait of the driver bounded -------------------------------------------------------------------
+
+#: Set to release the puts a BlocksPuts storage holds.
+UNBLOCK = threading.Event()
+
+
+class BlocksPuts(MemoryStorage):
+    """``blocks://<name>``: a store whose puts of the stage definitions hang until UNBLOCK is set."""
+
+    @classmethod
+    def from_url(cls, url: str) -> BlocksPuts:
+        storage = cls(url.split("://", 1)[1])
+        storage.url = url
+        return storage
+
+    def put(self, key: str, data: bytes) -> None:
+        if "/model/" in key:
+            UNBLOCK.wait(600)
+        super().put(key, data)
+
+
+def test_the_drivers_own_upload_is_bounded_by_the_timeout() -> None:
+    from funcpipe import StorageTimeout
+    from funcpipe.executors.thread import ThreadExecutor
+    from tests.helpers import SpyExecutor
+
+    register("blocks", BlocksPuts, clobber=True)
+    UNBLOCK.clear()
+    spy = SpyExecutor(ThreadExecutor())
+    job = Trainer(mlp7(), nn.functional.mse_loss, sgd_momentum, PLAN, backend=spy,
+                  storage=f"blocks://{uuid.uuid4().hex}", timeout_s=1.0)
+    try:
+        with pytest.raises(StorageTimeout, match=r"put of '[^']*/model/s0' of [\d,]+ bytes did not finish within 1 s"):
+            job.fit(regression_batches(2, 8), progress=False)
+    finally:
+        UNBLOCK.set()
+    assert spy.launched == []

@@ -53,6 +53,7 @@ from funcpipe.restore import JobState
 from funcpipe.run import Fit, Run, Setup
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
+from funcpipe.storage.bounded import BoundedStorage
 from funcpipe.worker import NONFINITE_POLICIES, REPORT_TIMES, StageDefinition
 
 if TYPE_CHECKING:
@@ -226,7 +227,8 @@ class Trainer:
             storage = Path(directory).as_uri()
         self.storage_url = storage
         self.executor.check_storage(self.storage_url)
-        self._raw_storage = open_storage(self.storage_url)
+        # The driver's own storage operations are bounded by the timeout, as the workers' waits are.
+        self._raw_storage: Storage = BoundedStorage(open_storage(self.storage_url), timeout_s)
         self.timeout_s = timeout_s
         self.threads_per_worker = threads_per_worker
         #: This trainer's run id: in every key its fits write, and the holder of the job's lease.
