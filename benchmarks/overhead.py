@@ -1138,7 +1138,7 @@ def part_d(args: argparse.Namespace) -> dict[str, Any]:
 
     rows_b = []
     for n in (2, 4):
-        size = 100 * MB
+        size = int(100 * MB)
         flats = [torch.randn(size // 4, generator=torch.Generator().manual_seed(args.seed + r)) for r in range(n)]
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeats):

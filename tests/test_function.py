@@ -85,7 +85,7 @@ def test_a_class_without_cancel_is_refused(memory: MemoryStorage) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"funcpipe": 1}, "format 1, expected 2"),
+        ({"funcpipe": 1}, "format 1, expected 3"),
         ({"versions": None}, "lacks ['versions']"),
         ({"versions": "2.13.0"}, "has versions '2.13.0', not an object"),
         ({"status_key": "elsewhere/k"}, "malformed status key"),
