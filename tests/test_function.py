@@ -12,6 +12,7 @@ from funcpipe import protocol
 from funcpipe.errors import ConfigError
 from funcpipe.function import handle
 from funcpipe.storage import MemoryStorage
+from funcpipe.storage.authenticated import AuthenticatedStorage
 from tests.fakes.actors import Counted
 
 
@@ -28,7 +29,7 @@ def payload(storage: MemoryStorage, *, actor: str = "tests.fakes.actors:Counted"
     event = {
         "funcpipe": protocol.PAYLOAD_FORMAT, "name": "stage 0 replica 0", "actor": actor, "args": ["built"],
         "method": method, "call_args": [0.0] if call_args is None else call_args, "storage_url": storage.url,
-        "status_key": f"{protocol.STATUS_PREFIX}{uuid.uuid4().hex}", "heartbeat_s": 30.0,
+        "status_key": f"{protocol.STATUS_PREFIX}{uuid.uuid4().hex}", "status_secret": "5e" * 32, "heartbeat_s": 30.0,
         "versions": protocol.versions(),
     }
     event.update(changes)
@@ -36,8 +37,9 @@ def payload(storage: MemoryStorage, *, actor: str = "tests.fakes.actors:Counted"
 
 
 def status(storage: MemoryStorage, event: dict[str, Any]) -> dict[str, Any]:
+    """The call's status object, its MAC checked under the call's secret."""
     key = event["status_key"]
-    return protocol.decode_status(storage.get(key), key)
+    return protocol.decode_status(AuthenticatedStorage(storage, event["status_secret"]).get(key), key)
 
 
 def test_a_call_reports_its_result(memory: MemoryStorage) -> None:
@@ -89,6 +91,7 @@ def test_a_class_without_cancel_is_refused(memory: MemoryStorage) -> None:
         ({"versions": None}, "lacks ['versions']"),
         ({"versions": "2.13.0"}, "has versions '2.13.0', not an object"),
         ({"status_key": "elsewhere/k"}, "malformed status key"),
+        ({"status_secret": "not hex"}, "malformed status secret"),
         ({"method": "_private"}, "malformed status key or method"),
     ],
 )

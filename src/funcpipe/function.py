@@ -29,6 +29,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import re
 import threading
 import traceback
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from typing import Any
 from funcpipe import protocol, worker
 from funcpipe.errors import ConfigError, StorageError, VersionMismatch, WorkerFailed
 from funcpipe.storage import Storage, open_storage
+from funcpipe.storage.authenticated import AuthenticatedStorage
 
 __all__ = ["handle", "preload"]
 
@@ -52,6 +54,7 @@ class _Request:
     call_args: list[Any]
     storage_url: str
     status_key: str
+    status_secret: str = dataclasses.field(repr=False)  # the status objects' MAC key, fresh per call
     heartbeat_s: float
     versions: dict[str, str]
 
@@ -69,6 +72,8 @@ class _Request:
             raise ConfigError(f"invocation payload lacks {missing}")
         if not str(fields["status_key"]).startswith(protocol.STATUS_PREFIX) or str(fields["method"]).startswith("_"):
             raise ConfigError("invocation payload has a malformed status key or method")
+        if not (isinstance(fields["status_secret"], str) and re.fullmatch(r"[0-9a-f]{64}", fields["status_secret"])):
+            raise ConfigError("invocation payload has a malformed status secret (expected 64 hex digits)")
         if not isinstance(fields["versions"], dict):
             raise ConfigError(f"invocation payload has versions {fields['versions']!r:.80}, not an object")
         return cls(**fields)
@@ -169,7 +174,9 @@ def handle(event: Any, *, remaining_s: Callable[[], float] | None = None) -> dic
         ``{"state": "done"}`` or ``{"state": "failed", "cause": ...}``, for the platform's logs.
     """
     request = _Request.from_event(event)
-    storage = open_storage(request.storage_url)
+    # The call's status (and the driver's cancel object, which is only looked for) are authenticated
+    # under the call's own key: a status object someone else wrote is refused by the driver.
+    storage = AuthenticatedStorage(open_storage(request.storage_url), request.status_secret)
     reporter = _Reporter(storage, request.status_key, float(request.heartbeat_s), remaining_s)
     try:
         reporter.write({"state": "started", "beat": 0})

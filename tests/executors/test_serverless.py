@@ -18,6 +18,7 @@ from funcpipe.function import _Reporter
 from funcpipe.protocol import STATUS_PREFIX
 from funcpipe.protocol import decode_status as _read_status
 from funcpipe.storage import MemoryStorage
+from funcpipe.storage.authenticated import AuthenticatedStorage
 
 KEY = STATUS_PREFIX + "job-b/call-2"
 OTHER = STATUS_PREFIX + "job-a/call-7"
@@ -76,6 +77,10 @@ def test_a_malformed_status_is_an_integrity_error(status: dict[str, Any]) -> Non
     assert repr(KEY) in str(info.value)
 
 
+#: The status objects' key of the watched call.
+SECRET = "c0" * 32
+
+
 class CountingReads(MemoryStorage):
     """Sets ``read_thrice`` once ``KEY`` has been read three times."""
 
@@ -96,20 +101,22 @@ class CountingReads(MemoryStorage):
 def watch(storage: MemoryStorage) -> tuple[_Watcher, Future[Any]]:
     watcher = _Watcher(TIMING.poll_s)
     future: Future[Any] = Future()
-    watcher.watch(_Call("stage 0 replica 0", KEY, future, invoked=time.monotonic()), storage, TIMING)
+    watcher.watch(_Call("stage 0 replica 0", KEY, future, invoked=time.monotonic(), status_secret=SECRET),
+                  storage, TIMING)
     return watcher, future
 
 
 def test_the_watcher_does_not_settle_a_call_on_another_calls_status(caplog: pytest.LogCaptureFixture) -> None:
     storage = CountingReads(f"test-serverless-{uuid.uuid4().hex}")
-    storage.put(KEY, binding.encode_json(OTHER, {"state": "done", "result": "not this call's"}))
+    signed = AuthenticatedStorage(storage, SECRET)  # as the call's function writes
+    signed.put(KEY, binding.encode_json(OTHER, {"state": "done", "result": "not this call's"}))
     with caplog.at_level("WARNING", logger="funcpipe.executors.serverless"):
         watcher, future = watch(storage)
         try:
             assert storage.read_thrice.wait(RESULT_TIMEOUT_S)
             # The watcher handles one read before it makes the next: two were handled and ignored.
             assert not future.done()
-            _Reporter(storage, KEY, heartbeat_s=1.0, remaining_s=None).write({"state": "done", "result": "mine"})
+            _Reporter(signed, KEY, heartbeat_s=1.0, remaining_s=None).write({"state": "done", "result": "mine"})
             assert future.result(timeout=RESULT_TIMEOUT_S) == "mine"
         finally:
             watcher.stop()
@@ -118,8 +125,18 @@ def test_the_watcher_does_not_settle_a_call_on_another_calls_status(caplog: pyte
     assert len(warnings) == 1 and repr(KEY) in warnings[0] and repr(OTHER) in warnings[0], warnings
 
 
+def test_the_watcher_refuses_a_status_not_written_under_the_calls_secret(memory: MemoryStorage) -> None:
+    memory.put(KEY, binding.encode_json(KEY, {"state": "done", "result": "forged"}))
+    watcher, future = watch(memory)
+    try:
+        with pytest.raises(WorkerFailed, match=f"IntegrityError: object {KEY!r} failed its authentication"):
+            future.result(timeout=RESULT_TIMEOUT_S)
+    finally:
+        watcher.stop()
+
+
 def test_the_watcher_fails_a_call_whose_status_is_malformed(memory: MemoryStorage) -> None:
-    memory.put(KEY, b"\x80\x04\x95 a pickle, say")
+    AuthenticatedStorage(memory, SECRET).put(KEY, b"\x80\x04\x95 a pickle, say")
     watcher, future = watch(memory)
     try:
         with pytest.raises(WorkerFailed, match=f"IntegrityError: object {KEY!r} is not JSON"):

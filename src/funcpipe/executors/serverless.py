@@ -33,6 +33,7 @@ import abc
 import dataclasses
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ from funcpipe.errors import (
 )
 from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
 from funcpipe.storage import Storage, open_storage
+from funcpipe.storage.authenticated import AuthenticatedStorage
 from funcpipe.storage.throttled import SCHEME_PREFIX
 
 __all__ = [
@@ -229,8 +231,9 @@ class ServerlessActor(ActorHandle):
         self._storage_url = storage_url
         self._calls: list[_Call] = []
 
-    def payload(self, method: str, args: tuple[Any, ...], status_key: str) -> bytes:
-        """The JSON bytes one invocation carries."""
+    def payload(self, method: str, args: tuple[Any, ...], status_key: str, status_secret: str = "") -> bytes:
+        """The JSON bytes one invocation carries (``status_secret``: the key the call's status objects are
+        authenticated under, fresh per call)."""
         document = {
             "funcpipe": protocol.PAYLOAD_FORMAT,
             "name": self.name,
@@ -240,6 +243,7 @@ class ServerlessActor(ActorHandle):
             "call_args": list(args),
             "storage_url": self._storage_url,
             "status_key": status_key,
+            "status_secret": status_secret,
             "heartbeat_s": self._executor.timing.heartbeat_s,
             "versions": self._executor.versions,
         }
@@ -252,7 +256,8 @@ class ServerlessActor(ActorHandle):
         if method.startswith("_"):
             raise ConfigError(f"{self.name}: cannot call private method {method!r} in a function")
         status_key = f"{protocol.STATUS_PREFIX}{uuid.uuid4().hex}"
-        body = self.payload(method, args, status_key)
+        status_secret = secrets.token_hex(32)
+        body = self.payload(method, args, status_key, status_secret)
         limit = self._executor.payload_limit_bytes
         if len(body) > limit:
             raise PayloadTooLarge(
@@ -261,7 +266,7 @@ class ServerlessActor(ActorHandle):
                 "plan and storage URL); keep them small and move data through storage, or raise "
                 "payload_limit_bytes if your platform allows more",
             )
-        call = _Call(self.name, status_key, Future())
+        call = _Call(self.name, status_key, Future(), status_secret=status_secret)
         call.future.set_running_or_notify_cancel()
         storage = self._executor._watcher.storage_for(self._storage_url)
         self._executor.invoke(self.function, body)  # raises before anything is watched
@@ -307,6 +312,7 @@ class _Call:
     beat: int = -1  # last heartbeat seen; -1: not started
     last_change: float = 0.0
     foreign: str | None = None  # the binding of a foreign status object last warned about
+    status_secret: str = dataclasses.field(default="", repr=False)  # its status objects' MAC key
 
 
 def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
@@ -400,7 +406,7 @@ class _Watcher:
         """Read one call's status and resolve its future if it ended; ``True`` once it is resolved."""
         if call.future.done():
             return True
-        data = storage.get_if_exists(call.status_key)
+        data = AuthenticatedStorage(storage, call.status_secret).get_if_exists(call.status_key)
         now = time.monotonic()
         if data is None:
             return self._overdue(call, timing, now)
