@@ -241,21 +241,25 @@ def test_a_second_concurrent_fit_on_one_trainer_is_refused() -> None:
     assert_same_parameters(busy.model, reference(batches))  # only the first fit trained
 
 
+class ByUrl(MemoryStorage):
+    """A memory storage a test registers under its own scheme (``<scheme>://<name>``), as a plugin is."""
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStorage:
+        storage = cls(url.split("://", 1)[1])
+        storage.url = url
+        return storage
+
+
 # -- altered bytes in storage -----------------------------------------------------------------------
 
 #: Per storage name: (a part of the keys to alter, how), for the first object whose key has it.
 ALTER: dict[str, tuple[str, str]] = {}
 
 
-class AltersOnce(MemoryStorage):
+class AltersOnce(ByUrl):
     """``alter://<name>``: memory storage that alters the first object whose key contains ``ALTER[name][0]``
     as it lands, keeping its header intact: what someone who can write to the bucket could do."""
-
-    @classmethod
-    def from_url(cls, url: str) -> AltersOnce:
-        storage = cls(url.split("://", 1)[1])
-        storage.url = url
-        return storage
 
     def put(self, key: str, data: bytes) -> None:
         part, how = ALTER.get(self.name, ("", ""))
@@ -325,16 +329,10 @@ def test_a_corrupt_checkpoint_a_retry_restores_falls_back_to_the_one_before(
 # -- errors named, and retried or not -----------------------------------------------------------------
 
 
-class FlakyPlugin(MemoryStorage):
+class FlakyPlugin(ByUrl):
     """``flaky://<name>``: a plugin whose library raises a raw OSError on its first put of an activation."""
 
     failed: ClassVar[set[str]] = set()
-
-    @classmethod
-    def from_url(cls, url: str) -> FlakyPlugin:
-        storage = cls(url.split("://", 1)[1])
-        storage.url = url
-        return storage
 
     def put(self, key: str, data: bytes) -> None:
         if "/act." in key and self.name not in FlakyPlugin.failed:
@@ -394,14 +392,8 @@ def test_a_stage_that_returns_a_tuple_is_a_config_error_not_retried() -> None:
 UNBLOCK = threading.Event()
 
 
-class BlocksPuts(MemoryStorage):
+class BlocksPuts(ByUrl):
     """``blocks://<name>``: a store whose puts of the stage definitions hang until UNBLOCK is set."""
-
-    @classmethod
-    def from_url(cls, url: str) -> BlocksPuts:
-        storage = cls(url.split("://", 1)[1])
-        storage.url = url
-        return storage
 
     def put(self, key: str, data: bytes) -> None:
         if "/model/" in key:

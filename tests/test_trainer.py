@@ -222,7 +222,8 @@ class TestBadInput:
         trainer = Trainer(mlp7(), nn.functional.cross_entropy, SGD_MOMENTUM, self.plan(), backend="thread",
                           storage="memory://bad-targets")
         x = regression_batches(1, 8)[0][0]
-        with pytest.raises(WorkerFailed, match=r"stage 1 replica 0 failed: RuntimeError: .*Long.*Float") as info:
+        pattern = r"stage 1 replica 0 failed: UserCodeError: stage 1 replica 0: loss_fn raised RuntimeError: .*Long"
+        with pytest.raises(WorkerFailed, match=pattern) as info:
             trainer.fit([(x, torch.zeros(8))], progress=False)  # class indices as floats
         assert "cross_entropy" in info.value.remote_traceback
 
