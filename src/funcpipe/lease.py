@@ -135,14 +135,14 @@ class Lease:
         holder = self.holder()
         now = self.clock()
         if holder is not None and holder.run != self.run and not holder.stale(now):
-            raise self._busy(holder, now)
+            raise self.busy_error(holder, now)
         generation = 0 if holder is None else holder.generation + 1
         if holder is not None and holder.run != self.run:
             log.warning("job %s: taking over the stale lease of %s", self.job, holder.describe(now))
         self._since = now
         if not self.storage.create(lease_key(self.job, generation), self._encode(now)):
             winner = self.holder()
-            raise self._busy(winner, self.clock()) if winner is not None else JobBusy(
+            raise self.busy_error(winner, self.clock()) if winner is not None else JobBusy(
                 f"job {self.job!r}: another fit took its lease at the same moment; hint: one fit per job at a time"
             )
         self.generation = generation
@@ -218,7 +218,8 @@ class Lease:
             "pid": os.getpid(), "since": self._since, "renewed": now, "ttl_s": self.ttl_s,
         }, sort_keys=True).encode()
 
-    def _busy(self, holder: Holder, now: float) -> JobBusy:
+    def busy_error(self, holder: Holder, now: float) -> JobBusy:
+        """The :class:`~funcpipe.JobBusy` naming ``holder`` and how to take over."""
         return JobBusy(
             f"job {self.job!r} is being trained by another fit: {holder.describe(now)}; one live run per job; "
             f"hint: wait for it to finish, or give this trainer another Trainer(job=...); once its holder stops "

@@ -405,7 +405,7 @@ class Trainer:
         """
         holder = self._lease.busy()
         if holder is not None:
-            raise self._lease._busy(holder, self._lease.clock())
+            raise self._lease.busy_error(holder, self._lease.clock())
         self._job.clean(checkpoints=checkpoints)
         self._lease.delete_all()
         self._uploaded = False
