@@ -81,6 +81,8 @@ def moto_endpoint(aws_env: dict[str, str]) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(DomainDispatcherApplication, "infer_service_region_host",
                       _serve_oss_signed_requests_as_s3(DomainDispatcherApplication.infer_service_region_host))
+        patch.setattr(DomainDispatcherApplication, "__call__",
+                      _forbid_overwrite_as_oss_does(DomainDispatcherApplication.__call__))
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
@@ -106,6 +108,44 @@ def _serve_oss_signed_requests_as_s3(infer: Any) -> Any:
             return None
         result: str | None = infer(self, environ, path)
         return result
+
+    return patched
+
+
+def _forbid_overwrite_as_oss_does(call: Any) -> Any:
+    """Honour OSS's ``x-oss-forbid-overwrite: true`` on an OSS-signed PUT, as OSS does.
+
+    moto knows S3's equivalent, ``If-None-Match: *``: the request asks for that,
+    and moto's answer to an existing key (412 PreconditionFailed, the object
+    unchanged) goes back as OSS's: 409 with the code ``FileAlreadyExists``.
+    """
+
+    def patched(self: Any, environ: dict[str, Any], start_response: Any) -> Any:
+        if not (environ.get("HTTP_AUTHORIZATION", "").startswith("OSS ") and environ.get("REQUEST_METHOD") == "PUT"
+                and environ.get("HTTP_X_OSS_FORBID_OVERWRITE", "").lower() == "true"):
+            return call(self, environ, start_response)
+        environ["HTTP_IF_NONE_MATCH"] = "*"
+        answer: list[Any] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            answer[:] = [status, headers]
+            return lambda chunk: None
+
+        result = call(self, environ, capture)
+        try:
+            body = b"".join(result)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        status, headers = answer
+        if status.startswith("412"):
+            body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>FileAlreadyExists</Code><Message>The '
+                    b"object you specified already exists and can not be overwritten.</Message><RequestId>"
+                    b"FAKEOSS</RequestId><HostId>127.0.0.1</HostId><EC>0016-00000708</EC></Error>")
+            status, headers = "409 Conflict", [("Content-Type", "application/xml"), ("x-oss-request-id", "FAKEOSS"),
+                                                ("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        return [body]
 
     return patched
 

@@ -160,3 +160,77 @@ def test_funcpipe_errors_and_interrupts_pass_the_boundary_unchanged() -> None:
         with pytest.raises(type(failure)):
             _Plugin(failure).put("k", b"x")
     assert _Plugin.put.__name__ == "put" and "put" in (_Plugin.put.__qualname__ or "")
+
+
+class _Subclass(_Plugin):
+    """A plugin built on another, whose put adds to its base's through ``super()``."""
+
+    def put(self, key: str, data: bytes) -> None:
+        super().put(key, data + b"!")
+
+
+def test_a_subclass_calling_super_is_translated_once() -> None:
+    from funcpipe.errors import StorageFailure
+
+    failure = OSError(5, "I/O error")
+    with pytest.raises(StorageFailure) as info:
+        _Subclass(failure).put("k", b"x")
+    assert info.value.__cause__ is failure  # not a StorageFailure of a StorageFailure
+    assert str(info.value).count("OSError") == 1
+    storage = _Subclass(None)
+    storage.put("k", b"x")
+    assert storage.get("k") == b"x!"
+    # Each class's own method is wrapped once; a wrapped method assigned again is not wrapped again.
+    assert _Subclass.put.__wrapped__.__name__ == "put"  # type: ignore[attr-defined]
+    assert not hasattr(_Subclass.put.__wrapped__, "__wrapped__")  # type: ignore[attr-defined]
+
+    class Alias(_Plugin):
+        get = _Plugin.get
+
+    assert Alias.get is _Plugin.get
+
+
+def test_the_translated_methods_keep_their_signature_and_docstring() -> None:
+    import inspect
+
+    from funcpipe.storage import MemoryStorage
+
+    assert str(inspect.signature(MemoryStorage.put)) == "(self, key: 'str', data: 'bytes') -> 'None'"
+    assert MemoryStorage.get.__doc__ and "ObjectNotFound" in MemoryStorage.get.__doc__
+    assert MemoryStorage.create.__name__ == "create"
+
+
+def test_the_key_is_named_when_passed_by_keyword_and_funcpipe_errors_pass_unchanged() -> None:
+    from funcpipe.errors import ConfigError, StorageError, StorageFailure
+
+    with pytest.raises(StorageFailure, match=r"put of 'job/k': RuntimeError: SDK bug"):
+        _Plugin(RuntimeError("SDK bug")).put(key="job/k", data=b"x")
+    for failure in (StorageError("the plugin's own named error"), ConfigError("bad")):
+        with pytest.raises(type(failure)) as info:
+            _Plugin(failure).put("k", b"x")
+        assert info.value is failure
+
+
+class _Unconditional(_Plugin):
+    """A plugin written before ``create`` existed."""
+
+
+def test_the_default_create_looks_then_puts_and_warns_once_naming_the_class(
+        caplog: pytest.LogCaptureFixture) -> None:
+    storage = _Unconditional(None)
+    with caplog.at_level("WARNING", logger="funcpipe.storage.base"):
+        assert storage.create("lease", b"first") is True
+        assert storage.create("lease", b"second") is False
+        assert _Unconditional(None).create("other", b"x") is True
+    assert storage.objects["lease"] == b"first"
+    warnings = [r.getMessage() for r in caplog.records if "atomic create" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "test_base._Unconditional has no atomic create()" in warnings[0]
+
+
+def test_the_default_create_s_failures_are_translated_too() -> None:
+    from funcpipe.errors import StorageFailure
+
+    with pytest.raises(StorageFailure, match="put of 'lease': OSError") as info:
+        _Unconditional(OSError("disk full")).create("lease", b"x")
+    assert isinstance(info.value.__cause__, OSError)

@@ -82,3 +82,15 @@ def test_the_url_shares_one_counter_per_name_and_passes_other_parameters_on() ->
 def test_a_url_without_exactly_one_good_counter_is_refused(url: str) -> None:
     with pytest.raises(ConfigError, match="counter"):
         open_storage(url)
+
+
+def test_a_create_counts_as_one_put_whether_it_creates_or_not() -> None:
+    requests = RequestCounter()
+    store = CountingStorage(MemoryStorage(_name()), requests)
+    seen: list[Request] = []
+    requests.listen(seen.append)
+    assert store.create("lease", b"abc") is True
+    assert store.create("lease", b"de") is False
+    assert store.get("lease") == b"abc"
+    assert {op: n for op, n in requests.counts().items() if n} == {"PUT": 2, "GET": 1}
+    assert [(r.op, r.key, r.nbytes) for r in seen[:2]] == [("PUT", "lease", 3), ("PUT", "lease", 2)]

@@ -200,3 +200,56 @@ def test_readers_in_other_processes_never_see_partial_objects(tmp_path: Path) ->
     reads, bad = map(int, out.split())
     assert reads >= 2
     assert bad == 0
+
+
+def test_create_writes_whole_or_not_at_all_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path)
+    assert storage.create("a/lease", b"first") is True
+    assert storage.create("a/lease", b"second") is False
+    assert sorted(os.listdir(tmp_path / "a")) == ["lease"]
+    assert (tmp_path / "a" / "lease").read_bytes() == b"first"
+    assert os.stat(tmp_path / "a" / "lease").st_nlink == 1  # the temporary's name is gone
+
+
+def test_create_over_a_directory_of_keys_is_a_storage_error_and_leaves_nothing(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path)
+    storage.put("a/b", b"1")
+    with pytest.raises(StorageError, match="cannot store key 'a'"):
+        storage.create("a", b"2")
+    assert sorted(os.listdir(tmp_path)) == ["a"] and sorted(os.listdir(tmp_path / "a")) == ["b"]
+
+
+def test_creates_racing_from_processes_leave_one_winner(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from funcpipe.storage import FileStorage
+        storage = FileStorage(sys.argv[1])
+        print("ready", flush=True)
+        sys.stdin.readline()  # go
+        print(int(storage.create("lease", sys.argv[2].encode())), flush=True)
+        """
+    )
+    src = str(Path(funcpipe.__file__).parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    racers = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path), f"racer {n}"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=env)
+        for n in range(4)
+    ]
+    try:
+        for racer in racers:  # every racer has opened the storage before any is told to go
+            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        outcomes = [racer.communicate(timeout=60)[0].strip() for racer in racers]
+    finally:
+        for racer in racers:
+            if racer.poll() is None:
+                racer.kill()
+                racer.communicate()
+    assert sorted(outcomes) == ["0", "0", "0", "1"]
+    assert FileStorage(tmp_path).get("lease") == f"racer {outcomes.index('1')}".encode()
+    assert os.listdir(tmp_path) == ["lease"]

@@ -292,6 +292,7 @@ def test_failed_multipart_upload_is_aborted() -> None:
 def _every_operation(storage: OSSStorage) -> list[tuple[str, Any]]:
     return [
         ("put", lambda: storage.put("k", b"v")),
+        ("create", lambda: storage.create("k", b"v")),
         ("get", lambda: storage.get("k")),
         ("get_if_exists", lambda: storage.get_if_exists("k")),
         ("exists", lambda: storage.exists("k")),
@@ -495,7 +496,7 @@ def test_throttling_twice_then_ok_succeeds_through_the_session_s_retries(operati
 
 
 @pytest.mark.parametrize("altered", [False, True], ids=["same", "altered"])
-@pytest.mark.parametrize("operation", ["put", "get"])
+@pytest.mark.parametrize("operation", ["put", "create", "get"])
 def test_the_crc_oss_reports_is_checked(operation: str, altered: bool) -> None:
     """oss2's own check is off (its one-shot body streams broke retries): the storage checks instead."""
     data = b"payload"
@@ -507,6 +508,8 @@ def test_the_crc_oss_reports_is_checked(operation: str, altered: bool) -> None:
     def run() -> None:
         if operation == "put":
             storage.put("k", data)
+        elif operation == "create":
+            assert storage.create("k", data) is True
         else:
             assert storage.get("k") == data
 
@@ -605,3 +608,10 @@ def test_create_forbids_overwriting_as_oss_does() -> None:
     assert storage.get("lease") == b"first"
     storage.put("lease", b"renewed")  # a plain put replaces it
     assert adapter.requests[-2].headers.get("x-oss-forbid-overwrite") is None
+
+
+def test_a_create_s_other_conflicts_are_errors_not_a_lost_race() -> None:
+    body = error_xml("ObjectNotAppendable", "The object is not appendable.")
+    storage = replay(ReplayAdapter(answer_error(409, body)), "p")
+    with pytest.raises(StorageError, match=r"ObjectNotAppendable: The object is not appendable\..*HTTP 409"):
+        storage.create("lease", b"v")

@@ -300,6 +300,7 @@ def _every_operation(storage: S3Storage) -> list[tuple[str, Callable[[], object]
     return [
         ("put", lambda: storage.put("k", b"v")),
         ("put large", lambda: storage.put("k", b"v" * (5 * MiB))),
+        ("create", lambda: storage.create("k", b"v")),
         ("get", lambda: storage.get("k")),
         ("get_if_exists", lambda: storage.get_if_exists("k")),
         ("exists", lambda: storage.exists("k")),
@@ -408,6 +409,36 @@ def test_other_service_errors_keep_code_and_status(aws_env: dict[str, str]) -> N
     assert not isinstance(info.value, (ObjectNotFound, BucketNotFound, StorageAccessDenied))
 
 
+@pytest.mark.parametrize(
+    ("status", "code"), [(412, "PreconditionFailed"), (409, "ConditionalRequestConflict"), (412, "")])
+def test_create_asks_if_none_match_and_a_refusal_is_false(aws_env: dict[str, str], status: int, code: str) -> None:
+    response = CannedResponse(status, f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+                              if code else b"")
+    with canned_http_server(response) as endpoint:
+        storage = S3Storage("bucket", "p", endpoint_url=endpoint, region="us-east-1", max_attempts=1)
+        assert storage.create("lease", b"v") is False
+    [(method, path, headers)] = response.requests
+    assert (method, path, headers.get("If-None-Match")) == ("PUT", "/bucket/p/lease", "*")
+
+
+def test_a_create_on_a_server_without_conditional_writes_says_so(aws_env: dict[str, str]) -> None:
+    response = CannedResponse(501, b"<Error><Code>NotImplemented</Code><Message>A header you provided implies "
+                                   b"functionality that is not implemented</Message></Error>")
+    with canned_http_server(response) as endpoint:
+        storage = S3Storage("bucket", endpoint_url=endpoint, region="us-east-1", max_attempts=1)
+        with pytest.raises(StorageError, match=r"s3://bucket/lease failed: the server at .* does not implement "
+                                               r"conditional writes \(NotImplemented, HTTP 501\)"):
+            storage.create("lease", b"v")
+
+
+def test_other_create_errors_are_mapped_as_a_put_s(aws_env: dict[str, str]) -> None:
+    response = CannedResponse(409, b"<Error><Code>OperationAborted</Code><Message>busy</Message></Error>")
+    with canned_http_server(response) as endpoint:
+        storage = S3Storage("bucket", endpoint_url=endpoint, region="us-east-1", max_attempts=1)
+        with pytest.raises(StorageError, match=r"OperationAborted: busy \(HTTP 409\)"):
+            storage.create("lease", b"v")
+
+
 def test_retries_are_botocore_s(aws_env: dict[str, str]) -> None:
     response = CannedResponse(503, b"<Error><Code>SlowDown</Code><Message>Please reduce</Message></Error>")
     with canned_http_server(response) as endpoint:
@@ -495,7 +526,7 @@ def test_seaweedfs_missing_bucket(seaweedfs_endpoint: str) -> None:
     # PUT by an identity with the Admin action.
     storage = make_storage(seaweedfs_endpoint, "no-such-bucket-funcpipe")
     for name, operation in _every_operation(storage):
-        if name.startswith("put"):
+        if name.startswith(("put", "create")):
             continue
         with pytest.raises(BucketNotFound) as info:
             operation()

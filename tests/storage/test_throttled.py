@@ -283,3 +283,48 @@ def test_the_range_s_ends_are_accepted() -> None:
 def test_inner_url_errors_pass_through() -> None:
     with pytest.raises(ConfigError, match="unknown storage URL 'ftp://x'"):
         open_storage("throttled+ftp://x?up_mb_s=1")
+
+
+def test_a_create_pays_for_its_upload_like_a_put_whether_it_creates_or_not() -> None:
+    clock = FakeClock()
+    inner = memory()
+    storage = throttled(clock, inner)
+    assert storage.create("lease", b"x" * (10 * MB)) is True
+    assert clock.now == pytest.approx(1.02)
+    assert storage.create("lease", b"y" * (5 * MB)) is False  # the request went up the link all the same
+    assert clock.now == pytest.approx(1.54)
+    assert inner.get("lease") == b"x" * (10 * MB)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"latency_ms": 1e12}, r"throttle\(\) parameter latency_ms=1000000000000.0 must be from 0 to 3600000"),
+        ({"latency_ms": -1.0}, r"latency_ms=-1.0 must be from 0 to 3600000 \(1 hour\)"),
+        ({"latency_ms": float("nan")}, r"latency_ms=nan must be from 0 to 3600000"),
+        ({"latency_ms": float("inf")}, r"latency_ms=inf must be from 0 to 3600000"),
+        ({"up_mb_s": 1e-15}, r"throttle\(\) parameter up_mb_s=1e-15 must be a number >= 0.001 \(1 kB/s\)"),
+        ({"down_mb_s": 0.0}, r"down_mb_s=0.0 must be a number >= 0.001"),
+        ({"down_mb_s": float("nan")}, r"down_mb_s=nan must be a number >= 0.001"),
+        ({"up_mb_s": float("inf")}, r"up_mb_s=inf must be a number >= 0.001"),
+    ],
+)
+def test_throttle_refuses_parameters_out_of_range_by_their_names(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        throttle(memory(), **kwargs)
+
+
+def test_throttle_accepts_the_range_s_ends() -> None:
+    storage = throttle(memory(), up_mb_s=0.001, down_mb_s=0.001, latency_ms=3_600_000)
+    assert (storage.uplink_bytes_per_s, storage.downlink_bytes_per_s, storage.latency_s) == (1000.0, 1000.0, 3600.0)
+    assert throttle(memory(), latency_ms=0.0).latency_s == 0.0
+
+
+@pytest.mark.parametrize("query", ["latency_ms=3600000.001", "up_mb_s=0.000999", "down_mb_s=-inf",
+                                   "latency_ms=inf", "up_mb_s=nan"])
+def test_a_url_just_out_of_range_is_refused_naming_it(query: str) -> None:
+    url = f"throttled+memory://x?{query}"
+    with pytest.raises(ConfigError) as info:
+        open_storage(url)
+    name, value = query.split("=")
+    assert f"parameter {name}={value!r} in {url!r}" in str(info.value)

@@ -69,8 +69,9 @@ def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
         except (FuncpipeError, WaitCancelled, MemoryError):
             raise
         except Exception as exc:
-            where = self.url or type(self).__qualname__
-            what = f" of {args[0]!r}" if args and isinstance(args[0], str) else ""
+            where = getattr(self, "url", "") or type(self).__qualname__
+            key = args[0] if args else kwargs.get("key", kwargs.get("prefix"))
+            what = f" of {key!r}" if isinstance(key, str) else ""
             raise StorageFailure(
                 f"storage {where} failed in {method.__name__}{what}: {type(exc).__name__}: {exc}; hint: the storage "
                 f"backend {type(self).__module__}.{type(self).__qualname__} raised it (a network, permission or "
@@ -138,6 +139,10 @@ class Storage(abc.ABC):
         ``If-None-Match: *``, OSS with ``x-oss-forbid-overwrite``. This default,
         for stores that do not, looks then writes: two drivers racing may both
         succeed; it warns once per class.
+
+        On an object store whose SDK retries a PUT, a create whose first attempt
+        was stored but whose answer was lost returns ``False`` on the retry: a
+        caller that must tell compares the stored bytes with its own.
         """
         cls = type(self)
         if cls not in _WARNED_CREATE:

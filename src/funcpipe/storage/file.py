@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import itertools
 import os
 from collections.abc import Iterable
@@ -186,11 +187,14 @@ class FileStorage(Storage):
                 os.close(fd)
             if exclusive:
                 try:
-                    os.link(tmp, path)
+                    os.link(tmp, path)  # atomic: the whole object under its name, or EEXIST
                 except FileExistsError:
+                    if os.path.isdir(path):  # a directory of keys, not an object: refused as put refuses it
+                        raise IsADirectoryError(errno.EISDIR, "Is a directory", path) from None
                     return False
-                finally:
-                    os.unlink(tmp)
+                finally:  # the object (if linked) keeps its own name; a leftover temporary is skipped by list()
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
             else:
                 os.replace(tmp, path)
         except BaseException as exc:

@@ -248,9 +248,16 @@ class S3Storage(Storage):
         try:
             self._client.put_object(Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*")
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict") or exc.response.get(
-                    "ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
                 return False
+            if _code(exc) == "NotImplemented" or status == 501:
+                raise StorageError(
+                    f"S3 PutObject with If-None-Match: * of s3://{self.bucket}/{name} failed: the server at "
+                    f"{self._where()} does not implement conditional writes ({_code(exc)}, HTTP {status}); "
+                    "funcpipe's job lease needs them: use AWS S3 or an S3-compatible server that supports "
+                    "If-None-Match on PutObject"
+                ) from exc
             raise self._error(exc, "PutObject", name) from exc
         except _SDK_ERRORS as exc:
             raise self._error(exc, "PutObject", name) from exc

@@ -219,7 +219,14 @@ def throttle(
     Example::
 
         store = throttle(MemoryStorage("sim"), up_mb_s=70, down_mb_s=70, latency_ms=20)
+
+    Raises:
+        ConfigError: a parameter outside its range (the same as a ``throttled+`` URL's): ``latency_ms``
+            from 0 to 3 600 000 (1 hour), ``up_mb_s`` / ``down_mb_s`` at least 0.001 (1 kB/s), all finite.
     """
+    for name, value in (("up_mb_s", up_mb_s), ("down_mb_s", down_mb_s), ("latency_ms", latency_ms)):
+        if value is not None:
+            _check_range(name, value, f"throttle() parameter {name}={value!r}")
     return ThrottledStorage(
         storage,
         uplink_bytes_per_s=None if up_mb_s is None else up_mb_s * _MB,
@@ -233,17 +240,23 @@ def _parse_number(name: str, text: str, url: str) -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"parameter {name}={text!r} in {url!r} is not a number; e.g. {name}=70") from None
+    _check_range(name, value, f"parameter {name}={text!r} in {url!r}")
+    return value
+
+
+def _check_range(name: str, value: float, what: str) -> None:
+    """Refuse ``value`` of throttle parameter ``name`` (URL units) outside its sane range; ``what`` names it."""
     if name == "latency_ms":
         if not (math.isfinite(value) and 0 <= value <= MAX_LATENCY_S * 1000):
             raise ConfigError(
-                f"parameter latency_ms={text!r} in {url!r} must be from 0 to {int(MAX_LATENCY_S * 1000)} (1 hour)"
+                f"{what} must be from 0 to {int(MAX_LATENCY_S * 1000)} (1 hour), a finite number of "
+                "milliseconds; e.g. latency_ms=20"
             )
     elif not (math.isfinite(value) and value >= MIN_BANDWIDTH_BYTES_S / _MB):
         raise ConfigError(
-            f"parameter {name}={text!r} in {url!r} must be a number >= {MIN_BANDWIDTH_BYTES_S / _MB:g} "
-            "(1 kB/s); leave it out for unlimited bandwidth"
+            f"{what} must be a number >= {MIN_BANDWIDTH_BYTES_S / _MB:g} (1 kB/s), finite; a slower link would "
+            "make every transfer outlast any timeout; leave it out for unlimited bandwidth"
         )
-    return value
 
 
 def _format_number(value: float) -> str:
