@@ -53,9 +53,11 @@ PLAN = Plan.manual([2, 1, 1], replicas=[2, 1, 2], micro_batch_size=2, global_bat
 
 def check_failure(exc: WorkerFailed) -> None:
     assert exc.worker == "stage 1 replica 0"
-    assert exc.cause == "ValueError: boom in forward call 5"
+    # A ValueError of the user's layer: a UserCodeError, which names where it happened.
+    assert exc.cause.startswith("UserCodeError: stage 1 replica 0: the stage's forward raised ValueError: boom in "
+                                "forward call 5 (iteration 1, micro-batch 0)")
     assert "FailsInIteration" not in exc.cause and "in forward" in exc.remote_traceback
-    assert "stage 1 replica 0 failed: ValueError: boom" in str(exc)
+    assert "stage 1 replica 0 failed: UserCodeError:" in str(exc)
 
 
 class RecordingRay:

@@ -142,9 +142,12 @@ class Lease:
         self._since = now
         if not self.storage.create(lease_key(self.job, generation), self._encode(now)):
             winner = self.holder()
-            raise self.busy_error(winner, self.clock()) if winner is not None else JobBusy(
-                f"job {self.job!r}: another fit took its lease at the same moment; hint: one fit per job at a time"
-            )
+            ours = winner is not None and winner.generation == generation and winner.run == self.run
+            if not ours:  # (ours: the SDK retried a create whose first answer was lost)
+                if winner is not None:
+                    raise self.busy_error(winner, self.clock())
+                raise JobBusy(f"job {self.job!r}: another fit took its lease at the same moment; hint: one fit "
+                              "per job at a time")
         self.generation = generation
         self._lost = None
         self._stop.clear()
