@@ -124,6 +124,12 @@ class Lease:
             return None
         return holder
 
+    def refuse_if_busy(self) -> None:
+        """Raise :class:`~funcpipe.JobBusy` if another run holds a live lease on the job."""
+        holder = self.busy()
+        if holder is not None:
+            raise self.busy_error(holder, self.clock())
+
     # -- holding -----------------------------------------------------------------------------
 
     def acquire(self) -> None:

@@ -410,6 +410,10 @@ class Run:
     def _checkpoint_complete(self, iteration: int) -> None:
         """Every stage has its checkpoint before ``iteration`` of this attempt: the job's restore point."""
         self.job.complete((iteration, self.job.keys.attempt))
+        self._forget_replayed()
+
+    def _forget_replayed(self) -> None:
+        """Drop the batches no retry or fall-back can go back to: those before the oldest checkpoint kept."""
         self.fit.replay.forget_before(max(self.fit.first, self.job.oldest_kept_iteration))
 
     def _abandon(self) -> None:
@@ -420,7 +424,7 @@ class Run:
         unfinished = range(max(self.first, fed_to - LOOKAHEAD - 2), fed_to)
         plan, sizes = self.setup.plan, self.setup.gradient_bytes
         self.job.abandon(due, [key for i in unfinished for key in failed.iteration_keys(i, plan, sizes)])
-        self.fit.replay.forget_before(max(self.fit.first, self.job.oldest_kept_iteration))
+        self._forget_replayed()
 
 
 def _postfix(history: History, usd_per_iteration: float | None) -> dict[str, str]:

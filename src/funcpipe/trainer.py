@@ -403,9 +403,7 @@ class Trainer:
         checkpoint the job cannot continue: a later ``fit`` of this trainer
         raises :class:`~funcpipe.ConfigError` (``trainer.model`` keeps the weights).
         """
-        holder = self._lease.busy()
-        if holder is not None:
-            raise self._lease.busy_error(holder, self._lease.clock())
+        self._lease.refuse_if_busy()
         self._job.clean(checkpoints=checkpoints)
         self._lease.delete_all()
         self._uploaded = False
@@ -442,9 +440,7 @@ class Trainer:
 
     def _upload_definitions(self) -> None:
         for stage in range(self.plan.num_stages):
-            layers = nn.Sequential(collections.OrderedDict(
-                (str(i), self._model[i]) for i in self.plan.layer_range(stage)
-            ))
+            layers = _stage_layers(self._model, self.plan, stage)
             last = stage == self.plan.num_stages - 1
             definition = StageDefinition(layers, self.optimizer, self.loss_fn if last else None)
             key = self.keys.model_blob(stage)
@@ -552,6 +548,11 @@ def _check_model(
         raise ConfigError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
 
 
+def _stage_layers(model: nn.Sequential, plan: Plan, stage: int) -> nn.Sequential:
+    """The layers of ``stage``, named by their index in ``model``, as its worker holds them."""
+    return nn.Sequential(collections.OrderedDict((str(i), model[i]) for i in plan.layer_range(stage)))
+
+
 def _check_optimizer(
     model: nn.Sequential, optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer], plan: Plan
 ) -> None:
@@ -559,7 +560,7 @@ def _check_optimizer(
     returns unless it is a ``torch.optim.Optimizer`` (the optimizer made here is dropped)."""
     hint = "hint: optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
     for stage in range(plan.num_stages):
-        layers = nn.Sequential(collections.OrderedDict((str(i), model[i]) for i in plan.layer_range(stage)))
+        layers = _stage_layers(model, plan, stage)
         if next(layers.parameters(), None) is None:  # nothing to optimize: its worker makes no optimizer
             continue
         try:
