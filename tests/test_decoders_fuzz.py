@@ -353,8 +353,31 @@ def outcome(decode: Callable[[bytes], Any], data: bytes) -> Any:
 @example(layout({"t": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}))  # no tensor, beyond u64
 @example(layout({"t": {"dtype": "BOOL", "shape": [], "data_offsets": [0, 1]}}, b"\xfe"))  # a bool byte not 0 or 1
 def test_read_tensor_accepts_and_reads_what_safetensors_does(data: bytes) -> None:
-    """read_tensor parses the header itself (no copy): it must agree with the reference parser."""
-    assert outcome(codec.read_tensor, data) == outcome(lambda data: codec.decode_tensor(data)[0], data)
+    """read_tensor (and decode_tensor, built on it) parse the header themselves (no copy): they must
+    agree with the reference parser, safetensors' own (codec.decode)."""
+    assert outcome(codec.read_tensor, data) == outcome(safetensors_single_tensor, data)
+    assert outcome(lambda data: codec.decode_tensor(data)[0], data) == outcome(safetensors_single_tensor, data)
+
+
+def safetensors_single_tensor(data: bytes) -> torch.Tensor:
+    """The reference: safetensors' parser, and exactly one tensor named "t"."""
+    tensors, _ = codec.decode(data)
+    if tensors.keys() != {codec.TENSOR_NAME}:
+        raise IntegrityError(f"not one tensor named {codec.TENSOR_NAME!r}: {sorted(tensors)}")
+    return tensors[codec.TENSOR_NAME]
+
+
+@FUZZ
+@given(mutated() | safetensors_bytes(), st.binary(min_size=1, max_size=64))
+@example(TENSOR[:-1], TENSOR[-1:])  # the tensor's last byte lies just past the view's end
+def test_a_view_reads_as_its_bytes_and_never_past_its_end(data: bytes, beyond: bytes) -> None:
+    """Authenticated storage hands readers a view of the stored bytes without their tag (wait_view):
+    a view of ``data`` inside a larger buffer must read exactly as ``data`` itself, never the bytes beyond it."""
+    view = memoryview(b"<" + data + beyond)[1 : 1 + len(data)]
+    assert outcome(codec.read_tensor, view) == outcome(codec.read_tensor, data)
+    assert outcome(lambda data: codec.decode_tensor(data)[0], view) == outcome(safetensors_single_tensor, data)
+    assert outcome(lambda data: collectives.decode_tensor(data, KEY), view) == outcome(
+        lambda data: collectives.decode_tensor(data, KEY), data)
 
 
 def test_a_declared_length_is_never_allocated() -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from funcpipe.errors import ForeignObject, IntegrityError, ObjectNotFound
-from funcpipe.storage.base import Storage, WaitCancelled
+from funcpipe.storage.base import Buffer, Storage, WaitCancelled
 
 __all__ = ["FIELD", "check", "decode_json", "encode_json", "wait"]
 
@@ -51,11 +51,15 @@ def wait(
     storage: Storage,
     key: str,
     timeout: float,
-    read: Callable[[bytes], T],
+    read: Callable[[Buffer], T],
     *,
     cancelled: Callable[[], bool] | None = None,
 ) -> T:
     """Wait for the object written for ``key`` and return ``read(its bytes)``.
+
+    ``read`` may get the bytes as a view of the stored ones (:meth:`Storage.wait_view`), valid
+    while it runs: what it returns must not be a view of them unless it keeps them (a
+    :class:`~funcpipe.codec.TensorBytes` does).
 
     ``read`` decodes the bytes and checks their binding (:func:`check`). An
     object it refuses with :class:`~funcpipe.ForeignObject` is not consumed:
@@ -74,7 +78,7 @@ def wait(
     warned: set[str | None] = set()
     while True:
         try:
-            data = storage.wait(key, max(0.0, deadline - time.monotonic()), cancelled=cancelled)
+            data = storage.wait_view(key, max(0.0, deadline - time.monotonic()), cancelled=cancelled)
         except ObjectNotFound:
             if refused is None:
                 raise
@@ -111,13 +115,15 @@ def encode_json(key: str, fields: Mapping[str, Any]) -> bytes:
     return json.dumps({**fields, FIELD: key}).encode()
 
 
-def decode_json(data: bytes, key: str) -> dict[str, Any]:
+def decode_json(data: Buffer, key: str) -> dict[str, Any]:
     """The fields of :func:`encode_json`'s object read from ``key``, its binding checked and removed.
 
     Raises:
         IntegrityError: ``data`` is not a JSON object.
         ForeignObject: the object was written for another key.
     """
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     try:
         value = json.loads(data)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits

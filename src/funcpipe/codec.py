@@ -15,8 +15,12 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from funcpipe.errors import ConfigError, IntegrityError
+from funcpipe.storage.base import Buffer  # bytes, or a read-only view of them: the readers here take either
 
-__all__ = ["TensorBytes", "decode", "decode_tensor", "encode", "encode_tensor", "read_tensor"]
+__all__ = [
+    "TensorBytes", "decode", "decode_tensor", "encode", "encode_parts", "encode_tensor", "encode_tensor_parts",
+    "read_tensor",
+]
 
 #: The name :func:`encode_tensor` stores its single tensor under.
 TENSOR_NAME = "t"
@@ -57,7 +61,21 @@ def encode(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Serialize named tensors, plus string metadata, into safetensors bytes.
+    """Serialize named tensors, plus string metadata, into safetensors bytes: :func:`encode_parts`, joined."""
+    parts = encode_parts(tensors, metadata)
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+
+def encode_parts(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> list[Buffer]:
+    """Serialize named tensors, plus string metadata, into the pieces of safetensors bytes.
+
+    The pieces, one after another, are the bytes (:func:`encode` joins them). The
+    tensors' pieces are views of their memory, read when the pieces are joined
+    (:meth:`funcpipe.storage.base.Storage.put_parts`, in the object's one copy):
+    the tensors must not change until then.
 
     Tensors are detached, moved to the CPU and made contiguous. Tensors may
     be views of one another. The tensor data is copied once, straight into
@@ -102,13 +120,13 @@ def encode(
                 )
     if _LITTLE_ENDIAN and all(t.dtype in _DTYPE_NAMES for t in prepared.values()):
         return _serialize(prepared, meta)
-    return _serialize_with_safetensors(prepared, meta)
+    return [_serialize_with_safetensors(prepared, meta)]
 
 
-def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[Buffer]:
     # Sorted metadata keys: the same inputs always give the same bytes.
     header: dict[str, object] = {_METADATA_KEY: dict(sorted(metadata.items()))} if metadata else {}
-    chunks: list[memoryview] = []
+    chunks: list[Buffer] = []
     offset = 0
     # Larger elements first: every tensor then starts at a multiple of its element size.
     for name, t in sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0])):
@@ -127,7 +145,7 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> by
     except UnicodeEncodeError as exc:
         raise ConfigError(f"cannot encode a tensor name or metadata as UTF-8: {exc}") from exc
     text += b" " * (-len(text) % 8)  # safetensors pads the header so the data is 8-aligned
-    return b"".join([len(text).to_bytes(8, "little"), text, *chunks])
+    return [len(text).to_bytes(8, "little"), text, *chunks]
 
 
 def _serialize_with_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -151,8 +169,8 @@ def _serialize_with_safetensors(tensors: dict[str, torch.Tensor], metadata: dict
         raise ConfigError(f"safetensors cannot encode {summary}: {exc}") from exc
 
 
-def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and metadata from :func:`encode`'s bytes.
+def decode(data: Buffer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and metadata from :func:`encode`'s bytes (safetensors' own parser; a view is copied first).
 
     The tensors are fresh, writable CPU tensors that do not share memory
     with ``data``.
@@ -164,6 +182,8 @@ def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         IntegrityError: ``data`` is not well-formed safetensors (truncated,
             corrupted, or something else entirely, such as a pickle).
     """
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     if not isinstance(data, bytes):
         raise IntegrityError(f"cannot decode a {type(data).__name__}: expected bytes from storage")
     metadata = _read_metadata(data)
@@ -179,13 +199,26 @@ def encode_tensor(tensor: torch.Tensor, metadata: Mapping[str, str] | None = Non
     return encode({TENSOR_NAME: tensor}, metadata)
 
 
-def decode_tensor(data: bytes) -> tuple[torch.Tensor, dict[str, str]]:
-    """:func:`decode` bytes written by :func:`encode_tensor`.
+def encode_tensor_parts(tensor: torch.Tensor, metadata: Mapping[str, str] | None = None) -> list[Buffer]:
+    """:func:`encode_parts` of one tensor (stored under the name ``"t"``)."""
+    return encode_parts({TENSOR_NAME: tensor}, metadata)
+
+
+def decode_tensor(data: Buffer) -> tuple[torch.Tensor, dict[str, str]]:
+    """Bytes written by :func:`encode_tensor`: a fresh, writable tensor and the metadata.
+
+    :func:`read_tensor`'s checks, then one copy of the elements out of ``data``.
 
     Raises:
         IntegrityError: ``data`` is malformed or does not hold exactly one
             tensor named ``"t"``.
     """
+    received = read_tensor(data)
+    return received.to_tensor(), received.metadata
+
+
+def _decode_one(data: Buffer) -> tuple[torch.Tensor, dict[str, str]]:
+    """:func:`decode` (safetensors' parser) of bytes that must hold exactly one tensor named ``"t"``."""
     tensors, metadata = decode(data)
     if tensors.keys() != {TENSOR_NAME}:
         raise IntegrityError(f"expected a single tensor named {TENSOR_NAME!r}, found {sorted(tensors)}")
@@ -209,7 +242,7 @@ class TensorBytes:
         dtype: torch.dtype,
         shape: tuple[int, ...],
         *,
-        data: bytes = b"",
+        data: Buffer = b"",
         offset: int = 0,
         tensor: torch.Tensor | None = None,
     ) -> None:
@@ -236,6 +269,16 @@ class TensorBytes:
         """
         out.add_(self._source(out))
 
+    def to_tensor(self) -> torch.Tensor:
+        """The tensor, as a fresh writable one of its own (one copy out of the bytes)."""
+        if self._tensor is not None:
+            return self._tensor
+        if any(size >= 2**63 for size in self.shape):  # no elements, but a size torch cannot hold
+            raise IntegrityError(f"no tensor can have the shape {self.shape} (a size beyond 2**63 - 1)")
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.copy_to(out)
+        return out
+
     def _source(self, out: torch.Tensor) -> torch.Tensor:
         if out.dtype != self.dtype or tuple(out.shape) != self.shape:
             raise IntegrityError(
@@ -252,7 +295,7 @@ class TensorBytes:
         return view.view(self.shape)
 
 
-def read_tensor(data: bytes) -> TensorBytes:
+def read_tensor(data: Buffer) -> TensorBytes:
     """Check bytes written by :func:`encode_tensor` and return the tensor in them, uncopied.
 
     The header is checked as strictly as safetensors checks it (one tensor
@@ -265,7 +308,7 @@ def read_tensor(data: bytes) -> TensorBytes:
         IntegrityError: ``data`` is malformed or does not hold exactly one
             tensor named ``"t"``.
     """
-    if not isinstance(data, bytes):
+    if not isinstance(data, (bytes, memoryview)):
         raise IntegrityError(f"cannot decode a {type(data).__name__}: expected bytes from storage")
     header, start = _read_header(data)
     metadata = _metadata_of(header)
@@ -276,7 +319,7 @@ def read_tensor(data: bytes) -> TensorBytes:
     name = entry.get("dtype") if isinstance(entry, dict) else None
     dtype = _DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
     if dtype is None or not _LITTLE_ENDIAN:
-        tensor, metadata = decode_tensor(data)
+        tensor, metadata = _decode_one(data)
         return TensorBytes(metadata, tensor.dtype, tuple(tensor.shape), tensor=tensor)
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
@@ -298,17 +341,17 @@ def read_tensor(data: bytes) -> TensorBytes:
             f"data_offsets are {offsets!r:.200}"
         )
     if start % itemsize:  # unaligned (not our writer's layout): let safetensors copy it out
-        tensor, metadata = decode_tensor(data)
+        tensor, metadata = _decode_one(data)
         return TensorBytes(metadata, tensor.dtype, tuple(tensor.shape), tensor=tensor)
     return TensorBytes(metadata, dtype, tuple(shape), data=data, offset=start)
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def _read_metadata(data: Buffer) -> dict[str, str]:
     """Parse the header (8-byte little-endian length + JSON) and return its metadata."""
     return _metadata_of(_read_header(data)[0])
 
 
-def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
+def _read_header(data: Buffer) -> tuple[dict[str, Any], int]:
     """Parse the header (8-byte little-endian length + JSON); return it and where the data starts."""
     if len(data) < 8:
         raise IntegrityError(
@@ -321,7 +364,7 @@ def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
             f"{len(data) - 8} bytes that follow (truncated, or not safetensors)"
         )
     try:
-        header = json.loads(data[8 : 8 + length])
+        header = json.loads(bytes(data[8 : 8 + length]))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise IntegrityError(f"not a safetensors payload: header is not JSON ({exc})") from exc
     if not isinstance(header, dict):

@@ -43,7 +43,7 @@ import torch
 from funcpipe import binding, codec
 from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.protocol import PIECE_BYTES, SYNC_ALGORITHMS, JobKeys, piece_count, ring_peers
-from funcpipe.storage.base import Storage
+from funcpipe.storage.base import Buffer, Storage
 
 __all__ = ["Comm", "all_reduce", "decode_tensor", "put_tensor", "read_tensor"]
 
@@ -126,10 +126,10 @@ class Comm:
 
 def put_tensor(storage: Storage, key: str, tensor: torch.Tensor) -> None:
     """Write ``tensor`` to ``key``, its header naming the key (:func:`read_tensor` checks it)."""
-    storage.put(key, codec.encode_tensor(tensor, {binding.FIELD: key}))
+    storage.put_parts(key, codec.encode_tensor_parts(tensor, {binding.FIELD: key}))
 
 
-def decode_tensor(data: bytes, key: str) -> torch.Tensor:
+def decode_tensor(data: Buffer, key: str) -> torch.Tensor:
     """The tensor :func:`put_tensor` wrote for ``key``, decoded into a fresh tensor.
 
     Raises:
@@ -144,7 +144,7 @@ def decode_tensor(data: bytes, key: str) -> torch.Tensor:
     return tensor
 
 
-def read_tensor(data: bytes, key: str) -> codec.TensorBytes:
+def read_tensor(data: Buffer, key: str) -> codec.TensorBytes:
     """The tensor :func:`put_tensor` wrote for ``key``, checked, still in ``data`` (:func:`codec.read_tensor`).
 
     Raises:

@@ -56,6 +56,7 @@ from funcpipe.errors import ConfigError, IntegrityError
 
 if TYPE_CHECKING:
     from funcpipe.plans import Plan
+    from funcpipe.storage.base import Buffer
 
 __all__ = [
     "ABORT_CHECK_S",
@@ -205,7 +206,7 @@ def encode_metrics(key: str, loss: float) -> bytes:
     return binding.encode_json(key, {"loss": loss})
 
 
-def decode_metrics(data: bytes, key: str) -> float:
+def decode_metrics(data: Buffer, key: str) -> float:
     """The loss in the metrics report read from ``key``.
 
     Raises:

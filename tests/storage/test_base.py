@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from funcpipe.errors import ObjectNotFound
+from funcpipe.errors import ObjectNotFound, StorageFailure
 from funcpipe.storage.base import SLEEP, Pause, Storage, WaitCancelled
 from tests.storage import NoPrimitives
 
@@ -234,3 +234,15 @@ def test_the_default_create_s_failures_are_translated_too() -> None:
     with pytest.raises(StorageFailure, match="put of 'lease': OSError") as info:
         _Unconditional(OSError("disk full")).create("lease", b"x")
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_a_plugin_without_put_parts_or_wait_view_gets_them_from_put_and_wait() -> None:
+    plugin = _Plugin(None)
+    plugin.put_parts("k", [b"ab", memoryview(b"xcdx")[1:3], b""])
+    assert plugin.objects["k"] == b"abcd"
+    assert plugin.wait_view("k", 1.0) == b"abcd"
+
+
+def test_put_parts_failures_are_translated_through_put() -> None:
+    with pytest.raises(StorageFailure, match="Connection reset"):
+        _Plugin(OSError(104, "Connection reset by peer")).put_parts("k", [b"a"])

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from funcpipe.errors import IntegrityError
-from funcpipe.storage.base import Pause, Storage
+from funcpipe.storage.base import Buffer, Pause, Storage
 
 __all__ = ["EXEMPT_PREFIXES", "TAG_BYTES", "AuthenticatedStorage", "tag"]
 
@@ -38,11 +38,13 @@ EXEMPT_PREFIXES = ("jobs/",)
 _DOMAIN = b"funcpipe-object-v1\0"
 
 
-def tag(secret: bytes, key: str, data: bytes | memoryview) -> bytes:
-    """The tag of ``data`` stored under ``key``: HMAC-SHA256 of the key and the bytes."""
+def tag(secret: bytes, key: str, *parts: Buffer) -> bytes:
+    """The tag of the object stored under ``key`` whose bytes are ``parts`` (one after another):
+    HMAC-SHA256 of the key and the bytes."""
     name = key.encode()
     mac = hmac.new(secret, _DOMAIN + len(name).to_bytes(4, "big") + name, hashlib.sha256)
-    mac.update(data)
+    for part in parts:
+        mac.update(part)
     return mac.digest()
 
 
@@ -67,6 +69,13 @@ class AuthenticatedStorage(Storage):
     def put(self, key: str, data: bytes) -> None:
         self.inner.put(key, self._seal(key, data))
 
+    def put_parts(self, key: str, parts: Sequence[Buffer]) -> None:
+        """The parts and their tag joined in one copy (the object's only one)."""
+        if key.startswith(EXEMPT_PREFIXES):
+            self.inner.put_parts(key, parts)
+        else:
+            self.inner.put(key, b"".join([*parts, tag(self._secret, key, *parts)]))
+
     def create(self, key: str, data: bytes) -> bool:
         return self.inner.create(key, self._seal(key, data))
 
@@ -84,6 +93,10 @@ class AuthenticatedStorage(Storage):
         worker's failure, which the driver retries with a fresh attempt and fresh keys.
         """
         return self._open(key, self.inner.wait(key, timeout, cancelled=cancelled))
+
+    def wait_view(self, key: str, timeout: float, *, cancelled: Callable[[], bool] | None = None) -> Buffer:
+        """:meth:`wait`, the checked bytes returned as a view of the stored ones, without their tag (no copy)."""
+        return self._check(key, self.inner.wait(key, timeout, cancelled=cancelled))
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
@@ -109,13 +122,19 @@ class AuthenticatedStorage(Storage):
         return data + tag(self._secret, key, data)
 
     def _open(self, key: str, data: bytes) -> bytes:
+        checked = self._check(key, data)
+        return checked if isinstance(checked, bytes) else bytes(checked)
+
+    def _check(self, key: str, data: bytes) -> Buffer:
+        """``data``'s body (a view: not copied) once its tag is found to match, else :class:`IntegrityError`."""
         if key.startswith(EXEMPT_PREFIXES):
             return data
-        body = memoryview(data)[:-TAG_BYTES] if len(data) >= TAG_BYTES else memoryview(b"")
-        if len(data) < TAG_BYTES or not hmac.compare_digest(data[-TAG_BYTES:], tag(self._secret, key, body)):
+        view = memoryview(data)
+        body = view[:-TAG_BYTES] if len(data) >= TAG_BYTES else view[:0]
+        if len(data) < TAG_BYTES or not hmac.compare_digest(view[-TAG_BYTES:], tag(self._secret, key, body)):
             raise IntegrityError(
                 f"object {key!r} failed its authentication ({len(data)} bytes; its MAC does not match its key "
                 "and bytes under this job's key): altered in storage, moved from another key, or written by "
                 "another job or by a driver with another secret; refusing it"
             )
-        return data[:-TAG_BYTES]
+        return body

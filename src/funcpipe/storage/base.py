@@ -6,12 +6,16 @@ import abc
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeAlias
 
 from funcpipe.errors import FuncpipeError, ObjectNotFound, StorageFailure
 
-__all__ = ["SLEEP", "Pause", "Storage", "WaitCancelled"]
+__all__ = ["SLEEP", "Buffer", "Pause", "Storage", "WaitCancelled"]
+
+#: An object's bytes as :meth:`Storage.put_parts` takes its pieces and :meth:`Storage.wait_view`
+#: returns them: ``bytes``, or a read-only view of (part of) a larger buffer, shared, not copied.
+Buffer: TypeAlias = bytes | memoryview
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +157,26 @@ class Storage(abc.ABC):
             return False
         self.put(key, data)
         return True
+
+    def put_parts(self, key: str, parts: Sequence[Buffer]) -> None:
+        """:meth:`put` the object whose bytes are ``parts`` one after another (joined once, here).
+
+        For objects made of pieces (a header, then tensor memory): a wrapper that adds
+        bytes of its own (:class:`funcpipe.storage.authenticated.AuthenticatedStorage`'s
+        tag) joins them in the same copy. ``parts`` are read before this returns, never after.
+        """
+        self.put(key, b"".join(parts))
+
+    def wait_view(
+        self,
+        key: str,
+        timeout: float,
+        *,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Buffer:
+        """:meth:`wait`, for a reader that takes a view: the bytes may come as a read-only
+        ``memoryview`` of a larger buffer rather than a copy of their own (decoders of tensors)."""
+        return self.wait(key, timeout, cancelled=cancelled)
 
     def get_if_exists(self, key: str) -> bytes | None:
         """The bytes under ``key``, or ``None`` if there is none yet.
