@@ -10,15 +10,26 @@ from torch import nn
 
 from funcpipe import binding, codec
 from funcpipe.errors import IntegrityError
+from funcpipe.storage.base import Buffer
 
-__all__ = ["decode_state", "encode_state"]
+__all__ = ["decode_state", "encode_state", "encode_state_parts"]
 
 _MODEL = "model."
 _OPTIM = "optim."
 
 
 def encode_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, key: str) -> bytes:
+    """:func:`encode_state_parts`, joined."""
+    return b"".join(encode_state_parts(module, optimizer, key=key))
+
+
+def encode_state_parts(
+    module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, key: str
+) -> list[Buffer]:
     """Serialize ``module.state_dict()`` and, if given, the optimizer's state, for storage key ``key``.
+
+    In pieces (:func:`funcpipe.codec.encode_parts`; the tensors' are views of their memory), for
+    :meth:`funcpipe.storage.base.Storage.put_parts` to join in the object's one copy.
 
     Tensors go into the safetensors body; the optimizer's non-tensor state and
     its ``param_groups`` go into the header as JSON, and so does ``key``
@@ -44,7 +55,7 @@ def encode_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = No
                 f"optimizer {type(optimizer).__name__} has state that is not JSON ({exc}); "
                 "funcpipe checkpoints only tensors, numbers, strings and lists"
             ) from exc
-    return codec.encode(tensors, metadata)
+    return codec.encode_parts(tensors, metadata)
 
 
 def decode_state(data: bytes, *, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

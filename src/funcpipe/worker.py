@@ -270,7 +270,7 @@ class StageWorker:
 
     def _save_checkpoint(self, iteration: int) -> None:
         key = self.keys.checkpoint(self.config.stage, iteration)
-        self.storage.put(key, checkpoint.encode_state(self.layers, self.optimizer, key=key))
+        self.storage.put_parts(key, checkpoint.encode_state_parts(self.layers, self.optimizer, key=key))
 
     def _cancelled(self) -> bool:
         """Whether waits should give up: aborted, or the driver stopped the run at this iteration."""

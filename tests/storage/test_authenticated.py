@@ -21,7 +21,8 @@ OBJECT = "job/r0123456789ab/a0/i00000001/act.s0.r0.m0"
 
 
 def expected_tag(hexkey: str, key: str, data: bytes) -> bytes:
-    """The documented tag: HMAC-SHA256 under the job's key of a domain string, the key's length and the key, then the bytes."""
+    """The documented tag: HMAC-SHA256 under the job's key of a domain string, the key's length, the key,
+    then the bytes."""
     name = key.encode()
     message = b"funcpipe-object-v1\0" + len(name).to_bytes(4, "big") + name + data
     return hmac.new(bytes.fromhex(hexkey), message, hashlib.sha256).digest()
