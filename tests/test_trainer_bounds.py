@@ -1,4 +1,8 @@
-"""The driver's waits are bounded (StorageTimeout, retried), and user errors are not retried (issue 16, item 4)."""
+"""The driver's waits are bounded (StorageTimeout, retried), and user errors are not retried (issue 16, item 4).
+
+tests/test_one_run_per_job.py has the hung upload of the stage definitions, an int32 target and a stage that
+returns a tuple; here: a hung feed mid-fit (failed, then retried), float targets, and running out of memory.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from funcpipe.errors import StorageTimeout
 from funcpipe.executors.thread import ThreadExecutor
 from funcpipe.storage import MemoryStorage, register
 from funcpipe.storage.bounded import BoundedStorage
-from tests.helpers import SpyExecutor, assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
+from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
 
 PLAN = Plan.manual([2, 3, 2], replicas=[1, 2, 1], micro_batch_size=2, global_batch_size=8)
 #: A storage request that should time out must have raised well within this (a loaded machine).
@@ -91,25 +95,6 @@ def test_the_trainer_bounds_its_storage_by_timeout_s() -> None:
     assert bounded.url == trainer.storage_url  # workers re-open the store itself
 
 
-def test_a_hung_upload_of_the_stage_definitions_is_a_storage_timeout_and_nothing_is_launched(
-    blocking: tuple[str, Block],
-) -> None:
-    url, block = blocking
-    block.fragment = "/model/s"
-    spy = SpyExecutor(ThreadExecutor())
-    trainer = Trainer(mlp7(), nn.functional.mse_loss, sgd_momentum, PLAN, backend=spy, storage=url, timeout_s=1)
-    begun = time.monotonic()
-    with pytest.raises(StorageTimeout) as info:
-        trainer.fit(regression_batches(2, 8), progress=False, max_retries=2)
-    elapsed = time.monotonic() - begun
-    assert block.entered.is_set() and block.blocked_key is not None
-    assert 1 <= elapsed < WITHIN_S
-    message = str(info.value)
-    assert f"put of {block.blocked_key!r} (" in message and " bytes) did not finish within 1 s" in message
-    assert "Trainer(timeout_s=...)" in message
-    assert spy.launched == []
-
-
 def test_a_hung_feed_upload_fails_the_run_naming_its_key(blocking: tuple[str, Block]) -> None:
     url, block = blocking
     block.fragment = "/a0/i00000002/input."  # the driver's upload of iteration 2's inputs, first attempt
@@ -175,25 +160,6 @@ def test_a_loss_given_targets_of_the_wrong_dtype_is_not_retried(target_dtype: to
     assert info.value.cause.startswith("UserCodeError: stage 2 replica 0: loss_fn raised RuntimeError: ")
     assert "iteration 0, micro-batch 0" in message and "dtype" in message
     assert "not retried" in message and "hint:" in message
-
-
-class ReturnsATuple(nn.Module):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x
-
-
-def test_a_stage_that_returns_a_tuple_is_a_config_error_not_retried() -> None:
-    executor = Counting()
-    model = nn.Sequential(*mlp7()[:2], ReturnsATuple(), *mlp7()[2:])
-    plan = Plan.manual([3, 3, 2], replicas=[1, 2, 1], micro_batch_size=2, global_batch_size=8)
-    trainer = Trainer(model, nn.functional.mse_loss, sgd_momentum, plan, backend=executor,
-                      storage=f"memory://tuple-{uuid.uuid4().hex[:8]}")
-    with pytest.raises(WorkerFailed) as info:
-        trainer.fit(regression_batches(3, 8), progress=False, max_retries=3)
-    assert executor.launched == 4 and info.value.attempts == []
-    cause = info.value.cause
-    assert cause.startswith("ConfigError: stage 0's layers returned a tuple, not a tensor (iteration 0")
-    assert "hint:" in cause
 
 
 class RunsOutOfMemoryOnce(nn.Module):
