@@ -211,14 +211,19 @@ class Run:
         self._calls = CallGroup([(h, h.call("run", self.first, self.count)) for h in self._handles])
         self._finished = time.perf_counter()
         with ThreadPoolExecutor(FEED_THREADS, thread_name_prefix="funcpipe-feed") as feeder:
-            while self.fed < self.count and not self._ends_here():
-                self._feed(feeder)
-                if self.fed > LOOKAHEAD:
-                    self._finish(self.first + self.fed - 1 - LOOKAHEAD)
-            for iteration in range(self.fit.next_iteration, self.first + self.fed):
-                self._finish(iteration)
-            for upload in self._uploads:
-                upload.result()
+            try:
+                while self.fed < self.count and not self._ends_here():
+                    self._feed(feeder)
+                    if self.fed > LOOKAHEAD:
+                        self._finish(self.first + self.fed - 1 - LOOKAHEAD)
+                for iteration in range(self.fit.next_iteration, self.first + self.fed):
+                    self._finish(iteration)
+                for upload in self._uploads:
+                    upload.result()
+            except BaseException:
+                # Uploads not begun are dropped: on a hung storage each would wait out its own timeout.
+                feeder.shutdown(wait=False, cancel_futures=True)
+                raise
         self._collect()
 
     def _ends_here(self) -> bool:

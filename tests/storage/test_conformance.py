@@ -45,6 +45,7 @@ from funcpipe.storage import (
     WaitCancelled,
     open_storage,
 )
+from funcpipe.storage.bounded import BoundedStorage
 from tests.storage.fakes import FakeClock
 
 MiB = 2**20
@@ -56,6 +57,8 @@ BACKENDS = [
     "throttled-memory",
     "throttled-file",
     "counting-memory",
+    "bounded-memory",
+    "bounded-file",
     "s3-moto",
     "s3-moto-prefix",
     "s3-seaweedfs",
@@ -113,6 +116,12 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
         assert isinstance(counted, CountingStorage)
         yield counted
         MemoryStorage(name).clear()
+    elif backend == "bounded-memory":
+        name = f"conformance-{uuid.uuid4().hex}"
+        yield BoundedStorage(MemoryStorage(name), 60.0)
+        MemoryStorage(name).clear()
+    elif backend == "bounded-file":
+        yield BoundedStorage(FileStorage(tmp_path / "store"), 60.0)
     elif backend == "throttled-file":
         yield ThrottledStorage(FileStorage(tmp_path), uplink_bytes_per_s=None, downlink_bytes_per_s=None)
     else:
@@ -362,7 +371,9 @@ class TestConformance:
         storage.put("shared/by-driver", b"weights")
         reopened = open_storage(storage.url)
         try:
-            assert type(reopened) is type(storage)
+            # The driver's bounded wrapper has its inner store's URL: workers re-open that store.
+            unwrapped = storage.inner if isinstance(storage, BoundedStorage) else storage
+            assert type(reopened) is type(unwrapped)
             assert reopened.url == storage.url
             assert reopened.get("shared/by-driver") == b"weights"
             reopened.put("shared/by-worker", b"activations")
