@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
@@ -14,7 +16,14 @@ from funcpipe import ConfigError, Plan, StorageAccessDenied, Trainer, WorkerFail
 from funcpipe.executors.thread import ThreadActor, ThreadExecutor
 from funcpipe.run import Run
 from funcpipe.worker import StageWorker
-from tests.helpers import SpyExecutor, assert_same_parameters, mlp7, plain_training, regression_batches
+from tests.helpers import (
+    SpyExecutor,
+    assert_same_parameters,
+    mlp7,
+    plain_training,
+    regression_batches,
+    sgd_momentum,
+)
 
 SGD_MOMENTUM = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
 ADAM = lambda p: torch.optim.Adam(p, lr=0.01)
@@ -439,3 +448,21 @@ def test_parameters_tied_across_stages_are_refused_before_launch() -> None:
     # In one stage the tie is one parameter, trained as such.
     Trainer(model, nn.functional.mse_loss, sgd, Plan.manual([3], micro_batch_size=2, global_batch_size=4),
             backend=ThreadExecutor())
+
+
+def test_a_sequential_with_named_layers_trains_and_keeps_its_names() -> None:
+    """nn.Sequential(OrderedDict(enc=..., head=...)): its state dict's keys are the names, not indices;
+    the stages' checkpoints load into it, and training equals plain PyTorch."""
+    torch.manual_seed(3)
+    model = nn.Sequential(collections.OrderedDict(
+        enc=nn.Linear(8, 16), act=nn.Tanh(), mid=nn.Linear(16, 16), act2=nn.Tanh(), head=nn.Linear(16, 3)))
+    batches = regression_batches(4, 8)
+    expected = plain_training(model, nn.functional.mse_loss, sgd_momentum, batches)
+    plan = Plan.manual([2, 3], micro_batch_size=2, global_batch_size=8)
+    trainer = Trainer(model, nn.functional.mse_loss, sgd_momentum, plan, backend="thread",
+                      storage=f"memory://named-{uuid.uuid4().hex}")
+    trainer.fit(batches, progress=False, checkpoint_every=2)
+    assert list(trainer.model.state_dict()) == ["enc.weight", "enc.bias", "mid.weight", "mid.bias", "head.weight",
+                                                "head.bias"]
+    assert trainer.model is model
+    assert_same_parameters(trainer.model, expected)

@@ -549,8 +549,13 @@ def _check_model(
 
 
 def _stage_layers(model: nn.Sequential, plan: Plan, stage: int) -> nn.Sequential:
-    """The layers of ``stage``, named by their index in ``model``, as its worker holds them."""
-    return nn.Sequential(collections.OrderedDict((str(i), model[i]) for i in plan.layer_range(stage)))
+    """The layers of ``stage`` under their names in ``model``, as its worker holds them.
+
+    ``model``'s own names (its indices, or the keys of an ``OrderedDict``), so a stage's state
+    dict has the keys of ``model``'s and every stage's checkpoint loads into ``model`` as it is.
+    """
+    named = list(model.named_children())
+    return nn.Sequential(collections.OrderedDict(named[i] for i in plan.layer_range(stage)))
 
 
 def _check_optimizer(
