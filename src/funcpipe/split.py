@@ -8,7 +8,7 @@ grouped into units:
 
 * by default, one unit per block: the module's children in call order, where a
   child holding a list of blocks (an ``nn.ModuleList`` or ``nn.Sequential``
-  of at least two modules with submodules of their own, such as
+  with a module of submodules of its own among its items, such as
   ``encoder.layer`` of BERT or ``encoder.stages.N.layers`` of ConvNext) is
   opened, and so is any child holding such a list; so a Hugging Face model
   splits into its embeddings, each encoder layer / block, and its head;
@@ -519,8 +519,7 @@ def _path(node: torch.fx.Node) -> list[str]:
 
 def _is_block_list(module: nn.Module) -> bool:
     children = list(module.children())
-    return (isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) >= 2
-            and sum(1 for c in children if any(True for _ in c.children())) >= 2)
+    return isinstance(module, (nn.ModuleList, nn.Sequential)) and any(any(True for _ in c.children()) for c in children)
 
 
 def _holds_block_list(module: nn.Module) -> bool:
@@ -629,29 +628,34 @@ def _group(traced: _Traced, model: nn.Module, cuts: Sequence[str] | None) -> tup
         m.replace_all_uses_with(m.args[0])
         graph.erase_node(m)
         resolved.pop(m, None)
+    # The modules of a unit: the outermost ones all of whose operations it runs.
+    homes: dict[str, set[int]] = collections.defaultdict(set)
+    for n, u in resolved.items():
+        for p in paths.get(n, []):
+            homes[p].add(u)
     units = []
     for u in range(len(used)):
         nodes = [n for n in resolved if resolved[n] == u]
         mods: list[str] = []
         for n in nodes:
             for p in paths.get(n, []):
-                if p not in mods:
+                if p not in mods and homes[p] == {u}:
                     mods.append(p)
         params = []
         for n in nodes:
-            for a in n.all_input_nodes:
-                if a.op == "get_attr":
-                    params.extend(_state_keys(traced.attrs[a.target], a.target))
-        name = anchors[used[u]] if anchors[used[u]] else _common(mods) or f"unit{u}"
+            for a in [n, *n.all_input_nodes]:
+                if a.op in ("get_attr", "call_module"):
+                    params.extend(_parameter_names(traced.attrs[a.target], a.target))
         top = [m for m in mods if not any(m.startswith(o + ".") for o in mods)]
+        name = anchors[used[u]] if anchors[used[u]] else _common(top) or f"unit{u}"
         units.append(Unit(u, name, tuple(top), tuple(dict.fromkeys(params))))
     return resolved, units
 
 
-def _state_keys(obj: Any, target: str) -> list[str]:
+def _parameter_names(obj: Any, target: str) -> list[str]:
     if isinstance(obj, nn.Module):
-        return [f"{target}.{k}" for k in obj.state_dict(keep_vars=True)]
-    return [target]
+        return [f"{target}.{k}" for k, _ in obj.named_parameters()]
+    return [target] if isinstance(obj, nn.Parameter) else []
 
 
 def _common(paths: Sequence[str]) -> str:
