@@ -22,7 +22,7 @@ from funcpipe.errors import ConfigError
 from funcpipe.split import Units, mark_cut, split
 
 pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from transformers import (
     BertConfig,
     BertForSequenceClassification,
     ConvNextConfig,

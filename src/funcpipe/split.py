@@ -265,9 +265,10 @@ class SequentialStage(nn.Sequential):
         super().__init__(layers)
         self.last = last
 
-    def forward(self, x: Any) -> Any:  # noqa: D102 - see the class
-        y = super().forward(x)
-        return y if self.last else (y,)
+    def forward(self, x: Any) -> Any:
+        for layer in self:
+            x = layer(x)
+        return x if self.last else (x,)
 
 
 def _value(name: str, produced_by: int, v: Any) -> Value:
@@ -294,9 +295,9 @@ def _split_sequential(model: nn.Sequential, example: Any) -> Units:
                                   "example input; hint: pass an input the model takes") from exc
             if i < len(model) - 1:
                 if not isinstance(x, torch.Tensor):
-                    raise ConfigError(f"layer {names[i]!r} returns a {type(x).__name__}, but one tensor crosses each cut "
-                                      "of an nn.Sequential; hint: pass the module unwrapped (any nn.Module is traced) "
-                                      "or make the layer return a tensor")
+                    raise ConfigError(f"layer {names[i]!r} returns a {type(x).__name__}, but one tensor crosses "
+                                      "each cut of an nn.Sequential; hint: pass the module unwrapped (any "
+                                      "nn.Module is traced) or make the layer return a tensor")
                 values.append(Boundary(i, (_value(names[i], i, x),)))
     units = [Unit(i, n, (n,), tuple(f"{n}.{p}" for p, _ in model[i].named_parameters())) for i, n in enumerate(names)]
 
@@ -546,13 +547,15 @@ def _default_anchors(model: nn.Module, called: Sequence[str]) -> list[str]:
     expand("", model)
     first = {p: i for i, p in reversed(list(enumerate(called)))}
 
-    def first_call(anchor: str) -> int:
-        return min((i for p, i in first.items() if p == anchor or p.startswith(anchor + ".")), default=math.inf)  # type: ignore[arg-type]
+    def first_call(anchor: str) -> float:
+        return min((i for p, i in first.items() if p == anchor or p.startswith(anchor + ".")), default=math.inf)
 
     return sorted(anchors, key=first_call)
 
 
-def _group(traced: _Traced, model: nn.Module, cuts: Sequence[str] | None) -> tuple[dict[torch.fx.Node, int], list[Unit]]:
+def _group(traced: _Traced, model: nn.Module,
+           cuts: Sequence[str] | None) -> tuple[dict[torch.fx.Node, int], list[Unit]]:
+    """Each compute node's unit, and the units (see the module's docstring for the rules)."""
     graph = traced.graph
     compute = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     paths = {n: _path(n) for n in compute}
@@ -615,12 +618,12 @@ def _group(traced: _Traced, model: nn.Module, cuts: Sequence[str] | None) -> tup
             pending.append(n)
             continue
         current = max(current, lab)
-        for p in pending:
-            resolved[p] = current
+        for glue in pending:
+            resolved[glue] = current
         pending = []
         resolved[n] = current
-    for p in pending:
-        resolved[p] = current
+    for glue in pending:
+        resolved[glue] = current
     used = sorted(set(resolved.values()))
     renumber = {u: i for i, u in enumerate(used)}
     resolved = {n: renumber[u] for n, u in resolved.items()}
@@ -645,7 +648,7 @@ def _group(traced: _Traced, model: nn.Module, cuts: Sequence[str] | None) -> tup
         for n in nodes:
             for a in [n, *n.all_input_nodes]:
                 if a.op in ("get_attr", "call_module"):
-                    params.extend(_parameter_names(traced.attrs[a.target], a.target))
+                    params.extend(_parameter_names(traced.attrs[str(a.target)], str(a.target)))
         top = [m for m in mods if not any(m.startswith(o + ".") for o in mods)]
         name = anchors[used[u]] if anchors[used[u]] else _common(top) or f"unit{u}"
         units.append(Unit(u, name, tuple(top), tuple(dict.fromkeys(params))))
@@ -750,10 +753,9 @@ def split(model: nn.Module, example_inputs: Any, *, cuts: Sequence[str] | None =
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if cuts is not None:
-        if isinstance(cuts, str) or not all(isinstance(c, str) for c in cuts):
-            raise ConfigError(f"cuts must be a list of module names, got {cuts!r}; hint: cuts=['encoder.layer.6']")
-    if type(model) is nn.Sequential or (isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward):
+    if cuts is not None and (isinstance(cuts, str) or not all(isinstance(c, str) for c in cuts)):
+        raise ConfigError(f"cuts must be a list of module names, got {cuts!r}; hint: cuts=['encoder.layer.6']")
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         if cuts is not None:
             raise ConfigError("cuts are for traced models; an nn.Sequential is cut between its layers; hint: leave "
                               "cuts out (the plan's balance chooses the cuts)")
