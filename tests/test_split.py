@@ -10,6 +10,7 @@ and compares outputs and parameter gradients.
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +28,8 @@ from transformers import (
     BertForSequenceClassification,
     ConvNextConfig,
     ConvNextForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
 )
 
 RTOL = 1e-5
@@ -59,8 +62,16 @@ def tiny_convnext(seed: int = 0) -> ConvNextForImageClassification:
     return ConvNextForImageClassification(config)
 
 
+def tiny_resnet(seed: int = 0) -> ResNetForImageClassification:
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], layer_type="basic",
+                          num_labels=10)
+    return ResNetForImageClassification(config)
+
+
 class SkipNet(nn.Module):
-    """Five units; ``a``'s output skips ``b``, ``c`` and ``d`` to ``e``; an int mask; a tuple out."""
+    """Five units; ``a``'s output skips ``b``, ``c`` and ``d`` to ``e``; an int mask, the float input reused
+    in the last unit; a tuple out."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,7 +85,7 @@ class SkipNet(nn.Module):
         skip = self.a(x)
         h = self.c(self.b(skip))
         h = self.d(h) * mask.unsqueeze(-1)  # the mask is int64: it travels without a gradient
-        out = self.e(h + skip)
+        out = self.e(h + skip) + x[:, :4]  # the float input crosses every cut, without gradient
         return out, h.sum(dim=-1)
 
 
@@ -234,6 +245,48 @@ def test_convnext_splits_per_block_and_every_partition_matches_plain_pytorch() -
     assert assert_equivalent(model, units, x, lambda: model(x)) == 6 + 15 + 20
 
 
+def test_resnet_splits_per_block_and_its_batch_norm_statistics_update_as_in_plain_pytorch() -> None:
+    model = tiny_resnet()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    twin = copy.deepcopy(model)
+    units = split(model, x)
+    assert units.names == ("resnet.embedder", "resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0",
+                           "resnet.encoder.stages.1.layers.1", "classifier")
+    untouched = twin.state_dict()
+    assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items()), "split ran the model's BatchNorms"
+    # One training forward each: the running statistics move the same way.
+    twin(x)
+    run_pipeline(units, [2, 1, 2], x, {})
+    want = twin.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert int(model.state_dict()["resnet.embedder.embedder.normalization.num_batches_tracked"]) == 1
+    model.eval()
+    units = split(model, x)  # eval: the statistics are used, not updated, and the gradients match
+    assert assert_equivalent(model, units, x, lambda: model(x)) == 4 + 6 + 4
+
+
+def test_split_leaves_the_models_buffers_and_the_random_generator_as_they_were() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(6, 4)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    assert split(Wrapped(), x).tracer == "torch.fx"
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_a_skip_over_three_units_is_forwarded_and_every_partition_matches() -> None:
     model = SkipNet()
     inputs = skip_inputs()
@@ -249,7 +302,9 @@ def test_a_skip_over_three_units_is_forwarded_and_every_partition_matches() -> N
     for k in (0, 1, 2, 3):
         (mask,) = [v for v in units.boundary(k).values if v.name == "mask"]
         assert mask.dtype == torch.int64 and not mask.requires_grad and mask.produced_by == -1
-    assert units.boundary(3).names == ("mask", skip[0], "d")
+    assert units.boundary(3).names == ("x", "mask", skip[0], "d")
+    (x,) = [v for v in units.boundary(2).values if v.name == "x"]
+    assert x.dtype == torch.float32 and not x.requires_grad  # a float without a gradient to carry
     assert assert_equivalent(model, units, inputs, lambda: model(**inputs)) == 4 + 6 + 4
 
 

@@ -10,8 +10,10 @@ grouped into units:
   child holding a list of blocks (an ``nn.ModuleList`` or ``nn.Sequential``
   with a module of submodules of its own among its items, such as
   ``encoder.layer`` of BERT or ``encoder.stages.N.layers`` of ConvNext) is
-  opened, and so is any child holding such a list; so a Hugging Face model
-  splits into its embeddings, each encoder layer / block, and its head;
+  opened, and so is any child holding such a list, down to the blocks of at
+  most two nested lists (a ConvNext or ResNet stage's blocks: a block is
+  never opened further); so a Hugging Face model splits into its embeddings,
+  each encoder layer / block, and its head;
 * or at the cut points the user names: ``cuts=["encoder.layer.6"]`` starts a
   new unit where that module is first called, and :func:`mark_cut` in a
   ``forward`` starts one there.
@@ -45,10 +47,11 @@ model in place and a stage's ``state_dict`` keys are keys of the user's
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -531,20 +534,25 @@ def _default_anchors(model: nn.Module, called: Sequence[str]) -> list[str]:
     """The module paths that each make a unit, from the modules called (in call order)."""
     anchors: list[str] = []
 
-    def expand(prefix: str, module: nn.Module) -> None:
+    def expand(prefix: str, module: nn.Module, lists: int) -> None:
+        # ``lists``: the block lists opened on the way here; blocks of the second are units, never opened.
         for name, child in module.named_children():
             path = f"{prefix}{name}"
             if not any(c == path or c.startswith(path + ".") for c in called):
                 continue
-            if _is_block_list(module) or not _holds_block_list(child):
-                anchors.append(path)
-                if _is_block_list(module) and _holds_block_list(child):
-                    anchors.pop()
-                    expand(path + ".", child)
+            if _is_block_list(module):  # child is a block
+                if lists < 2 and _holds_block_list(child):
+                    expand(path + ".", child, lists)  # a stage of blocks (ConvNext, ResNet)
+                else:
+                    anchors.append(path)
+            elif _is_block_list(child):
+                expand(path + ".", child, lists + 1)
+            elif _holds_block_list(child):
+                expand(path + ".", child, lists)
             else:
-                expand(path + ".", child)
+                anchors.append(path)
 
-    expand("", model)
+    expand("", model, int(_is_block_list(model)))
     first = {p: i for i, p in reversed(list(enumerate(called)))}
 
     def first_call(anchor: str) -> float:
@@ -733,6 +741,21 @@ def _build_stage(traced: _Traced, unit_of: Mapping[torch.fx.Node, int], before: 
     return gm
 
 
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Run the example without leaving a trace in the model: its buffers (a BatchNorm's running stats) and
+    the random generator (a dropout's draws) are put back as they were."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
 def split(model: nn.Module, example_inputs: Any, *, cuts: Sequence[str] | None = None) -> Units:
     """Split ``model`` into a chain of units (see the module's docstring for how).
 
@@ -790,7 +813,7 @@ def split(model: nn.Module, example_inputs: Any, *, cuts: Sequence[str] | None =
     recorder = _Recorder(gm, {n for c in crossing for n in c} | set(inputs))
     flat_in, in_spec = pytree.tree_flatten(example_inputs)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _untouched(model):
             recorder.run(*flat_in)
     except Exception as exc:
         raise ConfigError(f"the traced {type(model).__name__} raised {type(exc).__name__}: {_first_line(exc)} on the "
