@@ -293,6 +293,7 @@ def test_a_skip_over_three_units_is_forwarded_and_every_partition_matches() -> N
     units = split(model, inputs)
     assert units.tracer == "torch.fx"
     assert units.names == ("a", "b", "c", "d", "e")
+    assert [u.parameters for u in units][:2] == [("a.weight", "a.bias"), ("b.0.weight", "b.0.bias")]
     skip = [v.name for v in units.boundary(0).values if v.produced_by == 0]
     assert len(skip) == 1
     for k in (0, 1, 2, 3):  # a's output crosses every cut up to e
@@ -352,7 +353,7 @@ def test_cuts_by_module_name_replace_the_default_units() -> None:
     model = tiny_bert()
     inputs = bert_inputs()
     units = split(model, inputs, cuts=["bert.encoder.layer.1", "bert.pooler"])
-    assert len(units) == 3
+    assert units.names == ("bert.embeddings", "bert.encoder.layer.1", "bert.pooler")
     assert units[1].modules[0] == "bert.encoder.layer.1"
     assert "bert.encoder.layer.0" in units[0].modules and "classifier" in units[2].modules
     assert assert_equivalent(model, units, inputs, lambda: model(**inputs)) == 2 + 1
@@ -370,6 +371,29 @@ def test_mark_cut_in_forward_starts_units_and_costs_nothing_untraced() -> None:
 
 
 # --------------------------------------------------------------------------- the user's own parameters
+
+class TwiceNet(nn.Module):
+    """``inner`` is called in the first unit and again after ``mid``: its parameters are shared by two units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.mid = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.relu(self.mid(self.inner(x))))
+
+
+def test_a_module_called_in_two_units_shares_its_parameters_and_its_gradient_sums() -> None:
+    torch.manual_seed(0)
+    model = TwiceNet()
+    x = torch.randn(3, 4)
+    units = split(model, x)
+    assert units.names == ("inner", "mid")
+    assert units.shared == {"inner.weight": (0, 1), "inner.bias": (0, 1)}
+    assert assert_equivalent(model, units, x, lambda: model(x)) == 1
+    assert not split(SkipNet(), skip_inputs()).shared
+
 
 def test_stages_hold_the_users_own_parameter_objects_under_the_users_names() -> None:
     for model, inputs in ((tiny_bert(), bert_inputs()), (SkipNet(), skip_inputs()),

@@ -246,6 +246,20 @@ class Units(Sequence[Unit]):
             start += b
         return out
 
+    @property
+    def shared(self) -> dict[str, tuple[int, ...]]:
+        """Parameters used by more than one unit (a module called twice, tied weights): name -> the units.
+
+        Stages of such units hold the same parameter object; run apart, their
+        gradients must be summed and their updates kept equal (as for
+        ``ModelProfile.tied``).
+        """
+        users: dict[str, list[int]] = collections.defaultdict(list)
+        for unit in self._units:
+            for name in unit.parameters:
+                users[name].append(unit.index)
+        return {name: tuple(us) for name, us in users.items() if len(us) > 1}
+
     def state_dict_keys(self, stage: nn.Module) -> dict[str, str]:
         """Each key of ``stage.state_dict()`` mapped to the key of the user's model it is (the same name today)."""
         model_keys = set(self.model.state_dict(keep_vars=True))
@@ -595,8 +609,7 @@ def _group(traced: _Traced, model: nn.Module,
             label[n] = next((i for i, a in enumerate(anchors)
                              if any(p == a or p.startswith(a + ".") for p in paths[n])), None)
     else:
-        anchors = []
-        starts: list[torch.fx.Node] = []
+        starts: dict[torch.fx.Node, str] = {}  # the first node of a unit -> what the unit is named after
         for cut in cuts or ():
             start = next(n for n in compute if any(p == cut or p.startswith(cut + ".") for p in paths[n]))
             # Glue just before the cut module (ops of its parents' scopes, no other module) goes with it.
@@ -604,18 +617,16 @@ def _group(traced: _Traced, model: nn.Module,
             while i > 0 and all(cut.startswith(p + ".") for p in paths[compute[i - 1]]) and \
                     compute[i - 1].target not in _MARKERS:
                 i -= 1
-            starts.append(compute[i])
+            starts.setdefault(compute[i], cut)
         for m in markers:
             i = compute.index(m) + 1
             if i < len(compute):
-                starts.append(compute[i])
+                starts.setdefault(compute[i], "")
         order = {n: i for i, n in enumerate(compute)}
-        starts = sorted(set(starts), key=order.__getitem__)
-        boundaries = [order[s] for s in starts if order[s] > 0]
+        firsts = sorted((order[n], name) for n, name in starts.items() if order[n] > 0)
         for n in compute:
-            label[n] = sum(1 for b in boundaries if order[n] >= b)
-        count = len(boundaries) + 1
-        anchors = [""] * count
+            label[n] = sum(1 for b, _ in firsts if order[n] >= b)
+        anchors = ["", *(name for _, name in firsts)]
     # Glue goes with the next unit; a node never goes back before a unit that already started.
     resolved: dict[torch.fx.Node, int] = {}
     pending: list[torch.fx.Node] = []
@@ -655,10 +666,10 @@ def _group(traced: _Traced, model: nn.Module,
         params = []
         for n in nodes:
             for a in [n, *n.all_input_nodes]:
-                if a.op in ("get_attr", "call_module"):
+                if (a is n and a.op == "call_module") or a.op == "get_attr":
                     params.extend(_parameter_names(traced.attrs[str(a.target)], str(a.target)))
         top = [m for m in mods if not any(m.startswith(o + ".") for o in mods)]
-        name = anchors[used[u]] if anchors[used[u]] else _common(top) or f"unit{u}"
+        name = anchors[used[u]] or (top[0] if top else f"unit{u}")
         units.append(Unit(u, name, tuple(top), tuple(dict.fromkeys(params))))
     return resolved, units
 
@@ -667,18 +678,6 @@ def _parameter_names(obj: Any, target: str) -> list[str]:
     if isinstance(obj, nn.Module):
         return [f"{target}.{k}" for k, _ in obj.named_parameters()]
     return [target] if isinstance(obj, nn.Parameter) else []
-
-
-def _common(paths: Sequence[str]) -> str:
-    if not paths:
-        return ""
-    parts = [p.split(".") for p in paths]
-    out = []
-    for group in zip(*parts, strict=False):
-        if len(set(group)) != 1:
-            break
-        out.append(group[0])
-    return ".".join(out) or "+".join(dict.fromkeys(p.split(".")[0] for p in paths))
 
 
 # --------------------------------------------------------------------------- measuring and building
