@@ -104,6 +104,15 @@ class MarkedNet(nn.Module):
         return (g + h) @ self.w3
 
 
+class MarkedShapeNet(MarkedNet):
+    """MarkedNet with a branch on a size: torch.fx refuses it, so it is split through torch.export."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            x = x * 2.0
+        return super().forward(x)
+
+
 def skip_inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     return {"x": torch.randn(4, 6, generator=g), "mask": torch.tensor([1, 0, 1, 1])}
@@ -367,6 +376,17 @@ def test_mark_cut_in_forward_starts_units_and_costs_nothing_untraced() -> None:
     units = split(model, x)
     assert len(units) == 3
     assert units.names == ("unit0", "unit1", "unit2")
+    assert assert_equivalent(model, units, x, lambda: model(x)) == 2 + 1
+
+
+def test_mark_cut_works_under_torch_export_too_and_leaves_no_marker() -> None:
+    torch.manual_seed(0)
+    model = MarkedShapeNet()
+    x = torch.randn(3, 5)
+    units = split(model, x)
+    assert units.tracer == "torch.export" and len(units) == 3
+    whole = units.stage(0, 2)
+    assert not [n for n in whole.graph.nodes if "funcpipe.cut" in str(n.target) or n.target is mark_cut]
     assert assert_equivalent(model, units, x, lambda: model(x)) == 2 + 1
 
 
