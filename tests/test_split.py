@@ -36,6 +36,15 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on one thread: intra-op threads only wait for each other on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- models
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
