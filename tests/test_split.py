@@ -297,12 +297,13 @@ def test_split_leaves_the_models_buffers_and_the_random_generator_as_they_were()
 
     state = copy.deepcopy(model.state_dict())
     x = torch.randn(6, 4)
-    torch.manual_seed(7)
-    expected = torch.rand(3)
-    torch.manual_seed(7)
-    assert split(Wrapped(), x).tracer == "torch.fx"
-    assert torch.equal(torch.rand(3), expected)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for whole, tracer in ((Wrapped(), "torch.fx"), (model, "sequential")):
+        torch.manual_seed(7)
+        expected = torch.rand(3)
+        torch.manual_seed(7)
+        assert split(whole, x).tracer == tracer
+        assert torch.equal(torch.rand(3), expected), tracer
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), tracer
 
 
 def test_a_skip_over_three_units_is_forwarded_and_every_partition_matches() -> None:

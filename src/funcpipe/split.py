@@ -42,6 +42,15 @@ allows, else specialised to the example's size). Either way each stage is a
 objects under the user's own names, so training the stages trains the user's
 model in place and a stage's ``state_dict`` keys are keys of the user's
 ``state_dict`` (:meth:`Units.state_dict_keys`).
+
+Limits of a graph made by ``torch.export``: it is specialised to the mode the
+model was in (``model.train()`` or ``eval()``: dropout and BatchNorm behave as
+they did at :func:`split`, whatever the stage's own ``training`` flag says;
+split again after switching) and to the example's sizes except the batch
+dimension (a text model takes sequences of the example's length). Its
+boundaries may carry Python ints (a symbolic size computed in one unit and used
+in another). ``split`` runs the model once on the example inputs to measure
+the boundaries, and puts back its buffers and the random generator after.
 """
 
 from __future__ import annotations
@@ -49,8 +58,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import io
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -171,10 +182,10 @@ class Unit:
 class Units(Sequence[Unit]):
     """A model split into a chain of units; build stages of consecutive units with :meth:`stage`.
 
-    ``len(units)`` is the number of units; ``units.boundaries[k]`` the values
-    crossing the cut after unit ``k`` (``boundaries[-1]`` is not the model
-    input: use :meth:`inputs_boundary`); ``units.boundary(k)`` for ``k`` in
-    ``-1 .. len-2`` covers both.
+    ``len(units)`` is the number of units, ``units[i]`` a :class:`Unit`;
+    ``units.boundaries[k]`` the values crossing the cut after unit ``k``
+    (``k`` in ``0 .. len-2``); ``units.boundary(k)`` is the same and also
+    takes ``k=-1``, the model's inputs (:meth:`inputs_boundary`).
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], inputs: Boundary, boundaries: Sequence[Boundary],
@@ -228,7 +239,10 @@ class Units(Sequence[Unit]):
         It takes ``*boundary(first - 1).values`` (positional, in the boundary's
         order; for ``first=0`` the flattened inputs) and returns the tuple of
         ``boundary(last).values``, or, when ``last`` is the last unit, what the
-        model returns (a tensor, tuple, ``ModelOutput``...).
+        model returns (a tensor, tuple, ``ModelOutput``...). Of an
+        ``nn.Sequential`` it is a :class:`SequentialStage` (an ``nn.Sequential`` of
+        the layers under their names), called the same way. A new module on
+        every call; modules of overlapping ranges share the user's parameters.
         """
         if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last < len(self)):
             raise ConfigError(f"stage({first}, {last}) is not a range of units; hint: 0 <= first <= last <= "
@@ -303,7 +317,7 @@ def _split_sequential(model: nn.Sequential, example: Any) -> Units:
         raise ConfigError(f"an nn.Sequential takes one tensor, got example inputs of type {type(example).__name__}; "
                           "hint: pass the first layer's input tensor")
     values, x = [], example
-    with torch.enable_grad():
+    with torch.enable_grad(), _untouched(model):
         for i, layer in enumerate(model):
             try:
                 x = layer(x)
@@ -408,7 +422,11 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
     dynamic: Any = {k: pytree.tree_map(batch, v) for k, v in kwargs.items()} if kwargs else \
         tuple(pytree.tree_map(batch, a) for a in args)
-    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    # On failure torch.export prints the partial graph to stderr; the ConfigError says what failed and where.
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    sys.stderr.write(printed.getvalue())
     gm = ep.graph_module
     graph = gm.graph
     sig = ep.graph_signature
