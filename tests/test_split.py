@@ -400,6 +400,37 @@ def test_mark_cut_works_under_torch_export_too_and_leaves_no_marker() -> None:
     assert assert_equivalent(model, units, x, lambda: model(x)) == 2 + 1
 
 
+class CountingNet(nn.Module):
+    """Tensors made in forward (constants for torch.export) and a buffer the forward updates in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:  # torch.fx refuses a branch on a size
+            x = x * 2.0
+        h = self.a(x) * torch.tensor([1.0, 2.0, 3.0])
+        self.calls.add_(1)
+        return self.b(h) + torch.tensor([0.5, 0.5, 0.5])
+
+
+def test_constants_made_in_forward_and_buffers_updated_in_place_under_torch_export() -> None:
+    torch.manual_seed(0)
+    model = CountingNet()
+    x = torch.randn(2, 3)
+    units = split(model, x)
+    assert units.tracer == "torch.export" and units.names == ("a", "b")
+    assert float(model.calls) == 0  # split's own run is undone
+    assert assert_equivalent(model, units, x, lambda: model(x)) == 1
+    model.calls.zero_()
+    run_pipeline(units, [1, 1], x, {})
+    assert float(model.calls) == 1
+    assert list(units.stage(1, 1).state_dict()) == ["calls", "b.weight", "b.bias"]  # no constants: not the user's
+
+
 # --------------------------------------------------------------------------- the user's own parameters
 
 class TwiceNet(nn.Module):

@@ -440,7 +440,7 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             target = spec.target
             attrs[target] = _resolve(model, target)
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
-            target = f"_funcpipe_constants.{spec.target}".replace("..", ".")
+            target = f"_funcpipe_constants.{spec.target}"  # not the user's: kept out of the state_dict
             attrs[target] = ep.constants[spec.target]
         else:
             raise ConfigError(f"torch.export gave an input of kind {spec.kind} ({spec.target}), which split does not "
