@@ -12,15 +12,17 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import cloudpickle
 import pytest
 import torch
 from torch import nn
 
 from funcpipe.errors import ConfigError
-from funcpipe.split import Units, mark_cut, split
+from funcpipe.split import Stage, Units, mark_cut, split
 
 pytest.importorskip("transformers")
 from transformers import (
@@ -487,6 +489,28 @@ def test_training_the_stages_trains_the_users_model_in_place() -> None:
     for o in optimizers:
         o.step()
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(("make", "example"), [(tiny_bert, bert_inputs), (SkipNet, skip_inputs),
+                                               (tiny_convnext, lambda: torch.randn(2, 3, 32, 32))],
+                         ids=["bert", "skipnet", "convnext"])
+def test_a_stage_pickles_as_a_worker_receives_it_and_copies_run_the_same(
+        make: Callable[[], nn.Module], example: Callable[[], Any]) -> None:
+    model = make()
+    inputs = example()
+    units = split(model, inputs)
+    values = units.flatten_inputs(inputs)
+    for first, last in ((0, 1), (2, len(units) - 1)):
+        stage = units.stage(first, last)
+        for copied in (pickle.loads(cloudpickle.dumps(stage)), copy.deepcopy(stage)):
+            assert isinstance(copied, Stage)
+            assert list(copied.state_dict()) == list(stage.state_dict())
+            assert not any(p is q for p, q in zip(copied.parameters(), stage.parameters(), strict=True))
+            got, want = copied(*values), stage(*values)
+            assert type(got) is type(want)
+            for g, w in zip(tensors(got), tensors(want), strict=True):
+                assert torch.equal(g, w)
+        values = stage(*values)
 
 
 # --------------------------------------------------------------------------- bad input

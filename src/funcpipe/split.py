@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import io
 import math
@@ -72,7 +73,7 @@ from torch import nn
 
 from funcpipe.errors import ConfigError
 
-__all__ = ["Boundary", "Unit", "Units", "Value", "mark_cut", "split"]
+__all__ = ["Boundary", "SequentialStage", "Stage", "Unit", "Units", "Value", "mark_cut", "split"]
 
 #: What the hint of every tracing error says.
 _HINT = ("hint: name cut points that avoid the construct (cuts=[...] or funcpipe.split.mark_cut(x) in forward), "
@@ -111,8 +112,15 @@ def mark_cut(x: Any) -> Any:
 
 _MARKERS = (mark_cut, torch.ops.funcpipe.cut.default)
 
-#: The last stage's attribute holding the model output's structure (a pytree spec, not state).
-_OUT_SPEC = "_funcpipe_out_spec"
+#: The last stage's attribute holding the shape of the model's output: the output itself (a tuple, a
+#: ``ModelOutput``...) with the index of each flat value in place of the value. Not a pytree spec, which
+#: does not pickle back to a ``ModelOutput``.
+_OUT_SHAPE = "_funcpipe_output"
+
+
+def _rebuild(flat: Sequence[Any], shape: Any) -> Any:
+    """The model's output from the last stage's flat values and the output's shape (see ``_OUT_SHAPE``)."""
+    return pytree.tree_map(lambda i: flat[i], shape)
 
 
 # --------------------------------------------------------------------------- what split returns
@@ -743,19 +751,102 @@ def _build_stage(traced: _Traced, unit_of: Mapping[torch.fx.Node, int], before: 
     out_node = next(n for n in traced.graph.nodes if n.op == "output")
     if after is None:  # the model's own output, rebuilt from the flat values as the model returns it
         flat = [lookup(a) if isinstance(a, torch.fx.Node) else a for a in out_node.args[0]]
-        spec = g.get_attr(_OUT_SPEC)
-        attrs[_OUT_SPEC] = traced.out_spec
-        g.output(g.call_function(pytree.tree_unflatten, (flat, spec)))
+        shape = g.get_attr(_OUT_SHAPE)
+        attrs[_OUT_SHAPE] = pytree.tree_unflatten(list(range(len(flat))), traced.out_spec)
+        g.output(g.call_function(_rebuild, (flat, shape)))
     else:
         g.output(tuple(lookup(n) for n in after))
     g.lint()
-    gm = torch.fx.GraphModule(attrs, g, class_name=f"Stage_{first}_{last}")
-    for target in traced.non_persistent & set(attrs):
-        owner, _, name = target.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        if name in module._buffers:
-            module._non_persistent_buffers_set.add(name)
-    return gm
+    for node in g.nodes:  # the tracer's notes (fake tensors, stacks) are not needed to run, nor picklable
+        node.meta = {}
+    return Stage(attrs, g, traced.non_persistent & set(attrs), f"Stage_{first}_{last}")
+
+
+class Stage(torch.fx.GraphModule):
+    """A stage of a traced model: a ``GraphModule`` over the user's own parameters, buffers and modules.
+
+    It pickles as its nodes (operators by name) and its state, and unpickles
+    to the same stage: a ``GraphModule``'s own pickling traces its code again,
+    which turns a ``ModelOutput`` into a dict and non-persistent buffers into
+    persistent constants (new ``state_dict`` keys).
+    """
+
+    def __init__(self, attrs: Mapping[str, Any], graph: torch.fx.Graph, non_persistent: set[str],
+                 class_name: str) -> None:
+        super().__init__(dict(attrs), graph, class_name=class_name)
+        self._funcpipe_non_persistent = frozenset(non_persistent)
+        for target in non_persistent:
+            owner, _, name = target.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            if name in module._buffers:
+                module._non_persistent_buffers_set.add(name)
+
+    def __reduce__(self) -> Any:
+        attrs = {}
+        for node in self.graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                attrs[node.target] = _resolve(self, node.target) if node.op == "get_attr" else \
+                    self.get_submodule(node.target)
+        return (_load_stage, (_describe(self.graph), attrs, set(self._funcpipe_non_persistent), type(self).__name__))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Stage:
+        loader, args = self.__reduce__()
+        described, attrs, non_persistent, name = args
+        return loader(described, copy.deepcopy(attrs, memo), non_persistent, name)  # type: ignore[no-any-return]
+
+
+def _op_ref(target: Any) -> Any:
+    if isinstance(target, torch._ops.OpOverload):
+        return _Op(target._schema.name, target._overloadname)
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """An operator overload by name (``aten::add``, ``Tensor``): ``OpOverload`` objects do not pickle."""
+
+    name: str
+    overload: str
+
+    def resolve(self) -> Any:
+        namespace, _, op = self.name.partition("::")
+        return getattr(getattr(getattr(torch.ops, namespace), op), self.overload or "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A node's argument that is another node, by name."""
+
+    name: str
+
+
+def _describe(graph: torch.fx.Graph) -> list[tuple[str, str, Any, Any, Any]]:
+    def arg(a: Any) -> Any:
+        ref: Callable[[torch.fx.Node], Any] = lambda n: _Ref(n.name)
+        return pytree.tree_map(_op_ref, torch.fx.node.map_arg(a, ref))
+
+    return [(n.op, n.name, _op_ref(n.target), arg(n.args), arg(n.kwargs)) for n in graph.nodes]
+
+
+def _load_stage(described: list[tuple[str, str, Any, Any, Any]], attrs: dict[str, Any], non_persistent: set[str],
+                class_name: str) -> Stage:
+    g = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+
+    def value(a: Any) -> Any:
+        if isinstance(a, _Ref):
+            return env[a.name]
+        if isinstance(a, _Op):
+            return a.resolve()
+        return a
+
+    def arg(a: Any) -> Any:
+        return pytree.tree_map(value, a, is_leaf=lambda x: isinstance(x, (_Ref, _Op)))
+
+    for op, name, target, args, kwargs in described:
+        node = g.create_node(op, value(target), arg(args), arg(kwargs), name=name)
+        env[name] = node
+    return Stage(attrs, g, non_persistent, class_name)
 
 
 @contextlib.contextmanager
