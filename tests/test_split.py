@@ -391,6 +391,20 @@ def test_mark_cut_in_forward_starts_units_and_costs_nothing_untraced() -> None:
     assert assert_equivalent(model, units, x, lambda: model(x)) == 2 + 1
 
 
+def test_a_module_without_children_or_marks_is_one_unit() -> None:
+    class Plain(MarkedNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(torch.tanh(x @ self.w1) @ self.w2) @ self.w3
+
+    torch.manual_seed(0)
+    model = Plain()
+    x = torch.randn(3, 5)
+    units = split(model, x)
+    assert len(units) == 1 and units.boundaries == ()
+    assert units[0].parameters == ("w1", "w2", "w3")
+    torch.testing.assert_close(units.stage(0, 0)(x), model(x), rtol=0, atol=0)
+
+
 def test_mark_cut_works_under_torch_export_too_and_leaves_no_marker() -> None:
     torch.manual_seed(0)
     model = MarkedShapeNet()

@@ -405,10 +405,9 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             graph.erase_node(node)
     # Placeholders in the order of the flattened example (positional, then the dict's order).
     ordered = [placeholders[n] for n in order]
-    first_real = next(n for n in graph.nodes if n.op != "placeholder") if len(graph.nodes) > len(ordered) else None
+    first_real = next(n for n in graph.nodes if n.op != "placeholder")  # there is always the output
     for node in ordered:
-        if first_real is not None:
-            first_real.prepend(node)
+        first_real.prepend(node)
     attrs: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -695,7 +694,8 @@ def _group(traced: _Traced, model: nn.Module,
                 if (a is n and a.op == "call_module") or a.op == "get_attr":
                     params.extend(_parameter_names(traced.attrs[str(a.target)], str(a.target)))
         top = [m for m in mods if not any(m.startswith(o + ".") for o in mods)]
-        name = anchors[used[u]] or (top[0] if top else f"unit{u}")
+        anchor = anchors[used[u]] if used[u] < len(anchors) else ""  # no anchors: one unit of glue
+        name = anchor or (top[0] if top else f"unit{u}")
         units.append(Unit(u, name, tuple(top), tuple(dict.fromkeys(params))))
     return resolved, units
 
