@@ -67,17 +67,14 @@ class AuthenticatedStorage(Storage):
         self.clock = inner.clock
 
     def put(self, key: str, data: bytes) -> None:
-        self.inner.put(key, self._seal(key, data))
+        self.inner.put(key, self._seal(key, [data]))
 
     def put_parts(self, key: str, parts: Sequence[Buffer]) -> None:
         """The parts and their tag joined in one copy (the object's only one)."""
-        if key.startswith(EXEMPT_PREFIXES):
-            self.inner.put_parts(key, parts)
-        else:
-            self.inner.put(key, b"".join([*parts, tag(self._secret, key, *parts)]))
+        self.inner.put(key, self._seal(key, parts))
 
     def create(self, key: str, data: bytes) -> bool:
-        return self.inner.create(key, self._seal(key, data))
+        return self.inner.create(key, self._seal(key, [data]))
 
     def get(self, key: str) -> bytes:
         return self._open(key, self.inner.get(key))
@@ -116,10 +113,11 @@ class AuthenticatedStorage(Storage):
     def __repr__(self) -> str:
         return f"AuthenticatedStorage({self.inner!r})"
 
-    def _seal(self, key: str, data: bytes) -> bytes:
+    def _seal(self, key: str, parts: Sequence[Buffer]) -> bytes:
+        """The object's bytes, ``parts`` joined, then their tag (none for an exempt key), in one copy."""
         if key.startswith(EXEMPT_PREFIXES):
-            return data
-        return data + tag(self._secret, key, data)
+            return b"".join(parts)
+        return b"".join([*parts, tag(self._secret, key, *parts)])
 
     def _open(self, key: str, data: bytes) -> bytes:
         checked = self._check(key, data)
