@@ -59,7 +59,7 @@ class TestCheckBatch:
         [
             (torch.zeros(4, 3), r"batch 7 is a Tensor, not an \(inputs, targets\) pair"),
             ((torch.zeros(4), torch.zeros(4), torch.zeros(4)), r"batch 7 is a tuple, not an \(inputs, targets\) pair"),
-            (([0.0] * 4, torch.zeros(4)), "batch 7: inputs is a list, not a tensor"),
+            (([0.0] * 4, torch.zeros(4)), r"batch 7: inputs\[0\] is a float, not a tensor"),
             ((torch.zeros(4), torch.tensor(1.0)), r"batch 7: targets has shape \(\), but the plan's global batch is 4"),
             ((torch.zeros(3, 2), torch.zeros(4)), r"inputs has shape \(3, 2\).*DataLoader\(\.\.\., batch_size=4, "
                                                   r"drop_last=True\)"),

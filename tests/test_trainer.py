@@ -191,9 +191,9 @@ class TestBadInput:
     def plan(self) -> Plan:
         return Plan.manual([3, 4], micro_batch_size=2, global_batch_size=8)
 
-    def test_not_sequential(self) -> None:
-        with pytest.raises(ConfigError, match=r"got Linear; hint: wrap your layers in nn\.Sequential"):
-            Trainer(nn.Linear(2, 2), nn.functional.mse_loss, SGD_MOMENTUM, self.plan())  # type: ignore[arg-type]
+    def test_not_a_module(self) -> None:
+        with pytest.raises(ConfigError, match=r"torch.nn.Module, got function; hint: pass the model itself"):
+            Trainer(lambda x: x, nn.functional.mse_loss, SGD_MOMENTUM, self.plan())  # type: ignore[arg-type]
 
     def test_balance_does_not_match_the_model(self) -> None:
         with pytest.raises(ConfigError, match=r"model: 7 layers.*: 6\); hint: .* add up to len\(model\) = 7"):

@@ -7,14 +7,16 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from funcpipe.errors import ConfigError
 
-__all__ = ["Batch", "InputDtype", "Replay", "check_batch", "model_input_dtype", "training_batches"]
+__all__ = ["Batch", "InputDtype", "Replay", "check_batch", "micro_batches", "model_input_dtype", "training_batches"]
 
-#: A global batch: ``(inputs, targets)``, each with the plan's ``global_batch_size`` samples.
-Batch = tuple[torch.Tensor, torch.Tensor]
+#: A global batch: ``(inputs, targets)``, each with the plan's ``global_batch_size`` samples; the inputs
+#: a tensor, or a tuple or dict of tensors (what the model is called with).
+Batch = tuple[Any, torch.Tensor]
 
 #: The dtype a model's inputs must have, and the layer that decides it (:func:`model_input_dtype`).
 InputDtype = tuple[torch.dtype, str]
@@ -85,7 +87,8 @@ def check_batch(batch: Any, size: int, iteration: int, input_dtype: InputDtype |
             f"batch {iteration} is a {type(batch).__name__}, not an (inputs, targets) pair"
         )
     inputs, targets = batch
-    for name, tensor in (("inputs", inputs), ("targets", targets)):
+    leaves = [("inputs", inputs)] if isinstance(inputs, torch.Tensor) else _leaves(inputs, iteration)
+    for name, tensor in (*leaves, ("targets", targets)):
         if not isinstance(tensor, torch.Tensor):
             raise ConfigError(f"batch {iteration}: {name} is a {type(tensor).__name__}, not a tensor")
         if tensor.dim() == 0 or tensor.shape[0] != size:
@@ -94,13 +97,31 @@ def check_batch(batch: Any, size: int, iteration: int, input_dtype: InputDtype |
                 f"batch {iteration}: {name} has shape {shape}, but the plan's global batch is "
                 f"{size} samples; hint: DataLoader(..., batch_size={size}, drop_last=True)"
             )
-    if input_dtype is not None and inputs.dtype != input_dtype[0]:
+    if input_dtype is not None and isinstance(inputs, torch.Tensor) and inputs.dtype != input_dtype[0]:
         dtype, layer = input_dtype
         raise ConfigError(
             f"batch {iteration}: inputs are {inputs.dtype}, but the model's {layer} computes in {dtype}; "
             f"hint: convert them with inputs.to({dtype}), e.g. in the Dataset or a DataLoader collate_fn"
         )
     return inputs, targets
+
+
+def _leaves(inputs: Any, iteration: int) -> list[tuple[str, Any]]:
+    """The tensors of inputs given as a tuple or dict (a model called with several), by where they are."""
+    if not isinstance(inputs, (tuple, list, dict)) or not inputs:
+        raise ConfigError(
+            f"batch {iteration}: inputs are a {type(inputs).__name__}, not a tensor, a tuple or a dict of tensors; "
+            "hint: yield (inputs, targets) with inputs as the model takes them (a dict for model(**inputs))"
+        )
+    flat, _ = pytree.tree_flatten_with_path(inputs)
+    return [(f"inputs{pytree.keystr(path)}", leaf) for path, leaf in flat]
+
+
+def micro_batches(inputs: Any, size: int) -> list[Any]:
+    """``inputs`` (a tensor, or a tuple / dict of them) cut along dim 0 into micro-batches of ``size``."""
+    leaves, spec = pytree.tree_flatten(inputs)
+    pieces = [torch.split(leaf, size) for leaf in leaves]
+    return [pytree.tree_unflatten(list(parts), spec) for parts in zip(*pieces, strict=True)]
 
 
 class Replay:

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,8 +18,8 @@ from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.storage.base import Buffer  # bytes, or a read-only view of them: the readers here take either
 
 __all__ = [
-    "TensorBytes", "decode", "decode_tensor", "encode", "encode_parts", "encode_tensor", "encode_tensor_parts",
-    "read_tensor",
+    "TensorBytes", "decode", "decode_tensor", "decode_values", "encode", "encode_parts", "encode_tensor",
+    "encode_tensor_parts", "encode_values_parts", "read_tensor",
 ]
 
 #: The name :func:`encode_tensor` stores its single tensor under.
@@ -215,6 +215,64 @@ def decode_tensor(data: Buffer) -> tuple[torch.Tensor, dict[str, str]]:
     """
     received = read_tensor(data)
     return received.to_tensor(), received.metadata
+
+
+#: The metadata entry of :func:`encode_values_parts`: what each value is, in order (JSON).
+VALUES_FIELD = "values"
+#: Its entry for a value that is a tensor (stored under the value's index, ``"0"``, ``"1"``...).
+_TENSOR_ENTRY = "tensor"
+#: What a value that is not a tensor may be: what JSON holds exactly (a symbolic size is an int).
+_PLAIN = (bool, int, float, type(None))
+
+
+def encode_values_parts(values: Sequence[Any], metadata: Mapping[str, str] | None = None) -> list[Buffer]:
+    """:func:`encode_parts` of several values: tensors, Python numbers, bools and ``None``s, in order.
+
+    A tensor is stored under its index (``"0"``, ``"1"``...); the metadata entry
+    :data:`VALUES_FIELD` lists every value, ``"tensor"`` for a tensor and the value
+    itself otherwise, so :func:`decode_values` gives back the same sequence
+    (``None`` also stands for a value that has nothing to send, such as a missing gradient).
+
+    Raises:
+        ConfigError: a value is neither a tensor nor a plain number, bool or ``None``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[Any] = []
+    for i, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            tensors[str(i)] = value
+            entries.append(_TENSOR_ENTRY)
+        elif isinstance(value, _PLAIN) and not (isinstance(value, float) and not math.isfinite(value)):
+            entries.append(value)
+        else:
+            raise ConfigError(
+                f"value {i} is a {type(value).__name__} ({value!r:.80}); what crosses a stage boundary must be "
+                "tensors or plain ints, floats, bools or None; hint: move the cut so that the object stays "
+                "inside one stage (cuts=[...] or funcpipe.split.mark_cut)"
+            )
+    meta = dict(metadata or {})
+    meta[VALUES_FIELD] = json.dumps(entries, separators=(",", ":"))
+    return encode_parts(tensors, meta)
+
+
+def decode_values(data: Buffer, count: int) -> tuple[tuple[Any, ...], dict[str, str]]:
+    """The ``count`` values :func:`encode_values_parts` wrote, tensors fresh and writable; and the metadata.
+
+    Raises:
+        IntegrityError: ``data`` is malformed, or does not hold ``count`` values as
+            :func:`encode_values_parts` lays them out.
+    """
+    tensors, metadata = decode(data)
+    try:
+        entries = json.loads(metadata.get(VALUES_FIELD, "null"))
+    except ValueError as exc:
+        raise IntegrityError(f"the {VALUES_FIELD!r} entry is not JSON: {exc}") from exc
+    if not isinstance(entries, list) or len(entries) != count:
+        raise IntegrityError(f"expected {count} values, the {VALUES_FIELD!r} entry is {entries!r:.200}")
+    wanted = {str(i) for i, e in enumerate(entries) if e == _TENSOR_ENTRY}
+    if set(tensors) != wanted or any(not isinstance(e, _PLAIN) and e != _TENSOR_ENTRY for e in entries):
+        raise IntegrityError(f"values {entries!r:.200} do not match the tensors {sorted(tensors)!r:.200}")
+    return tuple(tensors[str(i)] if e == _TENSOR_ENTRY else e for i, e in enumerate(entries)), metadata
 
 
 def _decode_one(data: Buffer) -> tuple[torch.Tensor, dict[str, str]]:

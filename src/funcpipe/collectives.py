@@ -35,8 +35,9 @@ no tensor allocated per object and no second buffer of the gradient's size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -91,6 +92,16 @@ class Comm:
             upload.add_done_callback(done)
         return upload
 
+    def send_values(self, key: str, values: Sequence[Any]) -> Future[None]:
+        """Post several values (:func:`put_values`) to the upload thread; they are written to ``key``."""
+        return self._watched(self.upload.submit(put_values, self.storage, key, values))
+
+    def recv_values(self, key: str, count: int) -> Future[tuple[Any, ...]]:
+        """Post a download of the ``count`` values written for ``key`` (:func:`decode_values`)."""
+        return self.download.submit(
+            binding.wait, self.storage, key, self.timeout_s, lambda data: decode_values(data, key, count),
+            cancelled=self.cancelled)
+
     def recv(self, key: str) -> Future[torch.Tensor]:
         """Post a download of ``key`` (waiting for it to appear) to the download thread."""
         return self.download.submit(self.get_now, key)
@@ -127,6 +138,26 @@ class Comm:
 def put_tensor(storage: Storage, key: str, tensor: torch.Tensor) -> None:
     """Write ``tensor`` to ``key``, its header naming the key (:func:`read_tensor` checks it)."""
     storage.put_parts(key, codec.encode_tensor_parts(tensor, {binding.FIELD: key}))
+
+
+def put_values(storage: Storage, key: str, values: Sequence[Any]) -> None:
+    """Write several values (tensors, plain numbers, ``None``) to ``key``, the header naming the key."""
+    storage.put_parts(key, codec.encode_values_parts(values, {binding.FIELD: key}))
+
+
+def decode_values(data: Buffer, key: str, count: int) -> tuple[Any, ...]:
+    """The ``count`` values :func:`put_values` wrote for ``key``, tensors fresh.
+
+    Raises:
+        IntegrityError: ``data`` is not ``count`` values in safetensors bytes.
+        ForeignObject: it was written for another key.
+    """
+    try:
+        values, metadata = codec.decode_values(data, count)
+    except IntegrityError as exc:
+        raise IntegrityError(f"object {key!r} is not a message of {count} values: {exc}") from exc
+    binding.check(key, metadata.get(binding.FIELD))
+    return values
 
 
 def decode_tensor(data: Buffer, key: str) -> torch.Tensor:

@@ -61,7 +61,7 @@ class JobState:
         fit_span: (first iteration, iterations asked for) of the current fit.
     """
 
-    def __init__(self, storage: Storage, plan: Plan, model: nn.Sequential, keys: JobKeys, *, named: bool) -> None:
+    def __init__(self, storage: Storage, plan: Plan, model: nn.Module, keys: JobKeys, *, named: bool) -> None:
         self.storage = storage
         self.plan = plan
         self.model = model
@@ -201,10 +201,10 @@ class JobState:
             IntegrityError: its manifest contradicts itself.
         """
         manifest = find_job(self.storage, self.keys.job if self.named else None)
-        if Plan.from_dict(manifest.plan) != self.plan or manifest.layers != len(self.model):
+        if Plan.from_dict(manifest.plan) != self.plan or manifest.layers != sum(self.plan.balance):
             raise ConfigError(
                 f"job {manifest.job!r} in storage was trained with plan {Plan.from_dict(manifest.plan)} on a "
-                f"model of {manifest.layers} layers, not this trainer's plan {self.plan} and {len(self.model)} "
+                f"model of {manifest.layers} layers, not this trainer's plan {self.plan} and {sum(self.plan.balance)} "
                 "layers; hint: resume with the same model and plan, or start a new job without resume=True"
             )
         self.keys = JobKeys(manifest.job, manifest.attempt + 1, manifest.run)
@@ -296,7 +296,10 @@ class JobState:
                 raise CheckpointCorrupt(f"checkpoint {key!r} failed its check: {exc}") from exc
             merged.update(state)
         with torch.no_grad():
-            self.model.load_state_dict(merged)
+            # A traced model's stages hold what its forward uses: the rest of the model stays as it is.
+            strict = isinstance(self.model, nn.Sequential)
+            unexpected = self.model.load_state_dict(merged, strict=strict).unexpected_keys
+        assert not unexpected, f"checkpoint keys {unexpected[:5]} are not the model's"  # stages keep the user's names
 
     def _write_manifest(self, *, finished: bool) -> None:
         fit_first, fit_total = self.fit_span
@@ -308,7 +311,7 @@ class JobState:
             attempt=self.keys.attempt,
             run=self.keys.run,
             plan=self.plan.to_dict(),
-            layers=len(self.model),
+            layers=sum(self.plan.balance),
             fit_first=fit_first,
             fit_total=fit_total,
             restore_iteration=restore_iteration,

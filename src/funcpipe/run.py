@@ -15,15 +15,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from funcpipe import binding, protocol
-from funcpipe.batches import InputDtype, Replay, check_batch
-from funcpipe.collectives import put_tensor
+from funcpipe.batches import InputDtype, Replay, check_batch, micro_batches
+from funcpipe.collectives import put_tensor, put_values
 from funcpipe.errors import BackendError, ConfigError, LeaseLost, ObjectNotFound, WorkerNotStarted, WorkerTimeout
 from funcpipe.executors import Executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
@@ -76,6 +76,10 @@ class Setup:
     gradient_bytes: Sequence[int]
     input_dtype: InputDtype | None
     lease: Lease | None = None
+    #: The model's inputs (a tensor, tuple or dict) as the first stage takes them (:mod:`funcpipe.stages`).
+    flatten_inputs: Callable[[Any], tuple[Any, ...]] = lambda x: (x,)
+    #: Whether the first stage takes one tensor (its input messages are one tensor, else several values).
+    one_input: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,11 +284,14 @@ class Run:
         inputs, targets = check_batch(batch, plan.global_batch_size, iteration, self.setup.input_dtype)
         last = plan.num_stages - 1
         micro = plan.micro_batch_size
-        pairs = zip(torch.split(inputs, micro), torch.split(targets, micro), strict=True)
+        pairs = zip(micro_batches(inputs, micro), torch.split(targets, micro), strict=True)
         for m, (x, y) in enumerate(pairs):
-            for kind, stage, tensor in (("input", 0, x), ("target", last, y)):
+            values = self.setup.flatten_inputs(x)
+            for kind, stage, value in (("input", 0, values[0] if self.setup.one_input else values),
+                                       ("target", last, y)):
                 key = self.job.keys.message_for(plan, iteration, kind, stage, m)
-                upload = feeder.submit(put_tensor, self.setup.storage, key, tensor)
+                write: Callable[[Storage, str, Any], None] = put_values if isinstance(value, tuple) else put_tensor
+                upload = feeder.submit(write, self.setup.storage, key, value)
                 upload.add_done_callback(self._note_upload)
                 self._uploads.append(upload)
         self.fed += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -22,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from funcpipe import protocol, secret, signed
-from funcpipe.batches import Batch, Replay, check_batch, model_input_dtype, training_batches
+from funcpipe import secret, signed
+from funcpipe.batches import Batch, Replay, check_batch, micro_batches, model_input_dtype, training_batches
 from funcpipe.errors import (
     BackendError,
     CheckpointCorrupt,
@@ -40,21 +39,20 @@ from funcpipe.errors import (
     JobUnfinished,
     NonFiniteTraining,
     StorageError,
-    UserCodeError,
     WorkerFailed,
 )
 from funcpipe.executors import Executor, get_executor
 from funcpipe.lease import Lease
 from funcpipe.manifest import JobManifest, check_job_name, find_job, read_manifest
 from funcpipe.plans import Plan
-from funcpipe.profiler import tied_parameters
 from funcpipe.protocol import JobKeys
 from funcpipe.restore import JobState
 from funcpipe.run import Fit, Run, Setup
+from funcpipe.stages import ModelStages
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
 from funcpipe.storage.bounded import BoundedStorage
-from funcpipe.worker import NONFINITE_POLICIES, REPORT_TIMES, StageDefinition
+from funcpipe.worker import NONFINITE_POLICIES, REPORT_TIMES, is_one_tensor
 
 if TYPE_CHECKING:
     from funcpipe.report import Report
@@ -204,8 +202,12 @@ class Trainer:
         timeout_s: float | None = None,
         threads_per_worker: int = 1,
         job: str | None = None,
+        cuts: Sequence[str] | None = None,
     ) -> None:
         _check_model(model, loss_fn, optimizer, plan)
+        self._stages = ModelStages(model, plan, cuts)
+        if self._stages.ready:
+            self._stages.check_optimizer(optimizer)
         if timeout_s is None:
             timeout_s = _derived_timeout(plan)
         if not _finite_positive(timeout_s) or threads_per_worker < 1:
@@ -215,7 +217,7 @@ class Trainer:
                 "e.g. timeout_s=600; leave it out to derive it from the plan"
             )
         self._model = model
-        self._input_dtype = model_input_dtype(model)
+        self._input_dtype = model_input_dtype(model) if self._stages.sequential else None
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.plan = plan
@@ -410,14 +412,6 @@ class Trainer:
 
     # -- internals -----------------------------------------------------------
 
-    @functools.cached_property
-    def _gradient_bytes(self) -> list[int]:
-        """Bytes of each stage's flat gradient (its trainable parameters), as the workers sync it."""
-        return [
-            protocol.gradient_bytes(p for i in self.plan.layer_range(s) for p in self._model[i].parameters())
-            for s in range(self.plan.num_stages)
-        ]
-
     def _check_not_cleaned(self) -> None:
         """Refuse to continue a job whose checkpoint :meth:`clean` deleted (a resume may start it over)."""
         if self._job.iteration and self._job.point is None:
@@ -435,14 +429,16 @@ class Trainer:
                 f"data yielded no batch, but {total} iterations were asked for; hint: pass a non-empty list "
                 "or DataLoader (a generator that was iterated before yields nothing)"
             )
-        check_batch(head, self.plan.global_batch_size, self._job.iteration, self._input_dtype)
+        inputs, _ = check_batch(head, self.plan.global_batch_size, self._job.iteration, self._input_dtype)
+        if not self._stages.ready:  # a traced model: split it on the first micro-batch, as the stages will run
+            self._stages.build(micro_batches(inputs, self.plan.micro_batch_size)[0])
+            self._stages.check_optimizer(self.optimizer)
+        self._stages.flatten_inputs(inputs)  # the inputs' structure is the one the model was split with
         return itertools.chain([head], batches)
 
     def _upload_definitions(self) -> None:
         for stage in range(self.plan.num_stages):
-            layers = _stage_layers(self._model, self.plan, stage)
-            last = stage == self.plan.num_stages - 1
-            definition = StageDefinition(layers, self.optimizer, self.loss_fn if last else None)
+            definition = self._stages.definition(stage, self.optimizer, self.loss_fn)
             key = self.keys.model_blob(stage)
             self.storage.put(key, signed.seal(definition, self._signing_key, name=key))
         self._uploaded = True
@@ -499,32 +495,28 @@ class Trainer:
             worker_timeout_s=WORKER_TIMEOUT_FACTOR * self.timeout_s + self.executor.start_timeout_s,
             threads_per_worker=self.threads_per_worker,
             signing_key=self._signing_key,
-            gradient_bytes=self._gradient_bytes,
+            gradient_bytes=self._stages.gradient_bytes(),
             input_dtype=self._input_dtype,
             lease=self._lease,
+            flatten_inputs=self._stages.flatten_inputs,
+            one_input=is_one_tensor(self._stages.ports[0]),
         )
 
 
 def _check_model(
-    model: nn.Sequential,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
     optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer],
     plan: Plan,
 ) -> None:
     """Refuse what :class:`Trainer` cannot train (:class:`~funcpipe.ConfigError`, naming what is wrong)."""
-    if not isinstance(model, nn.Sequential):
+    if not isinstance(model, nn.Module):
         raise ConfigError(
-            f"model must be a torch.nn.Sequential, got {type(model).__name__}; hint: "
-            "wrap your layers in nn.Sequential(...) so the plan can cut between them"
+            f"model must be a torch.nn.Module, got {type(model).__name__}; hint: pass the model itself (an "
+            "nn.Sequential is cut between its layers, any other module split by tracing)"
         )
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a funcpipe.Plan, got {type(plan).__name__}; hint: Plan.manual(...)")
-    if sum(plan.balance) != len(model):
-        raise ConfigError(
-            f"model and sum of balance have different length (model: {len(model)} layers, "
-            f"sum of balance {list(plan.balance)}: {sum(plan.balance)}); hint: the balance gives the "
-            f"layers of each stage and must add up to len(model) = {len(model)}"
-        )
     if isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(
             "optimizer must be a factory, not an optimizer instance; hint: "
@@ -533,53 +525,11 @@ def _check_model(
     for name, fn in (("loss_fn", loss_fn), ("optimizer", optimizer)):
         if not callable(fn):
             raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
-    _check_optimizer(model, optimizer, plan)
-    owner = plan.layer_stages()
-    for i, j, nbytes in tied_parameters(model):
-        if owner[i] != owner[j]:
-            raise ConfigError(
-                f"layers {i} and {j} share trainable parameters ({nbytes} bytes, e.g. a decoder tied to an "
-                f"embedding) but the plan puts them in stages {owner[i]} and {owner[j]} (balance "
-                f"{list(plan.balance)}), and the stages would train two copies apart; hint: put both layers in "
-                "one stage, or untie them (give the later layer its own copy of the weights)"
-            )
+    if isinstance(model, nn.Sequential) and len(model) == 0:
+        raise ConfigError("model is an empty nn.Sequential; hint: a model with at least one layer")
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) > 1:
         raise ConfigError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
-
-
-def _stage_layers(model: nn.Sequential, plan: Plan, stage: int) -> nn.Sequential:
-    """The layers of ``stage`` under their names in ``model``, as its worker holds them.
-
-    ``model``'s own names (its indices, or the keys of an ``OrderedDict``), so a stage's state
-    dict has the keys of ``model``'s and every stage's checkpoint loads into ``model`` as it is.
-    """
-    named = list(model.named_children())
-    return nn.Sequential(collections.OrderedDict(named[i] for i in plan.layer_range(stage)))
-
-
-def _check_optimizer(
-    model: nn.Sequential, optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer], plan: Plan
-) -> None:
-    """Call the optimizer factory on each stage's parameters, as its workers will, and refuse what it
-    returns unless it is a ``torch.optim.Optimizer`` (the optimizer made here is dropped)."""
-    hint = "hint: optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
-    for stage in range(plan.num_stages):
-        layers = _stage_layers(model, plan, stage)
-        if next(layers.parameters(), None) is None:  # nothing to optimize: its worker makes no optimizer
-            continue
-        try:
-            made = optimizer(layers.parameters())
-        except Exception as exc:
-            raise UserCodeError(
-                f"the optimizer factory raised {type(exc).__name__}: {exc} when called on the parameters of "
-                f"stage {stage} (layers {list(plan.layer_range(stage))}); {hint}"
-            ) from exc
-        if not isinstance(made, torch.optim.Optimizer):
-            raise ConfigError(
-                f"the optimizer factory returned {made!r:.80} (a {type(made).__name__}), not a torch.optim.Optimizer, "
-                f"for the parameters of stage {stage}; a lambda must return the optimizer it makes; {hint}"
-            )
 
 
 def _check_fit_options(iterations: int | None, epochs: int | None, max_retries: int, checkpoint_every: int) -> None:

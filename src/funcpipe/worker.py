@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -43,8 +43,8 @@ from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
 
 __all__ = [
-    "NONFINITE_POLICIES", "REPORT_TIMES", "StageDefinition", "StageWorker", "WorkerConfig", "flatten_gradients",
-    "limit_allocator_retention",
+    "NONFINITE_POLICIES", "ONE_TENSOR", "REPORT_TIMES", "Port", "StageDefinition", "StageWorker", "WorkerConfig",
+    "flatten_gradients", "is_one_tensor", "limit_allocator_retention",
     "peak_rss_bytes",
     "reset_peak_rss",
 ]
@@ -78,13 +78,43 @@ ABORT_CHECK_S = protocol.ABORT_CHECK_S
 
 
 
+class Port(NamedTuple):
+    """One value crossing a stage boundary, as the stages on both sides of it know it.
+
+    Attributes:
+        name: the value's name (:class:`funcpipe.split.Value`), for messages.
+        is_tensor: a tensor (else a plain number: a symbolic size).
+        requires_grad: its gradient flows back over the boundary (a floating-point tensor only).
+    """
+
+    name: str
+    is_tensor: bool
+    requires_grad: bool
+
+
+#: What crosses a cut of an ``nn.Sequential``: one tensor, carrying a gradient when it is floating point.
+ONE_TENSOR = (Port("x", True, True),)
+
+
+def is_one_tensor(ports: tuple[Port, ...]) -> bool:
+    """Whether a boundary is one tensor: its messages are then one tensor (:func:`collectives.put_tensor`)."""
+    return len(ports) == 1 and ports[0].is_tensor
+
+
 @dataclasses.dataclass(frozen=True)
 class StageDefinition:
-    """What the signed model blob of one stage holds."""
+    """What the signed model blob of one stage holds.
 
-    layers: nn.Sequential
+    ``layers`` is called with the values of ``inputs`` (positionally) and returns the tuple of
+    ``outputs`` (a stage before the last; a lone tensor stands for a 1-tuple) or, in the last stage,
+    the model's output, which ``loss_fn`` takes with the target.
+    """
+
+    layers: nn.Module
     optimizer: Any  # callable: parameters -> torch.optim.Optimizer
     loss_fn: Any  # callable (output, target) -> scalar, last stage only
+    inputs: tuple[Port, ...] = ONE_TENSOR
+    outputs: tuple[Port, ...] = ONE_TENSOR  # unused by the last stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +261,7 @@ class StageWorker:
             raise ConfigError(f"object {blob_key!r} is not a stage definition")
         self.layers = definition.layers
         self.loss_fn = definition.loss_fn
+        self.ports_in, self.ports_out = definition.inputs, definition.outputs
         # A stage without parameters (an activation alone) has nothing to optimize.
         has_params = any(True for _ in self.layers.parameters())
         self.optimizer: torch.optim.Optimizer | None = (
@@ -437,27 +468,27 @@ class _Iteration:
         self.last = self.stage == worker.plan.num_stages - 1
         self.timings = dict.fromkeys(REPORT_TIMES[:-1], 0.0)
         self.loss_sum = 0.0
-        self.inputs: dict[int, Future[torch.Tensor]] = {}
+        self.inputs: dict[int, Future[Any]] = {}
         self.targets: dict[int, Future[torch.Tensor]] = {}
-        self.grads: dict[int, Future[torch.Tensor]] = {}
-        self.held_inputs: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.input_grads: dict[int, torch.Tensor | None] = {}
+        self.grads: dict[int, Future[Any]] = {}
+        self.held_inputs: dict[int, tuple[Any, ...]] = {}
+        self.outputs: dict[int, Any] = {}
+        self.input_grads: dict[int, tuple[torch.Tensor | None, ...]] = {}
         self.sends: list[Future[None]] = []
 
     def do(self, task: Task) -> None:
         op, m = task
+        ports_in, ports_out = self.worker.ports_in, self.worker.ports_out
         if op == "recv":
-            self.inputs[m] = self._recv("input" if self.first else "act", m)
+            self.inputs[m] = self._recv("input" if self.first else "act", m, ports_in)
         elif op == "recv_target":
-            self.targets[m] = self._recv("target", m)
+            self.targets[m] = self._recv("target", m, ONE_TENSOR)
         elif op == "recv_grad":
-            self.grads[m] = self._recv("grad", m)
+            self.grads[m] = self._recv("grad", m, ports_out)
         elif op == "forward":
             self._forward(m)
         elif op == "send":
-            key = self._message("act", self.stage + 1, m)
-            self.sends.append(self.worker.comm.send(key, self.outputs[m].detach()))
+            self._send(self._message("act", self.stage + 1, m), [_detached(v) for v in self.outputs[m]], ports_out)
         elif op == "backward":
             self._backward(m)
         elif op == "send_grad":
@@ -488,38 +519,38 @@ class _Iteration:
     def _message(self, kind: str, stage: int, m: int) -> str:
         return self.worker.keys.message_for(self.worker.plan, self.iteration, kind, stage, m)
 
-    def _recv(self, kind: str, m: int) -> Future[torch.Tensor]:
-        return self.worker.comm.recv(self._message(kind, self.stage, m))
+    def _recv(self, kind: str, m: int, ports: tuple[Port, ...]) -> Future[Any]:
+        """Post the download of a message: one tensor (a boundary of one tensor), else the tuple of its values."""
+        key = self._message(kind, self.stage, m)
+        comm = self.worker.comm
+        return comm.recv(key) if is_one_tensor(ports) else comm.recv_values(key, len(ports))
 
-    def _ready(self, future: Future[torch.Tensor]) -> torch.Tensor:
+    def _send(self, key: str, values: list[Any], ports: tuple[Port, ...]) -> None:
+        comm = self.worker.comm
+        self.sends.append(comm.send(key, values[0]) if is_one_tensor(ports) else comm.send_values(key, values))
+
+    def _ready(self, future: Future[Any]) -> Any:
         t0 = time.perf_counter()
         value = future.result()
         self.timings["wait_s"] += time.perf_counter() - t0
         return value
 
     def _forward(self, m: int) -> None:
-        worker, stage = self.worker, self.stage
-        x = self._ready(self.inputs.pop(m))
+        worker = self.worker
+        received = self._ready(self.inputs.pop(m))
+        values = (received,) if is_one_tensor(worker.ports_in) else tuple(received)
         t0 = time.perf_counter()
         if not self.first:
-            if not x.is_floating_point():
-                raise ConfigError(
-                    f"stage {stage} receives a {x.dtype} activation; activations between "
-                    "stages must be floating point to carry gradients"
-                )
-            x.requires_grad_(True)
-            self.held_inputs[m] = x  # its .grad is what send_grad sends
-        with user_code(worker.config.name, "the stage's forward", self.iteration, m):
-            y = worker.layers(x)
-        if not isinstance(y, torch.Tensor):
-            raise ConfigError(
-                f"stage {stage}'s layers returned a {type(y).__name__}, not a tensor (iteration {self.iteration}, "
-                f"micro-batch {m}); one tensor crosses each stage boundary; hint: make the stage's last layer "
-                "return a tensor, or move the cut so that a tuple or dict stays inside one stage"
+            values = tuple(
+                v.requires_grad_(True) if port.requires_grad and _carries_grad(v) else v
+                for v, port in zip(values, worker.ports_in, strict=True)
             )
+            self.held_inputs[m] = values  # their .grad is what send_grad sends
+        with user_code(worker.config.name, "the stage's forward", self.iteration, m):
+            y = worker.layers(*values)
         self.timings["compute_s"] += time.perf_counter() - t0
         if not self.last:
-            self.outputs[m] = y
+            self.outputs[m] = self._boundary(y, m)
             return
         target = self._ready(self.targets.pop(m))
         t0 = time.perf_counter()
@@ -542,28 +573,75 @@ class _Iteration:
                 f"{float(loss.detach())} (not finite); {NONFINITE_HINT}"
             )
         self.loss_sum += value
-        self.outputs[m] = scaled
+        self.outputs[m] = (scaled,)
         self.timings["compute_s"] += time.perf_counter() - t0
 
+    def _boundary(self, y: Any, m: int) -> tuple[Any, ...]:
+        """The stage's output as the values of its boundary; refuse what does not match it."""
+        ports = self.worker.ports_out
+        values = (y,) if isinstance(y, torch.Tensor) and len(ports) == 1 else y
+        if not isinstance(values, tuple) or len(values) != len(ports) or any(
+                isinstance(v, torch.Tensor) != port.is_tensor for v, port in zip(values, ports, strict=True)):
+            got = type(y).__name__ if not isinstance(y, tuple) else \
+                f"a tuple of {[type(v).__name__ for v in y]}"
+            raise ConfigError(
+                f"stage {self.stage}'s layers returned {got} (iteration {self.iteration}, micro-batch {m}), "
+                f"but {len(ports)} value(s) cross its boundary: {[p.name for p in ports]}; hint: a layer of an "
+                "nn.Sequential must return one tensor (move the cut so that a tuple or dict stays inside one "
+                "stage), or pass the model itself (any nn.Module is split by tracing)"
+            )
+        return values
+
     def _backward(self, m: int) -> None:
-        out = self.outputs.pop(m)
-        grad = None if self.last else self._ready(self.grads.pop(m))
+        outputs = self.outputs.pop(m)
+        grads: tuple[Any, ...] = (None,)
+        if not self.last:
+            received = self._ready(self.grads.pop(m))
+            grads = (received,) if is_one_tensor(self.worker.ports_out) else tuple(received)
         t0 = time.perf_counter()
-        if out.requires_grad:
+        pairs = [(out, grad) for out, grad in zip(outputs, grads, strict=True)
+                 if isinstance(out, torch.Tensor) and out.requires_grad and (self.last or _is_gradient(grad, out))]
+        if pairs:
             with user_code(self.worker.config.name, "the backward", self.iteration, m):
-                torch.autograd.backward(out, grad)
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if not self.last else None)
         if not self.first:
-            self.input_grads[m] = self.held_inputs.pop(m).grad
+            # A value that carries no gradient (an integer tensor) sends none; across a boundary of one tensor an
+            # empty one says so.
+            none = _NO_GRADIENT if is_one_tensor(self.worker.ports_in) else None
+            self.input_grads[m] = tuple(v.grad if isinstance(v, torch.Tensor) and v.requires_grad else none
+                                        for v in self.held_inputs.pop(m))
         self.timings["compute_s"] += time.perf_counter() - t0
 
     def _send_grad(self, m: int) -> None:
-        grad_in = self.input_grads.pop(m)
-        if grad_in is None:
-            raise ConfigError(
-                f"stage {self.stage}'s input got no gradient in micro-batch {m}; the stage's "
-                "output does not depend on its input"
-            )
-        self.sends.append(self.worker.comm.send(self._message("grad", self.stage - 1, m), grad_in))
+        grads = self.input_grads.pop(m)
+        ports = self.worker.ports_in
+        key = self._message("grad", self.stage - 1, m)
+        if is_one_tensor(ports):
+            if grads[0] is None:
+                raise ConfigError(
+                    f"stage {self.stage}'s input got no gradient in micro-batch {m}; the stage's "
+                    "output does not depend on its input"
+                )
+            self._send(key, [grads[0]], ports)
+        else:  # a value without a gradient (an int, a mask, an unused value) is sent as None
+            self._send(key, [g if port.requires_grad else None for g, port in zip(grads, ports, strict=True)], ports)
+
+
+#: What a boundary of one integer tensor (token ids) sends back for its gradient: nothing (the sender skips it).
+_NO_GRADIENT = torch.zeros(0)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _carries_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _is_gradient(grad: Any, out: torch.Tensor) -> bool:
+    """Whether ``grad`` received for ``out`` is its gradient (``None``: the next stage sent none)."""
+    return isinstance(grad, torch.Tensor) and grad.shape == out.shape
 
 
 #: Exceptions of the user's code that a rerun of the same batch raises again (a programming or data error).

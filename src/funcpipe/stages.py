@@ -1,0 +1,156 @@
+"""The user's model cut into a plan's stages: what each stage's worker holds, and what crosses each cut.
+
+An ``nn.Sequential`` is cut between its layers as it is (one tensor crosses
+each cut). Any other module is split into units by :func:`funcpipe.split.split`
+on the first micro-batch the trainer is given (before anything is launched),
+and the plan's balance counts those units; each stage is then a module over the
+user's own parameters, and each cut carries the values
+:meth:`funcpipe.split.Units.boundary` names (several tensors, masks, ints).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from funcpipe import protocol
+from funcpipe.errors import ConfigError, UserCodeError
+from funcpipe.plans import Plan
+from funcpipe.profiler import tied_parameters
+from funcpipe.worker import ONE_TENSOR, Port, StageDefinition
+
+__all__ = ["ModelStages"]
+
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+
+
+class ModelStages:
+    """The stages of ``model`` under ``plan``: their modules, the ports of each cut, their parameters.
+
+    For an ``nn.Sequential`` it is ready at once; for any other module :meth:`build`
+    splits it on an example micro-batch first (:attr:`ready` says whether it did).
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, cuts: Sequence[str] | None = None) -> None:
+        self.model = model
+        self.plan = plan
+        self.cuts = cuts
+        self.sequential = isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+        self.modules: list[nn.Module] = []
+        self.ports: list[tuple[Port, ...]] = []  # ports[k]: what stage k takes (k = num_stages: nothing)
+        self._flatten: Callable[[Any], tuple[Any, ...]] = lambda x: (x,)
+        self.unit_names: tuple[str, ...] = ()
+        if self.sequential:
+            if cuts is not None:
+                raise ConfigError("cuts are for traced models; an nn.Sequential is cut between its layers; hint: "
+                                  "leave cuts out (the plan's balance chooses the cuts)")
+            if sum(plan.balance) != len(model):  # type: ignore[arg-type]
+                raise ConfigError(
+                    f"model and sum of balance have different length (model: {len(model)} layers, "  # type: ignore[arg-type]
+                    f"sum of balance {list(plan.balance)}: {sum(plan.balance)}); hint: the balance gives the "
+                    f"layers of each stage and must add up to len(model) = {len(model)}"  # type: ignore[arg-type]
+                )
+            named = list(model.named_children())
+            self.unit_names = tuple(name for name, _ in named)
+            self.modules = [nn.Sequential(collections.OrderedDict(named[i] for i in plan.layer_range(s)))
+                            for s in range(plan.num_stages)]
+            self.ports = [ONE_TENSOR] * plan.num_stages
+            owner = plan.layer_stages()
+            for i, j, nbytes in tied_parameters(model):  # type: ignore[arg-type]
+                if owner[i] != owner[j]:
+                    raise ConfigError(
+                        f"layers {i} and {j} share trainable parameters ({nbytes} bytes, e.g. a decoder tied to an "
+                        f"embedding) but the plan puts them in stages {owner[i]} and {owner[j]} (balance "
+                        f"{list(plan.balance)}), and the stages would train two copies apart; hint: put both layers "
+                        "in one stage, or untie them (give the later layer its own copy of the weights)"
+                    )
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.modules)
+
+    def build(self, example_inputs: Any) -> None:
+        """Split a traced model on ``example_inputs`` (one micro-batch of the model's inputs) into the stages.
+
+        Raises:
+            ConfigError: the model cannot be split (the tracer's message, where, and a hint), the plan's
+                balance does not count its units, or two stages would share a parameter.
+        """
+        if self.ready:
+            return
+        from funcpipe.split import split
+
+        units = split(self.model, example_inputs, cuts=self.cuts)
+        plan = self.plan
+        self.unit_names = units.names
+        if sum(plan.balance) != len(units):
+            raise ConfigError(
+                f"the plan's balance {list(plan.balance)} cuts {sum(plan.balance)} units, but "
+                f"{type(self.model).__name__} splits into {len(units)} units ({_some(units.names)}); hint: plan "
+                f"with funcpipe.profile(model, ...) of this model (its layers are these units), or a balance "
+                f"adding up to {len(units)}"
+            )
+        owner = plan.layer_stages()
+        for name, users in units.shared.items():
+            stages = sorted({owner[u] for u in users})
+            if len(stages) > 1:
+                raise ConfigError(
+                    f"parameter {name!r} is used by units {list(users)} "
+                    f"({', '.join(units.names[u] for u in users)}), which the plan puts in stages {stages} (balance "
+                    f"{list(plan.balance)}); the stages would train copies of it apart; hint: a balance that keeps "
+                    "those units in one stage, or untie the weights"
+                )
+        self.modules = units.stages(plan.balance)
+        self.ports = []
+        for s in range(plan.num_stages):
+            start = plan.layer_range(s).start
+            boundary = units.boundary(start - 1)
+            self.ports.append(tuple(Port(v.name, v.is_tensor, v.requires_grad) for v in boundary.values))
+        self._flatten = units.flatten_inputs
+
+    def flatten_inputs(self, inputs: Any) -> tuple[Any, ...]:
+        """The model's inputs (a tensor, tuple or dict) as the first stage takes them."""
+        return self._flatten(inputs)
+
+    def definition(self, stage: int, optimizer: OptimizerFactory, loss_fn: Any) -> StageDefinition:
+        last = stage == self.plan.num_stages - 1
+        outputs = ONE_TENSOR if last else self.ports[stage + 1]
+        return StageDefinition(self.modules[stage], optimizer, loss_fn if last else None, self.ports[stage], outputs)
+
+    def parameters(self, stage: int) -> list[nn.Parameter]:
+        return list(self.modules[stage].parameters())
+
+    def gradient_bytes(self) -> list[int]:
+        """Bytes of each stage's flat gradient (its trainable parameters), as the workers sync it."""
+        return [protocol.gradient_bytes(self.parameters(s)) for s in range(self.plan.num_stages)]
+
+    def check_optimizer(self, optimizer: OptimizerFactory) -> None:
+        """Call the optimizer factory on each stage's parameters, as its workers will, and refuse what it
+        returns unless it is a ``torch.optim.Optimizer`` (the optimizer made here is dropped)."""
+        hint = "hint: optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
+        for stage in range(self.plan.num_stages):
+            params = self.parameters(stage)
+            if not params:  # nothing to optimize: its worker makes no optimizer
+                continue
+            try:
+                made = optimizer(iter(params))
+            except Exception as exc:
+                raise UserCodeError(
+                    f"the optimizer factory raised {type(exc).__name__}: {exc} when called on the parameters of "
+                    f"stage {stage} (layers {list(self.plan.layer_range(stage))}); {hint}"
+                ) from exc
+            if not isinstance(made, torch.optim.Optimizer):
+                raise ConfigError(
+                    f"the optimizer factory returned {made!r:.80} (a {type(made).__name__}), not a "
+                    f"torch.optim.Optimizer, for the parameters of stage {stage}; a lambda must return the "
+                    f"optimizer it makes; {hint}"
+                )
+
+
+def _some(names: Sequence[str], count: int = 4) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (", ..." if len(names) > count else "")
