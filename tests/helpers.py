@@ -131,3 +131,38 @@ def assert_fit_fails_not_started(trainer: Any, start_timeout_s: float, invocatio
     assert start_timeout_s <= time.monotonic() - started < start_timeout_s + 30
     assert invocations() == trainer.plan.num_workers
     assert_no_funcpipe_thread_left(within_s=10)  # the watcher stops once no call is left
+
+
+# -- a module of our own for tracing (issue 17) ------------------------------------------------------
+
+SKIP_ITERATIONS = 3
+SKIP_BATCH = 8
+
+
+class SkipNet(nn.Module):
+    """Four units; ``a`` (unit 0) is used again by unit 3, so it crosses three cuts; two inputs, two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l0 = nn.Linear(6, 8)
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 8)
+        self.l3 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.tanh(self.l0(x))
+        b = torch.tanh(self.l1(a))
+        c = torch.tanh(self.l2(b)) * scale
+        return self.l3(c + a), a.sum(-1)
+
+
+def skip_net(iterations: int = SKIP_ITERATIONS) -> tuple[nn.Module, list[Any], Callable[..., torch.Tensor]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batches = [((torch.randn(SKIP_BATCH, 6, generator=g), torch.rand(SKIP_BATCH, 1, generator=g)),
+                torch.randint(0, 3, (SKIP_BATCH,), generator=g)) for _ in range(iterations)]
+
+    def loss(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out[0], y) + 0.1 * out[1].pow(2).mean()
+
+    return SkipNet(), batches, loss

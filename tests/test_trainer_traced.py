@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from funcpipe import Plan, Trainer
-from funcpipe.errors import ConfigError
+from tests.helpers import skip_net
 
 pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification, ConvNextConfig, ConvNextForImageClassification
@@ -40,35 +40,6 @@ def one_torch_thread() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- models and their data
-
-class SkipNet(nn.Module):
-    """Four units; ``a`` (unit 0) is used again by unit 3, so it crosses three cuts; two inputs, two outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l0 = nn.Linear(6, 8)
-        self.l1 = nn.Linear(8, 8)
-        self.l2 = nn.Linear(8, 8)
-        self.l3 = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.tanh(self.l0(x))
-        b = torch.tanh(self.l1(a))
-        c = torch.tanh(self.l2(b)) * scale
-        return self.l3(c + a), a.sum(-1)
-
-
-def skip_net() -> tuple[nn.Module, list[Any], Callable[[Any, torch.Tensor], torch.Tensor]]:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    batches = [((torch.randn(BATCH, 6, generator=g), torch.rand(BATCH, 1, generator=g)),
-                torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(ITERATIONS)]
-
-    def loss(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out[0], y) + 0.1 * out[1].pow(2).mean()
-
-    return SkipNet(), batches, loss
-
 
 def convnext() -> tuple[nn.Module, list[Any], Callable[[Any, torch.Tensor], torch.Tensor]]:
     torch.manual_seed(0)

@@ -118,6 +118,17 @@ _MARKERS = (mark_cut, torch.ops.funcpipe.cut.default)
 _OUT_SHAPE = "_funcpipe_output"
 
 
+def _structure(spec: pytree.TreeSpec) -> str:
+    """A tree's structure on one line: ``dict(input_ids=*, attention_mask=*)``, ``tuple(*, *)``."""
+    if spec.is_leaf():
+        return "*"
+    kind = spec.type.__name__ if spec.type is not None else "?"
+    keys = spec.context if isinstance(spec.context, list) and spec.type is dict else None
+    children = [_structure(c) for c in spec.children()]
+    inner = ", ".join(f"{k}={c}" for k, c in zip(keys, children, strict=True)) if keys else ", ".join(children)
+    return f"{kind}({inner})"
+
+
 def _rebuild(flat: Sequence[Any], shape: Any) -> Any:
     """The model's output from the last stage's flat values and the output's shape (see ``_OUT_SHAPE``)."""
     return pytree.tree_map(lambda i: flat[i], shape)
@@ -237,8 +248,9 @@ class Units(Sequence[Unit]):
         """The model's inputs (a tensor, tuple or dict like the example's) as the first stage takes them."""
         flat, spec = pytree.tree_flatten(inputs)
         if spec != self.in_spec:
-            raise ConfigError(f"inputs of structure {spec} do not match the example's {self.in_spec}; hint: pass "
-                              "inputs of the same kind (tensor, tuple or dict with the same keys) as split() had")
+            raise ConfigError(f"inputs of structure {_structure(spec)} do not match the example's "
+                              f"{_structure(self.in_spec)}; hint: pass inputs of the same kind (tensor, tuple or dict "
+                              "with the same keys) as the model was split with (the first batch's)")
         return tuple(flat)
 
     def stage(self, first: int, last: int) -> nn.Module:
@@ -325,7 +337,7 @@ def _split_sequential(model: nn.Sequential, example: Any) -> Units:
         raise ConfigError(f"an nn.Sequential takes one tensor, got example inputs of type {type(example).__name__}; "
                           "hint: pass the first layer's input tensor")
     values, x = [], example
-    with torch.enable_grad(), _untouched(model):
+    with torch.enable_grad(), untouched(model):
         for i, layer in enumerate(model):
             try:
                 x = layer(x)
@@ -850,7 +862,7 @@ def _load_stage(described: list[tuple[str, str, Any, Any, Any]], attrs: dict[str
 
 
 @contextlib.contextmanager
-def _untouched(model: nn.Module) -> Iterator[None]:
+def untouched(model: nn.Module) -> Iterator[None]:
     """Run the example without leaving a trace in the model: its buffers (a BatchNorm's running stats) and
     the random generator (a dropout's draws) are put back as they were."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -921,7 +933,7 @@ def split(model: nn.Module, example_inputs: Any, *, cuts: Sequence[str] | None =
     recorder = _Recorder(gm, {n for c in crossing for n in c} | set(inputs))
     flat_in, in_spec = pytree.tree_flatten(example_inputs)
     try:
-        with torch.enable_grad(), _untouched(model):
+        with torch.enable_grad(), untouched(model):
             recorder.run(*flat_in)
     except Exception as exc:
         raise ConfigError(f"the traced {type(model).__name__} raised {type(exc).__name__}: {_first_line(exc)} on the "

@@ -73,12 +73,14 @@ class ModelStages:
     def ready(self) -> bool:
         return bool(self.modules)
 
-    def build(self, example_inputs: Any) -> None:
-        """Split a traced model on ``example_inputs`` (one micro-batch of the model's inputs) into the stages.
+    def build(self, example_inputs: Any, example_targets: torch.Tensor, loss_fn: Callable[..., Any]) -> None:
+        """Split a traced model on one micro-batch (``example_inputs``, ``example_targets``) into the stages,
+        and run them on it once, as the workers will, with ``loss_fn`` on what the last one returns.
 
         Raises:
             ConfigError: the model cannot be split (the tracer's message, where, and a hint), the plan's
-                balance does not count its units, or two stages would share a parameter.
+                balance does not count its units, two stages would share a parameter, a stage fails on the
+                example, or ``loss_fn`` cannot take the model's output.
         """
         if self.ready:
             return
@@ -111,6 +113,42 @@ class ModelStages:
             boundary = units.boundary(start - 1)
             self.ports.append(tuple(Port(v.name, v.is_tensor, v.requires_grad) for v in boundary.values))
         self._flatten = units.flatten_inputs
+        try:
+            self._dry_run(example_inputs, example_targets, loss_fn)
+        except BaseException:
+            self.modules = []
+            raise
+
+    def _dry_run(self, example_inputs: Any, example_targets: torch.Tensor, loss_fn: Callable[..., Any]) -> None:
+        from funcpipe.split import untouched
+
+        values: Any = self.flatten_inputs(example_inputs)
+        with torch.no_grad(), untouched(self.model):
+            for s, module in enumerate(self.modules):
+                try:
+                    values = module(*values)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"stage {s} (units {list(self.plan.layer_range(s))}: {_some(self.unit_names_of(s))}) raised "
+                        f"{type(exc).__name__}: {exc} on the first micro-batch; hint: a model whose code depends on "
+                        "tensor values or sizes other than the batch's cannot be cut there: name other cut points "
+                        "(cuts=[...] or funcpipe.split.mark_cut), or check the model on the batch in plain PyTorch"
+                    ) from exc
+            try:
+                loss = loss_fn(values, example_targets)
+            except Exception as exc:
+                raise ConfigError(
+                    f"loss_fn cannot take the model's output: it raised {type(exc).__name__}: {exc} on a "
+                    f"{_describe(values)} and targets of shape {tuple(example_targets.shape)}; hint: loss_fn gets "
+                    "what the model returns (a Hugging Face model returns a ModelOutput: use out.logits)"
+                ) from exc
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it with a mean over "
+                              "the micro-batch")
+
+    def unit_names_of(self, stage: int) -> list[str]:
+        return [self.unit_names[i] for i in self.plan.layer_range(stage)]
 
     def flatten_inputs(self, inputs: Any) -> tuple[Any, ...]:
         """The model's inputs (a tensor, tuple or dict) as the first stage takes them."""
@@ -149,6 +187,12 @@ class ModelStages:
                     f"torch.optim.Optimizer, for the parameters of stage {stage}; a lambda must return the "
                     f"optimizer it makes; {hint}"
                 )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def _some(names: Sequence[str], count: int = 4) -> str:

@@ -429,9 +429,10 @@ class Trainer:
                 f"data yielded no batch, but {total} iterations were asked for; hint: pass a non-empty list "
                 "or DataLoader (a generator that was iterated before yields nothing)"
             )
-        inputs, _ = check_batch(head, self.plan.global_batch_size, self._job.iteration, self._input_dtype)
+        inputs, targets = check_batch(head, self.plan.global_batch_size, self._job.iteration, self._input_dtype)
         if not self._stages.ready:  # a traced model: split it on the first micro-batch, as the stages will run
-            self._stages.build(micro_batches(inputs, self.plan.micro_batch_size)[0])
+            micro = self.plan.micro_batch_size
+            self._stages.build(micro_batches(inputs, micro)[0], targets[:micro], self.loss_fn)
             self._stages.check_optimizer(self.optimizer)
         self._stages.flatten_inputs(inputs)  # the inputs' structure is the one the model was split with
         return itertools.chain([head], batches)
