@@ -83,13 +83,14 @@ _SPEC_HINT = (
 )
 
 
-def load_model(spec: str) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, LossFn]:
+def load_model(spec: str) -> tuple[nn.Module, Any, torch.Tensor, LossFn]:
     """Call the function a ``module:function`` (or ``file.py:function``) spec names; check what it returns.
 
     Raises:
         ConfigError: the spec is malformed, the module or function is missing,
             the function fails, or it returns something else than
-            ``(nn.Sequential, inputs tensor, targets tensor, loss_fn)``.
+            ``(model, inputs, targets tensor, loss_fn)``: any ``nn.Module``, its inputs a tensor or a
+            tuple or dict of tensors (``model(*inputs)``, ``model(**inputs)``).
     """
     import torch
     from torch import nn
@@ -118,9 +119,13 @@ def load_model(spec: str) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, Lo
         got = f"a {len(result)}-tuple" if isinstance(result, tuple | list) else type(result).__name__
         raise ConfigError(f"model {spec!r}: {name}() returned {got}, not 4 values; {_SPEC_HINT}")
     model, inputs, targets, loss_fn = result
+    import torch.utils._pytree as pytree
+
+    leaves = pytree.tree_leaves(inputs) if isinstance(inputs, tuple | list | dict) else [inputs]
     problems = [
-        f"model is a {type(model).__name__}, not an nn.Sequential" if not isinstance(model, nn.Sequential) else "",
-        f"inputs is a {type(inputs).__name__}, not a tensor" if not isinstance(inputs, torch.Tensor) else "",
+        f"model is a {type(model).__name__}, not an nn.Module" if not isinstance(model, nn.Module) else "",
+        f"inputs is a {type(inputs).__name__}, not a tensor or a tuple or dict of tensors"
+        if not leaves or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in leaves) else "",
         f"targets is a {type(targets).__name__}, not a tensor" if not isinstance(targets, torch.Tensor) else "",
         f"loss_fn is a {type(loss_fn).__name__}, not callable" if not callable(loss_fn) else "",
     ]
@@ -408,16 +413,20 @@ def _train(args: argparse.Namespace) -> int:
 
     plan = _load_plan(args.plan)
     model, inputs, targets, loss_fn = load_model(args.model)
-    if inputs.shape[0] != targets.shape[0]:
+    import torch.utils._pytree as pytree
+
+    samples = {t.shape[0] for t in pytree.tree_leaves(inputs)}
+    if samples != {targets.shape[0]}:
         raise ConfigError(
-            f"model {args.model!r}: inputs hold {inputs.shape[0]} samples but targets {targets.shape[0]}; "
+            f"model {args.model!r}: inputs hold {sorted(samples)} samples but targets {targets.shape[0]}; "
             "hint: return the training set as (inputs, targets) with one target per sample"
         )
-    size = plan.global_batch_size
-    batches = [(inputs[i:i + size], targets[i:i + size]) for i in range(0, inputs.shape[0] - size + 1, size)]
+    size, count = plan.global_batch_size, targets.shape[0]
+    batches = [(pytree.tree_map(lambda t, i=i: t[i:i + size], inputs), targets[i:i + size])
+               for i in range(0, count - size + 1, size)]
     if not batches:
         raise ConfigError(
-            f"model {args.model!r} returned {inputs.shape[0]} samples, fewer than one global batch of the plan "
+            f"model {args.model!r} returned {count} samples, fewer than one global batch of the plan "
             f"({size}); hint: return the whole training set, or plan a smaller --global-batch"
         )
     if args.lr <= 0:
@@ -575,12 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--rounds", type=int, default=5, help="timed rounds per size (default 5)")
     measure.add_argument("--warmup", type=int, default=2, help="untimed rounds before them (default 2)")
     model_help = ("MODULE:FUNCTION or path/to/file.py:FUNCTION; FUNCTION() returns "
-                  "(model, inputs, targets, loss_fn), model an nn.Sequential")
+                  "(model, inputs, targets, loss_fn), model any nn.Module")
     source_help = "a saved profile (.json), or a model to profile first: " + model_help
 
     prof = add(
         "profile", parents=[profiling], help="measure each layer of a model and save the profile",
-        description="Time the forward, backward and update of every layer of an nn.Sequential, measure "
+        description="Time the forward, backward and update of every layer (unit) of a model, measure "
         "its parameters and activations, save the profile as JSON and print it per layer.",
     )
     prof.add_argument("model", metavar="MODEL", help=model_help)

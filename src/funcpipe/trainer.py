@@ -1,4 +1,4 @@
-"""Trainer: the driver a notebook uses to train an ``nn.Sequential`` with a plan.
+"""Trainer: the driver a notebook uses to train a model (any ``nn.Module``) with a plan.
 
 :class:`Trainer` checks what it is given, uploads the signed stage
 definitions, and trains in *runs* (:mod:`funcpipe.run`): one launch of every
@@ -157,14 +157,19 @@ class History:
 
 
 class Trainer:
-    """Train an ``nn.Sequential`` as a pipeline of stage workers that talk through storage.
+    """Train any ``nn.Module`` as a pipeline of stage workers that talk through storage.
 
     Args:
-        model: the model, an ``nn.Sequential`` whose layers the plan cuts into
-            stages. It is trained in place: after :meth:`fit` its parameters
-            are the trained ones.
+        model: the model. An ``nn.Sequential`` is cut between its layers; any
+            other module is split into units (:func:`funcpipe.split.split`: its
+            embeddings, each block or transformer layer, its head) on the first
+            micro-batch :meth:`fit` is given, and the plan's balance counts those
+            units (``funcpipe.profile`` of the model measures the same units).
+            It is trained in place: after :meth:`fit` its parameters are the
+            trained ones.
         loss_fn: ``loss_fn(output, target)`` returning the *mean* loss over
-            the samples it is given, as a scalar tensor.
+            the samples it is given, as a scalar tensor; ``output`` is what the
+            model returns (a tensor, a tuple, a Hugging Face ``ModelOutput``).
         optimizer: a callable ``parameters -> torch.optim.Optimizer``, for
             example ``lambda p: torch.optim.SGD(p, lr=0.1)``; each stage
             builds its own.
@@ -188,12 +193,15 @@ class Trainer:
         threads_per_worker: torch threads (and CPUs asked for) per worker.
         job: the job's name, its key prefix in ``storage`` (default: a fresh
             random one); name it to resume it by name after the driver died.
+        cuts: for a traced model, the module names where units start instead
+            of one unit per block (as :func:`funcpipe.split.split` takes them;
+            profile with the same ``cuts``).
     """
 
     def __init__(
         self,
-        model: nn.Sequential,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
         optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer],
         plan: Plan,
         *,
@@ -217,7 +225,7 @@ class Trainer:
                 "e.g. timeout_s=600; leave it out to derive it from the plan"
             )
         self._model = model
-        self._input_dtype = model_input_dtype(model) if self._stages.sequential else None
+        self._input_dtype = model_input_dtype(model) if isinstance(model, nn.Sequential) else None
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.plan = plan
@@ -252,7 +260,7 @@ class Trainer:
         self._lease = Lease(self.storage, name, self.run_id)
 
     @property
-    def model(self) -> nn.Sequential:
+    def model(self) -> nn.Module:
         """The model with the parameters of the last finished :meth:`fit`."""
         return self._model
 
@@ -280,7 +288,9 @@ class Trainer:
         """Train on global batches of ``(inputs, targets)``; a ``DataLoader`` works.
 
         Args:
-            data: an iterable of global batches of ``plan.global_batch_size`` samples.
+            data: an iterable of global batches of ``plan.global_batch_size`` samples: ``inputs`` as
+                the model takes them (a tensor, a tuple for ``model(*inputs)``, a dict for
+                ``model(**inputs)``, each tensor with the samples on dim 0), ``targets`` a tensor.
             iterations: optimizer steps to take, cycling over ``data`` if needed.
             epochs: passes over ``data`` (default 1 when ``iterations`` is not given).
             progress: show a progress bar.
