@@ -127,9 +127,9 @@ def three_values():
     return model, inputs, targets
 
 
-def not_sequential():
+def not_a_module():
     _, inputs, targets, loss_fn = tiny()
-    return nn.Linear(8, 3), inputs, targets, loss_fn
+    return (lambda x: x), inputs, targets, loss_fn
 
 
 def broken():
@@ -292,10 +292,10 @@ def test_simulate_takes_the_plan_commands_json_and_its_platform(
     [
         ("tiny_models", "is not MODULE:FUNCTION"),
         ("no_such_module_xyz:tiny", "no module named 'no_such_module_xyz'"),
-        ("tiny_models:nope", "has no function 'nope' (functions there: broken, not_sequential, three_values, tiny)"),
+        ("tiny_models:nope", "has no function 'nope' (functions there: broken, not_a_module, three_values, tiny)"),
         ("missing_file.py:tiny", "no file 'missing_file.py'"),
         ("tiny_models.py:three_values", "three_values() returned a 3-tuple, not 4 values"),
-        ("tiny_models:not_sequential", "model is a Linear, not an nn.Sequential"),
+        ("tiny_models:not_a_module", "model is a function, not an nn.Module"),
         ("tiny_models:broken", "broken() raised RuntimeError: no data here"),
     ],
 )
