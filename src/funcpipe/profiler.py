@@ -806,7 +806,8 @@ class _Runner:
 
 
 class _UnitFailed(Exception):
-    """A unit raised while profiling (at a size its graph may not have been split at)."""
+    """A unit raised, or returned values of other shapes than split measured, while profiling (at a
+    size its graph may not have been split at)."""
 
     def __init__(self, index: int, cause: BaseException) -> None:
         super().__init__(index, cause)
@@ -859,7 +860,7 @@ def _profile_units(
         parameter.grad = None
     largest = sizes[-1]
     units = _split_at(copied, inputs, largest, cuts)
-    runner = _UnitRunner(units, loss_fn)
+    runner = _UnitRunner(units, loss_fn, largest)
     count = len(runner.stages)
     output_bytes, grad_bytes, held_bytes = runner.probe(
         units.flatten_inputs(_take(inputs, largest)), targets[:largest].clone())
@@ -884,7 +885,7 @@ def _profile_units(
                     if b in runners:  # split at this very size: the unit cannot run it
                         raise _unit_error(at_b, failed, b) from failed.cause
                     # The graph was specialised to the size it was split at: split again at this one.
-                    at_b = _UnitRunner(_split_at(copied, inputs, b, cuts), loss_fn)
+                    at_b = _UnitRunner(_split_at(copied, inputs, b, cuts), loss_fn, b)
                     if at_b.names != runner.names:
                         raise ConfigError(
                             f"split at a micro-batch of {b} samples gives units {at_b.names}, at {largest} "
@@ -968,11 +969,18 @@ class _UnitRunner:
     unit: the model's output).
     """
 
-    def __init__(self, units: Any, loss_fn: LossFn) -> None:
+    def __init__(self, units: Any, loss_fn: LossFn, batch: int) -> None:
         self.units = units
         self.names = list(units.names)
         self.stages = [units.stage(i, i) for i in range(len(units))]
         self.loss_fn = loss_fn
+        # The size the units were split at, the shapes split measured there (the last unit's: the probe's),
+        # and the size being run: a graph specialised to its size may run at another one and broadcast.
+        self.batch = batch
+        self.shapes: list[list[tuple[int, ...] | None]] = [
+            [v.shape if v.is_tensor else None for v in units.boundary(i).values] for i in range(len(units) - 1)]
+        self.shapes.append([])
+        self.running = batch
         # Per unit, which of its inputs carry a gradient back (the model's inputs do not).
         self.grads_in = [(False,) * len(units.boundary(-1).values)] + [
             tuple(v.requires_grad for v in units.boundary(i).values) for i in range(len(units) - 1)]
@@ -984,6 +992,7 @@ class _UnitRunner:
         output_bytes, grad_bytes, held_bytes = [], [], []
         before: set[int] = set()
         last = len(self.stages) - 1
+        self.running = y.shape[0]
         for i, stage in enumerate(self.stages):
             exclude = {_storage_key(t)[0] for t in [*stage.parameters(), *stage.buffers()]}
             exclude |= {key for key in (_storage_key(t)[0] for t in xs if isinstance(t, torch.Tensor))
@@ -995,6 +1004,8 @@ class _UnitRunner:
             except _UnitFailed as failed:
                 raise self._error(failed, xs) from failed.cause
             flat = list(out) if i < last else pytree.tree_leaves(out)
+            if i == last and self.running == self.batch:
+                self.shapes[last] = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
             output_bytes.append(sum(_value_bytes(v) for v in flat))
             grad_bytes.append(sum(_bytes(v) for v in flat if _carries_grad(v)))
             held_bytes.append(saved.total)
@@ -1015,6 +1026,7 @@ class _UnitRunner:
         count = len(self.stages)
         forward = [0.0] * count
         backward = [0.0] * count
+        self.running = y.shape[0]
         for chunk in chunks:
             leaves: list[tuple[Any, ...]] = []
             outputs: list[Any] = []
@@ -1075,7 +1087,26 @@ class _UnitRunner:
                     on_retry()
                 return self.forward(i, xs, on_retry)
             raise _UnitFailed(i, exc) from exc
-        return leaves, output, _clock() - started
+        seconds = _clock() - started
+        if self.running != self.batch:
+            self._check_shapes(i, output)
+        return leaves, output, seconds
+
+    def _check_shapes(self, i: int, output: Any) -> None:
+        """Raise :class:`_UnitFailed` if unit ``i`` returned other shapes at this size than at its split's:
+        a dim 0 of the split's size is the batch; every other size is the same."""
+        expected = self.shapes[i]
+        flat = list(output) if i < len(self.stages) - 1 else pytree.tree_leaves(output)
+        if not expected or len(expected) != len(flat):
+            return  # the last unit before the probe ran at the split's size: nothing to compare
+        for k, (shape, value) in enumerate(zip(expected, flat, strict=True)):
+            if shape is None or not isinstance(value, torch.Tensor):
+                continue
+            want = (self.running, *shape[1:]) if shape and shape[0] == self.batch else shape
+            if tuple(value.shape) != want:
+                raise _UnitFailed(i, RuntimeError(
+                    f"value {k} has shape {tuple(value.shape)} at {self.running} samples, expected {want} (split "
+                    f"at {self.batch} samples gave {shape}): the graph is specialised to the size it was split at"))
 
     @staticmethod
     def _leaf(x: Any, grad: bool) -> Any:
