@@ -12,6 +12,12 @@ initialised at random (no downloads):
 Each ``<name>()`` returns ``(model, inputs, targets, loss_fn)`` for a batch of
 4 samples — the ``module:function`` form ``funcpipe profile`` and the
 benchmarks take. ``build(name, batch)`` gives any batch size.
+
+Their Hugging Face ``transformers`` counterparts (:mod:`benchmarks.models.hf`,
+built from configs, random init), under names of their own so that the names
+above keep their meaning: ``hf_bert_large`` (``BertForMaskedLM``) and
+``hf_resnet101`` (``ResNetForImageClassification``), ``build_hf(name, batch)``;
+``benchmarks/compare_profiles.py`` profiles each beside its hand-written model.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from collections.abc import Callable
 import torch
 from benchmarks.models.amoebanet import amoebanet_d
 from benchmarks.models.bert import BERT_LARGE, bert
+from benchmarks.models.hf import HF_MODELS, HFWorkload, build_hf, hf_bert_large, hf_resnet101
 from benchmarks.models.resnet import resnet
 from torch import nn
 
-__all__ = ["MODELS", "Workload", "amoebanet_d18", "amoebanet_d36", "bert_large", "build", "resnet101"]
+__all__ = ["HF_MODELS", "MODELS", "HFWorkload", "Workload", "amoebanet_d18", "amoebanet_d36", "bert_large", "build",
+           "build_hf", "hf_bert_large", "hf_resnet101", "resnet101"]
 
 Workload = tuple[nn.Sequential, torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 

@@ -124,8 +124,12 @@ class StageCost:
             backward includes the loss).
         update_s: one optimizer step over the stage's parameters.
         input_bytes: what one micro-batch brings in (stage 0: the model input).
-        output_bytes: what one micro-batch sends on (0 for the last stage); its
-            gradient comes back at the same size.
+        output_bytes: what one micro-batch sends on (0 for the last stage).
+        input_grad_bytes: the gradient one micro-batch sends back to the stage
+            before (0 for stage 0): of the input's values that carry one
+            (:attr:`funcpipe.LayerProfile.gradient_bytes_per_sample`).
+        output_grad_bytes: the gradient one micro-batch gets back from the stage
+            after (0 for the last stage).
         target_bytes: one micro-batch's targets (last stage only, else 0).
         param_bytes: bytes of the stage's trainable parameters.
         memory_bytes: what one replica needs: runtime, weights, gradients,
@@ -148,6 +152,8 @@ class StageCost:
     update_s: float
     input_bytes: float
     output_bytes: float
+    input_grad_bytes: float
+    output_grad_bytes: float
     target_bytes: float
     param_bytes: int
     memory_bytes: int
@@ -189,6 +195,8 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
         before = profile.input_bytes_per_sample if s == 0 else profile.layers[layers.start - 1].output_bytes_per_sample
         input_bytes = before * b
         output_bytes = 0.0 if s == last else profiles[-1].output_bytes_per_sample * b
+        input_grad_bytes = 0.0 if s == 0 else profile.layers[layers.start - 1].gradient_bytes_per_sample * b
+        output_grad_bytes = 0.0 if s == last else profiles[-1].gradient_bytes_per_sample * b
         target_bytes = profile.target_bytes_per_sample * b if s == last else 0.0
         params = sum(p.param_bytes for p in profiles) - _tied_within(profile, layers)[0]
         needed = stage_memory_bytes(profile, platform, plan, s)
@@ -226,6 +234,8 @@ def stage_costs(profile: ModelProfile, platform: Platform, plan: Plan) -> tuple[
                 update_s=sum(p.update_s for p in profiles) / speed,
                 input_bytes=input_bytes,
                 output_bytes=output_bytes,
+                input_grad_bytes=input_grad_bytes,
+                output_grad_bytes=output_grad_bytes,
                 target_bytes=target_bytes,
                 param_bytes=params,
                 memory_bytes=needed,
@@ -318,6 +328,7 @@ def stage_memory_bytes(profile: ModelProfile, platform: Platform, plan: Plan, st
     last = stage == plan.num_stages - 1
     before = profile.input_bytes_per_sample if stage == 0 else profile.layers[layers.start - 1].output_bytes_per_sample
     output = 0.0 if last else profiles[-1].output_bytes_per_sample
+    grad = 0.0 if last else profiles[-1].gradient_bytes_per_sample
     target = profile.target_bytes_per_sample if last else 0.0
     d = plan.replicas[stage]
     n = -(-plan.num_micro_batches // d)
@@ -332,6 +343,7 @@ def stage_memory_bytes(profile: ModelProfile, platform: Platform, plan: Plan, st
         target_bytes=target * b,
         replicas=d,
         counts=held(plan.schedule, last=last, micro_batches=n, in_flight=plan.in_flight(stage)),
+        grad_bytes=grad * b,
     )
 
 
@@ -346,12 +358,14 @@ def memory_bytes(
     target_bytes: float,
     replicas: int,
     counts: Held,
+    grad_bytes: float | None = None,
 ) -> int:
     """Memory one replica of a stage needs, in bytes: :func:`memory_terms`, rounded up."""
     needed: float = memory_terms(
         platform, param_bytes=param_bytes, optimizer_bytes=optimizer_bytes, held_bytes=held_bytes,
         input_bytes=input_bytes, output_bytes=output_bytes, target_bytes=target_bytes, replicas=replicas,
         activations=counts.activations, inputs=counts.inputs, grads=counts.grads, targets=counts.targets,
+        grad_bytes=grad_bytes,
     )
     return math.ceil(needed)
 
@@ -370,8 +384,12 @@ def memory_terms(
     inputs: Any,
     grads: Any,
     targets: Any,
+    grad_bytes: Any = None,
 ) -> Any:
     """Memory one replica of a stage needs, in bytes, before rounding up.
+
+    ``grad_bytes`` is one output gradient's (the gradient a micro-batch gets back,
+    :attr:`StageCost.output_grad_bytes`); ``None``: ``output_bytes``.
 
     Runtime overhead, weights and gradients (``2 P``), optimizer state ``O``; a
     workspace of ``P + O``; per micro-batch whose activations are alive, what
@@ -418,6 +436,8 @@ def memory_terms(
     count (the 1F1B window of :mod:`funcpipe.planner.dp` relies on it).
     """
     synced = (replicas > 1) * 1.0
+    if grad_bytes is None:
+        grad_bytes = output_bytes
     sync_buffers = synced * (param_bytes / replicas + SYNC_IN_FLIGHT_BYTES)
     return (
         platform.runtime_overhead_mb * MIB
@@ -428,7 +448,7 @@ def memory_terms(
         + sync_buffers
         + activations * (held_bytes + output_bytes)
         + inputs * input_bytes
-        + grads * output_bytes
+        + grads * grad_bytes
         + targets * target_bytes
     )
 
@@ -534,9 +554,9 @@ def formula_iteration_s(stages: Sequence[StageCost], platform: Platform, plan: P
     gpipe = plan.schedule == "gpipe"
     dn_in = [st.down_s(st.input_bytes, lat) for st in stages]
     dn_tgt = [st.down_s(st.target_bytes, lat) if st.stage == count - 1 else 0.0 for st in stages]
-    dn_grad = [st.down_s(st.output_bytes, lat) if st.stage < count - 1 else 0.0 for st in stages]
+    dn_grad = [st.down_s(st.output_grad_bytes, lat) if st.stage < count - 1 else 0.0 for st in stages]
     up_out = [st.up_s(st.output_bytes, lat) if st.stage < count - 1 else 0.0 for st in stages]
-    up_gin = [st.up_s(st.input_bytes, lat) if st.stage > 0 else 0.0 for st in stages]
+    up_gin = [st.up_s(st.input_grad_bytes, lat) if st.stage > 0 else 0.0 for st in stages]
     f = [st.forward_s for st in stages]
     g = [st.backward_s for st in stages]
     n = [st.micro_batches for st in stages]  # replica 0's count, the most

@@ -1,4 +1,8 @@
-"""Profiler: per-layer time, memory and activation size of an ``nn.Sequential``."""
+"""Profiler: per-layer time, memory and activation size of a model.
+
+An ``nn.Sequential`` is measured layer by layer; any other ``nn.Module`` is split
+into units (:func:`funcpipe.split.split`) and each unit is measured as a layer.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,7 +46,8 @@ _clock = time.thread_time
 PROGRESS_MIN_LAYERS = 20
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``loss_fn(output, target)``: the output is what the model returns (a tensor, a tuple, a ``ModelOutput``...).
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 #: Version of the JSON layout written by :meth:`ModelProfile.save`. Format 1 (no
 #: per-size times: the layers' times are the linear fit) is still read.
@@ -84,8 +90,8 @@ class LayerProfile:
         optimizer_bytes: bytes of optimizer state the layer's parameters need.
         update_s: seconds of one optimizer step over the layer's parameters.
         output_bytes_per_sample: bytes of the layer's output per sample (what a
-            stage ending at this layer sends to the next stage, and what the
-            gradient it receives back weighs).
+            stage ending at this layer sends to the next stage: of a traced unit,
+            every value crossing the cut after it).
         held_bytes_per_sample: bytes the layer keeps for backward per sample
             (tensors saved by autograd), held while a micro-batch waits for its
             backward pass.
@@ -94,6 +100,11 @@ class LayerProfile:
         forward_measured_s, backward_measured_s: the seconds at those sizes,
             non-decreasing (the profiler makes the medians so by isotonic
             regression: one more sample never costs less time).
+        grad_bytes_per_sample: bytes per sample of the gradient a stage ending at
+            this layer receives back (the crossing values that carry a gradient:
+            token ids, masks and sizes travel forward only); ``None``: the whole
+            output's (:attr:`gradient_bytes_per_sample`). At most
+            ``output_bytes_per_sample``.
     """
 
     name: str
@@ -109,8 +120,17 @@ class LayerProfile:
     measured_sizes: tuple[int, ...] | None = None
     forward_measured_s: tuple[float, ...] | None = None
     backward_measured_s: tuple[float, ...] | None = None
+    grad_bytes_per_sample: float | None = None
 
     def __post_init__(self) -> None:
+        grad = self.grad_bytes_per_sample
+        if grad is not None and (isinstance(grad, bool) or not isinstance(grad, int | float)
+                                 or not 0 <= grad <= self.output_bytes_per_sample):
+            raise ConfigError(
+                f"layer {self.name!r}: grad_bytes_per_sample must be between 0 and output_bytes_per_sample "
+                f"({self.output_bytes_per_sample!r}), got {grad!r}; hint: the gradient crossing back is that of "
+                "the output's values that carry one, never more than the output; None: the whole output's"
+            )
         given = [v is not None for v in (self.measured_sizes, self.forward_measured_s, self.backward_measured_s)]
         if not any(given):
             return
@@ -140,6 +160,11 @@ class LayerProfile:
                     "as the micro-batch grows is noise: re-measure, or give the non-decreasing fit"
                 )
             object.__setattr__(self, field, tuple(float(t) for t in seconds))
+
+    @property
+    def gradient_bytes_per_sample(self) -> float:
+        """Bytes per sample of the gradient crossing back over a cut after this layer."""
+        return self.output_bytes_per_sample if self.grad_bytes_per_sample is None else self.grad_bytes_per_sample
 
     def forward_s(self, batch: int) -> float:
         """Forward seconds for a micro-batch of ``batch`` samples (never negative)."""
@@ -174,9 +199,10 @@ class ModelProfile:
     """A model's per-layer profile; reusable across plans and platforms.
 
     Attributes:
-        layers: one entry per layer of the ``nn.Sequential``, in order.
-        input_bytes_per_sample: bytes of one sample of the model's input
-            (what the driver uploads for stage 0).
+        layers: one entry per layer of the ``nn.Sequential`` (per unit of any other
+            module, :func:`funcpipe.split.split`), in order.
+        input_bytes_per_sample: bytes of one sample of the model's input (every
+            input tensor's: what the driver uploads for stage 0).
         target_bytes_per_sample: bytes of one sample's target (for the last stage).
         micro_batch_sizes: the sizes the times were measured at.
         machine: where it was measured: ``{"cpu": ..., "torch": ..., "threads": 1, ...}``.
@@ -217,7 +243,13 @@ class ModelProfile:
         return sum(layer.param_bytes for layer in self.layers) - sum(n for _, _, n in self.tied)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, **dataclasses.asdict(self)}
+        """The profile as JSON-able data; a layer's ``grad_bytes_per_sample`` only where it is set
+        (so a profile without one reads as before, in any version that reads this format)."""
+        data = {"format": FORMAT_VERSION, **dataclasses.asdict(self)}
+        for layer in data["layers"]:
+            if layer["grad_bytes_per_sample"] is None:
+                del layer["grad_bytes_per_sample"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelProfile:
@@ -267,8 +299,8 @@ def default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def profile(
-    model: nn.Sequential,
-    inputs: torch.Tensor,
+    model: nn.Module,
+    inputs: Any,
     targets: torch.Tensor,
     loss_fn: LossFn,
     *,
@@ -278,6 +310,7 @@ def profile(
     rounds: int = 5,
     warmup: int = 2,
     progress: bool | None = None,
+    cuts: Sequence[str] | None = None,
 ) -> ModelProfile:
     """Measure what every layer of ``model`` costs, for the planner and the simulator.
 
@@ -303,13 +336,31 @@ def profile(
     The model is not changed: it is measured on a deep copy, in train mode,
     and the global torch RNG and thread count are restored afterwards.
 
+    A model that is not an ``nn.Sequential`` is split into units
+    (:func:`funcpipe.split.split`, with ``cuts``) and every unit is a layer of
+    the profile, named after it: each unit runs on the values crossing the cut
+    before it, detached (floating-point ones that carry a gradient across the
+    cut requiring grad), and its output is every value crossing the cut after
+    it (``output_bytes_per_sample``), of which those carrying a gradient give
+    ``grad_bytes_per_sample``. A parameter several units use counts in each, as
+    a tie (:attr:`ModelProfile.tied`). A graph ``torch.export`` made is
+    specialised to the sizes it was split at except the batch: the model is
+    split at the largest micro-batch size, and again at a size it does not run
+    at.
+
     Args:
-        model: the ``nn.Sequential`` to profile; every layer must return one tensor.
+        model: the module to profile: an ``nn.Sequential`` (every layer returns one
+            tensor) or any ``nn.Module`` :func:`funcpipe.split.split` can split.
         inputs: model inputs, at least ``max(micro_batch_sizes)`` samples along dim 0
             (floating point, or integer such as token ids); without
-            ``micro_batch_sizes``, their number caps the sizes measured.
+            ``micro_batch_sizes``, their number caps the sizes measured. For a
+            module other than an ``nn.Sequential`` also a tuple (``model(*inputs)``)
+            or a dict (``model(**inputs)``, e.g. ``input_ids`` and
+            ``attention_mask``) of tensors, all with the samples along dim 0.
         targets: the matching targets, as many samples.
-        loss_fn: ``loss_fn(output, target)`` returning the mean loss as a scalar tensor.
+        loss_fn: ``loss_fn(output, target)`` returning the mean loss as a scalar tensor;
+            ``output`` is what the model returns (e.g. a Hugging Face ``ModelOutput``:
+            ``lambda out, y: F.cross_entropy(out.logits, y)``).
         micro_batch_sizes: the micro-batch sizes to measure; at least two distinct
             positive sizes. Default: see above. Predictions beyond the largest
             size are extrapolated, so measure up to the largest micro-batch a
@@ -324,27 +375,35 @@ def profile(
         warmup: untimed rounds before them.
         progress: show a progress bar; ``None`` shows one only for models of
             more than :data:`PROGRESS_MIN_LAYERS` layers.
+        cuts: where a traced model's units start (:func:`funcpipe.split.split`);
+            ``None``: one unit per block.
 
     Returns:
         The model's profile; save it with :meth:`ModelProfile.save`.
 
     Raises:
-        ConfigError: an argument is invalid, or a layer, the loss or the optimizer
+        ConfigError: an argument is invalid (inputs of different batch sizes, a
+            model that cannot be split...), or a layer, the loss or the optimizer
             failed while profiling (the message names the layer and its input shape).
     """
+    sequential = _is_sequential(model) and cuts is None
     sizes = _check_arguments(model, inputs, targets, loss_fn, micro_batch_sizes, max_micro_batch, optimizer, rounds,
-                             warmup, progress)
+                             warmup, progress, sequential=sequential)
     factory = optimizer if optimizer is not None else default_optimizer
-    show = progress if progress is not None else len(model) > PROGRESS_MIN_LAYERS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            if not sequential:
+                return _profile_units(model, inputs, targets, loss_fn, factory, sizes, rounds, warmup, progress,
+                                      cuts)
+            assert isinstance(model, nn.Sequential) and isinstance(inputs, torch.Tensor)
+            show = progress if progress is not None else len(model) > PROGRESS_MIN_LAYERS
             layers = _measure(model, inputs, targets, loss_fn, factory, sizes, rounds, warmup, show)
     finally:
         torch.set_num_threads(threads)
-    log.debug("profiled %d layers in %.2f s", len(layers), time.perf_counter() - started)
+        log.debug("profiled %s in %.2f s", type(model).__name__, time.perf_counter() - started)
     return ModelProfile(
         layers=layers,
         input_bytes_per_sample=_bytes(inputs) / inputs.shape[0],
@@ -355,19 +414,29 @@ def profile(
     )
 
 
+def _is_sequential(model: object) -> bool:
+    """A plain ``nn.Sequential`` (its own forward): profiled layer by layer, without tracing."""
+    return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+
+
 def tied_parameters(model: nn.Sequential) -> tuple[tuple[int, int, int], ...]:
     """``(i, j, nbytes)`` for each pair of layers ``i < j`` of ``model`` sharing trainable parameters
     (the same ``nn.Parameter`` object in both), ``nbytes`` the bytes they share."""
+    return _ties([model[i] for i in range(len(model))])
+
+
+def _ties(layers: Sequence[nn.Module]) -> tuple[tuple[int, int, int], ...]:
+    """:func:`tied_parameters` of any modules in order (a traced model's units)."""
     holders: dict[int, list[int]] = {}
     sizes: dict[int, int] = {}
-    for i in range(len(model)):
-        for p in protocol.trainable(model[i].parameters()):
+    for i, layer in enumerate(layers):
+        for p in protocol.trainable(layer.parameters()):
             if i not in holders.setdefault(id(p), []):
                 holders[id(p)].append(i)
                 sizes[id(p)] = p.numel() * p.element_size()
     shared: dict[tuple[int, int], int] = {}
-    for key, layers in holders.items():
-        for a, b in itertools.combinations(layers, 2):
+    for key, users in holders.items():
+        for a, b in itertools.combinations(users, 2):
             shared[(a, b)] = shared.get((a, b), 0) + sizes[key]
     return tuple((a, b, n) for (a, b), n in sorted(shared.items()))
 
@@ -386,14 +455,16 @@ def _check_arguments(
     rounds: object,
     warmup: object,
     progress: object,
+    *,
+    sequential: bool = True,
 ) -> tuple[int, ...]:
     """Reject what cannot be profiled; return the distinct micro-batch sizes, ascending."""
-    if not isinstance(model, nn.Sequential):
+    if not isinstance(model, nn.Module):
         raise ConfigError(
-            f"model must be a torch.nn.Sequential, got {type(model).__name__}; hint: "
-            "wrap your layers in nn.Sequential(...) so the profile can measure them one by one"
+            f"model must be a torch.nn.Module, got {type(model).__name__}; hint: "
+            "wrap your layers in nn.Sequential(...), or pass your own nn.Module (it is split into units)"
         )
-    if len(model) == 0:
+    if isinstance(model, nn.Sequential) and len(model) == 0:
         raise ConfigError("model is an empty nn.Sequential; hint: profile a model with at least one layer")
     if not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -409,13 +480,15 @@ def _check_arguments(
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     if progress is not None and not isinstance(progress, bool):
         raise ConfigError(f"progress must be True, False or None, got {progress!r}")
-    for name, tensor in (("inputs", inputs), ("targets", targets)):
+    checked = (("inputs", inputs), ("targets", targets)) if sequential else (("targets", targets),)
+    for name, tensor in checked:
         if not isinstance(tensor, torch.Tensor):
             raise ConfigError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() == 0:
             raise ConfigError(f"{name} must have a sample dimension (dim 0), got a 0-dimensional tensor")
-    assert isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)
-    samples = min(inputs.shape[0], targets.shape[0])
+    assert isinstance(targets, torch.Tensor)
+    batch = _batch_size(inputs)
+    samples = min(batch, targets.shape[0])
     if max_micro_batch is not None and (
         isinstance(max_micro_batch, bool) or not isinstance(max_micro_batch, int) or max_micro_batch < 2
     ):
@@ -444,13 +517,50 @@ def _check_arguments(
             f"micro_batch_sizes needs at least 2 distinct sizes to interpolate the times, got "
             f"{tuple(micro_batch_sizes)}; hint: micro_batch_sizes=(1, 2, 4)"
         )
-    for name, tensor in (("inputs", inputs), ("targets", targets)):
-        if tensor.shape[0] < sizes[-1]:
+    for name, held in (("inputs", batch), ("targets", targets.shape[0])):
+        if held < sizes[-1]:
             raise ConfigError(
-                f"{name} hold {tensor.shape[0]} samples, but the largest micro-batch size is {sizes[-1]}; "
+                f"{name} hold {held} samples, but the largest micro-batch size is {sizes[-1]}; "
                 f"hint: pass at least {sizes[-1]} samples, or smaller micro_batch_sizes"
             )
     return sizes
+
+
+def _batch_size(inputs: object) -> int:
+    """The samples ``inputs`` hold (dim 0 of every tensor: a tensor, or a tuple or dict of them).
+
+    Raises:
+        ConfigError: they are not tensors, or their first dimensions differ.
+    """
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 0:
+            raise ConfigError("inputs must have a sample dimension (dim 0), got a 0-dimensional tensor")
+        return int(inputs.shape[0])
+    if not isinstance(inputs, tuple | list | dict) or not inputs:
+        raise ConfigError(
+            f"inputs must be a tensor, or a tuple or dict of tensors, got {type(inputs).__name__}"
+            f"{' (empty)' if isinstance(inputs, tuple | list | dict) else ''}; hint: profile(model, x, ...), "
+            "profile(model, (x, mask), ...) or profile(model, {'input_ids': ids, 'attention_mask': mask}, ...)"
+        )
+    leaves, _ = pytree.tree_flatten_with_path(inputs)
+    batches: dict[str, int] = {}
+    for path, leaf in leaves:
+        where = f"inputs{pytree.keystr(path)}"
+        if not isinstance(leaf, torch.Tensor):
+            raise ConfigError(
+                f"{where} is a {type(leaf).__name__}, not a tensor; hint: every input is a tensor with the samples "
+                "along dim 0 (bind other arguments with functools.partial or as module attributes)"
+            )
+        if leaf.dim() == 0:
+            raise ConfigError(f"{where} is 0-dimensional; hint: every input has the samples along dim 0")
+        batches[where] = int(leaf.shape[0])
+    if len(set(batches.values())) > 1:
+        found = ", ".join(f"{where} {b}" for where, b in batches.items())
+        raise ConfigError(
+            f"inputs have different batch sizes (dim 0): {found}; hint: every input tensor holds the same samples "
+            "along dim 0"
+        )
+    return next(iter(batches.values()))
 
 
 def _default_sizes(samples: int, max_micro_batch: int | None = None) -> tuple[int, ...]:
@@ -689,6 +799,346 @@ class _Runner:
             raise ConfigError(
                 f"backward of layer {i} ({self.names[i]!r}, {type(self.layers[i]).__name__}) failed on "
                 f"{what} gradient of shape {tuple(output.shape)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+# -- any nn.Module: its units as layers ----------------------------------------
+
+
+class _UnitFailed(Exception):
+    """A unit raised, or returned values of other shapes than split measured, while profiling (at a
+    size its graph may not have been split at)."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(index, cause)
+        self.index = index
+        self.cause = cause
+
+
+def _take(inputs: Any, b: int) -> Any:
+    """The first ``b`` samples of every input tensor, copied."""
+    return pytree.tree_map(lambda t: t[:b].clone(), inputs)
+
+
+def _value_bytes(value: Any) -> int:
+    """Bytes of one value crossing a cut, as :class:`funcpipe.split.Value` counts them (a Python int: 8)."""
+    return _bytes(value) if isinstance(value, torch.Tensor) else 8
+
+
+def _carries_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point()
+
+
+def _split_at(model: nn.Module, inputs: Any, b: int, cuts: Sequence[str] | None) -> Any:
+    from funcpipe.split import split
+
+    return split(model, _take(inputs, b), cuts=cuts)
+
+
+def _profile_units(
+    model: nn.Module,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    factory: OptimizerFactory,
+    sizes: tuple[int, ...],
+    rounds: int,
+    warmup: int,
+    progress: bool | None,
+    cuts: Sequence[str] | None,
+) -> ModelProfile:
+    """:func:`profile` of a module split into units, each unit a layer."""
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot copy the model to profile it ({type(exc).__name__}: {exc}); "
+            "hint: the model must support copy.deepcopy"
+        ) from exc
+    copied.train()
+    for parameter in copied.parameters():
+        parameter.grad = None
+    largest = sizes[-1]
+    units = _split_at(copied, inputs, largest, cuts)
+    runner = _UnitRunner(units, loss_fn, largest)
+    count = len(runner.stages)
+    output_bytes, grad_bytes, held_bytes = runner.probe(
+        units.flatten_inputs(_take(inputs, largest)), targets[:largest].clone())
+    runners = {largest: runner}
+
+    forward: list[list[float]] = [[] for _ in range(count)]
+    backward: list[list[float]] = [[] for _ in range(count)]
+    total = warmup + rounds
+    show = progress if progress is not None else count > PROGRESS_MIN_LAYERS
+    with tqdm(total=total * sum(sizes), disable=not show, unit="sample", desc="profiling") as bar:
+        for b in sizes:
+            y = targets[:b].clone()
+            chunks = _chunks([(output_bytes[i] + held_bytes[i]) * b / largest for i in range(count)],
+                             ROUND_HELD_BYTES)
+            timed_f: list[list[float]] = [[] for _ in range(count)]
+            timed_b: list[list[float]] = [[] for _ in range(count)]
+            for r in range(total):
+                at_b = runners.get(b, runner)
+                try:
+                    seconds_f, seconds_b = at_b.run(at_b.units.flatten_inputs(_take(inputs, b)), y, chunks)
+                except _UnitFailed as failed:
+                    if b in runners:  # split at this very size: the unit cannot run it
+                        raise _unit_error(at_b, failed, b) from failed.cause
+                    # The graph was specialised to the size it was split at: split again at this one.
+                    at_b = _UnitRunner(_split_at(copied, inputs, b, cuts), loss_fn, b)
+                    if at_b.names != runner.names:
+                        raise ConfigError(
+                            f"split at a micro-batch of {b} samples gives units {at_b.names}, at {largest} "
+                            f"{runner.names}; hint: a model whose units depend on the batch size cannot be "
+                            "profiled across sizes; mark cut points (cuts=[...]) that do not"
+                        ) from failed.cause
+                    runners[b] = at_b
+                    try:
+                        seconds_f, seconds_b = at_b.run(at_b.units.flatten_inputs(_take(inputs, b)), y, chunks)
+                    except _UnitFailed as again:
+                        raise _unit_error(at_b, again, b) from again.cause
+                if r >= warmup:
+                    for i in range(count):
+                        timed_f[i].append(seconds_f[i])
+                        timed_b[i].append(seconds_b[i])
+                bar.update(b)
+            for i in range(count):
+                forward[i].append(statistics.median(timed_f[i]))
+                backward[i].append(statistics.median(timed_b[i]))
+
+    layers = []
+    for i, (name, stage) in enumerate(zip(runner.names, runner.stages, strict=True)):
+        param_bytes, optimizer_bytes, update_s = _measure_update(i, name, stage, factory, rounds, warmup)
+        forward_alpha, forward_beta = _fit(sizes, forward[i])
+        backward_alpha, backward_beta = _fit(sizes, backward[i])
+        layers.append(LayerProfile(
+            name=name,
+            forward_alpha_s=forward_alpha,
+            forward_beta_s=forward_beta,
+            backward_alpha_s=backward_alpha,
+            backward_beta_s=backward_beta,
+            param_bytes=param_bytes,
+            optimizer_bytes=optimizer_bytes,
+            update_s=update_s,
+            output_bytes_per_sample=output_bytes[i] / largest,
+            held_bytes_per_sample=held_bytes[i] / largest,
+            measured_sizes=sizes,
+            forward_measured_s=_isotonic(forward[i]),
+            backward_measured_s=_isotonic(backward[i]),
+            grad_bytes_per_sample=grad_bytes[i] / largest,
+        ))
+    flat = pytree.tree_leaves(inputs)
+    machine = _machine(rounds, warmup)
+    machine["split"] = units.tracer
+    return ModelProfile(
+        layers=tuple(layers),
+        input_bytes_per_sample=sum(_bytes(t) for t in flat) / flat[0].shape[0],
+        target_bytes_per_sample=_bytes(targets) / targets.shape[0],
+        micro_batch_sizes=sizes,
+        machine=machine,
+        tied=_ties(runner.stages),
+    )
+
+
+def _describe(values: Any) -> str:
+    """What a unit or the model returned, briefly: ``SequenceClassifierOutput(logits (4, 2))``."""
+    if isinstance(values, torch.Tensor):
+        return f"a tensor of shape {tuple(values.shape)} ({values.dtype})"
+    leaves, _ = pytree.tree_flatten_with_path(values)
+    parts = [f"{pytree.keystr(path)} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+             for path, v in leaves[:6]]
+    more = ", ..." if len(leaves) > 6 else ""
+    return f"{type(values).__name__}({', '.join(parts)}{more})"
+
+
+def _unit_error(runner: _UnitRunner, failed: _UnitFailed, b: int) -> ConfigError:
+    i, exc = failed.index, failed.cause
+    return ConfigError(
+        f"unit {i} ({runner.names[i]!r}) of {type(runner.units.model).__name__} failed on a micro-batch of {b} "
+        f"samples, split at that size too: {type(exc).__name__}: {exc}; hint: profile micro-batch sizes the model "
+        "runs at (micro_batch_sizes=...), or mark cut points (cuts=[...]) around the code that fails"
+    )
+
+
+class _UnitRunner:
+    """Runs the units of a split (copied) model one by one, each cut off from the previous.
+
+    Unit ``i`` takes the values crossing the cut before it (for unit 0 the flattened
+    inputs), each detached, the floating-point ones whose gradient crosses back
+    requiring grad, and returns the values crossing the cut after it (the last
+    unit: the model's output).
+    """
+
+    def __init__(self, units: Any, loss_fn: LossFn, batch: int) -> None:
+        self.units = units
+        self.names = list(units.names)
+        self.stages = [units.stage(i, i) for i in range(len(units))]
+        self.loss_fn = loss_fn
+        # The size the units were split at, the shapes split measured there (the last unit's: the probe's),
+        # and the size being run: a graph specialised to its size may run at another one and broadcast.
+        self.batch = batch
+        self.shapes: list[list[tuple[int, ...] | None]] = [
+            [v.shape if v.is_tensor else None for v in units.boundary(i).values] for i in range(len(units) - 1)]
+        self.shapes.append([])
+        self.running = batch
+        # Per unit, which of its inputs carry a gradient back (the model's inputs do not).
+        self.grads_in = [(False,) * len(units.boundary(-1).values)] + [
+            tuple(v.requires_grad for v in units.boundary(i).values) for i in range(len(units) - 1)]
+        self.clone_input = [False] * len(self.stages)
+
+    def probe(self, xs: tuple[Any, ...], y: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+        """Per unit: bytes of every value it sends on, of those carrying a gradient back, and what autograd
+        saves for its backward (as :meth:`_Runner.probe`: an input the unit before saved is that unit's)."""
+        output_bytes, grad_bytes, held_bytes = [], [], []
+        before: set[int] = set()
+        last = len(self.stages) - 1
+        self.running = y.shape[0]
+        for i, stage in enumerate(self.stages):
+            exclude = {_storage_key(t)[0] for t in [*stage.parameters(), *stage.buffers()]}
+            exclude |= {key for key in (_storage_key(t)[0] for t in xs if isinstance(t, torch.Tensor))
+                        if key in before}
+            saved = _SavedBytes(exclude)
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack):
+                    _, out, _ = self.forward(i, xs, on_retry=saved.clear)
+            except _UnitFailed as failed:
+                raise self._error(failed, xs) from failed.cause
+            flat = list(out) if i < last else pytree.tree_leaves(out)
+            if i == last and self.running == self.batch:
+                self.shapes[last] = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
+            output_bytes.append(sum(_value_bytes(v) for v in flat))
+            grad_bytes.append(sum(_bytes(v) for v in flat if _carries_grad(v)))
+            held_bytes.append(saved.total)
+            before = set(saved.by_storage)
+            xs = out
+        self.loss(xs, y)
+        return output_bytes, grad_bytes, held_bytes
+
+    def _error(self, failed: _UnitFailed, xs: tuple[Any, ...]) -> ConfigError:
+        i, exc = failed.index, failed.cause
+        return ConfigError(
+            f"unit {i} ({self.names[i]!r}) of {type(self.units.model).__name__} failed on its inputs "
+            f"{_describe(tuple(xs))}: {type(exc).__name__}: {exc}"
+        )
+
+    def run(self, xs: tuple[Any, ...], y: torch.Tensor, chunks: Sequence[range]) -> tuple[list[float], list[float]]:
+        """One round: forward and backward seconds of every unit (as :meth:`_Runner.run`)."""
+        count = len(self.stages)
+        forward = [0.0] * count
+        backward = [0.0] * count
+        self.running = y.shape[0]
+        for chunk in chunks:
+            leaves: list[tuple[Any, ...]] = []
+            outputs: list[Any] = []
+            for i in chunk:
+                leaf, xs, forward[i] = self.forward(i, xs)
+                leaves.append(leaf)
+                outputs.append(xs)
+            last = chunk[-1]
+            if last == count - 1:
+                started = _clock()
+                loss = self.loss(xs, y)
+                if loss.requires_grad:
+                    self._backward(last, [loss], [None])
+                backward[last] = _clock() - started
+            else:
+                sent = [t for t in xs if _carries_grad(t)]
+                if sent:
+                    noise = [torch.randn_like(t) for t in sent]
+                    started = _clock()
+                    self._backward(last, sent, noise)
+                    backward[last] = _clock() - started
+            outputs[-1] = None
+            for k in range(len(chunk) - 2, -1, -1):
+                out = outputs[k]
+                outputs[k] = None
+                pairs = [(o, leaf.grad) for o, leaf in zip(out, leaves[k + 1], strict=True)
+                         if isinstance(leaf, torch.Tensor) and leaf.grad is not None and _carries_grad(o)]
+                if not pairs:
+                    continue  # nothing flows back into this unit
+                started = _clock()
+                self._backward(chunk[k], [o for o, _ in pairs], [g for _, g in pairs])
+                backward[chunk[k]] = _clock() - started
+            if chunk[0] > 0 and not any(isinstance(t, torch.Tensor) and t.grad is not None for t in leaves[0]):
+                backward[chunk[0] - 1] = 0.0  # nothing flows back into the previous chunk's last unit
+            if last < count - 1:
+                xs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in xs)
+        return forward, backward
+
+    def forward(
+        self, i: int, xs: tuple[Any, ...], on_retry: Callable[[], None] | None = None
+    ) -> tuple[tuple[Any, ...], Any, float]:
+        """Run unit ``i`` on ``xs`` cut off from their graph: (the leaf inputs, its output, seconds).
+
+        Raises:
+            _UnitFailed: the unit raised.
+        """
+        leaves = tuple(self._leaf(x, grad) for x, grad in zip(xs, self.grads_in[i], strict=True))
+        args = tuple(t.clone() if self.clone_input[i] and isinstance(t, torch.Tensor) and t.requires_grad else t
+                     for t in leaves)
+        started = _clock()
+        try:
+            output = self.stages[i](*args)
+        except Exception as exc:
+            in_place = isinstance(exc, RuntimeError) and "in-place operation" in str(exc) and "leaf" in str(exc)
+            if in_place and not self.clone_input[i]:
+                self.clone_input[i] = True
+                if on_retry is not None:
+                    on_retry()
+                return self.forward(i, xs, on_retry)
+            raise _UnitFailed(i, exc) from exc
+        seconds = _clock() - started
+        if self.running != self.batch:
+            self._check_shapes(i, output)
+        return leaves, output, seconds
+
+    def _check_shapes(self, i: int, output: Any) -> None:
+        """Raise :class:`_UnitFailed` if unit ``i`` returned other shapes at this size than at its split's:
+        a dim 0 of the split's size is the batch; every other size is the same."""
+        expected = self.shapes[i]
+        flat = list(output) if i < len(self.stages) - 1 else pytree.tree_leaves(output)
+        if not expected or len(expected) != len(flat):
+            return  # the last unit before the probe ran at the split's size: nothing to compare
+        for k, (shape, value) in enumerate(zip(expected, flat, strict=True)):
+            if shape is None or not isinstance(value, torch.Tensor):
+                continue
+            want = (self.running, *shape[1:]) if shape and shape[0] == self.batch else shape
+            if tuple(value.shape) != want:
+                raise _UnitFailed(i, RuntimeError(
+                    f"value {k} has shape {tuple(value.shape)} at {self.running} samples, expected {want} (split "
+                    f"at {self.batch} samples gave {shape}): the graph is specialised to the size it was split at"))
+
+    @staticmethod
+    def _leaf(x: Any, grad: bool) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x  # a Python int (a symbolic size)
+        leaf = x.detach()
+        if grad and leaf.is_floating_point():
+            leaf.requires_grad_(True)
+        return leaf
+
+    def loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        try:
+            loss = self.loss_fn(output, target)
+        except Exception as exc:
+            raise ConfigError(
+                f"loss_fn failed on the output of {type(self.units.model).__name__} ({_describe(output)}) and "
+                f"targets of shape {tuple(target.shape)}: {type(exc).__name__}: {exc}; hint: loss_fn receives what "
+                "the model returns, e.g. lambda out, y: F.cross_entropy(out.logits, y) for a Hugging Face model"
+            ) from exc
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(
+                f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it with a mean over the micro-batch"
+            )
+        return loss
+
+    def _backward(self, i: int, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        try:
+            torch.autograd.backward(list(outputs), list(grads))
+        except Exception as exc:
+            raise ConfigError(
+                f"backward of unit {i} ({self.names[i]!r}) failed: {type(exc).__name__}: {exc}"
             ) from exc
 
 

@@ -472,12 +472,12 @@ class _Worker:
                 if self.lambdaml and key[0] in ("input", "target"):
                     self.received[key] = self.obj(key)  # the driver's objects: there from the start
                     continue
-                nbytes = {"recv": st.input_bytes, "recv_target": st.target_bytes, "recv_grad": st.output_bytes}[op]
+                nbytes = {"recv": st.input_bytes, "recv_target": st.target_bytes, "recv_grad": st.output_grad_bytes}[op]
                 self._download(key, nbytes, f"{key[0]} {m}")
             elif op == "send":
                 self._upload(("act", s + 1, m), st.output_bytes, f"act {m}")
             elif op == "send_grad":
-                self._upload(("grad", s - 1, m), st.input_bytes, f"grad {m}")
+                self._upload(("grad", s - 1, m), st.input_grad_bytes, f"grad {m}")
             elif op == "sync" and st.param_bytes > 0:
                 self._sync_transfers()
             elif op == "update":

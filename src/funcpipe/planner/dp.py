@@ -171,6 +171,8 @@ class _Tables:
             opt[i, i + 1:] = np.cumsum(np.array([lp.optimizer_bytes for lp in layers[i:]], dtype=np.int64))
         self.params, self.opt = params, opt
         self.cross = np.array([prof.input_bytes_per_sample * b] + [lp.output_bytes_per_sample * b for lp in layers])
+        # The gradient crossing back over each cut (none into the model's input).
+        self.gcross = np.array([0.0] + [lp.gradient_bytes_per_sample * b for lp in layers])
         self.target = prof.target_bytes_per_sample * b
 
         # The options of a stage: (tier, replicas, sync); one sync where there are no replicas.
@@ -269,7 +271,7 @@ class _Tables:
         upd = self.usum[:j, j][:, None] / speed
         cross_i = self.cross[:j][:, None]
         dn_in = cross_i / down + lat
-        u = np.where(first, 0.0, cross_i / up + lat)  # this stage's input-gradient upload
+        u = np.where(first, 0.0, self.gcross[:j][:, None] / up + lat)  # this stage's input-gradient upload
         p = self.params[:j, j][:, None]
 
         # The all-reduce's bounds, as funcpipe.costmodel.sync_bounds (same operations, vectorised).
@@ -301,7 +303,7 @@ class _Tables:
         # the all-reduce's third bound runs from there (relative to the stage's first input).
         n_min = self.o_nmin[None, :]
         k1 = dn_in + (self.target / down + lat if last else 0.0)
-        dn_grad_j = 0.0 if last else self.cross[j] / down + lat
+        dn_grad_j = 0.0 if last else self.gcross[j] / down + lat
         e_min = np.maximum(k1 + n_min * (f + g), n_min * (k1 + dn_grad_j) + g)
         min_tail = np.where(synced, e_min + u + after_all + upd, -np.inf)
         sync_writes = np.where(synced, d * d * q, 0.0)
@@ -309,12 +311,14 @@ class _Tables:
         price = np.broadcast_to(self.o_price[None, :], f.shape)
         work_usd = self.m * (f + g) * self.tier_price[self.o_tier][None, :]
 
+        grad_j = 0.0 if last else self.gcross[j]
+
         def memory(activations: Any, inputs: Any, grads: Any, targets: Any, output: Any) -> Array:
             need: Array = np.ceil(costmodel.memory_terms(
                 self.p.platform, param_bytes=p, optimizer_bytes=self.opt[:j, j][:, None],
                 held_bytes=self.held[:j, j][:, None], input_bytes=cross_i, output_bytes=output,
                 target_bytes=self.target if last else 0.0, replicas=d, activations=activations,
-                inputs=inputs, grads=grads, targets=targets))
+                inputs=inputs, grads=grads, targets=targets, grad_bytes=grad_j))
             return need
 
         cap = self.o_cap[None, :]
@@ -336,7 +340,7 @@ class _Tables:
                 work_usd=work_usd,
             )
         cross_j = self.cross[j]
-        dn_grad = cross_j / down + lat
+        dn_grad = self.gcross[j] / down + lat
         up_out = cross_j / up + lat
         out_b = cross_j + 0.0 * f
         if self.gpipe:

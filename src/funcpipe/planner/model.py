@@ -198,6 +198,8 @@ class _Builder:
         self.b_cut = [round(prof.input_bytes_per_sample * b / bu)] + [
             round(lp.output_bytes_per_sample * b / bu) for lp in self.layers
         ]
+        # The gradient crossing back over a cut at k (none into the model's input).
+        self.g_cut = [0] + [round(lp.gradient_bytes_per_sample * b / bu) for lp in self.layers]
         self.b_target = round(prof.target_bytes_per_sample * b / bu)
         self.b_report = round(REPORT_BYTES / bu)
         self.b_overhead = math.ceil(plat.runtime_overhead_mb * MIB / bu)
@@ -277,9 +279,11 @@ class _Builder:
         }
         at = {name: [at_cut(table, k, name) for k in range(stages + 1)] for name, table in tables.items()}
         crossing = [at_cut(self.b_cut, k, "cross") for k in range(stages + 1)]
-        # Bytes crossing cut k if it is a stage boundary: 0 at the model's end, where the
-        # cuts of unused trailing stages sit.
+        grad_crossing = [at_cut(self.g_cut, k, "gcross") for k in range(stages + 1)]
+        # Bytes crossing cut k if it is a stage boundary, activations and gradients: 0 at the
+        # model's end, where the cuts of unused trailing stages sit.
         crossing_free = [at_cut([*self.b_cut[:count], 0], k, "boundary") for k in range(1, stages)]
+        grad_crossing_free = [at_cut([*self.g_cut[:count], 0], k, "gboundary") for k in range(1, stages)]
 
         def seg(name: str, s: int) -> Expr:
             return at[name][s + 1] - at[name][s]
@@ -329,12 +333,17 @@ class _Builder:
                 "up_report", "Uo0", "Uo", "F0", "B0", "G", "X", "ngin", "ndg",
             )}
             in_b = crossing[s]
+            in_g = grad_crossing[s]  # the gradient sent back (stage 0: none)
             out_b = md.new_int_var(0, max(self.b_cut), f"out{s}")
+            out_g = md.new_int_var(0, max(self.g_cut), f"gout{s}")  # the gradient received
             if nxt[s] is not None:
                 md.add(out_b == crossing[s + 1]).only_enforce_if(nxt[s])
                 md.add(out_b == 0).only_enforce_if(~nxt[s])
+                md.add(out_g == grad_crossing[s + 1]).only_enforce_if(nxt[s])
+                md.add(out_g == 0).only_enforce_if(~nxt[s])
             else:
                 md.add(out_b == 0)
+                md.add(out_g == 0)
             params = seg("param", s)
             # One piece of the pipelined all-reduce, pi = P / (d q) (rounded up): d q pi >= P.
             piece = md.new_int_var(0, max(1, self.b_param[-1]), f"piece{s}")
@@ -354,10 +363,10 @@ class _Builder:
                 self._ge_scaled(v["pd"], piece, dn, 0, [lit])
                 self._ge_scaled(v["Pdn"], params, dn, 0, [lit])
                 if nxt[s] is not None:
-                    self._ge_scaled(v["dn_grad"], out_b, dn, lat, [lit, nxt[s]])
+                    self._ge_scaled(v["dn_grad"], out_g, dn, lat, [lit, nxt[s]])
                     self._ge_scaled(v["up_out"], out_b, up, lat, [lit, nxt[s]])
                 if s > 0:
-                    self._ge_scaled(v["up_gin"], in_b, up, lat, [lit, act[s]])
+                    self._ge_scaled(v["up_gin"], in_g, up, lat, [lit, act[s]])
             has_params = md.new_bool_var(f"has_params{s}")
             has_param_lits.append(has_params)
             md.add(params >= 1).only_enforce_if(has_params)
@@ -420,7 +429,7 @@ class _Builder:
                 sync_buffers = sync_chunk + self.b_in_flight if d > 1 else 0
                 base = self.b_overhead + 3 * params + 2 * seg("opt", s) + seg("held", s) + sync_buffers
                 if gpipe:
-                    md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + n * out_b).only_enforce_if(
+                    md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + n * out_g).only_enforce_if(
                         [lit, act[s], ~last[s]])
                     md.add(mem >= base + seg("held", s) + n * in_b + n * tgt_b).only_enforce_if([lit, last[s]])
                 else:
@@ -430,9 +439,9 @@ class _Builder:
                     md.add(window >= n).only_enforce_if([lit, full])
                     md.add(window <= n).only_enforce_if(lit)
                     md.add(d * window >= downstream[s]).only_enforce_if([lit, ~full])
-                    md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + out_b).only_enforce_if(
+                    md.add(mem >= base + n * (seg("held", s) + out_b) + n * in_b + out_g).only_enforce_if(
                         [lit, act[s], ~last[s], full])
-                    md.add(mem >= base + in_flight_bytes + in_b + out_b).only_enforce_if(
+                    md.add(mem >= base + in_flight_bytes + in_b + out_g).only_enforce_if(
                         [lit, act[s], ~last[s], ~full])
                 md.add(r_s >= d * price_s).only_enforce_if([lit, act[s]])
                 if d > 1:
@@ -539,7 +548,7 @@ class _Builder:
         md.add(sum(r_terms) == self.R)
         prod = md.new_int_var(0, self.horizon * self.r_max, "TR")
         md.add_multiplication_equality(prod, [t_end, self.R])
-        self._lower_bounds(t_end, at, crossing_free, stages, has_param_lits, seg)
+        self._lower_bounds(t_end, at, crossing_free, grad_crossing_free, stages, has_param_lits, seg)
         md.add(prod >= sum(work_terms))
         # The same bound without the tiers: every layer's work at the best price per speed.
         cheapest = min(self.price[t] / tier.speed for t, tier in enumerate(tiers))
@@ -564,8 +573,8 @@ class _Builder:
                 + ((1 - w) / (objective.cost_ref_usd / self._cost_unit)) * self.cost
             )
 
-    def _lower_bounds(self, t_end: Expr, at: dict[str, list[Expr]], boundaries: list[Expr], stages: int,
-                      has_params: list[Expr], seg: Any) -> None:
+    def _lower_bounds(self, t_end: Expr, at: dict[str, list[Expr]], boundaries: list[Expr],
+                      grad_boundaries: list[Expr], stages: int, has_params: list[Expr], seg: Any) -> None:
         """Redundant lower bounds on the iteration time, each implied by the formula.
 
         CP-SAT's relaxation does not find them through the enforced constraints, and
@@ -585,11 +594,12 @@ class _Builder:
             return var
 
         # Micro-batch 0 crosses every layer forward and backward (at best at the fastest
-        # speed) and every boundary twice each way: activation and gradient, up and down.
+        # speed) and every boundary both ways: activation and gradient, each up and down.
         total = self.t_fw[-1] + self.t_bw[-1]
         fill = md.new_int_var(0, self.horizon, "fill")
         md.add(fill >= math.floor(0.999 * (total / fastest + (self.b_cut[0] + self.b_target) * dn)) + 2 * lat
-               + 4 * lat * sum(self.act[1:]) + at_least(sum(boundaries), 2 * (up + dn), "boundary_bytes"))
+               + 4 * lat * sum(self.act[1:]) + at_least(sum(boundaries), up + dn, "boundary_bytes")
+               + at_least(sum(grad_boundaries), up + dn, "grad_boundary_bytes"))
         md.add(t_end >= fill)
         for s in range(stages):
             work = seg("fw", s) + seg("bw", s)

@@ -174,6 +174,7 @@ class Space:
                     output_bytes=0.0 if at_end else lp.output_bytes_per_sample * b,
                     target_bytes=prof.target_bytes_per_sample * b if at_end else 0.0, replicas=d,
                     counts=costmodel.held(schedule, last=at_end, micro_batches=-(-m // d), in_flight=1),
+                    grad_bytes=0.0 if at_end else lp.gradient_bytes_per_sample * b,
                 )
                 for d in range(1, self.one_stage_replicas(b) + 1)
             )
