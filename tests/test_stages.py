@@ -210,3 +210,17 @@ def test_trainer_model_is_the_users_module_and_runs_as_it_did() -> None:
     (x, scale), _ = data[0]
     out = call(model, (x, scale))
     assert isinstance(out, tuple) and out[0].shape == (8, 3)
+
+
+def test_a_later_batch_of_another_sequence_length_than_an_exported_graph_takes_is_named() -> None:
+    pytest.importorskip("transformers")
+    from tests.test_trainer_traced import bert
+
+    model, data, loss = bert()
+    (inputs, y) = data[1]
+    shorter = {k: v[:, :10] for k, v in inputs.items()}
+    trainer = Trainer(model, loss, sgd, Plan.manual([3, 3], micro_batch_size=2, global_batch_size=8),
+                      backend="thread")
+    with pytest.raises(ConfigError, match=r"input 'input_ids' has shape \(2, 10\), but the model was split "
+                                          r"\(torch.export\) on inputs of shape \(batch, 12\).*max_length=12"):
+        trainer.fit([data[0], (shorter, y)], progress=False)

@@ -44,6 +44,7 @@ class ModelStages:
         self.ports: list[tuple[Port, ...]] = []  # ports[k]: what stage k takes (k = num_stages: nothing)
         self._flatten: Callable[[Any], tuple[Any, ...]] = lambda x: (x,)
         self.unit_names: tuple[str, ...] = ()
+        self._sizes: list[tuple[str, tuple[int, ...]] | None] = []  # per input: its sizes but the batch's
         if self.sequential:
             if cuts is not None:
                 raise ConfigError("cuts are for traced models; an nn.Sequential is cut between its layers; hint: "
@@ -113,6 +114,8 @@ class ModelStages:
             boundary = units.boundary(start - 1)
             self.ports.append(tuple(Port(v.name, v.is_tensor, v.requires_grad) for v in boundary.values))
         self._flatten = units.flatten_inputs
+        if units.tracer == "torch.export":  # its graph takes the example's sizes but the batch's
+            self._sizes = [(v.name, v.shape[1:]) if v.is_tensor else None for v in units.inputs_boundary().values]
         try:
             self._dry_run(example_inputs, example_targets, loss_fn)
         except BaseException:
@@ -151,8 +154,23 @@ class ModelStages:
         return [self.unit_names[i] for i in self.plan.layer_range(stage)]
 
     def flatten_inputs(self, inputs: Any) -> tuple[Any, ...]:
-        """The model's inputs (a tensor, tuple or dict) as the first stage takes them."""
-        return self._flatten(inputs)
+        """The model's inputs (a tensor, tuple or dict) as the first stage takes them.
+
+        Raises:
+            ConfigError: they are of another structure than the model was split with, or (a graph of
+                ``torch.export``) a tensor has other sizes than the split's but on the batch dimension.
+        """
+        flat = self._flatten(inputs)
+        for value, expected in zip(flat, self._sizes, strict=False):
+            if expected is not None and isinstance(value, torch.Tensor) and tuple(value.shape[1:]) != expected[1]:
+                name, sizes = expected
+                raise ConfigError(
+                    f"input {name!r} has shape {tuple(value.shape)}, but the model was split (torch.export) on "
+                    f"inputs of shape (batch, {', '.join(map(str, sizes))}): its graph takes those sizes only; "
+                    f"hint: pad or crop every batch to them (e.g. a tokenizer's padding=\"max_length\", "
+                    f"max_length={sizes[0] if sizes else '...'})"
+                )
+        return flat
 
     def definition(self, stage: int, optimizer: OptimizerFactory, loss_fn: Any) -> StageDefinition:
         last = stage == self.plan.num_stages - 1
