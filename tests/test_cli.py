@@ -127,6 +127,23 @@ def three_values():
     return model, inputs, targets
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0 = nn.Linear(8, 16)
+        self.l1 = nn.Linear(16, 3)
+
+    def forward(self, x, scale):
+        h = torch.relu(self.l0(x)) * scale
+        return self.l1(h), h
+
+
+def two_inputs():
+    torch.manual_seed(0)
+    inputs = (torch.randn(8, 8), torch.rand(8, 1))
+    return _TwoInputs(), inputs, torch.randn(8, 3), lambda out, y: nn.functional.mse_loss(out[0], y)
+
+
 def not_a_module():
     _, inputs, targets, loss_fn = tiny()
     return (lambda x: x), inputs, targets, loss_fn
@@ -292,7 +309,7 @@ def test_simulate_takes_the_plan_commands_json_and_its_platform(
     [
         ("tiny_models", "is not MODULE:FUNCTION"),
         ("no_such_module_xyz:tiny", "no module named 'no_such_module_xyz'"),
-        ("tiny_models:nope", "has no function 'nope' (functions there: broken, not_a_module, three_values, tiny)"),
+        ("tiny_models:nope", "has no function 'nope' (functions there: broken, not_a_module, three_values, tiny, two_inputs)"),
         ("missing_file.py:tiny", "no file 'missing_file.py'"),
         ("tiny_models.py:three_values", "three_values() returned a 3-tuple, not 4 values"),
         ("tiny_models:not_a_module", "model is a function, not an nn.Module"),
@@ -415,6 +432,35 @@ def test_train_prints_measured_next_to_predicted_and_saves_weights(
     reference = plain_training(model, torch.nn.functional.mse_loss,
                                lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), [(inputs, targets)] * 3)
     for name, value in reference.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_train_a_builder_of_any_module_with_two_inputs_like_plain_pytorch(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    spec = tiny_model.replace(":tiny", ":two_inputs")
+    plan_path, weights = tmp_path / "two.plan.json", tmp_path / "two.safetensors"
+    assert main(["plan", spec, *FAST, "--platform", "aws_lambda", "--global-batch", "8", "--micro-batch", "2",
+                 "--out", str(plan_path), "--json"]) == 0
+    assert sum(Plan.from_dict(json.loads(plan_path.read_text(encoding="utf-8"))).balance) == 2  # units l0, l1
+    capsys.readouterr()
+    # Two stages, so that the hidden state and the second input cross a cut.
+    plan_path.write_text(json.dumps(Plan.manual([1, 1], micro_batch_size=2, global_batch_size=8).to_dict()),
+                         encoding="utf-8")
+    assert main(["train", spec, "--plan", str(plan_path), "--backend", "thread", "--storage", "memory://cli-two",
+                 "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--out", str(weights)]) == 0
+    assert capsys.readouterr().out.startswith("Training: 3 iterations")
+    model, (x, scale), y, loss_fn = cli.load_model(spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_fn(model(x, scale), y).backward()
+        optimizer.step()
+    trained = load_file(weights)
+    assert trained.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6)
 
 
