@@ -158,3 +158,15 @@ def test_the_lambda_cell_is_shown_not_run_and_calls_the_real_api() -> None:
     assert isinstance(storage, ast.Constant) and str(storage.value).startswith("s3://")
     train = tagged(notebook, "train").source  # the cell it replaces trains the same way
     assert "funcpipe.Trainer(model, loss_fn, optimizer," in train and "trainer.fit(batches, epochs=3" in train
+
+
+def test_a_hugging_face_bert_is_profiled_per_unit_planned_and_trained(executed: tuple[Any, Path]) -> None:
+    pytest.importorskip("transformers")  # the cell says how to install it when it is missing
+    notebook, _ = executed
+    cell = tagged(notebook, "hugging_face")
+    (stdout,) = [o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout"]
+    assert "units: ['bert.embeddings', 'bert.encoder.layer.0'," in stdout and "'classifier']" in stdout
+    shown = data(cell, "text/plain")
+    assert [text.split(":")[0] for text in shown if text.startswith(("Plan for", "Training:"))] == [
+        "Plan for aws_lambda", "Training"]
+    assert any(text.startswith("Training: 5 iterations") for text in shown)
