@@ -309,7 +309,8 @@ def test_simulate_takes_the_plan_commands_json_and_its_platform(
     [
         ("tiny_models", "is not MODULE:FUNCTION"),
         ("no_such_module_xyz:tiny", "no module named 'no_such_module_xyz'"),
-        ("tiny_models:nope", "has no function 'nope' (functions there: broken, not_a_module, three_values, tiny, two_inputs)"),
+        ("tiny_models:nope",
+         "has no function 'nope' (functions there: broken, not_a_module, three_values, tiny, two_inputs)"),
         ("missing_file.py:tiny", "no file 'missing_file.py'"),
         ("tiny_models.py:three_values", "three_values() returned a 3-tuple, not 4 values"),
         ("tiny_models:not_a_module", "model is a function, not an nn.Module"),

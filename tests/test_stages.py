@@ -95,7 +95,8 @@ class TestBadInput:
     def test_a_loss_fn_that_cannot_take_the_output(self) -> None:
         model, data, _ = skip_net()
         fit_refused(model, [2, 2], data, nn.functional.cross_entropy,
-                    r"loss_fn cannot take the model's output: .* on a tuple and targets of shape \(2,\)")
+                    r"loss_fn cannot take the model's output: .* on tuple\(\[0\] \(2, 3\), \[1\] \(2,\)\) "
+                    r"and targets of shape \(2,\)")
 
     def test_a_loss_fn_that_returns_no_scalar(self) -> None:
         model, data, _ = skip_net()

@@ -637,28 +637,36 @@ def _measure(
             log.debug("micro-batch size %d: forward %.6f s, backward %.6f s (all layers)",
                       b, sum(f[-1] for f in forward), sum(w[-1] for w in backward))
 
-    profiles = []
-    for i, (name, layer) in enumerate(zip(runner.names, runner.layers, strict=True)):
-        param_bytes, optimizer_bytes, update_s = _measure_update(i, name, layer, factory, rounds, warmup)
-        forward_alpha, forward_beta = _fit(sizes, forward[i])
-        backward_alpha, backward_beta = _fit(sizes, backward[i])
-        forward_measured, backward_measured = _isotonic(forward[i]), _isotonic(backward[i])
-        profiles.append(LayerProfile(
-            name=name,
-            forward_alpha_s=forward_alpha,
-            forward_beta_s=forward_beta,
-            backward_alpha_s=backward_alpha,
-            backward_beta_s=backward_beta,
-            param_bytes=param_bytes,
-            optimizer_bytes=optimizer_bytes,
-            update_s=update_s,
-            output_bytes_per_sample=output_bytes[i] / largest,
-            held_bytes_per_sample=held_bytes[i] / largest,
-            measured_sizes=sizes,
-            forward_measured_s=forward_measured,
-            backward_measured_s=backward_measured,
-        ))
-    return tuple(profiles)
+    return tuple(
+        _layer_profile(name, _measure_update(i, name, layer, factory, rounds, warmup), sizes, forward[i],
+                       backward[i], output_bytes[i] / largest, held_bytes[i] / largest)
+        for i, (name, layer) in enumerate(zip(runner.names, runner.layers, strict=True))
+    )
+
+
+def _layer_profile(name: str, update: tuple[int, int, float], sizes: tuple[int, ...], forward: list[float],
+                   backward: list[float], output_bytes: float, held_bytes: float,
+                   grad_bytes: float | None = None) -> LayerProfile:
+    """A layer's profile from its medians per size (fitted, and made non-decreasing) and its bytes per sample."""
+    param_bytes, optimizer_bytes, update_s = update
+    forward_alpha, forward_beta = _fit(sizes, forward)
+    backward_alpha, backward_beta = _fit(sizes, backward)
+    return LayerProfile(
+        name=name,
+        forward_alpha_s=forward_alpha,
+        forward_beta_s=forward_beta,
+        backward_alpha_s=backward_alpha,
+        backward_beta_s=backward_beta,
+        param_bytes=param_bytes,
+        optimizer_bytes=optimizer_bytes,
+        update_s=update_s,
+        output_bytes_per_sample=output_bytes,
+        held_bytes_per_sample=held_bytes,
+        measured_sizes=sizes,
+        forward_measured_s=_isotonic(forward),
+        backward_measured_s=_isotonic(backward),
+        grad_bytes_per_sample=grad_bytes,
+    )
 
 
 class _Runner:
@@ -906,27 +914,11 @@ def _profile_units(
                 forward[i].append(statistics.median(timed_f[i]))
                 backward[i].append(statistics.median(timed_b[i]))
 
-    layers = []
-    for i, (name, stage) in enumerate(zip(runner.names, runner.stages, strict=True)):
-        param_bytes, optimizer_bytes, update_s = _measure_update(i, name, stage, factory, rounds, warmup)
-        forward_alpha, forward_beta = _fit(sizes, forward[i])
-        backward_alpha, backward_beta = _fit(sizes, backward[i])
-        layers.append(LayerProfile(
-            name=name,
-            forward_alpha_s=forward_alpha,
-            forward_beta_s=forward_beta,
-            backward_alpha_s=backward_alpha,
-            backward_beta_s=backward_beta,
-            param_bytes=param_bytes,
-            optimizer_bytes=optimizer_bytes,
-            update_s=update_s,
-            output_bytes_per_sample=output_bytes[i] / largest,
-            held_bytes_per_sample=held_bytes[i] / largest,
-            measured_sizes=sizes,
-            forward_measured_s=_isotonic(forward[i]),
-            backward_measured_s=_isotonic(backward[i]),
-            grad_bytes_per_sample=grad_bytes[i] / largest,
-        ))
+    layers = [
+        _layer_profile(name, _measure_update(i, name, stage, factory, rounds, warmup), sizes, forward[i],
+                       backward[i], output_bytes[i] / largest, held_bytes[i] / largest, grad_bytes[i] / largest)
+        for i, (name, stage) in enumerate(zip(runner.names, runner.stages, strict=True))
+    ]
     flat = pytree.tree_leaves(inputs)
     machine = _machine(rounds, warmup)
     machine["split"] = units.tracer
@@ -940,7 +932,7 @@ def _profile_units(
     )
 
 
-def _describe(values: Any) -> str:
+def describe_value(values: Any) -> str:
     """What a unit or the model returned, briefly: ``SequenceClassifierOutput(logits (4, 2))``."""
     if isinstance(values, torch.Tensor):
         return f"a tensor of shape {tuple(values.shape)} ({values.dtype})"
@@ -1018,7 +1010,7 @@ class _UnitRunner:
         i, exc = failed.index, failed.cause
         return ConfigError(
             f"unit {i} ({self.names[i]!r}) of {type(self.units.model).__name__} failed on its inputs "
-            f"{_describe(tuple(xs))}: {type(exc).__name__}: {exc}"
+            f"{describe_value(tuple(xs))}: {type(exc).__name__}: {exc}"
         )
 
     def run(self, xs: tuple[Any, ...], y: torch.Tensor, chunks: Sequence[range]) -> tuple[list[float], list[float]]:
@@ -1122,7 +1114,7 @@ class _UnitRunner:
             loss = self.loss_fn(output, target)
         except Exception as exc:
             raise ConfigError(
-                f"loss_fn failed on the output of {type(self.units.model).__name__} ({_describe(output)}) and "
+                f"loss_fn failed on the output of {type(self.units.model).__name__} ({describe_value(output)}) and "
                 f"targets of shape {tuple(target.shape)}: {type(exc).__name__}: {exc}; hint: loss_fn receives what "
                 "the model returns, e.g. lambda out, y: F.cross_entropy(out.logits, y) for a Hugging Face model"
             ) from exc

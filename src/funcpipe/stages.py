@@ -20,7 +20,7 @@ from torch import nn
 from funcpipe import protocol
 from funcpipe.errors import ConfigError, UserCodeError
 from funcpipe.plans import Plan
-from funcpipe.profiler import tied_parameters
+from funcpipe.profiler import describe_value, tied_parameters
 from funcpipe.worker import ONE_TENSOR, Port, StageDefinition
 
 __all__ = ["ModelStages"]
@@ -141,8 +141,8 @@ class ModelStages:
                 loss = loss_fn(values, example_targets)
             except Exception as exc:
                 raise ConfigError(
-                    f"loss_fn cannot take the model's output: it raised {type(exc).__name__}: {exc} on a "
-                    f"{_describe(values)} and targets of shape {tuple(example_targets.shape)}; hint: loss_fn gets "
+                    f"loss_fn cannot take the model's output: it raised {type(exc).__name__}: {exc} on "
+                    f"{describe_value(values)} and targets of shape {tuple(example_targets.shape)}; hint: loss_fn gets "
                     "what the model returns (a Hugging Face model returns a ModelOutput: use out.logits)"
                 ) from exc
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -205,12 +205,6 @@ class ModelStages:
                     f"torch.optim.Optimizer, for the parameters of stage {stage}; a lambda must return the "
                     f"optimizer it makes; {hint}"
                 )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def _some(names: Sequence[str], count: int = 4) -> str:
