@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ _clock = time.thread_time
 
 #: Models with more layers than this show a progress bar unless ``progress=False``.
 PROGRESS_MIN_LAYERS = 20
+
+M = TypeVar("M", bound=nn.Module)
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 #: ``loss_fn(output, target)``: the output is what the model returns (a tensor, a tuple, a ``ModelOutput``...).
@@ -597,16 +599,7 @@ def _measure(
     warmup: int,
     show: bool,
 ) -> tuple[LayerProfile, ...]:
-    try:
-        copied = copy.deepcopy(model)
-    except Exception as exc:
-        raise ConfigError(
-            f"cannot copy the model to profile it ({type(exc).__name__}: {exc}); "
-            "hint: the model must support copy.deepcopy"
-        ) from exc
-    copied.train()
-    for parameter in copied.parameters():
-        parameter.grad = None  # a copy of the user's gradients would be accumulated into
+    copied = _training_copy(model)
     runner = _Runner(copied, loss_fn)
     count = len(runner.layers)
     largest = sizes[-1]
@@ -837,6 +830,21 @@ def _carries_grad(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point()
 
 
+def _training_copy(model: M) -> M:
+    """A deep copy of ``model`` in train mode, without gradients (the profile must not change the model)."""
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot copy the model to profile it ({type(exc).__name__}: {exc}); "
+            "hint: the model must support copy.deepcopy"
+        ) from exc
+    copied.train()
+    for parameter in copied.parameters():
+        parameter.grad = None  # a copy of the user's gradients would be accumulated into
+    return copied
+
+
 def _split_at(model: nn.Module, inputs: Any, b: int, cuts: Sequence[str] | None) -> Any:
     from funcpipe.split import split
 
@@ -856,16 +864,7 @@ def _profile_units(
     cuts: Sequence[str] | None,
 ) -> ModelProfile:
     """:func:`profile` of a module split into units, each unit a layer."""
-    try:
-        copied = copy.deepcopy(model)
-    except Exception as exc:
-        raise ConfigError(
-            f"cannot copy the model to profile it ({type(exc).__name__}: {exc}); "
-            "hint: the model must support copy.deepcopy"
-        ) from exc
-    copied.train()
-    for parameter in copied.parameters():
-        parameter.grad = None
+    copied = _training_copy(model)
     largest = sizes[-1]
     units = _split_at(copied, inputs, largest, cuts)
     runner = _UnitRunner(units, loss_fn, largest)
