@@ -225,3 +225,21 @@ def test_a_later_batch_of_another_sequence_length_than_an_exported_graph_takes_i
     with pytest.raises(ConfigError, match=r"input 'input_ids' has shape \(2, 10\), but the model was split "
                                           r"\(torch.export\) on inputs of shape \(batch, 12\).*max_length=12"):
         trainer.fit([data[0], (shorter, y)], progress=False)
+
+
+class _Detach(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+
+def test_a_stage_whose_output_does_not_depend_on_its_input_sends_back_no_gradient_as_plain_pytorch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _Detach(), nn.Linear(4, 3))
+    data = batches(torch.randn(BATCH, 4), count=3)
+    expected = plain(copy.deepcopy(model), data, nn.functional.cross_entropy, sgd)
+    first = model[0].weight.detach().clone()
+    Trainer(model, nn.functional.cross_entropy, sgd, Plan.manual([1, 2], micro_batch_size=2, global_batch_size=BATCH),
+            backend="thread").fit(data, progress=False)
+    torch.testing.assert_close(model[0].weight.detach(), first)  # no gradient reached it, as in plain PyTorch
+    for p, q in zip(model.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6)

@@ -616,13 +616,8 @@ class _Iteration:
         grads = self.input_grads.pop(m)
         ports = self.worker.ports_in
         key = self._message("grad", self.stage - 1, m)
-        if is_one_tensor(ports):
-            if grads[0] is None:
-                raise ConfigError(
-                    f"stage {self.stage}'s input got no gradient in micro-batch {m}; the stage's "
-                    "output does not depend on its input"
-                )
-            self._send(key, [grads[0]], ports)
+        if is_one_tensor(ports):  # no gradient (the output does not depend on the input): an empty one
+            self._send(key, [_NO_GRADIENT if grads[0] is None else grads[0]], ports)
         else:  # a value without a gradient (an int, a mask, an unused value) is sent as None
             self._send(key, [g if port.requires_grad else None for g, port in zip(grads, ports, strict=True)], ports)
 
@@ -640,8 +635,18 @@ def _carries_grad(value: Any) -> bool:
 
 
 def _is_gradient(grad: Any, out: torch.Tensor) -> bool:
-    """Whether ``grad`` received for ``out`` is its gradient (``None``: the next stage sent none)."""
-    return isinstance(grad, torch.Tensor) and grad.shape == out.shape
+    """Whether ``grad`` received for ``out`` is its gradient; ``False``: the next stage sent none (``None``,
+    or an empty tensor across a boundary of one tensor).
+
+    Raises:
+        IntegrityError: it is a tensor of another shape (never sent by a worker).
+    """
+    if grad is None or (isinstance(grad, torch.Tensor) and grad.shape == _NO_GRADIENT.shape and out.numel()):
+        return False
+    if not isinstance(grad, torch.Tensor) or grad.shape != out.shape:
+        got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+        raise IntegrityError(f"received a gradient of {got} for an output of shape {tuple(out.shape)}")
+    return True
 
 
 #: Exceptions of the user's code that a rerun of the same batch raises again (a programming or data error).
