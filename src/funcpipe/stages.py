@@ -45,30 +45,33 @@ class ModelStages:
         self._flatten: Callable[[Any], tuple[Any, ...]] = lambda x: (x,)
         self.unit_names: tuple[str, ...] = ()
         self._sizes: list[tuple[str, tuple[int, ...]] | None] = []  # per input: its sizes but the batch's
-        if self.sequential:
-            if cuts is not None:
-                raise ConfigError("cuts are for traced models; an nn.Sequential is cut between its layers; hint: "
-                                  "leave cuts out (the plan's balance chooses the cuts)")
-            if sum(plan.balance) != len(model):  # type: ignore[arg-type]
+        if isinstance(model, nn.Sequential) and self.sequential:
+            self._cut_sequential(model, plan, cuts)
+
+    def _cut_sequential(self, model: nn.Sequential, plan: Plan, cuts: Sequence[str] | None) -> None:
+        if cuts is not None:
+            raise ConfigError("cuts are for traced models; an nn.Sequential is cut between its layers; hint: "
+                              "leave cuts out (the plan's balance chooses the cuts)")
+        if sum(plan.balance) != len(model):
+            raise ConfigError(
+                f"model and sum of balance have different length (model: {len(model)} layers, "
+                f"sum of balance {list(plan.balance)}: {sum(plan.balance)}); hint: the balance gives the "
+                f"layers of each stage and must add up to len(model) = {len(model)}"
+            )
+        named = [(name, layer) for name, layer in model._modules.items() if layer is not None]  # a layer used twice too
+        self.unit_names = tuple(name for name, _ in named)
+        self.modules = [nn.Sequential(collections.OrderedDict(named[i] for i in plan.layer_range(s)))
+                        for s in range(plan.num_stages)]
+        self.ports = [ONE_TENSOR] * plan.num_stages
+        owner = plan.layer_stages()
+        for i, j, nbytes in tied_parameters(model):
+            if owner[i] != owner[j]:
                 raise ConfigError(
-                    f"model and sum of balance have different length (model: {len(model)} layers, "  # type: ignore[arg-type]
-                    f"sum of balance {list(plan.balance)}: {sum(plan.balance)}); hint: the balance gives the "
-                    f"layers of each stage and must add up to len(model) = {len(model)}"  # type: ignore[arg-type]
+                    f"layers {i} and {j} share trainable parameters ({nbytes} bytes, e.g. a decoder tied to an "
+                    f"embedding) but the plan puts them in stages {owner[i]} and {owner[j]} (balance "
+                    f"{list(plan.balance)}), and the stages would train two copies apart; hint: put both layers "
+                    "in one stage, or untie them (give the later layer its own copy of the weights)"
                 )
-            named = list(model.named_children())
-            self.unit_names = tuple(name for name, _ in named)
-            self.modules = [nn.Sequential(collections.OrderedDict(named[i] for i in plan.layer_range(s)))
-                            for s in range(plan.num_stages)]
-            self.ports = [ONE_TENSOR] * plan.num_stages
-            owner = plan.layer_stages()
-            for i, j, nbytes in tied_parameters(model):  # type: ignore[arg-type]
-                if owner[i] != owner[j]:
-                    raise ConfigError(
-                        f"layers {i} and {j} share trainable parameters ({nbytes} bytes, e.g. a decoder tied to an "
-                        f"embedding) but the plan puts them in stages {owner[i]} and {owner[j]} (balance "
-                        f"{list(plan.balance)}), and the stages would train two copies apart; hint: put both layers "
-                        "in one stage, or untie them (give the later layer its own copy of the weights)"
-                    )
 
     @property
     def ready(self) -> bool:
