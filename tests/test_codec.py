@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from funcpipe import codec
 from funcpipe.codec import decode, decode_tensor, encode, encode_tensor, read_tensor
 from funcpipe.errors import ConfigError, IntegrityError
 
@@ -370,3 +371,38 @@ def test_read_tensor_rejects_corrupt_headers() -> None:
     out = torch.ones(2)
     read_tensor(ok).copy_to(out)
     assert out.tolist() == [0.0, 0.0]
+
+
+# -- several values (what crosses a cut of a traced model) -----------------------------------------------------
+
+def test_several_values_round_trip_in_order_with_their_dtypes() -> None:
+    hidden, mask = torch.randn(2, 3, 4), torch.tensor([[1, 1, 0]], dtype=torch.int64)
+    values = [hidden, 7, mask, None, torch.zeros(0, dtype=torch.bool), 0.25, True]
+    decoded, _ = codec.decode_values(b"".join(codec.encode_values_parts(values, {"key": "k"})), len(values))
+    assert len(decoded) == len(values)
+    for got, sent in zip(decoded, values, strict=True):
+        if isinstance(sent, torch.Tensor):
+            assert isinstance(got, torch.Tensor) and got.dtype == sent.dtype and torch.equal(got, sent)
+        else:
+            assert got == sent and type(got) is type(sent)
+
+
+def test_a_value_that_is_no_tensor_nor_number_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"value 1 is a dict .*tensors or plain ints, floats, bools or None"):
+        codec.encode_values_parts([torch.zeros(1), {"a": 1}])
+    with pytest.raises(ConfigError, match=r"value 0 is a float \(nan\)"):
+        codec.encode_values_parts([float("nan")])
+
+
+@pytest.mark.parametrize(("entries", "tensors", "count"), [
+    ('["tensor", 3]', {"0": torch.zeros(1)}, 3),  # another count
+    ('["tensor", 3]', {"1": torch.zeros(1)}, 2),  # the tensor under another index
+    ('["tensor", "text"]', {"0": torch.zeros(1)}, 2),  # a string is no value
+    ('{"0": "tensor"}', {"0": torch.zeros(1)}, 1),  # not a list
+    ('[', {}, 1),  # not JSON
+], ids=["count", "index", "string", "not a list", "not json"])
+def test_a_values_header_that_does_not_match_its_tensors_is_refused(entries: str, tensors: dict[str, torch.Tensor],
+                                                                    count: int) -> None:
+    data = codec.encode(tensors, {codec.VALUES_FIELD: entries})
+    with pytest.raises(IntegrityError):
+        codec.decode_values(data, count)

@@ -96,6 +96,8 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "collectives.decode_tensor": lambda data: collectives.decode_tensor(data, KEY),
     "collectives.read_tensor": bound_read_and_use,
     "checkpoint.decode_state": lambda data: checkpoint.decode_state(data, key=KEY),
+    "checkpoint.decode_scheduler": lambda data: checkpoint.decode_scheduler(data, key=KEY),
+    "collectives.decode_values": lambda data: collectives.decode_values(data, KEY, 3),
     "signed.unseal": lambda data: signed.unseal(data, SIGNING_KEY, name=KEY),
     "binding.decode_json": lambda data: binding.decode_json(data, KEY),
     "protocol.decode_stop": lambda data: protocol.decode_stop(data, KEY),
@@ -138,10 +140,13 @@ def a_checkpoint(with_optimizer: bool, key: str) -> bytes:
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     optimizer = torch.optim.Adam(module.parameters(), lr=0.1) if with_optimizer else None
+    scheduler = None
     if optimizer is not None:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=5)
         module(torch.randn(4, 3)).sum().backward()
         optimizer.step()
-    return checkpoint.encode_state(module, optimizer, key=key)
+        scheduler.step()
+    return checkpoint.encode_state(module, optimizer, key=key, scheduler=scheduler)
 
 
 # Made once: building them is slower than decoding them.
@@ -182,10 +187,13 @@ def json_objects(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def valid_objects(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["tensor", "checkpoint", "signed", "json"]))
+    kind = draw(st.sampled_from(["tensor", "values", "checkpoint", "signed", "json"]))
     key = draw(st.sampled_from([KEY, OTHER]))
     if kind == "tensor":
         return codec.encode_tensor(draw(tensors()), {binding.FIELD: key})
+    if kind == "values":  # what crosses a cut of several values: tensors, a size, no gradient
+        values = [draw(tensors()), draw(st.sampled_from([3, None, 0.5, True])), draw(tensors())]
+        return b"".join(codec.encode_values_parts(values, {binding.FIELD: key}))
     if kind == "checkpoint":
         return CHECKPOINTS[draw(st.booleans()), key]
     if kind == "signed":

@@ -12,19 +12,20 @@ from funcpipe import binding, codec
 from funcpipe.errors import IntegrityError
 from funcpipe.storage.base import Buffer
 
-__all__ = ["decode_state", "encode_state", "encode_state_parts"]
+__all__ = ["decode_scheduler", "decode_state", "encode_state", "encode_state_parts"]
 
 _MODEL = "model."
 _OPTIM = "optim."
 
 
-def encode_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, key: str) -> bytes:
+def encode_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, key: str,
+                 scheduler: Any = None) -> bytes:
     """:func:`encode_state_parts`, joined."""
-    return b"".join(encode_state_parts(module, optimizer, key=key))
+    return b"".join(encode_state_parts(module, optimizer, key=key, scheduler=scheduler))
 
 
 def encode_state_parts(
-    module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, key: str
+    module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, key: str, scheduler: Any = None
 ) -> list[Buffer]:
     """Serialize ``module.state_dict()`` and, if given, the optimizer's state, for storage key ``key``.
 
@@ -32,8 +33,9 @@ def encode_state_parts(
     :meth:`funcpipe.storage.base.Storage.put_parts` to join in the object's one copy.
 
     Tensors go into the safetensors body; the optimizer's non-tensor state and
-    its ``param_groups`` go into the header as JSON, and so does ``key``
-    (:func:`decode_state` refuses the bytes under any other key).
+    its ``param_groups`` go into the header as JSON, and so do a learning-rate
+    scheduler's ``state_dict()`` (if given) and ``key`` (:func:`decode_state`
+    refuses the bytes under any other key).
     """
     tensors = {_MODEL + name: value for name, value in module.state_dict().items()}
     metadata: dict[str, str] = {binding.FIELD: key}
@@ -55,7 +57,45 @@ def encode_state_parts(
                 f"optimizer {type(optimizer).__name__} has state that is not JSON ({exc}); "
                 "funcpipe checkpoints only tensors, numbers, strings and lists"
             ) from exc
+    if scheduler is not None:
+        metadata["scheduler"] = scheduler_json(scheduler)
     return codec.encode_parts(tensors, metadata)
+
+
+def scheduler_json(scheduler: Any) -> str:
+    """A learning-rate scheduler's ``state_dict()`` as JSON.
+
+    Raises:
+        TypeError: it holds something JSON does not (a function: give ``LambdaLR`` a callable object).
+    """
+    try:
+        return json.dumps(scheduler.state_dict())
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"scheduler {type(scheduler).__name__} has state that is not JSON ({exc}); funcpipe checkpoints "
+            "only numbers, strings and lists; hint: a scheduler of torch.optim.lr_scheduler other than LambdaLR "
+            "with a lambda (whose function is not state)"
+        ) from exc
+
+
+def decode_scheduler(data: Buffer, *, key: str) -> dict[str, Any] | None:
+    """The scheduler's state dict in checkpoint bytes read from ``key`` (``None``: it holds none).
+
+    Raises:
+        IntegrityError: ``data`` is not a checkpoint, or its scheduler header is malformed.
+        ForeignObject: it was written for another key.
+    """
+    metadata = codec.read_metadata(data)
+    binding.check(key, metadata.get(binding.FIELD))
+    if "scheduler" not in metadata:
+        return None
+    try:
+        state = json.loads(metadata["scheduler"])
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError(f"checkpoint {key!r} has a malformed scheduler header: {exc}") from exc
+    if not isinstance(state, dict):
+        raise IntegrityError(f"checkpoint {key!r} has a scheduler header of a {type(state).__name__}, not a dict")
+    return state
 
 
 def decode_state(data: bytes, *, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

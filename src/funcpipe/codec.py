@@ -19,7 +19,7 @@ from funcpipe.storage.base import Buffer  # bytes, or a read-only view of them: 
 
 __all__ = [
     "TensorBytes", "decode", "decode_tensor", "decode_values", "encode", "encode_parts", "encode_tensor",
-    "encode_tensor_parts", "encode_values_parts", "read_tensor",
+    "encode_tensor_parts", "encode_values_parts", "read_metadata", "read_tensor",
 ]
 
 #: The name :func:`encode_tensor` stores its single tensor under.
@@ -402,6 +402,15 @@ def read_tensor(data: Buffer) -> TensorBytes:
         tensor, metadata = _decode_one(data)
         return TensorBytes(metadata, tensor.dtype, tuple(tensor.shape), tensor=tensor)
     return TensorBytes(metadata, dtype, tuple(shape), data=data, offset=start)
+
+
+def read_metadata(data: Buffer) -> dict[str, str]:
+    """The metadata of safetensors bytes, from their header alone (nothing else is decoded).
+
+    Raises:
+        IntegrityError: the header is malformed.
+    """
+    return _read_metadata(data)
 
 
 def _read_metadata(data: Buffer) -> dict[str, str]:

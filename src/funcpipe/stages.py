@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from funcpipe import protocol
+from funcpipe.checkpoint import scheduler_json
 from funcpipe.errors import ConfigError, UserCodeError
 from funcpipe.plans import Plan
 from funcpipe.profiler import describe_value, tied_parameters
@@ -26,6 +27,8 @@ from funcpipe.worker import ONE_TENSOR, Port, StageDefinition
 __all__ = ["ModelStages"]
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+#: A learning-rate scheduler factory: ``optimizer -> torch.optim.lr_scheduler.LRScheduler``.
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class ModelStages:
@@ -175,10 +178,12 @@ class ModelStages:
                 )
         return flat
 
-    def definition(self, stage: int, optimizer: OptimizerFactory, loss_fn: Any) -> StageDefinition:
+    def definition(self, stage: int, optimizer: OptimizerFactory, loss_fn: Any,
+                   scheduler: SchedulerFactory | None = None) -> StageDefinition:
         last = stage == self.plan.num_stages - 1
         outputs = ONE_TENSOR if last else self.ports[stage + 1]
-        return StageDefinition(self.modules[stage], optimizer, loss_fn if last else None, self.ports[stage], outputs)
+        return StageDefinition(self.modules[stage], optimizer, loss_fn if last else None, self.ports[stage], outputs,
+                               scheduler)
 
     def parameters(self, stage: int) -> list[nn.Parameter]:
         return list(self.modules[stage].parameters())
@@ -187,9 +192,10 @@ class ModelStages:
         """Bytes of each stage's flat gradient (its trainable parameters), as the workers sync it."""
         return [protocol.gradient_bytes(self.parameters(s)) for s in range(self.plan.num_stages)]
 
-    def check_optimizer(self, optimizer: OptimizerFactory) -> None:
+    def check_optimizer(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None) -> None:
         """Call the optimizer factory on each stage's parameters, as its workers will, and refuse what it
-        returns unless it is a ``torch.optim.Optimizer`` (the optimizer made here is dropped)."""
+        returns unless it is a ``torch.optim.Optimizer``; and the scheduler factory on that optimizer, refusing
+        what is not a learning-rate scheduler a worker can step and checkpoint (what is made here is dropped)."""
         hint = "hint: optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
         for stage in range(self.plan.num_stages):
             params = self.parameters(stage)
@@ -208,6 +214,28 @@ class ModelStages:
                     f"torch.optim.Optimizer, for the parameters of stage {stage}; a lambda must return the "
                     f"optimizer it makes; {hint}"
                 )
+            if scheduler is not None:
+                _check_scheduler(scheduler, made, stage)
+
+
+def _check_scheduler(scheduler: SchedulerFactory, optimizer: torch.optim.Optimizer, stage: int) -> None:
+    hint = ("hint: scheduler=lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, "
+            "total_steps=iterations)")
+    try:
+        made = scheduler(optimizer)
+    except Exception as exc:
+        raise UserCodeError(f"the scheduler factory raised {type(exc).__name__}: {exc} when called on the optimizer "
+                            f"of stage {stage}; {hint}") from exc
+    if isinstance(made, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError("ReduceLROnPlateau steps on a metric the workers do not have; funcpipe steps the scheduler "
+                          f"once per iteration, without arguments; {hint}")
+    if not isinstance(made, torch.optim.lr_scheduler.LRScheduler):
+        raise ConfigError(f"the scheduler factory returned a {type(made).__name__}, not a "
+                          f"torch.optim.lr_scheduler.LRScheduler, for the optimizer of stage {stage}; {hint}")
+    try:
+        scheduler_json(made)
+    except TypeError as exc:
+        raise ConfigError(f"{exc} (stage {stage})") from None
 
 
 def _some(names: Sequence[str], count: int = 4) -> str:

@@ -196,6 +196,11 @@ class Trainer:
         cuts: for a traced model, the module names where units start instead
             of one unit per block (as :func:`funcpipe.split.split` takes them;
             profile with the same ``cuts``).
+        scheduler: a callable ``optimizer -> torch.optim.lr_scheduler.LRScheduler``,
+            e.g. ``lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1,
+            total_steps=100)``; each stage builds one on its optimizer and steps it
+            once per iteration, after the optimizer's step, as a plain loop does;
+            its state is checkpointed (so resumed and retried runs continue it).
     """
 
     def __init__(
@@ -211,11 +216,15 @@ class Trainer:
         threads_per_worker: int = 1,
         job: str | None = None,
         cuts: Sequence[str] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
         _check_model(model, loss_fn, optimizer, plan)
+        if scheduler is not None and not callable(scheduler):
+            raise ConfigError(f"scheduler must be callable (optimizer -> LRScheduler), got {type(scheduler).__name__}")
         self._stages = ModelStages(model, plan, cuts)
+        self.scheduler = scheduler
         if self._stages.ready:
-            self._stages.check_optimizer(optimizer)
+            self._stages.check_optimizer(optimizer, scheduler)
         if timeout_s is None:
             timeout_s = _derived_timeout(plan)
         if not _finite_positive(timeout_s) or threads_per_worker < 1:
@@ -443,13 +452,13 @@ class Trainer:
         if not self._stages.ready:  # a traced model: split it on the first micro-batch, as the stages will run
             micro = self.plan.micro_batch_size
             self._stages.build(micro_batches(inputs, micro)[0], targets[:micro], self.loss_fn)
-            self._stages.check_optimizer(self.optimizer)
+            self._stages.check_optimizer(self.optimizer, self.scheduler)
         self._stages.flatten_inputs(inputs)  # the inputs' structure is the one the model was split with
         return itertools.chain([head], batches)
 
     def _upload_definitions(self) -> None:
         for stage in range(self.plan.num_stages):
-            definition = self._stages.definition(stage, self.optimizer, self.loss_fn)
+            definition = self._stages.definition(stage, self.optimizer, self.loss_fn, self.scheduler)
             key = self.keys.model_blob(stage)
             self.storage.put(key, signed.seal(definition, self._signing_key, name=key))
         self._uploaded = True

@@ -115,6 +115,7 @@ class StageDefinition:
     loss_fn: Any  # callable (output, target) -> scalar, last stage only
     inputs: tuple[Port, ...] = ONE_TENSOR
     outputs: tuple[Port, ...] = ONE_TENSOR  # unused by the last stage
+    scheduler: Any = None  # callable: optimizer -> a learning-rate scheduler, stepped once per iteration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,15 +268,23 @@ class StageWorker:
         self.optimizer: torch.optim.Optimizer | None = (
             definition.optimizer(self.layers.parameters()) if has_params else None
         )
+        # The learning-rate scheduler, stepped once per iteration (a stage without an optimizer has none).
+        self.scheduler: Any = (
+            definition.scheduler(self.optimizer) if definition.scheduler is not None and self.optimizer else None
+        )
         if config.resume_attempt is not None:
             source = self.keys.with_attempt(config.resume_attempt).checkpoint(config.stage, first_iteration)
             try:
-                state, optim_state = checkpoint.decode_state(self.storage.get(source), key=source)
+                data = self.storage.get(source)
+                state, optim_state = checkpoint.decode_state(data, key=source)
+                scheduler_state = checkpoint.decode_scheduler(data, key=source)
             except IntegrityError as exc:  # the driver falls back to the checkpoint before
                 raise CheckpointCorrupt(f"checkpoint {source!r} failed its check: {exc}") from exc
             self.layers.load_state_dict(state)
             if optim_state is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(optim_state)
+            if scheduler_state is not None and self.scheduler is not None:
+                self.scheduler.load_state_dict(scheduler_state)
         self.layers.train()
         name = f"{config.stage}-{config.replica}"
         with self._pools_lock:
@@ -301,7 +310,8 @@ class StageWorker:
 
     def _save_checkpoint(self, iteration: int) -> None:
         key = self.keys.checkpoint(self.config.stage, iteration)
-        self.storage.put_parts(key, checkpoint.encode_state_parts(self.layers, self.optimizer, key=key))
+        self.storage.put_parts(key, checkpoint.encode_state_parts(self.layers, self.optimizer, key=key,
+                                                                  scheduler=self.scheduler))
 
     def _cancelled(self) -> bool:
         """Whether waits should give up: aborted, or the driver stopped the run at this iteration."""
@@ -400,6 +410,9 @@ class StageWorker:
         else:
             raise NonFiniteTraining(f"{self.config.name}: {self._nonfinite_gradient(iteration)}; {NONFINITE_HINT}")
         optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:  # once per iteration, a skipped step included (as the iterations count)
+            with user_code(self.config.name, "the scheduler's step", iteration):
+                self.scheduler.step()
 
     def _gradients_finite(self, synced: torch.Tensor | None) -> bool:
         """Whether every gradient of the stage is finite: one check over the flat sum, when replicas synced it."""
