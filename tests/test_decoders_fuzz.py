@@ -102,6 +102,7 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "binding.decode_json": lambda data: binding.decode_json(data, KEY),
     "protocol.decode_stop": lambda data: protocol.decode_stop(data, KEY),
     "protocol.decode_metrics": lambda data: protocol.decode_metrics(data, KEY),
+    "protocol.decode_norm": lambda data: protocol.decode_norm(data, KEY),
     "protocol.decode_abort": lambda data: protocol.decode_abort(data, KEY),
     "protocol.decode_status": lambda data: protocol.decode_status(data, KEY),
     "serverless status": lambda data: watch_status(data),
@@ -161,7 +162,7 @@ JSON_VALUES = st.recursive(
 #: Values the JSON decoders must not trip on: beyond float, beyond int64, bool for int, NaN...
 ODD_VALUES = [10**400, -(10**400), 2**63, 2**64, -1, 0, True, None, "1", "", 0.5, math.nan, math.inf, [], {}]
 #: What each JSON object funcpipe writes holds besides its key (metrics, stop, status).
-JSON_FIELDS = ["loss", "iteration", "state", "beat", "cause", "traceback", "result"]
+JSON_FIELDS = ["loss", "squared", "iteration", "state", "beat", "cause", "traceback", "result"]
 
 
 @st.composite

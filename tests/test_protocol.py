@@ -26,6 +26,7 @@ def iteration_keys(keys: JobKeys, iteration: int) -> list[str]:
     for stage, replica in itertools.product(range(2), range(3)):
         out.append(keys.merged(iteration, stage, replica))
         out.append(keys.metrics(iteration, stage, replica))
+    out += [keys.norm(iteration, stage) for stage in range(2)]
     return out
 
 
@@ -216,3 +217,15 @@ def test_malformed_control_objects_are_integrity_errors(
 def test_a_status_without_a_state_is_not_written() -> None:
     with pytest.raises(ConfigError, match="no state"):
         protocol.encode_status(KEY, {"beat": 1})
+
+
+def test_the_iteration_keys_of_a_clipped_plan_hold_every_stage_norm() -> None:
+    plan = Plan.manual([1, 1, 1], micro_batch_size=2, global_batch_size=4)
+    keys = JobKeys("job")
+    plain, clipped = keys.iteration_keys(3, plan, [8, 0, 8]), keys.iteration_keys(3, plan, [8, 0, 8], clipped=True)
+    assert sorted(set(clipped) - set(plain)) == sorted(keys.norm(3, s) for s in range(3))
+    assert protocol.decode_norm(protocol.encode_norm(keys.norm(3, 1), 2.5), keys.norm(3, 1)) == 2.5
+    with pytest.raises(ForeignObject):
+        protocol.decode_norm(protocol.encode_norm(keys.norm(3, 1), 2.5), keys.norm(3, 2))
+    with pytest.raises(IntegrityError, match=r"gradient norm .* has squared 'x', not a float"):
+        protocol.decode_norm(binding.encode_json(keys.norm(3, 1), {"squared": "x"}), keys.norm(3, 1))

@@ -73,10 +73,12 @@ __all__ = [
     "JobKeys",
     "decode_abort",
     "decode_metrics",
+    "decode_norm",
     "decode_status",
     "decode_stop",
     "encode_abort",
     "encode_metrics",
+    "encode_norm",
     "encode_status",
     "encode_stop",
     "gradient_bytes",
@@ -213,15 +215,34 @@ def decode_metrics(data: Buffer, key: str) -> float:
         IntegrityError: ``data`` is not ``{"loss": <number>, "key": key}``.
         ForeignObject: it was written for another key.
     """
-    loss = binding.decode_json(data, key).get("loss")
-    if not isinstance(loss, bool) and isinstance(loss, (int, float)):
+    return _decode_number(data, key, "loss", "metrics report")
+
+
+def encode_norm(key: str, squared: float) -> bytes:
+    """A stage's squared gradient norm (:meth:`JobKeys.norm`)."""
+    return binding.encode_json(key, {"squared": squared})
+
+
+def decode_norm(data: Buffer, key: str) -> float:
+    """The squared gradient norm read from ``key``.
+
+    Raises:
+        IntegrityError: ``data`` is not ``{"squared": <number>, "key": key}``.
+        ForeignObject: it was written for another key.
+    """
+    return _decode_number(data, key, "squared", "gradient norm")
+
+
+def _decode_number(data: Buffer, key: str, field: str, what: str) -> float:
+    value = binding.decode_json(data, key).get(field)
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
         try:
-            return float(loss)
+            return float(value)
         except OverflowError:  # an integer beyond float's range
             pass
     raise IntegrityError(
-        f"metrics report {key!r} has loss {loss!r:.80}, not a float; expected "
-        f'{{"loss": <number>, "key": {key!r}}}'
+        f"{what} {key!r} has {field} {value!r:.80}, not a float; expected "
+        f'{{"{field}": <number>, "key": {key!r}}}'
     )
 
 
@@ -350,11 +371,17 @@ class JobKeys:
         """Per-iteration report of a last-stage worker (:func:`encode_metrics`, :func:`decode_metrics`)."""
         return f"{self.iteration_prefix(iteration)}metrics.s{stage}.r{replica}"
 
-    def iteration_keys(self, iteration: int, plan: Plan, sizes: Sequence[int]) -> list[str]:
+    def norm(self, iteration: int, stage: int) -> str:
+        """The squared norm of stage ``stage``'s summed gradient, for clipping by the global norm
+        (:func:`encode_norm`; written by its replica 0, read by every worker that trains)."""
+        return f"{self.iteration_prefix(iteration)}norm.s{stage}"
+
+    def iteration_keys(self, iteration: int, plan: Plan, sizes: Sequence[int], *, clipped: bool = False) -> list[str]:
         """Every key the driver and the workers write for ``iteration`` of ``plan``.
 
         ``sizes[s]`` is :func:`gradient_bytes` of stage ``s``'s parameters (0: the stage
-        has nothing to train, so it does not sync). The driver deletes a
+        has nothing to train, so it does not sync); ``clipped``: the gradients are clipped
+        by their global norm (each stage writes :meth:`norm`). The driver deletes a
         finished iteration by these keys — storage is never listed on the data
         path (some S3-compatible stores' listings are slow or differ).
         """
@@ -367,6 +394,8 @@ class JobKeys:
                 out.append(self.message_for(plan, iteration, "act", s, m))
                 out.append(self.message_for(plan, iteration, "grad", s - 1, m))
         out += [self.metrics(iteration, last, r) for r in range(plan.replicas[last])]
+        if clipped:
+            out += [self.norm(iteration, s) for s in range(plan.num_stages)]
         for s, d in enumerate(plan.replicas):
             if d == 1 or sizes[s] == 0:
                 continue

@@ -80,6 +80,8 @@ class Setup:
     flatten_inputs: Callable[[Any], tuple[Any, ...]] = lambda x: (x,)
     #: Whether the first stage takes one tensor (its input messages are one tensor, else several values).
     one_input: bool = True
+    #: The largest global gradient norm (the workers clip to it); ``None``: no clipping.
+    clip_grad_norm: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +197,7 @@ class Run:
                 signing_key=setup.signing_key,
                 run=self.job.keys.run,
                 on_nonfinite=self.fit.on_nonfinite,
+                clip_grad_norm=setup.clip_grad_norm,
             )
             self._handles.append(
                 setup.executor.launch(StageWorker, config.to_payload(), name=config.name, resources=resources)
@@ -417,7 +420,9 @@ class Run:
         of every stage owns a micro-batch of it, so each has finished reading
         (and sending) everything of this one.
         """
-        self.setup.storage.delete(self.job.keys.iteration_keys(iteration, self.setup.plan, self.setup.gradient_bytes))
+        setup = self.setup
+        clipped = setup.clip_grad_norm is not None
+        setup.storage.delete(self.job.keys.iteration_keys(iteration, setup.plan, setup.gradient_bytes, clipped=clipped))
 
     def _checkpoint_complete(self, iteration: int) -> None:
         """Every stage has its checkpoint before ``iteration`` of this attempt: the job's restore point."""
@@ -435,7 +440,9 @@ class Run:
         # Iterations before these were deleted as they finished (see _await).
         unfinished = range(max(self.first, fed_to - LOOKAHEAD - 2), fed_to)
         plan, sizes = self.setup.plan, self.setup.gradient_bytes
-        self.job.abandon(due, [key for i in unfinished for key in failed.iteration_keys(i, plan, sizes)])
+        clipped = self.setup.clip_grad_norm is not None
+        self.job.abandon(due, [key for i in unfinished
+                               for key in failed.iteration_keys(i, plan, sizes, clipped=clipped)])
         self._forget_replayed()
 
 

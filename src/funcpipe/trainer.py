@@ -201,6 +201,11 @@ class Trainer:
             total_steps=100)``; each stage builds one on its optimizer and steps it
             once per iteration, after the optimizer's step, as a plain loop does;
             its state is checkpointed (so resumed and retried runs continue it).
+        clip_grad_norm: clip the gradients by their norm over the whole model (every
+            stage's, after the replicas summed them) to at most this, as
+            ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)``
+            before every optimizer step: each stage writes its squared norm to
+            storage and reads the others' (one small object per stage and iteration).
     """
 
     def __init__(
@@ -217,8 +222,13 @@ class Trainer:
         job: str | None = None,
         cuts: Sequence[str] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        clip_grad_norm: float | None = None,
     ) -> None:
         _check_model(model, loss_fn, optimizer, plan)
+        if clip_grad_norm is not None and not _finite_positive(clip_grad_norm):
+            raise ConfigError(f"clip_grad_norm must be a positive finite number, got {clip_grad_norm!r}; hint: "
+                              "clip_grad_norm=1.0 clips the gradient of the whole model to a norm of at most 1")
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         if scheduler is not None and not callable(scheduler):
             raise ConfigError(f"scheduler must be callable (optimizer -> LRScheduler), got {type(scheduler).__name__}")
         self._stages = ModelStages(model, plan, cuts)
@@ -520,6 +530,7 @@ class Trainer:
             lease=self._lease,
             flatten_inputs=self._stages.flatten_inputs,
             one_input=is_one_tensor(self._stages.ports[0]),
+            clip_grad_norm=self.clip_grad_norm,
         )
 
 

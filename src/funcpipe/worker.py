@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from funcpipe import checkpoint, protocol, signed
+from funcpipe import binding, checkpoint, protocol, signed
 from funcpipe.collectives import Comm, all_reduce
 from funcpipe.errors import (
     CheckpointCorrupt,
@@ -143,6 +144,8 @@ class WorkerConfig:
     run: str = ""
     #: A NaN or infinite loss (last stage) or summed gradient: one of :data:`NONFINITE_POLICIES`.
     on_nonfinite: str = "raise"
+    #: Clip the gradients by their global norm over every stage to at most this (``None``: no clipping).
+    clip_grad_norm: float | None = None
 
     def to_payload(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -399,6 +402,8 @@ class StageWorker:
         """One optimizer step on the (summed) gradients, unless they are not finite (``on_nonfinite``)."""
         optimizer, synced = self.optimizer, self._synced
         self._synced = None
+        if self.config.clip_grad_norm is not None:
+            self._clip(iteration, self.config.clip_grad_norm)
         if optimizer is None:
             return
         if self.config.on_nonfinite == "ignore" or self._gradients_finite(synced):
@@ -413,6 +418,31 @@ class StageWorker:
         if self.scheduler is not None:  # once per iteration, a skipped step included (as the iterations count)
             with user_code(self.config.name, "the scheduler's step", iteration):
                 self.scheduler.step()
+
+    def _clip(self, iteration: int, max_norm: float) -> None:
+        """Scale the stage's (summed) gradient as ``torch.nn.utils.clip_grad_norm_`` over the whole model would.
+
+        Replica 0 of every stage writes its squared norm (0 for a stage with nothing to train); every worker
+        that trains reads all of them, so the replicas of a stage, which hold the same sum, scale alike.
+        """
+        grads = [p.grad for p in protocol.trainable(self.layers.parameters()) if p.grad is not None]
+        squared = float(sum(float(torch.sum(g.double() * g.double())) for g in grads))
+        config, plan, keys = self.config, self.plan, self.keys
+        if config.replica == 0:
+            key = keys.norm(iteration, config.stage)
+            self.storage.put(key, protocol.encode_norm(key, squared))
+        if not grads:
+            return
+        total = squared
+        for s in range(plan.num_stages):
+            if s != config.stage:
+                key = keys.norm(iteration, s)
+                read = functools.partial(protocol.decode_norm, key=key)
+                total += binding.wait(self.storage, key, config.timeout_s, read, cancelled=self._cancelled)
+        coef = max_norm / (math.sqrt(total) + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if coef < 1 or not math.isfinite(coef):
+            for g in grads:
+                g.mul_(coef)
 
     def _gradients_finite(self, synced: torch.Tensor | None) -> bool:
         """Whether every gradient of the stage is finite: one check over the flat sum, when replicas synced it."""
