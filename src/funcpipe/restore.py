@@ -288,8 +288,16 @@ class JobState:
             assert self.iteration == 0
             return
         assert self.point[0] == self.iteration
+        self.load_into(self.model, self.point)
+
+    def load_into(self, model: nn.Module, point: Point) -> None:
+        """Load the weights of checkpoint ``point`` (every stage's) into ``model`` (the trainer's, or a copy).
+
+        Raises:
+            CheckpointCorrupt: one fails its check (its MAC, header or key).
+        """
         merged: dict[str, torch.Tensor] = {}
-        for key in self.checkpoint_keys(self.point):
+        for key in self.checkpoint_keys(point):
             try:
                 state, _ = checkpoint.decode_state(self.storage.get(key), key=key)
             except IntegrityError as exc:
@@ -297,8 +305,8 @@ class JobState:
             merged.update(state)
         with torch.no_grad():
             # A traced model's stages hold what its forward uses: the rest of the model stays as it is.
-            strict = isinstance(self.model, nn.Sequential)
-            unexpected = self.model.load_state_dict(merged, strict=strict).unexpected_keys
+            strict = isinstance(model, nn.Sequential)
+            unexpected = model.load_state_dict(merged, strict=strict).unexpected_keys
         assert not unexpected, f"checkpoint keys {unexpected[:5]} are not the model's"  # stages keep the user's names
 
     def _write_manifest(self, *, finished: bool) -> None:

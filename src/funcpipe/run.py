@@ -106,6 +106,10 @@ class Fit:
     total: int
     checkpoint_every: int
     on_nonfinite: str = "raise"
+    #: Called with an iteration whose checkpoint every stage completed, to evaluate its weights
+    #: (every ``eval_every`` iterations and at the fit's end; ``None``: no evaluation).
+    evaluate: Callable[[int], None] | None = None
+    eval_every: int = 0
 
     @property
     def done(self) -> bool:
@@ -124,6 +128,7 @@ class Fit:
         """Forget what was measured from iteration ``restart`` on, to run it again."""
         done = restart - self.first
         del self.history.losses[done:], self.history.seconds[done:]
+        self.history.evals[:] = [(i, value) for i, value in self.history.evals if i <= restart]
         self.replay.rewind(restart)
         self.bar.n = done
         self.bar.refresh()
@@ -425,9 +430,15 @@ class Run:
         setup.storage.delete(self.job.keys.iteration_keys(iteration, setup.plan, setup.gradient_bytes, clipped=clipped))
 
     def _checkpoint_complete(self, iteration: int) -> None:
-        """Every stage has its checkpoint before ``iteration`` of this attempt: the job's restore point."""
+        """Every stage has its checkpoint before ``iteration`` of this attempt: the job's restore point
+        (and the weights an evaluation due there reads)."""
         self.job.complete((iteration, self.job.keys.attempt))
         self._forget_replayed()
+        fit = self.fit
+        end = fit.first + fit.total
+        due = iteration == end or (fit.eval_every and iteration % fit.eval_every == 0)
+        if fit.evaluate is not None and fit.first < iteration <= end and due:
+            fit.evaluate(iteration)
 
     def _forget_replayed(self) -> None:
         """Drop the batches no retry or fall-back can go back to: those before the oldest checkpoint kept."""

@@ -9,6 +9,7 @@ when one fails. The batches it feeds are checked and kept by :mod:`funcpipe.batc
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import itertools
 import logging
@@ -39,6 +40,7 @@ from funcpipe.errors import (
     JobUnfinished,
     NonFiniteTraining,
     StorageError,
+    UserCodeError,
     WorkerFailed,
 )
 from funcpipe.executors import Executor, get_executor
@@ -98,6 +100,7 @@ class History:
             function's) and its resident memory when the run began (``start_rss_bytes``).
         plan: the plan the run trained with (and its predictions, if it carries them).
         iterations_per_epoch: iterations of one pass over the data, when ``fit`` was given epochs.
+        evals: ``(iterations trained, metric)`` of each evaluation ``fit(eval_data=...)`` made.
     """
 
     losses: list[float] = dataclasses.field(default_factory=list)
@@ -105,6 +108,7 @@ class History:
     workers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     plan: Plan | None = None
     iterations_per_epoch: int | None = None
+    evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.losses)
@@ -139,6 +143,7 @@ class History:
             "stages": self.stage_summary(),
             "iterations_per_epoch": self.iterations_per_epoch,
             "plan": self.plan.to_dict() if self.plan is not None else None,
+            "evals": [list(entry) for entry in self.evals],
         }
 
     def __str__(self) -> str:
@@ -303,6 +308,9 @@ class Trainer:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         resume: bool = False,
         on_nonfinite: str = "raise",
+        eval_data: Iterable[Batch] | None = None,
+        eval_every: int | None = None,
+        eval_metric: Callable[[Any, torch.Tensor], Any] | None = None,
     ) -> History:
         """Train on global batches of ``(inputs, targets)``; a ``DataLoader`` works.
 
@@ -341,6 +349,15 @@ class Trainer:
                 on; each stage decides on its own gradient, but a NaN loss makes every
                 upstream gradient NaN too, so then every stage skips together.
                 ``"ignore"``: no checks (NaN losses end up in the history).
+            eval_data: batches of ``(inputs, targets)`` to evaluate the weights on, at the end of the
+                fit and every ``eval_every`` iterations: the driver loads the checkpoint of that
+                iteration into a copy of the model, in ``eval()`` mode and without gradients, and
+                appends ``(iteration, metric)`` to :attr:`History.evals`, the metric averaged over
+                the samples. Evaluating holds up the next iterations for as long as it takes.
+            eval_every: iterations between evaluations; a multiple of ``checkpoint_every``
+                (the weights are the checkpoint's). Default: only at the end.
+            eval_metric: ``eval_metric(output, targets)``, a number (or scalar tensor) that is a mean
+                over the batch, e.g. an accuracy. Default: ``loss_fn``.
 
         Raises:
             ConfigError: a malformed argument, no data or bad data (the first batch is
@@ -356,6 +373,8 @@ class Trainer:
                 that an iteration waited on for ``timeout_s`` (:class:`~funcpipe.WorkerTimeout`).
         """
         _check_fit_options(iterations, epochs, max_retries, checkpoint_every)
+        _check_eval_options(eval_data, eval_every, eval_metric, checkpoint_every)
+        self._eval = (eval_data, eval_every or 0, eval_metric or self.loss_fn)
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(
                 f"on_nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {on_nonfinite!r}"
@@ -402,8 +421,9 @@ class Trainer:
             job.begin_fit(fit_first, total + first - fit_first)
             with tqdm(total=total, disable=not progress, unit="it", desc="funcpipe") as bar:
                 try:
+                    evaluate = self._evaluator(history) if self._eval[0] is not None else None
                     self._train(Fit(Replay(batches, first), history, bar, first, total, checkpoint_every,
-                                    on_nonfinite), max_retries)
+                                    on_nonfinite, evaluate, self._eval[1]), max_retries)
                 except BaseException:
                     job.after_failure()
                     raise
@@ -411,6 +431,42 @@ class Trainer:
             return history
         finally:
             self._lease.release()
+
+    def _evaluator(self, history: History) -> Callable[[int], None]:
+        """What evaluates the weights of an iteration's checkpoint on ``eval_data`` into ``history.evals``."""
+        data, _, metric = self._eval
+        assert data is not None
+        copied = copy.deepcopy(self._model)
+
+        def evaluate(iteration: int) -> None:
+            if history.evals and history.evals[-1][0] == iteration:
+                return
+            self._job.load_into(copied, (iteration, self._job.keys.attempt))
+            copied.eval()
+            total, samples = 0.0, 0
+            with torch.no_grad():
+                for index, batch in enumerate(data):
+                    if not _is_pair(batch):
+                        raise ConfigError(f"eval batch {index} is a {type(batch).__name__}, not an (inputs, targets) "
+                                          "pair with a tensor of targets; hint: eval_data=[(test_x, test_y)]")
+                    inputs, targets = batch
+                    try:
+                        value = float(metric(_call(copied, inputs), targets))
+                    except Exception as exc:
+                        raise UserCodeError(
+                            f"evaluating after iteration {iteration}: eval batch {index} raised "
+                            f"{type(exc).__name__}: {exc}; hint: eval_metric(output, targets) returns a number, "
+                            "the mean over the batch (default: loss_fn)"
+                        ) from exc
+                    total += value * len(targets)
+                    samples += len(targets)
+            if not samples:
+                raise ConfigError("eval_data yielded no batch; hint: pass a list or a DataLoader that can be "
+                                  "iterated again (it is read at every evaluation)")
+            history.evals.append((iteration, total / samples))
+            log.info("evaluation after iteration %d: %.6g", iteration, total / samples)
+
+        return evaluate
 
     def _take_lease(self, resume: bool) -> None:
         """Hold the job's lease for the fit: one live run per job.
@@ -571,6 +627,42 @@ def _check_fit_options(iterations: int | None, epochs: int | None, max_retries: 
                                ("max_retries", max_retries, 0), ("checkpoint_every", checkpoint_every, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _check_eval_options(eval_data: object, eval_every: object, eval_metric: object, checkpoint_every: int) -> None:
+    """Refuse evaluation options that cannot work (before anything is launched)."""
+    if eval_data is None:
+        if eval_every is not None or eval_metric is not None:
+            raise ConfigError("eval_every and eval_metric need eval_data; hint: fit(..., eval_data=test_batches)")
+        return
+    if isinstance(eval_data, (torch.Tensor, str, bytes)) or not hasattr(eval_data, "__iter__"):
+        raise ConfigError(f"eval_data must be an iterable of (inputs, targets) batches, got {type(eval_data).__name__}"
+                          "; hint: eval_data=[(test_x, test_y)] or a DataLoader")
+    if eval_metric is not None and not callable(eval_metric):
+        raise ConfigError(f"eval_metric must be callable (output, targets) -> number, got {type(eval_metric).__name__}")
+    if eval_every is None:
+        return
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ConfigError(f"eval_every must be an integer >= 1, got {eval_every!r}")
+    if checkpoint_every == 0 or eval_every % checkpoint_every:
+        raise ConfigError(
+            f"eval_every={eval_every} is not a multiple of checkpoint_every={checkpoint_every}: an evaluation reads "
+            f"the weights of a checkpoint; hint: fit(..., checkpoint_every={eval_every}, eval_every={eval_every}), "
+            f"or a checkpoint_every that divides eval_every"
+        )
+
+
+def _is_pair(batch: object) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """The model on inputs as :meth:`Trainer.fit` takes them: a tensor, a tuple (``*inputs``) or a dict (``**``)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def _finite_positive(value: object) -> bool:
