@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -105,7 +107,11 @@ def assert_no_funcpipe_thread_left(within_s: float) -> None:
     deadline = time.monotonic() + within_s
     for thread in funcpipe_threads():
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert not funcpipe_threads(), [thread.name for thread in funcpipe_threads()]
+    left = funcpipe_threads()
+    frames = sys._current_frames()
+    # Where each one is, so that a thread left behind says what it waits for.
+    assert not left, "\n".join(f"{t.name}:\n{''.join(traceback.format_stack(frames[t.ident]))}" for t in left
+                                if t.ident in frames) or [t.name for t in left]
 
 
 class CreatesFile:
