@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import funcpipe
-from funcpipe import ConfigError, Plan, Trainer, simulate
+from funcpipe import ConfigError, History, Plan, Trainer, simulate
 from funcpipe.profiler import LayerProfile, ModelProfile
 from tests.helpers import mlp7, regression_batches
 
@@ -60,12 +60,12 @@ def test_pareto_bar_counts_its_solves(profile: ModelProfile, capsys: pytest.Capt
     assert capsys.readouterr().err == ""
 
 
-def fit(plan: Plan, capsys: pytest.CaptureFixture[str], *, progress: bool = True) -> tuple[str, int]:
+def fit(plan: Plan, capsys: pytest.CaptureFixture[str], *, progress: bool = True) -> tuple[str, History]:
     trainer = Trainer(mlp7(), nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.01), plan,
                       backend="thread", storage=f"memory://progress-{id(plan)}")
     capsys.readouterr()
     history = trainer.fit(regression_batches(5, 8), progress=progress)
-    return capsys.readouterr().err, len(history)
+    return capsys.readouterr().err, history
 
 
 def test_training_bar_shows_loss_seconds_and_dollars_so_far(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,13 +73,17 @@ def test_training_bar_shows_loss_seconds_and_dollars_so_far(capsys: pytest.Captu
     priced = simulate(Plan.manual([3, 4], micro_batch_size=4, global_batch_size=8),
                       ModelProfile((layer,) * 7, 32.0, 12.0), "aws_lambda").plan
     assert priced.predicted_cost_usd is not None
-    err, iterations = fit(priced, capsys)
+    err, history = fit(priced, capsys)
+    iterations = len(history)
     final = last_bar(err)
     assert final.startswith("funcpipe: 100%") and f"{iterations}/{iterations}" in final
     postfix = dict(item.split("=") for item in final.split("it/s, ")[-1].rstrip("]").split(", "))
     assert set(postfix) == {"loss", "s/it", "$"}
     assert float(postfix["$"]) == pytest.approx(iterations * priced.predicted_cost_usd, rel=1e-3)
-    assert float(postfix["s/it"]) > 0 and float(postfix["loss"]) > 0
+    # The last iteration's loss and seconds as the driver measured them (the seconds may round to 0.000: the
+    # last report can come right after the one before, the workers having run ahead).
+    assert postfix["s/it"] == f"{history.seconds[-1]:.3f}" and postfix["loss"] == f"{history.losses[-1]:.4f}"
+    assert float(postfix["loss"]) > 0
 
     err, _ = fit(Plan.manual([3, 4], micro_batch_size=4, global_batch_size=8), capsys)  # no price: no dollars
     assert "loss=" in last_bar(err) and "$=" not in err
