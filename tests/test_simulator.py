@@ -505,6 +505,27 @@ def test_lambdamls_runtime_reads_its_data_once_and_polls_by_listing() -> None:
         simulate(plan, profile, HAND, runtime="cached")
 
 
+def test_a_stored_data_set_downloads_nothing_per_iteration_and_a_serverless_run_adds_its_go_object() -> None:
+    # As the LambdaML case above: the shards are held, so no input or target comes down in an iteration,
+    # and the driver writes neither (put 3 -> 1: the report); on a serverless platform (not "file"
+    # storage) one go object more per iteration, read by stage 0's one replica.
+    profile = ModelProfile((layer(1.0, 2.0, update=0.5),), input_bytes_per_sample=1e5, target_bytes_per_sample=1e4)
+    plan = Plan.manual([1], micro_batch_size=4, global_batch_size=4, memory_mb=1024)
+    fed = simulate(plan, profile, HAND)
+    stored = simulate(plan, profile, HAND, data="stored")
+    assert fed.iteration_s - stored.iteration_s == pytest.approx((0.4 + 0.1) + (0.04 + 0.1))
+    assert not [s for s in stored.timeline.spans if s.lane == "download"]
+    assert stored.requests["put"] == 1 and stored.requests["get"] == 1
+    serverless = HAND.replace(storage="s3")
+    fed_s3, stored_s3 = simulate(plan, profile, serverless), simulate(plan, profile, serverless, data="stored")
+    beats = stored_s3.iteration_s / 5.0  # one worker's heartbeats, written and read
+    assert stored_s3.requests["put"] == pytest.approx(1 + 1 + beats)  # the report, the go object
+    assert stored_s3.requests["get"] == pytest.approx(1 + 1 + beats)
+    assert fed_s3.requests["put"] - fed_s3.iteration_s / 5.0 == pytest.approx(2 + 1)
+    with pytest.raises(ConfigError, match="data must be one of"):
+        simulate(plan, profile, HAND, data="cached")
+
+
 def test_polls_count_the_reads_before_an_object_exists_and_the_delay_after() -> None:
     from funcpipe.simulator import polls
 

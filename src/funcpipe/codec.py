@@ -18,7 +18,8 @@ from funcpipe.errors import ConfigError, IntegrityError
 from funcpipe.storage.base import Buffer  # bytes, or a read-only view of them: the readers here take either
 
 __all__ = [
-    "TensorBytes", "decode", "decode_tensor", "decode_values", "encode", "encode_parts", "encode_tensor",
+    "TensorBytes", "decode", "decode_tensor", "decode_values", "dtype_name", "dtype_of", "encode", "encode_parts",
+    "encode_tensor",
     "encode_tensor_parts", "encode_values_parts", "read_metadata", "read_tensor",
 ]
 
@@ -44,6 +45,31 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of ``dtype`` (``"F32"``, ``"I64"``, ...).
+
+    Raises:
+        ConfigError: a dtype funcpipe does not store (complex, float8, unsigned beyond uint8).
+    """
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise ConfigError(f"tensors of {dtype} cannot be stored; hint: one of "
+                          f"{', '.join(str(d) for d in _DTYPE_NAMES)}")
+    return name
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The dtype of a safetensors name :func:`dtype_name` gave.
+
+    Raises:
+        IntegrityError: not one of them (what storage held was not written by funcpipe).
+    """
+    dtype = _DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise IntegrityError(f"unknown tensor dtype {name!r}")
+    return dtype
+
+
 # safetensors stores little-endian; on a big-endian host let safetensors byte-swap.
 _LITTLE_ENDIAN = sys.byteorder == "little"
 

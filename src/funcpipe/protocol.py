@@ -376,24 +376,30 @@ class JobKeys:
         (:func:`encode_norm`; written by its replica 0, read by every worker that trains)."""
         return f"{self.iteration_prefix(iteration)}norm.s{stage}"
 
-    def iteration_keys(self, iteration: int, plan: Plan, sizes: Sequence[int], *, clipped: bool = False) -> list[str]:
+    def iteration_keys(self, iteration: int, plan: Plan, sizes: Sequence[int], *, clipped: bool = False,
+                       fed: bool = True, gated: bool = False) -> list[str]:
         """Every key the driver and the workers write for ``iteration`` of ``plan``.
 
         ``sizes[s]`` is :func:`gradient_bytes` of stage ``s``'s parameters (0: the stage
         has nothing to train, so it does not sync); ``clipped``: the gradients are clipped
-        by their global norm (each stage writes :meth:`norm`). The driver deletes a
+        by their global norm (each stage writes :meth:`norm`); ``fed``: the driver wrote the
+        inputs and targets (not a stored data set, :mod:`funcpipe.data`); ``gated``: it wrote the
+        iteration's :meth:`go` instead. The driver deletes a
         finished iteration by these keys — storage is never listed on the data
         path (some S3-compatible stores' listings are slow or differ).
         """
         last = plan.num_stages - 1
         out = []
         for m in range(plan.num_micro_batches):
-            out.append(self.message_for(plan, iteration, "input", 0, m))
-            out.append(self.message_for(plan, iteration, "target", last, m))
+            if fed:
+                out.append(self.message_for(plan, iteration, "input", 0, m))
+                out.append(self.message_for(plan, iteration, "target", last, m))
             for s in range(1, plan.num_stages):
                 out.append(self.message_for(plan, iteration, "act", s, m))
                 out.append(self.message_for(plan, iteration, "grad", s - 1, m))
         out += [self.metrics(iteration, last, r) for r in range(plan.replicas[last])]
+        if gated:
+            out.append(self.go(iteration))
         if clipped:
             out += [self.norm(iteration, s) for s in range(plan.num_stages)]
         for s, d in enumerate(plan.replicas):
@@ -405,6 +411,12 @@ class JobKeys:
                     out += [self.chunk(iteration, s, owner, sender, q) for sender in range(d) if sender != owner]
                     out.append(self.merged(iteration, s, owner, q))
         return out
+
+    def go(self, iteration: int) -> str:
+        """Written by the driver, when the workers read a stored data set and the run has a time budget,
+        to let stage 0 begin ``iteration``: it stands for the inputs the driver would otherwise feed, so
+        the stop object (:meth:`stop`) still ends every worker at one boundary."""
+        return f"{self.iteration_prefix(iteration)}go"
 
     def model_blob(self, stage: int) -> str:
         """The signed definition of one stage (layers, optimizer factory, loss)."""

@@ -29,6 +29,7 @@ from funcpipe.executors import Executor
 from funcpipe.executors.base import ActorHandle, CallGroup, Resources
 from funcpipe.lease import Lease
 from funcpipe.plans import Plan
+from funcpipe.protocol import JobKeys
 from funcpipe.restore import JobState
 from funcpipe.stall import find_stall
 from funcpipe.storage import Storage, WaitCancelled
@@ -82,6 +83,9 @@ class Setup:
     one_input: bool = True
     #: The largest global gradient norm (the workers clip to it); ``None``: no clipping.
     clip_grad_norm: float | None = None
+    #: The stored data set the workers read (:attr:`WorkerConfig.data`); ``None``: the driver feeds the batches.
+    data: dict[str, Any] | None = None
+    data_key: str = dataclasses.field(default="", repr=False)  # never logged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +93,7 @@ class Fit:
     """One call of :meth:`Trainer.fit`, as its runs see it.
 
     Attributes:
-        replay: its batches, by iteration.
+        replay: its batches, by iteration (``None``: the workers read a stored data set).
         history: what its runs measured so far.
         bar: its progress bar.
         first: the iteration it began at.
@@ -99,7 +103,7 @@ class Fit:
             (:data:`funcpipe.worker.NONFINITE_POLICIES`).
     """
 
-    replay: Replay
+    replay: Replay | None
     history: History
     bar: tqdm
     first: int
@@ -129,7 +133,8 @@ class Fit:
         done = restart - self.first
         del self.history.losses[done:], self.history.seconds[done:]
         self.history.evals[:] = [(i, value) for i, value in self.history.evals if i <= restart]
-        self.replay.rewind(restart)
+        if self.replay is not None:
+            self.replay.rewind(restart)
         self.bar.n = done
         self.bar.refresh()
 
@@ -203,6 +208,8 @@ class Run:
                 run=self.job.keys.run,
                 on_nonfinite=self.fit.on_nonfinite,
                 clip_grad_norm=setup.clip_grad_norm,
+                data=setup.data,
+                data_key=setup.data_key,
             )
             self._handles.append(
                 setup.executor.launch(StageWorker, config.to_payload(), name=config.name, resources=resources)
@@ -281,8 +288,18 @@ class Run:
         return time.monotonic() + (iteration - next_done + 1) * per_iteration > self._deadline
 
     def _feed(self, feeder: ThreadPoolExecutor) -> None:
-        """Upload the micro-batches of the run's next iteration: stage 0's inputs, the last stage's targets."""
+        """Upload the micro-batches of the run's next iteration: stage 0's inputs, the last stage's targets
+        (of a stored data set, the workers read them: only a gated run's go object)."""
         plan, iteration = self.setup.plan, self.first + self.fed
+        if self.setup.data is not None:
+            if self.setup.data["gated"]:
+                key = self.job.keys.go(iteration)
+                go = feeder.submit(self.setup.storage.put, key, binding.encode_json(key, {}))
+                go.add_done_callback(self._note_upload)
+                self._uploads.append(go)
+            self.fed += 1
+            return
+        assert self.fit.replay is not None
         batch = self.fit.replay.get(iteration)
         if batch is None:
             raise ConfigError(
@@ -425,9 +442,14 @@ class Run:
         of every stage owns a micro-batch of it, so each has finished reading
         (and sending) everything of this one.
         """
-        setup = self.setup
+        self.setup.storage.delete(self._iteration_keys(self.job.keys, iteration))
+
+    def _iteration_keys(self, keys: JobKeys, iteration: int) -> list[str]:
+        """Every key of ``iteration`` under ``keys`` (:meth:`JobKeys.iteration_keys`)."""
+        setup, data = self.setup, self.setup.data
         clipped = setup.clip_grad_norm is not None
-        setup.storage.delete(self.job.keys.iteration_keys(iteration, setup.plan, setup.gradient_bytes, clipped=clipped))
+        return keys.iteration_keys(iteration, setup.plan, setup.gradient_bytes, clipped=clipped,
+                                   fed=data is None, gated=data is not None and data["gated"])
 
     def _checkpoint_complete(self, iteration: int) -> None:
         """Every stage has its checkpoint before ``iteration`` of this attempt: the job's restore point
@@ -442,7 +464,8 @@ class Run:
 
     def _forget_replayed(self) -> None:
         """Drop the batches no retry or fall-back can go back to: those before the oldest checkpoint kept."""
-        self.fit.replay.forget_before(max(self.fit.first, self.job.oldest_kept_iteration))
+        if self.fit.replay is not None:
+            self.fit.replay.forget_before(max(self.fit.first, self.job.oldest_kept_iteration))
 
     def _abandon(self) -> None:
         """Move the job past this run's failed attempt, keeping its newest complete checkpoint."""
@@ -450,10 +473,7 @@ class Run:
         due = [i for i in range(self.first + 1, fed_to + 1) if self.fit.checkpoint_due(i)]
         # Iterations before these were deleted as they finished (see _await).
         unfinished = range(max(self.first, fed_to - LOOKAHEAD - 2), fed_to)
-        plan, sizes = self.setup.plan, self.setup.gradient_bytes
-        clipped = self.setup.clip_grad_norm is not None
-        self.job.abandon(due, [key for i in unfinished
-                               for key in failed.iteration_keys(i, plan, sizes, clipped=clipped)])
+        self.job.abandon(due, [key for i in unfinished for key in self._iteration_keys(failed, i)])
         self._forget_replayed()
 
 

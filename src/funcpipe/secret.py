@@ -29,7 +29,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["ENV", "HOME_ENV", "job_key", "master_secret", "secret_path"]
+__all__ = ["ENV", "HOME_ENV", "data_key", "job_key", "master_secret", "secret_path"]
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +91,9 @@ def _ephemeral(why: str) -> bytes:
 def job_key(job: str) -> str:
     """The key of ``job``, as hex: HMAC-SHA256 of its name under the master secret."""
     return hmac.new(master_secret(), b"funcpipe-job\0" + job.encode(), hashlib.sha256).hexdigest()
+
+
+def data_key(name: str) -> str:
+    """The key of the stored data set ``name`` (:mod:`funcpipe.data`), as hex: HMAC-SHA256 of its name
+    under the master secret, apart from every job's key."""
+    return hmac.new(master_secret(), b"funcpipe-data\0" + name.encode(), hashlib.sha256).hexdigest()

@@ -161,6 +161,8 @@ class Simulation:
 #:   without sleeping (one LIST per round trip), deletes each share it read, and a batch
 #:   delete (after a LIST) clears the merged chunks; no driver, reports or heartbeats.
 RUNTIMES = ("funcpipe", "lambdaml")
+#: Where funcpipe's workers get their inputs and targets (``simulate(..., data=...)``).
+DATA_SOURCES = ("fed", "stored")
 #: funcpipe's serverless executors' default heartbeat (``Timing.heartbeat_s``).
 HEARTBEAT_S = 5.0
 #: Keys per batch delete (S3's DeleteObjects and OSS's DeleteMultipleObjects take 1,000).
@@ -170,7 +172,7 @@ REQUEST_KINDS = ("put", "get", "miss", "list", "delete")
 
 
 def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, overlap: bool = True,
-             runtime: str = "funcpipe") -> Simulation:
+             runtime: str = "funcpipe", data: str = "fed") -> Simulation:
     """Replay one iteration of ``plan`` on ``platform`` with the profile's durations.
 
     Args:
@@ -185,6 +187,12 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
             their data, poll and clean up, which sets the requests counted
             (:attr:`Simulation.requests`) and the delay between an object's arrival and the
             poll that finds it. ``formula_s`` stays funcpipe's formula, without polls.
+        data: ``"fed"`` (the driver writes every micro-batch's inputs and targets, which stage 0
+            and the last stage download) or ``"stored"`` (:data:`DATA_SOURCES`; a data set in storage,
+            :mod:`funcpipe.data`: each worker holds the shards it read, so in the steady state an
+            iteration downloads no inputs or targets; on a serverless platform the driver writes one
+            go object per iteration, which stage 0's replicas read). The first reads of a call, one
+            per shard, are not in an iteration: :func:`funcpipe.data` documents them.
 
     Raises:
         ConfigError: the plan and the profile disagree, or the platform is unknown.
@@ -194,18 +202,22 @@ def simulate(plan: Plan, profile: ModelProfile, platform: Platform | str, *, ove
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}; hint: 'funcpipe' is how "
                           "Trainer runs a plan, 'lambdaml' how LambdaML's workers run")
+    if data not in DATA_SOURCES:
+        raise ConfigError(f"data must be one of {list(DATA_SOURCES)}, got {data!r}; hint: 'fed' when fit is given "
+                          "batches, 'stored' for a data set uploaded with funcpipe.data.upload")
+    held = runtime == "lambdaml" or data == "stored"
     stages = costmodel.stage_costs(profile, spec, plan)
     if plan.memory_mb is None:
         plan = dataclasses.replace(plan, memory_mb=tuple(st.tier.memory_mb for st in stages))
     counts = dict.fromkeys(REQUEST_KINDS, 0.0)
-    spans, ends = _replay(stages, spec, plan, overlap, runtime=runtime, counts=counts)
+    spans, ends = _replay(stages, spec, plan, overlap, runtime=runtime, counts=counts, held=held)
     iteration_s = max(ends.values())
     timeline = Timeline(tuple(spans), iteration_s)
     busy = {(st.stage, r): dict.fromkeys(("compute", "sync", "upload", "download"), 0.0)
             for st in stages for r in range(st.replicas)}
     for span in spans:
         busy[(span.stage, span.replica)]["sync" if span.label == "sync" else span.lane] += span.end - span.start
-    _count_the_rest(counts, stages, spec, plan, iteration_s, runtime)
+    _count_the_rest(counts, stages, spec, plan, iteration_s, runtime, held)
     if runtime == "funcpipe":  # while its compute thread waits, a worker reads the abort and stop objects
         idle = sum(max(0.0, iteration_s - b["compute"] - b["sync"]) for b in busy.values())
         counts["miss"] += 2 * idle / ABORT_CHECK_S
@@ -274,10 +286,10 @@ def polls(wait_s: float, latency_s: float, initial_s: float, max_s: float) -> tu
 
 
 def _count_the_rest(counts: dict[str, float], stages: Sequence[StageCost], platform: Platform, plan: Plan,
-                    iteration_s: float, runtime: str) -> None:
+                    iteration_s: float, runtime: str, held: bool = False) -> None:
     """Add the requests the replay does not see object by object: its messages and pieces' writes and
     reads, the driver's and the runtime's own (stop reads, reports, heartbeats, deletes)."""
-    writes, reads = costmodel.requests_per_iteration(stages, plan, fed=runtime == "funcpipe")
+    writes, reads = costmodel.requests_per_iteration(stages, plan, fed=not held)
     workers = sum(st.replicas for st in stages)
     last = stages[-1].replicas
     if runtime == "lambdaml":
@@ -297,6 +309,9 @@ def _count_the_rest(counts: dict[str, float], stages: Sequence[StageCost], platf
             beats = workers * iteration_s / HEARTBEAT_S
             counts["put"] += beats
             counts["get"] += beats
+            if held:  # a stored data set: the driver's go object, read by every replica of stage 0
+                counts["put"] += 1
+                counts["get"] += stages[0].replicas
     counts["put"] += writes
     counts["get"] += reads
 
@@ -392,7 +407,7 @@ class _Item:
 
 def _replay(
     stages: Sequence[StageCost], platform: Platform, plan: Plan, overlap: bool, *, runtime: str,
-    counts: dict[str, float],
+    counts: dict[str, float], held: bool = False,
 ) -> tuple[list[Span], dict[tuple[int, int], float]]:
     engine = _Engine()
     objects: dict[tuple[Any, ...], _Signal] = {}
@@ -413,7 +428,8 @@ def _replay(
 
     for st in stages:
         for r in range(st.replicas):
-            _Worker(engine, obj, spans, ends, st, r, stages, plan, platform, count, overlap, runtime, counts).start()
+            _Worker(engine, obj, spans, ends, st, r, stages, plan, platform, count, overlap, runtime, counts,
+                    held).start()
     engine.run()
     missing = [(st.stage, r) for st in stages for r in range(st.replicas) if (st.stage, r) not in ends]
     if missing:  # pragma: no cover - a schedule bug, not a user error
@@ -439,11 +455,14 @@ class _Worker:
         overlap: bool,
         runtime: str,
         counts: dict[str, float],
+        held: bool = False,
     ) -> None:
         self.engine, self.obj, self.spans, self.ends = engine, obj, spans, ends
         self.overlap = overlap
         # LambdaML's runtime: inputs and targets already in memory, the four-phase waits LIST in a loop.
         self.lambdaml = runtime == "lambdaml"
+        # Inputs and targets already in memory: LambdaML's, or a stored data set's shards held.
+        self.held = held
         self.platform, self.counts = platform, counts
         self.st, self.replica, self.plan, self.lat = st, replica, plan, platform.latency_s
         self.s = st.stage
@@ -469,7 +488,7 @@ class _Worker:
         for op, m in self.tasks:
             if op in _RECEIVES:
                 key = self._received_key(op, m)
-                if self.lambdaml and key[0] in ("input", "target"):
+                if self.held and key[0] in ("input", "target"):
                     self.received[key] = self.obj(key)  # the driver's objects: there from the start
                     continue
                 nbytes = {"recv": st.input_bytes, "recv_target": st.target_bytes, "recv_grad": st.output_grad_bytes}[op]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from funcpipe import data as stored_data
 from funcpipe import secret, signed
 from funcpipe.batches import Batch, Replay, check_batch, micro_batches, model_input_dtype, training_batches
 from funcpipe.errors import (
@@ -271,6 +272,8 @@ class Trainer:
         self._job = JobState(self._raw_storage, plan, model, JobKeys(name, 0, self.run_id), named=job is not None)
         self._use_job(name)
         self._uploaded = False  # the signed stage definitions are in storage
+        self._data: dict[str, Any] | None = None  # the stored data set a fit reads (WorkerConfig.data)
+        self._data_order: tuple[bool, int] = (True, 0)
         self._fit_lock = threading.Lock()
 
     def _use_job(self, name: str) -> None:
@@ -299,7 +302,7 @@ class Trainer:
 
     def fit(
         self,
-        data: Iterable[Batch],
+        data: Iterable[Batch] | stored_data.StoredDataset,
         *,
         iterations: int | None = None,
         epochs: int | None = None,
@@ -311,13 +314,18 @@ class Trainer:
         eval_data: Iterable[Batch] | None = None,
         eval_every: int | None = None,
         eval_metric: Callable[[Any, torch.Tensor], Any] | None = None,
+        shuffle: bool | None = None,
+        seed: int | None = None,
     ) -> History:
         """Train on global batches of ``(inputs, targets)``; a ``DataLoader`` works.
 
         Args:
             data: an iterable of global batches of ``plan.global_batch_size`` samples: ``inputs`` as
                 the model takes them (a tensor, a tuple for ``model(*inputs)``, a dict for
-                ``model(**inputs)``, each tensor with the samples on dim 0), ``targets`` a tensor.
+                ``model(**inputs)``, each tensor with the samples on dim 0), ``targets`` a tensor;
+                the driver uploads each iteration's micro-batches. Or a data set in storage
+                (:func:`funcpipe.data.upload`): stage 0 reads the inputs of its micro-batches and the
+                last stage their targets, and the driver writes no data.
             iterations: optimizer steps to take, cycling over ``data`` if needed.
             epochs: passes over ``data`` (default 1 when ``iterations`` is not given).
             progress: show a progress bar.
@@ -358,6 +366,9 @@ class Trainer:
                 (the weights are the checkpoint's). Default: only at the end.
             eval_metric: ``eval_metric(output, targets)``, a number (or scalar tensor) that is a mean
                 over the batch, e.g. an accuracy. Default: ``loss_fn``.
+            shuffle: with a stored data set, whether each epoch takes its samples in a fresh random
+                order (default ``True``; :meth:`funcpipe.data.StoredDataset.order` gives it).
+            seed: with a stored data set, the seed of those orders (default 0).
 
         Raises:
             ConfigError: a malformed argument, no data or bad data (the first batch is
@@ -373,6 +384,7 @@ class Trainer:
                 that an iteration waited on for ``timeout_s`` (:class:`~funcpipe.WorkerTimeout`).
         """
         _check_fit_options(iterations, epochs, max_retries, checkpoint_every)
+        data_order = _check_data_options(data, shuffle, seed)
         _check_eval_options(eval_data, eval_every, eval_metric, checkpoint_every)
         self._eval = (eval_data, eval_every or 0, eval_metric or self.loss_fn)
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -386,18 +398,26 @@ class Trainer:
                 "Trainer (with its own job name) for a second model"
             )
         try:
+            self._data_order = data_order
             return self._fit(data, iterations, epochs, progress, max_retries, checkpoint_every, resume, on_nonfinite)
         finally:
             self._fit_lock.release()
 
     def _fit(
-        self, data: Iterable[Batch], iterations: int | None, epochs: int | None, progress: bool, max_retries: int,
-        checkpoint_every: int, resume: bool, on_nonfinite: str,
+        self, data: Iterable[Batch] | stored_data.StoredDataset, iterations: int | None, epochs: int | None,
+        progress: bool, max_retries: int, checkpoint_every: int, resume: bool, on_nonfinite: str,
     ) -> History:
         if not resume:
             self._check_not_cleaned()
         job = self._job
-        batches, total = training_batches(data, iterations, epochs or 1)
+        stored = data if isinstance(data, stored_data.StoredDataset) else None
+        if isinstance(data, stored_data.StoredDataset):
+            stored_data.check_fits(data, self.plan.global_batch_size, self.plan.memory_mb,
+                                   self.executor.check_storage)
+            batches: Iterator[Batch] = iter(())  # the workers read them
+            total = stored_data.fit_iterations(data, epochs, iterations)
+        else:
+            batches, total = training_batches(data, iterations, epochs or 1)
         history = History(plan=self.plan, iterations_per_epoch=total // (epochs or 1) if iterations is None else None)
         if resume and not job.named:  # the most recently updated unfinished job in storage
             self._use_job(find_job(self.storage, None).job)
@@ -412,17 +432,21 @@ class Trainer:
                 batches, fit_first, total = itertools.islice(batches, done, None), job.iteration - done, total - done
             if total == 0:
                 if not resume:
-                    raise _no_batches(data, self.plan.global_batch_size)
+                    raise _no_batches(data, self.plan.global_batch_size)  # type: ignore[arg-type]  # fed data
                 return history
             first = job.iteration
-            batches = self._first_checked(batches, total)
+            if stored is not None:
+                self._data = self._first_stored(stored, first, first - fit_first)
+            else:
+                batches = self._first_checked(batches, total)
             if not self._uploaded:
                 self._upload_definitions()
             job.begin_fit(fit_first, total + first - fit_first)
             with tqdm(total=total, disable=not progress, unit="it", desc="funcpipe") as bar:
                 try:
                     evaluate = self._evaluator(history) if self._eval[0] is not None else None
-                    self._train(Fit(Replay(batches, first), history, bar, first, total, checkpoint_every,
+                    replay = Replay(batches, first) if stored is None else None
+                    self._train(Fit(replay, history, bar, first, total, checkpoint_every,
                                     on_nonfinite, evaluate, self._eval[1]), max_retries)
                 except BaseException:
                     job.after_failure()
@@ -430,6 +454,7 @@ class Trainer:
             job.finish(first + len(history))
             return history
         finally:
+            self._data = None
             self._lease.release()
 
     def _evaluator(self, history: History) -> Callable[[int], None]:
@@ -522,6 +547,37 @@ class Trainer:
         self._stages.flatten_inputs(inputs)  # the inputs' structure is the one the model was split with
         return itertools.chain([head], batches)
 
+    def _first_stored(self, stored: stored_data.StoredDataset, first: int, k: int) -> dict[str, Any]:
+        """What the workers read ``stored`` with (:attr:`WorkerConfig.data`), once the first micro-batch
+        of the fit's batch ``k`` (iteration ``first``), read from storage, was checked (and a traced
+        model split on it) as :meth:`_first_checked` checks a fed one."""
+        shuffle, seed = self._data_order
+        reader = stored_data.Reader(stored_data.data_storage(stored.url, stored.name), stored.to_spec(),
+                                    parts=("inputs", "targets"))
+        try:
+            micro = self.plan.micro_batch_size
+            indices = reader.batch_indices(k, shuffle, seed)[:micro]
+            leaves, targets = reader.input_leaves(indices), reader.targets(indices)
+        finally:
+            reader.storage.close()
+        inputs = stored_data.rebuild(stored.structure, [leaves[leaf.name] for leaf in stored.inputs])
+        check_batch((inputs, targets), micro, first, self._input_dtype)
+        if not self._stages.ready:
+            self._stages.build(inputs, targets, self.loss_fn)
+            self._stages.check_optimizer(self.optimizer, self.scheduler)
+        by_identity = {id(tensor): name for name, tensor in leaves.items()}
+        flat = self._stages.flatten_inputs(inputs)
+        ports = [by_identity.get(id(value)) for value in flat]
+        if None in ports:  # the first stage takes something other than the data set's own tensors
+            raise ConfigError(
+                f"the model's first stage takes {len(flat)} values that are not the stored data set's input "
+                f"tensors ({', '.join(leaf.name for leaf in stored.inputs)}); hint: feed the data from the "
+                "driver, fit(data_loader)"
+            )
+        gated = self.executor.call_budget_s is not None
+        return {**stored.to_spec(), "first": first - k, "shuffle": shuffle, "seed": seed, "ports": ports,
+                "gated": gated}
+
     def _upload_definitions(self) -> None:
         for stage in range(self.plan.num_stages):
             definition = self._stages.definition(stage, self.optimizer, self.loss_fn, self.scheduler)
@@ -587,6 +643,8 @@ class Trainer:
             flatten_inputs=self._stages.flatten_inputs,
             one_input=is_one_tensor(self._stages.ports[0]),
             clip_grad_norm=self.clip_grad_norm,
+            data=self._data,
+            data_key=secret.data_key(self._data["name"]) if self._data is not None else "",
         )
 
 
@@ -650,6 +708,28 @@ def _check_eval_options(eval_data: object, eval_every: object, eval_metric: obje
             f"the weights of a checkpoint; hint: fit(..., checkpoint_every={eval_every}, eval_every={eval_every}), "
             f"or a checkpoint_every that divides eval_every"
         )
+
+
+def _check_data_options(data: object, shuffle: object, seed: object) -> tuple[bool, int]:
+    """``(shuffle, seed)`` of a fit on a stored data set (defaults ``True``, 0).
+
+    Raises:
+        ConfigError: they are given for data the driver feeds (its order is the data's own), or are
+            not a bool and an int.
+    """
+    if not isinstance(data, stored_data.StoredDataset):
+        if shuffle is not None or seed is not None:
+            raise ConfigError(
+                "shuffle= and seed= order a stored data set (funcpipe.data.upload); data the driver feeds is "
+                "trained on in the order it yields; hint: DataLoader(..., shuffle=True, generator=...) for that, "
+                "or upload it"
+            )
+        return True, 0
+    if shuffle is not None and not isinstance(shuffle, bool):
+        raise ConfigError(f"shuffle must be True or False, got {shuffle!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    return (True if shuffle is None else shuffle), (seed or 0)
 
 
 def _is_pair(batch: object) -> bool:

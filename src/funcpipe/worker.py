@@ -28,6 +28,7 @@ from torch import nn
 
 from funcpipe import binding, checkpoint, protocol, signed
 from funcpipe.collectives import Comm, all_reduce
+from funcpipe.data import Reader
 from funcpipe.errors import (
     CheckpointCorrupt,
     ConfigError,
@@ -146,6 +147,14 @@ class WorkerConfig:
     on_nonfinite: str = "raise"
     #: Clip the gradients by their global norm over every stage to at most this (``None``: no clipping).
     clip_grad_norm: float | None = None
+    #: A stored data set stage 0 and the last stage read their micro-batches from
+    #: (:meth:`funcpipe.data.StoredDataset.to_spec`, plus ``first``: the fit's first iteration,
+    #: ``shuffle``, ``seed``, ``ports``: the input leaves in the order stage 0 takes them, and
+    #: ``gated``: stage 0 waits for the driver's :meth:`JobKeys.go` before each iteration);
+    #: ``None``: the driver feeds them.
+    data: dict[str, Any] | None = None
+    #: The key the stored data set's objects are authenticated under (:func:`funcpipe.secret.data_key`).
+    data_key: str = dataclasses.field(default="", repr=False)  # never logged
 
     def to_payload(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -305,7 +314,31 @@ class StageWorker:
             self.storage, self._upload, self._download, config.timeout_s, self._cancelled, fetch, push,
             on_failure=self._upload_failed,
         )
+        self.data: Reader | None = None
+        last = config.stage == self.plan.num_stages - 1
+        if config.data is not None and (config.stage == 0 or last):
+            parts = [part for part, reads in (("inputs", config.stage == 0), ("targets", last)) if reads]
+            store = AuthenticatedStorage(open_storage(config.data["url"]), config.data_key)
+            self.data = Reader(store, config.data, parts)
+        self._gone = -1  # the last iteration the driver's go object was seen for
         self._ready = True
+
+    def _stored(self, part: str, iteration: int, m: int) -> Any:
+        """Micro-batch ``m`` of ``iteration``: its inputs (as stage 0 takes them) or targets, from the stored
+        data set; stage 0 first waits for the iteration's go object when the run is gated."""
+        spec, reader = self.config.data, self.data
+        assert spec is not None and reader is not None
+        if part == "inputs" and spec["gated"] and self._gone != iteration:
+            key = self.keys.go(iteration)
+            binding.wait(self.storage, key, self.config.timeout_s, lambda data: binding.decode_json(data, key),
+                         cancelled=self._cancelled)
+            self._gone = iteration
+        indices = reader.micro_batch_indices(iteration, m, self.plan.micro_batch_size, spec["shuffle"], spec["seed"])
+        if part == "targets":
+            return reader.targets(indices)
+        leaves = reader.input_leaves(indices)
+        values = tuple(leaves[name] for name in spec["ports"])
+        return values[0] if is_one_tensor(self.ports_in) else values
 
     def _checkpoint_due(self, iteration: int) -> bool:
         every = self.config.checkpoint_every
@@ -522,10 +555,17 @@ class _Iteration:
     def do(self, task: Task) -> None:
         op, m = task
         ports_in, ports_out = self.worker.ports_in, self.worker.ports_out
+        worker = self.worker
         if op == "recv":
-            self.inputs[m] = self._recv("input" if self.first else "act", m, ports_in)
+            if self.first and worker.data is not None:
+                self.inputs[m] = worker._download.submit(worker._stored, "inputs", self.iteration, m)
+            else:
+                self.inputs[m] = self._recv("input" if self.first else "act", m, ports_in)
         elif op == "recv_target":
-            self.targets[m] = self._recv("target", m, ONE_TENSOR)
+            if worker.data is not None:
+                self.targets[m] = worker._download.submit(worker._stored, "targets", self.iteration, m)
+            else:
+                self.targets[m] = self._recv("target", m, ONE_TENSOR)
         elif op == "recv_grad":
             self.grads[m] = self._recv("grad", m, ports_out)
         elif op == "forward":

@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
+import torch
 from torch import nn
 
 from funcpipe import (
@@ -23,6 +24,7 @@ from funcpipe import (
     WorkerNotStarted,
     WorkerSilent,
     WorkerTimeout,
+    data,
     protocol,
 )
 from funcpipe.backends import AWSLambda, Timing
@@ -114,6 +116,22 @@ def test_training_on_lambda_equals_plain_pytorch(fake_lambda: FakeLambda, bucket
     invocations = fake_lambda.invocations[before:]
     assert [i.function for i in invocations] == [FUNCTION] * 3
     assert all(i.outcome == "response" for i in invocations), fake_lambda.errors
+
+
+def test_workers_on_lambda_read_a_stored_data_set_from_s3(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+    # A run on Lambda has a time budget: the driver writes one go object per iteration, and no data.
+    x, y = torch.randn(20, 8, generator=torch.Generator().manual_seed(5)), torch.randn(20, 3)
+    url = bucket.url("stored")
+    stored = data.upload((x, y), url, global_batch_size=8)
+    order = [data.order(20, epoch, seed=4) for epoch in range(2)]
+    batches = [(x[o[j * 8:(j + 1) * 8]], y[o[j * 8:(j + 1) * 8]]) for o in order for j in range(2)]
+    model = mlp7()
+    expected = plain_training(model, nn.functional.mse_loss, SGD_MOMENTUM, batches)
+    trainer = Trainer(model, nn.functional.mse_loss, SGD_MOMENTUM, two_stage_plan(), backend=executor(fake_lambda),
+                      storage=url)
+    history = trainer.fit(stored, epochs=2, seed=4, progress=False)
+    assert len(history) == 4
+    assert_same_parameters(trainer.model, expected)
 
 
 def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, bucket: Bucket) -> None:
