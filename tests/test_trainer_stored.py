@@ -7,7 +7,12 @@ independent computation.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
@@ -243,3 +248,39 @@ def test_bad_order_options_are_named(kwargs: dict[str, Any], match: str) -> None
     trainer, _ = spy_trainer()
     with pytest.raises(ConfigError, match=match):
         trainer.fit(stored, progress=False, **kwargs)
+
+
+KILLED_DRIVER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from torch import nn
+    from funcpipe import Plan, Trainer, data
+    from tests.helpers import mlp7, sgd_momentum
+    from tests.test_trainer_recovery import FailsOnce
+
+    url, marker = sys.argv[1], Path(sys.argv[2])
+    plan = Plan.manual([2, 3, 3], replicas=[1, 2, 1], micro_batch_size=2, global_batch_size=8)
+    # The thread backend runs the workers in this process: the fault kills the driver with them.
+    model = nn.Sequential(*mlp7(), FailsOnce(marker, after=4 * 4, kill=True))  # in iteration 4
+    trainer = Trainer(model, nn.functional.mse_loss, sgd_momentum, plan, backend="thread", storage=url,
+                      job="killed-stored")
+    trainer.fit(data.open_stored(url, "samples"), epochs=2, seed=3, progress=False, checkpoint_every=2)
+""")
+
+
+def test_a_driver_killed_mid_fit_is_resumed_on_the_same_samples(tmp_path: Path) -> None:
+    x, y = regression_samples()
+    url = (tmp_path / "store").as_uri()
+    stored = data.upload((x, y), url, global_batch_size=8, name="samples")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", KILLED_DRIVER, url, str(tmp_path / "killed")], env=env,
+                          capture_output=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    plan = Plan.manual([2, 3, 3], replicas=[1, 2, 1], micro_batch_size=2, global_batch_size=8)
+    model = nn.Sequential(*mlp7(), FailsOnce(tmp_path / "killed", after=0))  # its marker is there: no fault
+    trainer = Trainer(model, nn.functional.mse_loss, sgd_momentum, plan, backend="thread", storage=url,
+                      job="killed-stored")
+    history = trainer.fit(stored, epochs=2, seed=3, progress=False, checkpoint_every=2, resume=True)
+    assert len(history) == 4  # from the checkpoint before iteration 2, the last the driver saw complete
+    expected = plain_training(mlp7(), nn.functional.mse_loss, sgd_momentum, ordered_batches(x, y, 2, 3))
+    assert_same_parameters(nn.Sequential(*list(trainer.model)[:7]), expected)
