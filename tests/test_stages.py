@@ -243,3 +243,83 @@ def test_a_stage_whose_output_does_not_depend_on_its_input_sends_back_no_gradien
     torch.testing.assert_close(model[0].weight.detach(), first)  # no gradient reached it, as in plain PyTorch
     for p, q in zip(model.parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6)
+
+
+# -- an nn.Sequential's first micro-batch, run on the driver before launch (issue 19) -------------------
+
+
+def spied_sequential(model: nn.Sequential, balance: list[int]) -> tuple[Trainer, SpyExecutor]:
+    spy = SpyExecutor(ThreadExecutor())
+    plan = Plan.manual(balance, micro_batch_size=BATCH, global_batch_size=2 * BATCH)
+    return Trainer(model, nn.functional.cross_entropy, sgd_momentum, plan, backend=spy,
+                   storage="memory://sequential-checks"), spy
+
+
+def digits_like() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_inputs_of_the_wrong_feature_size_name_the_stage_the_layer_and_the_shape() -> None:
+    trainer, spy = spied_sequential(digits_like(), [2, 3])
+    batch = (torch.randn(2 * BATCH, 9), torch.randint(0, 3, (2 * BATCH,)))
+    with pytest.raises(ConfigError, match=r"stage 0, layer 0 \(Linear\) raised RuntimeError: mat1 and mat2 shapes "
+                                          r".*given a tensor of shape \(4, 9\).*hint: .*model\[:1\]\(x\)"):
+        trainer.fit([batch], progress=False)
+    assert spy.launched == []
+
+
+def test_a_layer_of_a_later_stage_that_does_not_fit_is_named() -> None:
+    model = digits_like()
+    model[4] = nn.Linear(15, 3)  # the layer before gives 16 features
+    trainer, spy = spied_sequential(model, [2, 3])
+    batch = (torch.randn(2 * BATCH, 8), torch.randint(0, 3, (2 * BATCH,)))
+    with pytest.raises(ConfigError, match=r"stage 1, layer 4 \(Linear\).*shape \(4, 16\)"):
+        trainer.fit([batch], progress=False)
+    assert spy.launched == []
+
+
+def test_float_targets_for_cross_entropy_are_named_with_their_dtype() -> None:
+    trainer, spy = spied_sequential(digits_like(), [2, 3])
+    batch = (torch.randn(2 * BATCH, 8), torch.rand(2 * BATCH))
+    with pytest.raises(ConfigError, match=r"loss_fn cannot take .*targets of shape \(4,\) \(torch\.float32\).*"
+                                          r"targets\.long\(\)"):
+        trainer.fit([batch], progress=False)
+    assert spy.launched == []
+
+
+def test_a_data_loader_with_a_short_last_batch_is_named_before_launch() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer, spy = spied_sequential(digits_like(), [2, 3])
+    data = TensorDataset(torch.randn(20, 8), torch.randint(0, 3, (20,)))
+    with pytest.raises(ConfigError, match=r"20 samples, which batches of 8 do not divide: its last batch would "
+                                          r"hold 4.*drop_last=True"):
+        trainer.fit(DataLoader(data, batch_size=8), progress=False)
+    assert spy.launched == []
+    history = trainer.fit(DataLoader(data, batch_size=8, drop_last=True), progress=False)
+    assert len(history) == 2
+
+
+class CountsCalls(nn.Module):
+    """Identity that counts its calls (state of its own, which the driver's check must not upload)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x
+
+
+def test_the_check_runs_after_the_upload_so_state_a_layer_keeps_is_uploaded_as_it_was() -> None:
+    from funcpipe import signed
+
+    model = nn.Sequential(*digits_like(), CountsCalls())
+    trainer, _ = spied_sequential(model, [2, 4])
+    trainer.fit([(torch.randn(2 * BATCH, 8), torch.randint(0, 3, (2 * BATCH,)))], progress=False)
+    assert model[5].calls == 1  # the driver's check called it once
+    key = trainer.keys.model_blob(1)
+    definition = signed.unseal(trainer.storage.get(key), trainer._signing_key, name=key)
+    assert definition.layers[-1].calls == 0

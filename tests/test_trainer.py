@@ -226,15 +226,16 @@ class TestBadInput:
         indices = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
         assert len(trainer.fit([(indices, torch.zeros(4, 3))], progress=False)) == 1
 
-    def test_targets_a_loss_cannot_take_fail_the_worker_with_its_message(self) -> None:
-        # Which targets a loss takes is the loss's business: the worker's error names it.
-        trainer = Trainer(mlp7(), nn.functional.cross_entropy, SGD_MOMENTUM, self.plan(), backend="thread",
+    def test_targets_a_loss_cannot_take_are_named_before_launch(self) -> None:
+        # The driver calls the loss on the first micro-batch's output before launching anything.
+        executor = SpyExecutor(ThreadExecutor())
+        trainer = Trainer(mlp7(), nn.functional.cross_entropy, SGD_MOMENTUM, self.plan(), backend=executor,
                           storage="memory://bad-targets")
         x = regression_batches(1, 8)[0][0]
-        pattern = r"stage 1 replica 0 failed: UserCodeError: stage 1 replica 0: loss_fn raised RuntimeError: .*Long"
-        with pytest.raises(WorkerFailed, match=pattern) as info:
+        pattern = r"loss_fn cannot take the model's output: it raised RuntimeError: .*Long.*\(torch\.float32\)"
+        with pytest.raises(ConfigError, match=pattern):
             trainer.fit([(x, torch.zeros(8))], progress=False)  # class indices as floats
-        assert "cross_entropy" in info.value.remote_traceback
+        assert executor.launched == []
 
     @pytest.mark.parametrize("scheme", ["s3", "oss"])
     def test_storage_without_credentials(
@@ -302,10 +303,12 @@ class TestBadInput:
             trainer.fit(iter(regression_batches(1, 8)), iterations=3, progress=False)
 
     def test_non_scalar_loss(self) -> None:
-        trainer = Trainer(mlp7(), lambda out, y: (out - y) ** 2, SGD_MOMENTUM, self.plan(), backend="thread",
+        executor = SpyExecutor(ThreadExecutor())
+        trainer = Trainer(mlp7(), lambda out, y: (out - y) ** 2, SGD_MOMENTUM, self.plan(), backend=executor,
                           storage="memory://non-scalar")
-        with pytest.raises(WorkerFailed, match=r"stage 1 replica 0 failed: ConfigError: loss_fn returned \(2, 3\)"):
+        with pytest.raises(ConfigError, match=r"loss_fn returned \(2, 3\), not a scalar tensor"):
             trainer.fit(regression_batches(1, 8), progress=False)
+        assert executor.launched == []
 
 
 def test_user_model_is_trained_in_place() -> None:

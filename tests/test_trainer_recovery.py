@@ -158,8 +158,12 @@ def test_a_storage_failing_its_first_requests_is_survived() -> None:
 
 def test_after_max_retries_the_error_lists_every_attempt() -> None:
     class AlwaysFails(nn.Module):
+        """Fails whenever it trains (the driver's check before launch runs it without gradients)."""
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            raise RuntimeError("always")
+            if torch.is_grad_enabled():
+                raise RuntimeError("always")
+            return x
 
     model = nn.Sequential(*mlp7(), AlwaysFails())
     trainer = Trainer(model, nn.functional.mse_loss, sgd_momentum, PLAN8, backend="thread",
@@ -184,7 +188,9 @@ def test_a_fault_of_the_users_code_is_not_retried() -> None:
             return super().launch(*args, **kwargs)
 
     def non_scalar(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (output - target) ** 2
+        # Only when it trains: the driver's check before launch calls it without gradients.
+        loss = (output - target) ** 2
+        return loss if torch.is_grad_enabled() else loss.mean()
 
     trainer = Trainer(mlp7(), non_scalar, sgd_momentum, PLAN, backend=Counting(), storage="memory://user-fault")
     with pytest.raises(WorkerFailed, match="ConfigError: loss_fn returned") as info:

@@ -12,7 +12,10 @@ from torch import nn
 
 from funcpipe.errors import ConfigError
 
-__all__ = ["Batch", "InputDtype", "Replay", "check_batch", "micro_batches", "model_input_dtype", "training_batches"]
+__all__ = [
+    "Batch", "InputDtype", "Replay", "check_batch", "check_loader", "micro_batches", "model_input_dtype",
+    "training_batches",
+]
 
 #: A global batch: ``(inputs, targets)``, each with the plan's ``global_batch_size`` samples; the inputs
 #: a tensor, or a tuple or dict of tensors (what the model is called with).
@@ -46,6 +49,29 @@ def training_batches(data: Iterable[Batch], iterations: int | None, epochs: int)
             "unknown; hint: pass a list or a DataLoader, or fit(..., iterations=N)"
         ) from None
     return itertools.chain.from_iterable(data for _ in range(epochs)), per_epoch * epochs
+
+
+def check_loader(data: object, size: int) -> None:
+    """Refuse a ``DataLoader`` whose last batch would be short (before anything is launched).
+
+    Raises:
+        ConfigError: ``data`` is a ``DataLoader`` without ``drop_last`` over a sized data set whose
+            length its batch size does not divide.
+    """
+    from torch.utils.data import DataLoader
+
+    if not isinstance(data, DataLoader) or data.batch_size is None or data.drop_last:
+        return
+    try:
+        samples = len(data.dataset)  # type: ignore[arg-type]
+    except TypeError:  # an iterable data set: its end is found when it comes
+        return
+    if samples % data.batch_size:
+        raise ConfigError(
+            f"the DataLoader's data set holds {samples} samples, which batches of {data.batch_size} do not divide: "
+            f"its last batch would hold {samples % data.batch_size}, and every global batch holds the plan's "
+            f"{size}; hint: DataLoader(..., batch_size={size}, drop_last=True)"
+        )
 
 
 #: Layers that pass their input's dtype through and hold no parameters: the layer after them decides.

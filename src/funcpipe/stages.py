@@ -143,18 +143,36 @@ class ModelStages:
                         "tensor values or sizes other than the batch's cannot be cut there: name other cut points "
                         "(cuts=[...] or funcpipe.split.mark_cut), or check the model on the batch in plain PyTorch"
                     ) from exc
-            try:
-                loss = loss_fn(values, example_targets)
-            except Exception as exc:
-                raise ConfigError(
-                    f"loss_fn cannot take the model's output: it raised {type(exc).__name__}: {exc} on "
-                    f"{describe_value(values)} and targets of shape {tuple(example_targets.shape)}; hint: loss_fn gets "
-                    "what the model returns (a Hugging Face model returns a ModelOutput: use out.logits)"
-                ) from exc
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ConfigError(f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it with a mean over "
-                              "the micro-batch")
+            _check_loss(loss_fn, values, example_targets)
+
+    def check(self, example_inputs: Any, example_targets: torch.Tensor, loss_fn: Callable[..., Any]) -> None:
+        """Run an ``nn.Sequential``'s stages layer by layer on one micro-batch in-process (no gradients, the
+        model left as it was), then ``loss_fn`` on the output, so a mistake in the data is named before
+        anything is launched (a traced model was run so by :meth:`build`).
+
+        Raises:
+            ConfigError: a layer raised on it (naming the stage, the layer, the shape it got) or
+                ``loss_fn`` did (naming the output's and the targets' shapes and dtypes).
+        """
+        if not self.sequential:
+            return
+        from funcpipe.split import untouched
+
+        value = example_inputs
+        with torch.no_grad(), untouched(self.model):
+            for s, module in enumerate(self.modules):
+                for index, layer in zip(self.plan.layer_range(s), module, strict=True):
+                    try:
+                        out = layer(value)
+                    except Exception as exc:
+                        raise ConfigError(
+                            f"stage {s}, layer {index} ({type(layer).__name__}) raised {type(exc).__name__}: {exc}, "
+                            f"given {describe_value(value)} from the first micro-batch (of "
+                            f"{self.plan.micro_batch_size} samples); hint: the data does not fit the model there "
+                            f"(a feature size or dtype): model[:{index + 1}](x) in plain PyTorch fails the same way"
+                        ) from exc
+                    value = out
+            _check_loss(loss_fn, value, example_targets)
 
     def unit_names_of(self, stage: int) -> list[str]:
         return [self.unit_names[i] for i in self.plan.layer_range(stage)]
@@ -236,6 +254,27 @@ def _check_scheduler(scheduler: SchedulerFactory, optimizer: torch.optim.Optimiz
         scheduler_json(made)
     except TypeError as exc:
         raise ConfigError(f"{exc} (stage {stage})") from None
+
+
+def _check_loss(loss_fn: Callable[..., Any], output: Any, targets: torch.Tensor) -> None:
+    """``loss_fn(output, targets)`` as a worker calls it, on the driver.
+
+    Raises:
+        ConfigError: it raised, or did not return a scalar tensor.
+    """
+    try:
+        loss = loss_fn(output, targets)
+    except Exception as exc:
+        raise ConfigError(
+            f"loss_fn cannot take the model's output: it raised {type(exc).__name__}: {exc} on "
+            f"{describe_value(output)} and targets of shape {tuple(targets.shape)} ({targets.dtype}); hint: loss_fn "
+            "gets what the model returns (a Hugging Face model returns a ModelOutput: use out.logits), and the "
+            "targets as the data holds them (class indices for cross-entropy are int64: targets.long())"
+        ) from exc
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ConfigError(f"loss_fn returned {shape}, not a scalar tensor; hint: reduce it with a mean over "
+                          "the micro-batch")
 
 
 def _some(names: Sequence[str], count: int = 4) -> str:

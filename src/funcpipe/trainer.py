@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 
 from funcpipe import data as stored_data
 from funcpipe import secret, signed
-from funcpipe.batches import Batch, Replay, check_batch, micro_batches, model_input_dtype, training_batches
+from funcpipe.batches import (
+    Batch,
+    Replay,
+    check_batch,
+    check_loader,
+    micro_batches,
+    model_input_dtype,
+    training_batches,
+)
 from funcpipe.errors import (
     BackendError,
     CheckpointCorrupt,
@@ -274,6 +282,7 @@ class Trainer:
         self._uploaded = False  # the signed stage definitions are in storage
         self._data: dict[str, Any] | None = None  # the stored data set a fit reads (WorkerConfig.data)
         self._data_order: tuple[bool, int] = (True, 0)
+        self._first_micro: tuple[Any, torch.Tensor] | None = None  # an nn.Sequential's, checked before launch
         self._fit_lock = threading.Lock()
 
     def _use_job(self, name: str) -> None:
@@ -417,6 +426,7 @@ class Trainer:
             batches: Iterator[Batch] = iter(())  # the workers read them
             total = stored_data.fit_iterations(data, epochs, iterations)
         else:
+            check_loader(data, self.plan.global_batch_size)
             batches, total = training_batches(data, iterations, epochs or 1)
         history = History(plan=self.plan, iterations_per_epoch=total // (epochs or 1) if iterations is None else None)
         if resume and not job.named:  # the most recently updated unfinished job in storage
@@ -441,6 +451,11 @@ class Trainer:
                 batches = self._first_checked(batches, total)
             if not self._uploaded:
                 self._upload_definitions()
+            if self._first_micro is not None:
+                # After the upload: a layer that keeps state of its own calls (a counter) is uploaded unchanged.
+                inputs, targets = self._first_micro
+                self._first_micro = None
+                self._stages.check(inputs, targets, self.loss_fn)
             job.begin_fit(fit_first, total + first - fit_first)
             with tqdm(total=total, disable=not progress, unit="it", desc="funcpipe") as bar:
                 try:
@@ -540,10 +555,12 @@ class Trainer:
                 "or DataLoader (a generator that was iterated before yields nothing)"
             )
         inputs, targets = check_batch(head, self.plan.global_batch_size, self._job.iteration, self._input_dtype)
+        micro = self.plan.micro_batch_size
         if not self._stages.ready:  # a traced model: split it on the first micro-batch, as the stages will run
-            micro = self.plan.micro_batch_size
             self._stages.build(micro_batches(inputs, micro)[0], targets[:micro], self.loss_fn)
             self._stages.check_optimizer(self.optimizer, self.scheduler)
+        else:  # an nn.Sequential: its layers and the loss run on the first micro-batch, once it is uploaded
+            self._first_micro = (micro_batches(inputs, micro)[0], targets[:micro])
         self._stages.flatten_inputs(inputs)  # the inputs' structure is the one the model was split with
         return itertools.chain([head], batches)
 
@@ -565,6 +582,8 @@ class Trainer:
         if not self._stages.ready:
             self._stages.build(inputs, targets, self.loss_fn)
             self._stages.check_optimizer(self.optimizer, self.scheduler)
+        else:
+            self._first_micro = (inputs, targets)
         by_identity = {id(tensor): name for name, tensor in leaves.items()}
         flat = self._stages.flatten_inputs(inputs)
         ports = [by_identity.get(id(value)) for value in flat]
