@@ -232,7 +232,7 @@ def test_rays_own_reason_and_hint_are_kept_when_it_cannot_connect(monkeypatch: p
 
     from funcpipe import BackendError
 
-    # The chain Ray 2.5x raises against a cluster with token authentication (as captured).
+    # The chain Ray 2.60 raises against a cluster with token authentication (as captured).
     inner = RuntimeError(
         "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
         '  File "ray/_private/node.py", line 996, in _init_gcs_client\n'
