@@ -347,7 +347,8 @@ class Ray(Executor):
                 f"storage {url!r} lives inside one process, but Ray workers run in processes "
                 "of their own; hint: use file:///some/dir (the default) or backend='thread'"
             )
-        if scheme == "file" and not self.shared_storage:
+        if scheme == "file" and not self.shared_storage and (self.address is not None or ray.is_initialized()):
+            # (No address and no Ray yet: the local Ray started on first use is all on this host.)
             self._ensure_started()
             remote = other_hosts(ray.nodes(), local_addresses())  # type: ignore[no-untyped-call]
             if remote:
