@@ -267,18 +267,19 @@ class TestRay:
         blocker = Blocker.options(num_cpus=ray.cluster_resources()["CPU"]).remote()  # type: ignore[attr-defined]
         try:
             ray.get(blocker.ping.remote(), timeout=120)  # it holds every CPU now
-            executor = SpyExecutor(Ray())
+            # Not started within timeout_s + start_timeout_s (both short: nothing can start here).
+            executor = SpyExecutor(Ray(start_timeout_s=4.0))
             plan = Plan.manual([7], micro_batch_size=2, global_batch_size=4)
-            trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD, plan, backend=executor,
-                              timeout_s=self.TIMEOUT_S)
+            trainer = Trainer(mlp7(), nn.functional.mse_loss, SGD, plan, backend=executor, timeout_s=3.0)
             started = time.monotonic()
             with pytest.raises(WorkerNotStarted) as info:
                 trainer.fit(regression_batches(1, 4), progress=False)
-            assert self.TIMEOUT_S <= time.monotonic() - started < self.TIMEOUT_S + MARGIN_S
+            assert 7.0 <= time.monotonic() - started < 7.0 + MARGIN_S
             assert str(info.value).startswith(
-                "stage 0 replica 0 failed: it had not started 40 s after it was launched, when iteration 0 "
+                "stage 0 replica 0 failed: it had not started 7 s after it was launched, when iteration 0 "
                 "should have finished (not started: stage 0 replica 0)"
             )
+            assert "Ray(start_timeout_s=...)" in str(info.value)
             self.assert_dead(executor)
         finally:
             ray.kill(blocker)

@@ -57,7 +57,8 @@ class Setup:
         executor: launches them.
         storage: the job's storage, and ``storage_url`` its URL, which the workers open.
         timeout_s: the driver's longest wait for one iteration (a run's first
-            waits the executor's ``start_timeout_s`` longer).
+            counts from when every worker started, which may take the executor's
+            ``start_timeout_s`` longer).
         worker_timeout_s: a worker's longest wait for one object.
         threads_per_worker: torch threads (and CPUs asked for) per worker.
         signing_key: the key the stage definitions are signed with.
@@ -162,6 +163,7 @@ class Run:
         self._feed_errors: list[BaseException] = []  # a failed upload ends the waits at once (workers would hang)
         self._deadline: float | None = None  # when the calls' time budget ends (monotonic)
         self._finished = 0.0  # when the last iteration finished, or the run began (perf_counter)
+        self._called = 0.0  # when the workers' calls were made (monotonic)
 
     def execute(self) -> int:
         """Launch a run of every worker and drive it; the iterations it made.
@@ -228,6 +230,7 @@ class Run:
         if budget is not None:
             self._deadline = time.monotonic() + budget
         self._calls = CallGroup([(h, h.call("run", self.first, self.count)) for h in self._handles])
+        self._called = time.monotonic()
         self._finished = time.perf_counter()
         with ThreadPoolExecutor(FEED_THREADS, thread_name_prefix="funcpipe-feed") as feeder:
             try:
@@ -348,9 +351,7 @@ class Run:
         """Wait for the last stage's reports of ``iteration``; a failure (:meth:`_failure`) ends the wait."""
         plan = self.setup.plan
         last = plan.num_stages - 1
-        wait_s = self.setup.timeout_s
-        if iteration == self.first:  # its wait allows for the workers' start
-            wait_s += self.setup.executor.start_timeout_s
+        wait_s = self._first_wait() if iteration == self.first else self.setup.timeout_s
         loss = sum((self._await_report(iteration, replica, wait_s) for replica in range(plan.replicas[last])), 0.0)
         now = time.perf_counter()
         history = self.fit.history
@@ -361,6 +362,26 @@ class Run:
         self.fit.bar.update(1)
         if len(history) > 1:
             self._forget(iteration - 1)
+
+    def _first_wait(self) -> float:
+        """The first iteration's wait for its reports: ``timeout_s`` from when every worker started.
+
+        Workers may take the executor's ``start_timeout_s`` longer than ``timeout_s`` to
+        start (a cold start, a loaded machine); the driver waits for that first, so a
+        slow start does not count against the iteration. A worker not started by then
+        is :class:`~funcpipe.WorkerNotStarted`. When a backend cannot tell whether its
+        actors started, the wait is both together.
+        """
+        timeout_s, allowance_s = self.setup.timeout_s, self.setup.timeout_s + self.setup.executor.start_timeout_s
+        if any(handle.started() is None for handle in self._handles):
+            return allowance_s
+        left_s = max(0.0, allowance_s - (time.monotonic() - self._called))
+        if self._calls.wait_started(left_s, stop=lambda: self._failure() is not None):
+            failure = self._failure()
+            if failure is not None:
+                raise failure
+            raise self._stalled(self.first, allowance_s)
+        return timeout_s
 
     def _await_report(self, iteration: int, replica: int, wait_s: float) -> float:
         """The loss ``replica`` of the last stage reports for ``iteration``."""
@@ -387,7 +408,8 @@ class Run:
                 not_started[0],
                 f"it had not started {waited_s:g} s after it was launched, when iteration {iteration} should "
                 f"have finished (not started: {', '.join(not_started)}); the backend could not place or start "
-                f"it (too few free resources, a cold start); {hint}",
+                "it (too few free resources, a cold start); hint: if it is only slow, raise the backend's "
+                "start allowance (Ray(start_timeout_s=...), Timing(start_timeout_s=...)) or Trainer(timeout_s=...)",
             )
         stall = find_stall(self.setup.storage, self.job.keys, self.setup.plan, self.setup.gradient_bytes, iteration)
         if stall is None:

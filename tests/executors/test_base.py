@@ -235,3 +235,52 @@ def test_call_group_names_the_unfinished_and_the_not_started() -> None:
     handles[0].started = lambda: False  # type: ignore[method-assign]
     handles[2].started = lambda: True  # type: ignore[method-assign]
     assert group.not_started() == ["a"]
+
+
+class FakeClock:
+    """A monotonic clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_wait_started_returns_once_every_actor_started() -> None:
+    handles, _, group = group_of(["a", "b"])
+    polls = {"b": 0}
+
+    def b_started() -> bool:
+        polls["b"] += 1
+        return polls["b"] > 3  # starts at the 4th look
+
+    handles[0].started = lambda: True  # type: ignore[method-assign]
+    handles[1].started = b_started  # type: ignore[method-assign]
+    clock = FakeClock(step=1.0)
+    assert group.wait_started(100.0, poll_s=0.001, clock=clock) == []
+    assert polls["b"] == 4
+    assert clock.now < 100.0  # it ended by the start, not the deadline
+
+
+def test_wait_started_names_who_did_not_start_by_the_deadline() -> None:
+    handles, _, group = group_of(["a", "b", "c"])
+    handles[0].started = lambda: True  # type: ignore[method-assign]
+    handles[1].started = lambda: False  # type: ignore[method-assign]
+    handles[2].started = lambda: False  # type: ignore[method-assign]
+    clock = FakeClock(step=10.0)
+    assert group.wait_started(300.0, poll_s=0.001, clock=clock) == ["b", "c"]
+    assert clock.now >= 300.0
+
+
+def test_wait_started_ends_at_a_failure_or_at_stop() -> None:
+    handles, futures, group = group_of(["a", "b"])
+    handles[1].started = lambda: False  # type: ignore[method-assign]
+    clock = FakeClock(step=0.0)  # the deadline never comes
+    futures[0].set_exception(RuntimeError("boom"))
+    assert group.wait_started(1.0, poll_s=0.001, clock=clock) == ["b"]
+    _, _, fresh = group_of(["c"])
+    fresh._calls[0][0].started = lambda: False  # type: ignore[method-assign]
+    assert fresh.wait_started(1.0, stop=lambda: True, poll_s=0.001, clock=clock) == ["c"]

@@ -6,7 +6,7 @@ import pytest
 
 from funcpipe import ConfigError
 from funcpipe.executors import Resources
-from funcpipe.executors.ray import Ray
+from funcpipe.executors.ray import Ray, RayActor
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -157,3 +157,140 @@ def test_a_host_and_the_threads_its_actor_starts_run_at_the_drivers_niceness() -
         assert tuple(handle.call("read").result(timeout=60)) == (driver, driver)
     finally:
         handle.kill()
+
+
+# --------------------------------------------------------------------------- clusters: storage, address, start
+
+
+LOCAL = {"127.0.0.1", "::1", "localhost", "10.0.0.5", "driver-host"}
+
+
+def _node(address: str, alive: bool = True) -> dict[str, object]:
+    return {"NodeManagerAddress": address, "Alive": alive}
+
+
+def test_other_hosts_are_the_live_nodes_not_on_this_host() -> None:
+    from funcpipe.executors.ray import other_hosts
+
+    # Two nodes on this host (by its IP, by loopback) are a cluster on one machine.
+    assert other_hosts([_node("10.0.0.5"), _node("10.0.0.5"), _node("127.0.0.1")], LOCAL) == []
+    nodes = [_node("10.0.0.5"), _node("10.0.0.7"), _node("10.0.0.8", alive=False), _node("10.0.0.7")]
+    assert other_hosts(nodes, LOCAL) == ["10.0.0.7"]  # a dead node holds no workers
+
+
+def test_local_storage_with_a_node_on_another_host_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from funcpipe.executors.ray import local_addresses
+
+    here = sorted(local_addresses() - {"localhost", "localhost.localdomain", "::1"})[0]
+    monkeypatch.setattr(ray, "nodes", lambda: [_node(here), _node("203.0.113.9")])
+    for url in ("file:///data/runs", "throttled+file:///dev/shm/x"):
+        with pytest.raises(ConfigError) as info:
+            Ray().check_storage(url)
+        message = str(info.value)
+        assert f"storage {url!r} is a directory on this machine" in message
+        assert "(203.0.113.9)" in message
+        assert "s3://" in message and "oss://" in message and "Ray(..., shared_storage=True)" in message
+    Ray(shared_storage=True).check_storage("file:///data/runs")  # the user vouches for a shared mount
+    Ray().check_storage("s3://bucket/runs?endpoint_url=http://127.0.0.1:9000")
+    monkeypatch.setattr(ray, "nodes", lambda: [_node(here), _node("127.0.0.1")])
+    Ray().check_storage("file:///data/runs")  # every node on this machine
+
+
+def test_same_address_compares_hosts_by_ip_and_this_host_as_one() -> None:
+    from funcpipe.executors.ray import same_address
+
+    assert same_address("10.0.0.5:6379", "10.0.0.5:6379", LOCAL)
+    assert same_address("127.0.0.1:6379", "10.0.0.5:6379", LOCAL)  # loopback is this host too
+    assert same_address("localhost:6379", "driver-host:6379", LOCAL)
+    assert not same_address("10.0.0.5:6380", "10.0.0.5:6379", LOCAL)
+    assert not same_address("10.0.0.7:6379", "10.0.0.5:6379", LOCAL)
+    assert not same_address("ray://127.0.0.1:10001", "10.0.0.5:6379", LOCAL)  # Ray Client is not the GCS
+    assert same_address("ray://10.0.0.7:10001", "ray://10.0.0.7:10001", LOCAL)
+    assert not same_address("10.0.0.5", "10.0.0.5:6379", LOCAL)  # no port: nothing to compare
+
+
+def test_an_address_other_than_the_running_ray_is_refused() -> None:
+    import ray
+
+    running = ray.get_runtime_context().gcs_address
+    for address in ("ray://127.0.0.1:1", "127.0.0.1:1"):
+        with pytest.raises(ConfigError) as info:
+            Ray(address=address).fit_resources([Resources(0.1)])
+        assert f"Ray(address={address!r}) asks for another Ray than the one this process already runs" in str(
+            info.value
+        )
+        assert running in str(info.value)
+    port = running.rsplit(":", 1)[1]
+    assert Ray(address=f"127.0.0.1:{port}").fit_resources([Resources(0.1)]) == [Resources(0.1)]
+    assert Ray(address="auto").fit_resources([Resources(0.1)]) == [Resources(0.1)]
+
+
+def test_rays_own_reason_and_hint_are_kept_when_it_cannot_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from funcpipe import BackendError
+
+    # The chain Ray 2.60 raises against a cluster with token authentication (as captured).
+    inner = RuntimeError(
+        "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+        '  File "ray/_private/node.py", line 996, in _init_gcs_client\n'
+        "    client = GcsClient(\n"
+        "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is missing or "
+        "incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token'). Ensure that the token ...\n"
+    )
+
+    def refuse(**kwargs: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.9.9.9:6379") from inner
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(BackendError) as info:
+        Ray(address="10.9.9.9:6379").fit_resources([Resources(1.0)])
+    assert str(info.value).startswith(
+        "could not start or reach 10.9.9.9:6379: Failed to connect to Ray cluster at 10.9.9.9:6379: "
+        "Failed to connect to GCS. Last connection error ray.exceptions.AuthenticationError: RPC error: "
+        "InvalidAuthToken: Authentication token is missing or incorrect. Note: RAY_AUTH_MODE is currently "
+        "'disabled' (not 'token')."
+    )
+    assert "hint: a cluster with token authentication needs RAY_AUTH_MODE=token" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), float("nan"), "60", True])
+def test_a_bad_start_allowance_is_refused(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"Ray\(start_timeout_s=.*\) must be a finite number of seconds >= 0"):
+        Ray(start_timeout_s=value)  # type: ignore[arg-type]
+
+
+def test_a_worker_slower_to_start_than_the_timeout_is_waited_for() -> None:
+    """A loaded machine: a worker takes longer to start than ``timeout_s``, yet the fit trains as plain PyTorch."""
+    import time
+
+    from torch import nn
+
+    from funcpipe import Plan, Trainer
+    from funcpipe.executors.base import Actor
+    from funcpipe.worker import StageWorker
+    from tests.helpers import assert_same_parameters, mlp7, plain_training, regression_batches, sgd_momentum
+
+    timeout_s = 5.0
+
+    class SlowToStart(StageWorker):
+        def __init__(self, payload: dict[str, object]) -> None:
+            if payload["stage"] == 1:
+                time.sleep(timeout_s + 4)  # stands in for a slow process start; not a race being waited out
+            super().__init__(payload)
+
+    class SlowExecutor(Ray):
+        def launch(self, actor_cls: type[Actor], *args: object, name: str, resources: Resources) -> RayActor:
+            return super().launch(SlowToStart, *args, name=name, resources=resources)
+
+    batches = regression_batches(3, 4)
+    model = mlp7()
+    expected = plain_training(model, nn.functional.mse_loss, sgd_momentum, batches)
+    plan = Plan.manual([4, 3], micro_batch_size=2, global_batch_size=4)
+    trainer = Trainer(model, nn.functional.mse_loss, sgd_momentum, plan, backend=SlowExecutor(start_timeout_s=60.0),
+                      timeout_s=timeout_s)
+    trainer.fit(batches, progress=False)
+    assert_same_parameters(trainer.model, expected)

@@ -13,7 +13,8 @@ import abc
 import dataclasses
 import functools
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -90,8 +91,9 @@ class Executor(abc.ABC):
     call_budget_s: float | None = None
 
     #: Seconds an actor may take from its launch to running a call, beyond the driver's
-    #: per-iteration timeout (a function's cold start). The driver adds it to its wait for
-    #: the first iteration of a run, and workers to their waits.
+    #: per-iteration timeout (a function's cold start, a Ray worker process starting). The
+    #: driver waits that much longer for every worker of a run to start, then ``timeout_s``
+    #: for the first iteration (:meth:`CallGroup.wait_started`); workers add it to their waits.
     start_timeout_s: float = 0.0
 
     @abc.abstractmethod
@@ -153,6 +155,26 @@ class CallGroup:
     def not_started(self) -> list[str]:
         """Names of the actors that say they have not started yet (:meth:`ActorHandle.started`)."""
         return [handle.name for handle, _ in self._calls if handle.started() is False]
+
+    def wait_started(
+        self,
+        timeout: float,
+        *,
+        stop: Callable[[], bool] = lambda: False,
+        poll_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> list[str]:
+        """Wait until every actor started, a call failed or all finished, ``stop()``, or ``timeout`` passed.
+
+        Returns :meth:`not_started` then: empty unless the wait ended some other way
+        than by every actor starting. Actors that cannot tell count as started.
+        """
+        deadline = clock() + timeout
+        while True:
+            waiting = self.not_started()
+            if not waiting or stop() or self.wait(0) or clock() >= deadline:
+                return waiting
+            self.wait(min(poll_s, max(0.0, deadline - clock())))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every call finished or one failed; ``False`` on timeout."""

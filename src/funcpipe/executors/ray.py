@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import math
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 import ray.exceptions
 
 from funcpipe.errors import BackendError, ConfigError, WorkerFailed
 from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
+from funcpipe.storage.throttled import SCHEME_PREFIX
 
-__all__ = ["Ray", "RayActor", "match_priority"]
+__all__ = ["Ray", "RayActor", "match_priority", "other_hosts", "same_address"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,95 @@ RELEASE_TIMEOUT_S = 60.0
 #: Idle hosts of this process's Ray session, by resources, shared by every ``Ray`` executor.
 _IDLE: dict[_ResourceKey, list[Any]] = {}
 
+#: Default :attr:`Ray.start_timeout_s`: a worker process starting and importing torch on a
+#: loaded node takes seconds to a minute; an autoscaler adding a node, minutes.
+START_TIMEOUT_S = 300.0
+
+#: The address this process's Ray was started with by a ``Ray`` executor (``None``: not by one).
+_INIT_ADDRESS: str | None = None
+
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+def _host_port(address: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of ``"ray://host:port"`` or ``"host:port"`` (scheme ``""``)."""
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _is_local(host: str, local: set[str]) -> bool:
+    if host in _LOOPBACK_NAMES or host in local:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _resolved(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def local_addresses() -> set[str]:
+    """The names and IP addresses of this host (Ray's node IP for it, the host name's, loopback)."""
+    names = {"127.0.0.1", "::1", *_LOOPBACK_NAMES, socket.gethostname().lower()}
+    with contextlib.suppress(Exception):  # Ray's own guess of the IP this host is reached at
+        names.add(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    with contextlib.suppress(OSError):
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    return names
+
+
+def same_address(requested: str, running: str, local: set[str]) -> bool:
+    """Whether Ray address ``requested`` names ``running`` (both ``[ray://]host:port``).
+
+    Hosts compare by IP; every address of this host (``local``, loopback) is one host.
+    A ``ray://`` address (Ray Client's server) and a GCS address are never the same.
+    """
+    scheme_a, host_a, port_a = _host_port(requested)
+    scheme_b, host_b, port_b = _host_port(running)
+    if scheme_a != scheme_b or port_a != port_b or port_a is None:
+        return False
+    if _is_local(host_a, local) and _is_local(host_b, local):
+        return True
+    return host_a == host_b or _resolved(host_a) == _resolved(host_b)
+
+
+def other_hosts(nodes: Iterable[Mapping[str, Any]], local: set[str]) -> list[str]:
+    """The addresses of the live nodes (as :func:`ray.nodes` lists them) that are not on this host."""
+    found: list[str] = []
+    for node in nodes:
+        address = str(node.get("NodeManagerAddress", ""))
+        if node.get("Alive", True) and not _is_local(address.lower(), local) and address not in found:
+            found.append(address)
+    return found
+
+
+def _ray_reason(exc: BaseException) -> str:
+    """What Ray said, along the chain of causes: its connection errors keep the reason (a
+    missing auth token, with Ray's hint) in a cause, as the last line of a traceback."""
+    reasons: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if "Traceback (most recent call last)" in text:
+            head, _, rest = text.partition("Traceback (most recent call last)")
+            lines = [line.strip() for line in rest.splitlines() if line.strip()]
+            text = " ".join(part for part in (head.strip().rstrip(":").strip(), lines[-1] if lines else "") if part)
+        if text and not any(text in earlier for earlier in reasons):
+            reasons.append(text)
+        current = current.__cause__ or current.__context__
+    return ": ".join(reasons) or type(exc).__name__
+
 
 class RayActor(ActorHandle):
     def __init__(self, host: Any, started: Any, key: _ResourceKey, name: str) -> None:
@@ -145,14 +239,23 @@ class Ray(Executor):
     """Run workers as Ray actors.
 
     Args:
-        address: an existing Ray cluster (``"ray://host:10001"``, ``"auto"``);
-            ``None`` starts a local Ray instance on first use, unless this
-            process already has one.
+        address: an existing Ray cluster (``"ray://host:10001"`` needs
+            ``funcpipe[ray]``, ``"host:6379"`` from a node of the cluster,
+            ``"auto"``); ``None`` starts a local Ray instance on first use,
+            unless this process already has one. An address other than the Ray
+            this process already runs is :class:`~funcpipe.ConfigError`.
         num_cpus: CPUs of the local instance (default: the machine's).
         oversubscribe: when a job asks for more CPUs than the cluster has,
             shrink every worker's request to fit (with a warning) instead of
             failing. A local Ray stands in for functions that would each have
             CPUs of their own, so this is on by default.
+        shared_storage: accept ``file://`` storage on a cluster with nodes on
+            other hosts, because the directory is mounted at the same path on
+            every node (NFS, a cluster file system). Off: such storage is
+            refused, since workers elsewhere would not see the driver's files.
+        start_timeout_s: how much longer than ``Trainer(timeout_s=...)`` a worker
+            may take to start (be placed, start its process, import torch); the
+            first iteration's wait counts from when all started.
     """
 
     name = "ray"
@@ -163,13 +266,31 @@ class Ray(Executor):
         *,
         num_cpus: int | None = None,
         oversubscribe: bool = True,
+        shared_storage: bool = False,
+        start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
+        if address is not None and (not isinstance(address, str) or not address.strip()):
+            raise ConfigError(
+                f"Ray(address={address!r}) is not an address; hint: \"ray://head:10001\", \"head:6379\", "
+                "\"auto\", or None for a local Ray"
+            )
+        if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, int | float) or not (
+            math.isfinite(start_timeout_s) and start_timeout_s >= 0
+        ):
+            raise ConfigError(
+                f"Ray(start_timeout_s={start_timeout_s!r}) must be a finite number of seconds >= 0; "
+                f"hint: the default {START_TIMEOUT_S:g}"
+            )
         self.address = address
         self.num_cpus = num_cpus
         self.oversubscribe = oversubscribe
+        self.shared_storage = shared_storage
+        self.start_timeout_s = float(start_timeout_s)
 
     def _ensure_started(self) -> None:
+        global _INIT_ADDRESS
         if ray.is_initialized():
+            self._check_running()
             return
         try:
             ray.init(
@@ -181,14 +302,62 @@ class Ray(Executor):
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray instance"
-            raise BackendError(f"could not start or reach {where}: {exc}") from exc
+            hint = ""
+            if self.address is not None:
+                hint = (
+                    "; hint: a cluster with token authentication needs RAY_AUTH_MODE=token and its token here "
+                    "(RAY_AUTH_TOKEN or ~/.ray/auth_token); a ray:// address needs `pip install funcpipe[ray]`"
+                )
+            raise BackendError(f"could not start or reach {where}: {_ray_reason(exc)}{hint}") from exc
+        _INIT_ADDRESS = self.address
+
+    def _running_addresses(self) -> list[str]:
+        """The addresses that name the Ray this process runs: its GCS's, and the one it was started with."""
+        found = [_INIT_ADDRESS] if _INIT_ADDRESS is not None else []
+        with contextlib.suppress(Exception):  # a Ray Client connection has no GCS address here
+            gcs = ray.get_runtime_context().gcs_address
+            if gcs:
+                found.append(str(gcs))
+        return found
+
+    def _check_running(self) -> None:
+        """Refuse an ``address`` that is not the Ray this process already runs (Ray would ignore it)."""
+        requested = self.address
+        if requested is None:
+            return
+        if requested == "auto":
+            requested = os.environ.get("RAY_ADDRESS") or None
+            if requested is None or requested == "auto":
+                return  # "auto": whichever cluster this process joined
+        running = self._running_addresses()
+        local = local_addresses()
+        if requested in running or any(same_address(requested, address, local) for address in running):
+            return
+        raise ConfigError(
+            f"Ray(address={self.address!r}) asks for another Ray than the one this process already runs "
+            f"({', '.join(running) or 'unknown address'}), and Ray cannot run two; hint: Ray(address=None) "
+            "uses the running one, or call ray.shutdown() before the Trainer connects"
+        )
 
     def check_storage(self, url: str) -> None:
-        if url.startswith("memory://"):
+        inner = url[len(SCHEME_PREFIX):] if url.startswith(SCHEME_PREFIX) else url
+        scheme = urlsplit(inner).scheme.lower()
+        if scheme == "memory":
             raise ConfigError(
                 f"storage {url!r} lives inside one process, but Ray workers run in processes "
                 "of their own; hint: use file:///some/dir (the default) or backend='thread'"
             )
+        if scheme == "file" and not self.shared_storage and (self.address is not None or ray.is_initialized()):
+            # (No address and no Ray yet: the local Ray started on first use is all on this host.)
+            self._ensure_started()
+            remote = other_hosts(ray.nodes(), local_addresses())  # type: ignore[no-untyped-call]
+            if remote:
+                raise ConfigError(
+                    f"storage {url!r} is a directory on this machine, but the Ray cluster has nodes on other "
+                    f"hosts ({', '.join(remote)}), whose workers cannot read it; hint: use object storage "
+                    "(s3://bucket/prefix, oss://bucket/prefix), or, for a directory mounted at this path on "
+                    "every node, Ray(..., shared_storage=True)"
+                )
 
     def fit_resources(self, requested: Sequence[Resources]) -> list[Resources]:
         """Shrink (or refuse) requests the cluster cannot hold at once.
