@@ -236,6 +236,9 @@ def test_the_file_holds_the_fitted_fields_and_a_measured_field_moves_the_predict
     assert seconds[10.0] > seconds[40.0]
     text = (tmp_path / "up10.yaml").read_text(encoding="utf-8")
     assert "2048 MB (Test CPU, 2 cores, quota 1.16 vCPU): 60.0 (2 thr)" in text
-    assert "Trainer(threads_per_worker=...)" in text
+    assert "the best thread counts were 2: a worker runs Trainer(threads_per_worker=...)" in text
+    data = json.loads(json.dumps(synthetic(10.0).to_dict()))  # what `funcpipe calibrate --json` prints
+    assert data["fields"]["tiers"][0]["uplink_mb_s"] == 10.0 and data["driver"]["gflops"] == {"4": 30.0}
+    assert data["tiers"][0]["matmul"][1] == {"batch": 4, "threads": 2, "gflops": 60.0}
     with pytest.raises(ConfigError, match=r"must end in \.yaml or \.yml"):
         synthetic(10.0).save(tmp_path / "x.json")

@@ -173,8 +173,9 @@ class Calibration:
             f"# functions {self.functions}; storage {self.storage}",
             f"# driver (profiles taken here compare with these speeds): {driver['cpu']}, torch {driver['torch']}, "
             "1 thread, CPU clock",
-            f"# speed: a tier's matmul GFLOP/s (best thread count) / the driver's, per micro-batch of "
-            f"{probe.ROWS_PER_SAMPLE} x {probe.WIDTH} rows per sample, fitted to Tier.speed_at;",
+            "# speed: a tier's matmul GFLOP/s (its best thread count) / the driver's, a sample being "
+            f"{probe.ROWS_PER_SAMPLE} rows of {probe.WIDTH} times a {probe.WIDTH} x {probe.WIDTH} weight, "
+            "fitted to Tier.speed_at",
             "# links: seconds = latency + bytes / bandwidth fitted to single PUTs / GETs; latency_s: median over tiers",
             "# measured GFLOP/s at micro-batch " + ", ".join(str(b) for b in sorted(driver["gflops"], key=int)) + ":",
             "#   driver: " + ", ".join(f"{float(g):.1f}" for _, g in sorted(driver["gflops"].items(),
@@ -193,8 +194,8 @@ class Calibration:
         threads = sorted({t for tier in self.tiers for _, t in tier.best_gflops().values()})
         if max(threads) > 1:
             lines.append(
-                f"# speeds above 1 come from {', '.join(map(str, threads))} torch threads: train with "
-                "Trainer(threads_per_worker=...) to match"
+                f"# the best thread counts were {', '.join(map(str, threads))}: a worker runs "
+                "Trainer(threads_per_worker=...) torch threads (default 1)"
             )
         body: str = yaml.safe_dump(self.fields(), sort_keys=False)
         return "\n".join(lines) + "\n" + body

@@ -565,9 +565,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"funcpipe: error: {message}; hint: {self.prog} --help\n")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each command's help beside its name: argparse measures the commands' names one indent short of where
+    it prints them, so a name longer than ``-h, --help`` would push its help onto the next line."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if not isinstance(action, argparse._SubParsersAction):
+            super().add_argument(action)
+            return
+        self._indent()
+        try:
+            super().add_argument(action)
+        finally:
+            self._dedent()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="funcpipe", description="Train PyTorch models as pipelines of serverless functions.",
+        formatter_class=_HelpFormatter,
         epilog="Errors are one line on stderr with exit code 2; --debug shows the traceback. "
         "Every command that prints data takes --json.",
     )
@@ -724,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.set_defaults(func=_deploy)
 
     calib = add(
-        "calibrate", help="measure the deployed functions' speed and storage links; write a platform file",
+        "calibrate", help="measure the deployed functions and write a platform file",
         description="Invoke the deployed function of each memory tier once with a short benchmark (a matmul at "
         "a few micro-batch sizes and thread counts, PUTs and GETs of a few sizes against --storage), and write "
         "a platform file (base: PLATFORM plus the measured speed, bandwidth and latency) for plan and simulate.",
