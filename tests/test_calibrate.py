@@ -4,6 +4,7 @@ real function entries run the probe; the platform file it writes is read by `pla
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tests.fakes.aws_lambda import FakeLambda
 FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=30.0, silence_timeout_s=5.0)
 BUCKET = "funcpipe-calibrate-tests"
 #: The emulated link the functions' storage has: the probe must find these (MB/s, ms).
-UP_MB_S, DOWN_MB_S, LATENCY_MS = 20, 40, 30
+UP_MB_S, DOWN_MB_S, LATENCY_MS = 10, 30, 30
 #: A short benchmark: two micro-batch sizes, 16 KB to 2 MB objects twice each.
 QUICK = ["--batch-sizes", "1", "4", "--object-kb", "16", "256", "2048", "--repeats", "2"]
 
@@ -65,17 +66,25 @@ def test_calibrate_on_lambda_writes_a_platform_file_plan_and_simulate_take(
     out = tmp_path / "lambda.yaml"
     before = len(fake_lambda.invocations)
     assert main(["calibrate", "aws_lambda", "--tiers", "2048", "1024", "--storage", s3_url, "--region", "us-east-1",
-                 "--endpoint-url", fake_lambda.endpoint_url, "--out", str(out), *QUICK]) == 0
-    assert f"platform file saved to {out}" in capsys.readouterr().out
+                 "--endpoint-url", fake_lambda.endpoint_url, "--out", str(out), "--json", *QUICK]) == 0
+    captured = capsys.readouterr()
+    assert f"platform file saved to {out}" in captured.err
+    measured = json.loads(captured.out)
     # One invocation per tier, run by the real handler, ascending by memory.
     invocations = fake_lambda.invocations[before:]
     assert [i.function for i in invocations] == ["funcpipe-worker-1024", "funcpipe-worker-2048"]
     assert all(i.outcome == "response" for i in invocations), fake_lambda.errors
+    # 1024 MB (0.58 vCPU) runs one thread; 2048 MB (1.16 vCPU) one and two, where the function has two cores.
+    assert [sorted({(r["batch"], r["threads"]) for r in t["matmul"]}) for t in measured["tiers"]] == [
+        [(1, 1), (4, 1)], sorted((b, t) for b in (1, 4) for t in range(1, min(2, os.cpu_count() or 1) + 1)),
+    ]
+    assert [[r["bytes"] for r in t["transfers"]] for t in measured["tiers"]] == [[16 * 2**10, 2**18, 2**21]] * 2
     text = out.read_text(encoding="utf-8")
     assert text.startswith("# funcpipe calibrate aws_lambda, measured ")
     assert "functions funcpipe-worker-{memory_mb} on AWS Lambda us-east-1" in text
     assert "endpoint_url" not in text  # the storage URL's query stays out of the file
     data = yaml.safe_load(text)
+    assert data == measured["fields"]
     assert data["base"] == "aws_lambda"
     assert [t["memory_mb"] for t in data["tiers"]] == [1024, 2048]
     assert [t["vcpus"] for t in data["tiers"]] == [pytest.approx(1024 / 1769, rel=1e-3),
@@ -83,10 +92,10 @@ def test_calibrate_on_lambda_writes_a_platform_file_plan_and_simulate_take(
     for tier in data["tiers"]:
         # The emulated link, plus moto's own time (added to a PUT; a GET's overlaps the emulated wait and shows
         # where it is the longer, on small objects, which flattens the fitted line a little).
-        assert 0.6 * UP_MB_S <= tier["uplink_mb_s"] <= 1.15 * UP_MB_S, tier
-        assert 0.6 * DOWN_MB_S <= tier["downlink_mb_s"] <= 1.15 * DOWN_MB_S, tier
+        assert 0.5 * UP_MB_S <= tier["uplink_mb_s"] <= 1.15 * UP_MB_S, tier
+        assert 0.5 * DOWN_MB_S <= tier["downlink_mb_s"] <= 1.15 * DOWN_MB_S, tier
         assert tier["speed"] > 0
-    assert 0.8 * LATENCY_MS / 1000 <= data["latency_s"] <= 3 * LATENCY_MS / 1000
+    assert 0.8 * LATENCY_MS / 1000 <= data["latency_s"] <= 4 * LATENCY_MS / 1000
     platform = platforms.load(out)
     assert platform.name == "aws_lambda" and [t.memory_mb for t in platform.tiers] == [1024, 2048]
     assert platform.price_per_gb_s == platforms.get("aws_lambda").price_per_gb_s
@@ -133,6 +142,25 @@ def test_bad_tiers_are_named_before_anything_is_invoked(
     assert len(fake_lambda.invocations) == before
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_sizes": [1, 0]}, r"batch sizes must be whole numbers >= 1, got \[1, 0\]"),
+        ({"object_bytes": [2**20, 2**20]}, r"at least two different sizes >= 1 byte, got \[1048576, 1048576\]"),
+        ({"repeats": 0}, r"repeats must be a whole number >= 1, got 0"),
+        ({"min_time_s": float("nan")}, r"min_time_s must be a positive number of seconds, got nan"),
+    ],
+)
+def test_bad_benchmark_options_are_named_before_anything_is_invoked(
+    fake_lambda: FakeLambda, s3_url: str, options: dict[str, Any], message: str
+) -> None:
+    before = len(fake_lambda.invocations)
+    backend = AWSLambda("us-east-1", endpoint_url=fake_lambda.endpoint_url, timing=FAST)
+    with pytest.raises(ConfigError, match=message):
+        calibrate(backend, s3_url, [1024], **options)
+    assert len(fake_lambda.invocations) == before
+
+
 def test_bad_tiers_on_the_command_line_are_one_line(
     aws_env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,8 +201,8 @@ def test_calibrate_on_function_compute(moto_endpoint: str, oss_env: dict[str, st
     assert {row["threads"] for row in tier.matmul} == {1}  # a 1-vCPU tier runs one thread
     fields = result.fields()
     assert fields["base"] == "alibaba_fc"
-    assert 0.6 * UP_MB_S <= fields["tiers"][0]["uplink_mb_s"] <= 1.15 * UP_MB_S
-    assert 0.6 * DOWN_MB_S <= fields["tiers"][0]["downlink_mb_s"] <= 1.15 * DOWN_MB_S
+    assert 0.5 * UP_MB_S <= fields["tiers"][0]["uplink_mb_s"] <= 1.15 * UP_MB_S
+    assert 0.5 * DOWN_MB_S <= fields["tiers"][0]["downlink_mb_s"] <= 1.15 * DOWN_MB_S
     path = tmp_path / "fc.yaml"
     result.save(path)
     assert platforms.load(path) == result.platform()
