@@ -15,7 +15,7 @@ the platform's fields:
   ratio holds for profiles taken on this driver's machine; it is a matmul's, not
   the model's layers'.
 - ``uplink_mb_s`` / ``downlink_mb_s`` of each tier: ``seconds = a + bytes / bandwidth``
-  fitted by least squares to every PUT / GET; ``latency_s`` (one figure for the
+  fitted by least squares to the median PUT / GET of each size; ``latency_s`` (one figure for the
   platform): the median over the tiers of the mean of the two intercepts ``a``.
 
 :class:`Calibration` holds the measurements and writes them as a YAML platform
@@ -105,8 +105,9 @@ class TierMeasurement:
         return dict(sorted(best.items()))
 
     def link(self, direction: str) -> tuple[float, float]:
-        """``(latency_s, bandwidth_mb_s)`` of ``"put"`` or ``"get"``, fitted to every transfer (:func:`fit_line`)."""
-        points = [(float(row["bytes"]), float(s)) for row in self.transfers for s in row[f"{direction}_s"]]
+        """``(latency_s, bandwidth_mb_s)`` of ``"put"`` or ``"get"``: :func:`fit_line` through each size's median
+        seconds (a request that stalled once does not tilt the line)."""
+        points = [(float(row["bytes"]), statistics.median(row[f"{direction}_s"])) for row in self.transfers]
         try:
             latency, per_byte = fit_line(points)
         except ConfigError as exc:
@@ -176,7 +177,8 @@ class Calibration:
             "# speed: a tier's matmul GFLOP/s (its best thread count) / the driver's, a sample being "
             f"{probe.ROWS_PER_SAMPLE} rows of {probe.WIDTH} times a {probe.WIDTH} x {probe.WIDTH} weight, "
             "fitted to Tier.speed_at",
-            "# links: seconds = latency + bytes / bandwidth fitted to single PUTs / GETs; latency_s: median over tiers",
+            "# links: seconds = latency + bytes / bandwidth fitted to each size's median PUT / GET; "
+            "latency_s: median over tiers",
             "# measured GFLOP/s at micro-batch " + ", ".join(str(b) for b in sorted(driver["gflops"], key=int)) + ":",
             "#   driver: " + ", ".join(f"{float(g):.1f}" for _, g in sorted(driver["gflops"].items(),
                                                                             key=lambda kv: int(kv[0]))),
