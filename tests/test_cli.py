@@ -350,17 +350,17 @@ def test_plan_and_simulate_errors_are_one_line(tmp_path: Path, capsys: pytest.Ca
 def test_help_lists_every_command_on_one_line() -> None:
     help_text = build_parser().format_help()
     lines = {line.split()[0]: line for line in help_text.splitlines() if line.startswith("    ")}
-    assert set(lines) == {"demo", "resume", "profile", "plan", "simulate", "train", "deploy"}
+    assert set(lines) == {"demo", "resume", "profile", "plan", "simulate", "train", "deploy", "calibrate"}
     for line in lines.values():
         assert len(line.split()) > 3  # the name and its one-line description
     commands = help_text.split("positional arguments:")[1].split("options:")[0]
-    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 7  # COMMAND, then one each
+    assert len([line for line in commands.splitlines() if line.strip()]) == 1 + 8  # COMMAND, then one each
 
 
 def test_every_command_prints_json_for_scripts_and_takes_debug() -> None:
     parser = build_parser()
     (choices,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert isinstance(choices, dict) and len(choices) == 7
+    assert isinstance(choices, dict) and len(choices) == 8
     for name, sub in choices.items():
         options = {option for action in sub._actions for option in action.option_strings}
         assert {"--json", "--debug"} <= options, name
@@ -522,6 +522,14 @@ def test_train_on_a_cloud_backend_without_its_sdk_names_the_extra(
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(Plan.manual([3], micro_batch_size=2, global_batch_size=8).to_dict()), "utf-8")
     assert main(["train", tiny_model, "--plan", str(plan), "--backend", backend_without_sdk]) == 2
+    assert capsys.readouterr().err == missing_sdk_line(backend_without_sdk)
+
+
+def test_calibrate_without_the_sdk_names_the_extra(
+    backend_without_sdk: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["calibrate", backend_without_sdk, "--storage", "s3://bucket/prefix",
+                 "--endpoint-url", "http://127.0.0.1:9"]) == 2
     assert capsys.readouterr().err == missing_sdk_line(backend_without_sdk)
 
 

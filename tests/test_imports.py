@@ -27,7 +27,7 @@ NOT_IN_THE_IMAGE = ("ortools", "ray", "matplotlib", "tqdm", "yaml")
 #: funcpipe modules a function must not load: driver-side planning, training and presentation.
 NOT_IN_A_FUNCTION = (
     "funcpipe.planner", "funcpipe.simulator", "funcpipe.trainer", "funcpipe.report", "funcpipe.plot",
-    "funcpipe.executors", "funcpipe.costmodel", "funcpipe.profiler", "funcpipe.cli",
+    "funcpipe.executors", "funcpipe.costmodel", "funcpipe.profiler", "funcpipe.cli", "funcpipe.calibrate",
 )
 
 
@@ -172,8 +172,8 @@ def test_no_import_circle() -> None:
          "a worker does not know how it is launched, by whom, or how it was planned"),
         # A plan prints itself through funcpipe.report (plain Python, loaded when a plan is printed): the
         # function does not load it (test_the_function_entry_loads_a_worker_and_nothing_of_the_driver).
-        (("funcpipe.function",), tuple(m for m in NOT_IN_A_FUNCTION if m != "funcpipe.report"),
-         "a function loads only what a worker runs"),
+        (("funcpipe.function", "funcpipe.probe"), tuple(m for m in NOT_IN_A_FUNCTION if m != "funcpipe.report"),
+         "a function loads only what a worker (or the calibration probe) runs"),
         (("funcpipe.storage",), ("funcpipe.worker", "funcpipe.trainer", "funcpipe.collectives", "funcpipe.protocol",
                                  "funcpipe.plans", "funcpipe.executors", "funcpipe.function"),
          "storage moves bytes and knows nothing of training"),
@@ -202,7 +202,7 @@ def test_the_library_imports_nothing_of_backends() -> None:
 
 
 def test_the_function_side_needs_none_of_the_driver_packages() -> None:
-    for start in reachable(GRAPH, "funcpipe.function"):
+    for start in reachable(GRAPH, "funcpipe.function") | reachable(GRAPH, "funcpipe.probe"):
         assert third_party(start).isdisjoint(NOT_IN_THE_IMAGE), start
 
 
@@ -229,6 +229,13 @@ def test_the_function_entry_loads_a_worker_and_nothing_of_the_driver() -> None:
     for needed in ("torch", "safetensors", "cloudpickle", "funcpipe.worker", "funcpipe.protocol", "funcpipe.codec",
                    "funcpipe.binding", "funcpipe.signed", "funcpipe.checkpoint"):
         assert needed in loaded, needed
+    assert [m for m in loaded if _under(m, NOT_IN_A_FUNCTION)] == []
+
+
+def test_the_calibration_probe_loads_nothing_of_the_driver() -> None:
+    # What a function imports to run `funcpipe calibrate`'s benchmark (function.handle loads it by name).
+    loaded = _loaded_after("import funcpipe.function\nimport funcpipe.probe", blocked=NOT_IN_THE_IMAGE)
+    assert "funcpipe.probe" in loaded
     assert [m for m in loaded if _under(m, NOT_IN_A_FUNCTION)] == []
 
 

@@ -521,6 +521,43 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- funcpipe calibrate ---------------------------------------------------------------
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from funcpipe.calibrate import DEFAULT_BATCH_SIZES, DEFAULT_OBJECT_BYTES, calibrate
+    from funcpipe.executors import cloud_sdk
+
+    options: dict[str, Any] = {"function_prefix": args.prefix}
+    if args.platform == "aws_lambda":
+        with cloud_sdk(args.platform):
+            from funcpipe.executors.aws_lambda import AWSLambda
+        executor: Any = AWSLambda(args.region, endpoint_url=args.endpoint_url, **options)
+    else:
+        with cloud_sdk(args.platform):
+            from funcpipe.executors.alibaba_fc import AlibabaFC
+        executor = AlibabaFC(args.region, account_id=args.account_id, endpoint=args.endpoint_url,
+                             protocol=args.protocol, **options)
+    out = args.out if args.out is not None else f"{args.platform}.calibrated.yaml"
+    try:
+        result = calibrate(
+            executor, args.storage, args.tiers,
+            batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES,
+            object_bytes=[kb * 2**10 for kb in args.object_kb] if args.object_kb else DEFAULT_OBJECT_BYTES,
+            repeats=args.repeats,
+        )
+    finally:
+        executor.shutdown()
+    result.save(out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        _note(f"platform file saved to {out}", json_mode=True)
+        return 0
+    print(result.to_yaml(), end="")
+    print(f"\nplatform file saved to {out}; use it as `funcpipe plan ... --platform {out}`")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line naming the command's --help, with exit code 2."""
 
@@ -528,9 +565,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"funcpipe: error: {message}; hint: {self.prog} --help\n")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each command's help beside its name: argparse measures the commands' names one indent short of where
+    it prints them, so a name longer than ``-h, --help`` would push its help onto the next line."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if not isinstance(action, argparse._SubParsersAction):
+            super().add_argument(action)
+            return
+        self._indent()
+        try:
+            super().add_argument(action)
+        finally:
+            self._dedent()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="funcpipe", description="Train PyTorch models as pipelines of serverless functions.",
+        formatter_class=_HelpFormatter,
         epilog="Errors are one line on stderr with exit code 2; --debug shows the traceback. "
         "Every command that prints data takes --json.",
     )
@@ -685,6 +738,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="environment variable of the functions (repeatable)")
     deploy.add_argument("--json", action="store_true", help="print what was deployed as JSON")
     deploy.set_defaults(func=_deploy)
+
+    calib = add(
+        "calibrate", help="measure the deployed functions and write a platform file",
+        description="Invoke the deployed function of each memory tier once with a short benchmark (a matmul at "
+        "a few micro-batch sizes and thread counts, PUTs and GETs of a few sizes against --storage), and write "
+        "a platform file (base: PLATFORM plus the measured speed, bandwidth and latency) for plan and simulate.",
+    )
+    calib.add_argument("platform", choices=["aws_lambda", "alibaba_fc"])
+    calib.add_argument("--tiers", type=int, nargs="+", metavar="MB",
+                       help="the memory tiers to measure, deployed by `funcpipe deploy` (default: the platform's)")
+    calib.add_argument("--storage", required=True,
+                       help="storage URL the functions reach (s3://bucket/prefix, oss://bucket/prefix)")
+    calib.add_argument("--out", help="the platform file to write (default PLATFORM.calibrated.yaml in the cwd)")
+    calib.add_argument("--batch-sizes", type=int, nargs="+", metavar="B",
+                       help="micro-batch sizes of the matmul (default 1 4 16 64)")
+    calib.add_argument("--object-kb", type=int, nargs="+", metavar="KB",
+                       help="object sizes of the PUTs and GETs, KB (default 64 1024 8192)")
+    calib.add_argument("--repeats", type=int, default=3, metavar="N", help="PUTs and GETs per size (default 3)")
+    calib.add_argument("--prefix", default="funcpipe-worker", help="function name prefix (default funcpipe-worker)")
+    calib.add_argument("--region", help="region (default: the SDK's, or $ALIBABA_CLOUD_REGION)")
+    calib.add_argument("--account-id", help="Function Compute: the account ID (default: $ALIBABA_CLOUD_ACCOUNT_ID)")
+    calib.add_argument("--endpoint-url", help="another API endpoint (an emulator)")
+    calib.add_argument("--protocol", default="https", help="Function Compute API protocol (default https)")
+    calib.add_argument("--json", action="store_true", help="print the measurements and fitted fields as JSON")
+    calib.set_defaults(func=_calibrate)
     return parser
 
 
