@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from funcpipe import ConfigError, Plan, StorageAccessDenied, Trainer, WorkerFailed
+from funcpipe import ConfigError, Plan, StorageAccessDenied, Trainer
 from funcpipe.executors.thread import ThreadActor, ThreadExecutor
 from funcpipe.run import Run
 from funcpipe.worker import StageWorker

@@ -161,7 +161,7 @@ class ModelStages:
         value = example_inputs
         with torch.no_grad(), untouched(self.model):
             for s, module in enumerate(self.modules):
-                for index, layer in zip(self.plan.layer_range(s), module, strict=True):
+                for index, layer in zip(self.plan.layer_range(s), module._modules.values(), strict=True):
                     try:
                         out = layer(value)
                     except Exception as exc:
