@@ -161,7 +161,7 @@ class ModelStages:
         value = example_inputs
         with torch.no_grad(), untouched(self.model):
             for s, module in enumerate(self.modules):
-                for index, layer in zip(self.plan.layer_range(s), module._modules.values(), strict=True):
+                for index, layer in zip(self.plan.layer_range(s), _layers(module), strict=True):
                     try:
                         out = layer(value)
                     except Exception as exc:
@@ -254,6 +254,11 @@ def _check_scheduler(scheduler: SchedulerFactory, optimizer: torch.optim.Optimiz
         scheduler_json(made)
     except TypeError as exc:
         raise ConfigError(f"{exc} (stage {stage})") from None
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """A stage's layers as its ``nn.Sequential`` holds them (a layer used twice is there twice)."""
+    return [layer for layer in module._modules.values() if layer is not None]
 
 
 def _check_loss(loss_fn: Callable[..., Any], output: Any, targets: torch.Tensor) -> None:
