@@ -188,8 +188,8 @@ def test_profile_prints_every_layer_and_saves_the_profile(
     assert saved.num_layers == 3 and saved.micro_batch_sizes == (1, 2)
     assert "fwd ms" in out and "held KB/sample" in out and "profile saved to tiny.profile.json" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [row[:2] for row in rows] == [["0", "0"], ["1", "1"], ["2", "2"]]
-    assert float(rows[0][4]) == pytest.approx((8 * 16 + 16) * 4 / 2**20, abs=1e-3)  # params MB of Linear(8, 16)
+    assert [row[:3] for row in rows] == [["0", "0", "Linear"], ["1", "1", "ReLU"], ["2", "2", "Linear"]]
+    assert float(rows[0][5]) == pytest.approx((8 * 16 + 16) * 4 / 2**20, abs=1e-3)  # params MB of Linear(8, 16)
 
 
 def test_profile_json_and_out(tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

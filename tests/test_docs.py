@@ -61,3 +61,27 @@ def test_readme_shows_the_screenshots_and_links_only_to_files_that_exist() -> No
     assert "examples/quickstart.ipynb" in local
     missing = [link for link in local if not (ROOT / link).exists()]
     assert missing == []
+
+
+def quickstart_commands() -> list[str]:
+    """The README's quickstart commands, one per numbered comment."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_each_quickstart_command_installs_the_cpu_torch_first_and_what_it_runs() -> None:
+    import configparser
+
+    extras = configparser.ConfigParser()
+    extras.read(ROOT / "setup.cfg")
+    requires = {name: value for name, value in extras["options.extras_require"].items()}
+    commands = quickstart_commands()
+    assert len(commands) == 3
+    for command in commands:
+        assert command.startswith("pip install torch==2.13.0 && pip install "), command  # else a CUDA build
+    # What each runs comes with what it installs: funcpipe's own script, pytest, and a Jupyter front end.
+    assert '".[demo]"' in commands[0] and "funcpipe demo" in commands[0]
+    assert '".[dev]"' in commands[1] and "pytest" in requires["dev"]
+    assert '".[notebook]"' in commands[2] and "jupyter lab " in commands[2]
+    assert re.search(r"^\s*jupyterlab\b", requires["notebook"], re.MULTILINE), "jupyter lab needs jupyterlab"

@@ -502,3 +502,25 @@ def test_a_planned_plan_trains_like_plain_pytorch() -> None:
     trainer = Trainer(model, nn.functional.mse_loss, sgd, plan)
     trainer.fit(batches, progress=False)
     assert_same_parameters(trainer.model, expected)
+
+
+def test_the_plan_bar_counts_to_the_total_it_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from funcpipe import planner
+
+    bars: list[Any] = []
+    made = planner._progress_bar
+
+    def recorded(*args: Any) -> Any:
+        bar = made(*args)
+        bars.append((bar, bar.total))
+        return bar
+
+    monkeypatch.setattr(planner, "_progress_bar", recorded)
+    profile, platform = small_case()
+    cases = [("time", 1), (0.5, 1), (0.5, 2)]  # one stage: the search skips every pipeline's solve
+    for objective, stages in cases:
+        funcpipe.plan(profile, platform, global_batch_size=16, max_stages=stages, max_replicas=2,
+                      objective=objective, progress=True)  # a disabled bar counts nothing
+    assert len(bars) == len(cases)
+    for bar, total in bars:
+        assert bar.n == total, (bar.n, total)  # the total shown from the start is the one reached

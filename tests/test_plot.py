@@ -124,7 +124,8 @@ def test_frontier_joins_plans_in_time_order_and_marks_the_chosen(frontier: list[
     assert star.get_marker() == "*"
     texts = [t.get_text() for t in ax.texts]
     shapes = [f"{p.num_stages}s/{p.num_workers}w" for p in frontier]
-    assert sorted(texts[: len(frontier)]) == sorted(shapes)
+    assert sorted(t.split()[0] for t in texts[: len(frontier)]) == sorted(shapes)
+    assert len(set(texts[: len(frontier)])) == len(frontier)  # no two points share a label
     assert texts[-1].startswith(f"chosen: {chosen.num_stages}s/{chosen.num_workers}w")
 
 
@@ -235,3 +236,15 @@ def test_missing_matplotlib_is_a_config_error(sim: Simulation, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     with pytest.raises(ConfigError, match="need matplotlib; hint: pip install"):
         cost_breakdown_figure(sim)
+
+
+def test_frontier_labels_tell_apart_plans_of_one_shape() -> None:
+    from funcpipe.plot import frontier_labels
+
+    a = Plan.manual([2, 2], replicas=[1, 3], micro_batch_size=4, global_batch_size=16, memory_mb=[1024, 1024])
+    b = dataclasses.replace(a, micro_batch_size=2)
+    c = dataclasses.replace(a, memory_mb=(1024, 2048))
+    d = Plan.manual([4], micro_batch_size=4, global_batch_size=16)
+    labels = frontier_labels([a, b, c, d])
+    assert labels == ["2s/4w b4 1024+1024MB", "2s/4w b2", "2s/4w b4 1024+2048MB", "1s/1w"]
+    assert len(set(labels)) == 4

@@ -595,3 +595,21 @@ def test_a_tie_that_does_not_fit_the_layers_is_refused() -> None:
         ModelProfile((base, base), 4.0, 4.0, tied=((1, 0, 50),))
     with pytest.raises(ConfigError, match="tied parameters"):
         ModelProfile((base, base), 4.0, 4.0, tied=((0, 1, 500),))
+
+
+def test_a_profile_prints_as_a_table_of_its_layers_with_their_types(tmp_path: Any) -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    profile = funcpipe.profile(model, torch.randn(4, 8), torch.randint(0, 3, (4,)), nn.functional.cross_entropy,
+                               micro_batch_sizes=(1, 2), rounds=1, warmup=0, progress=False)
+    text = str(profile)
+    rows = [line.split() for line in text.splitlines()[2:5]]
+    assert [row[:3] for row in rows] == [["0", "0", "Linear"], ["1", "1", "ReLU"], ["2", "2", "Linear"]]
+    assert float(rows[0][5]) == pytest.approx((8 * 16 + 16) * 4 / 2**20, abs=1e-3)  # params MB
+    assert "<table" in profile._repr_html_() and "ReLU" in profile._repr_html_()
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert [layer.kind for layer in ModelProfile.load(path).layers] == ["Linear", "ReLU", "Linear"]
+    older = profile.to_dict()
+    for layer in older["layers"]:
+        del layer["kind"]
+    assert str(ModelProfile.from_dict(older)).splitlines()[2].split()[2] == "?"  # a profile of before: no type

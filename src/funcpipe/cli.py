@@ -244,32 +244,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _profile_table(profile: ModelProfile) -> str:
-    b = max(profile.micro_batch_sizes)
-    machine = profile.machine
-    where = f" on {machine['cpu']}, torch {machine.get('torch', '?')}" if "cpu" in machine else ""
-    width = max(4, *(len(layer.name) for layer in profile.layers))
-    rows = [
-        f"Profile of {profile.num_layers} layers{where}, one thread; times at micro-batch {b} "
-        f"(measured at {', '.join(map(str, profile.micro_batch_sizes))}); MB = 2**20 bytes, KB = 2**10",
-        f"  {'#':>3} {'name':<{width}} {'fwd ms':>9} {'bwd ms':>9} {'params MB':>10} {'out KB/sample':>14} "
-        f"{'held KB/sample':>15}",
-    ]
-    for i, layer in enumerate(profile.layers):
-        rows.append(
-            f"  {i:>3} {layer.name:<{width}} {layer.forward_s(b) * 1e3:>9.3f} {layer.backward_s(b) * 1e3:>9.3f} "
-            f"{layer.param_bytes / 2**20:>10.3f} {layer.output_bytes_per_sample / 2**10:>14.2f} "
-            f"{layer.held_bytes_per_sample / 2**10:>15.2f}"
-        )
-    layers = profile.layers
-    rows.append(
-        f"  {'':>3} {'total':<{width}} {sum(lp.forward_s(b) for lp in layers) * 1e3:>9.3f} "
-        f"{sum(lp.backward_s(b) for lp in layers) * 1e3:>9.3f} {profile.param_bytes / 2**20:>10.3f}"
-    )
-    rows.append(
-        f"  input {profile.input_bytes_per_sample / 2**10:.2f} KB/sample, "
-        f"target {profile.target_bytes_per_sample / 2**10:.2f} KB/sample"
-    )
-    return "\n".join(rows)
+    return str(profile.table())
 
 
 # -- funcpipe plan --------------------------------------------------------------------

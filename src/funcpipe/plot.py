@@ -131,8 +131,8 @@ def frontier_figure(
     xs = [seconds for seconds, _, _ in points]
     ys = [dollars for _, dollars, _ in points]
     ax.plot(xs, ys, marker="o", color=KIND_COLOURS["forward"], label="frontier")
-    for seconds, dollars, plan in points:
-        ax.annotate(_shape(plan), (seconds, dollars), xytext=(5, 5), textcoords="offset points", fontsize=8)
+    for (seconds, dollars, _), label in zip(points, frontier_labels([plan for _, _, plan in points]), strict=True):
+        ax.annotate(label, (seconds, dollars), xytext=(5, 5), textcoords="offset points", fontsize=8)
     if chosen is not None:
         seconds, dollars, plan = _predicted(chosen, "chosen")
         ax.plot([seconds], [dollars], marker="*", markersize=16, linestyle="none", color=KIND_COLOURS["sync"],
@@ -275,6 +275,22 @@ def _predicted(plan: object, what: str) -> tuple[float, float, Plan]:
 
 def _shape(plan: Plan) -> str:
     return f"{plan.num_stages}s/{plan.num_workers}w"
+
+
+def frontier_labels(plans: Sequence[Plan]) -> list[str]:
+    """Each plan's label on a frontier: stages and workers (``2s/3w``), then, where two plans would
+    share one, the micro-batch size (``b4``), then the functions' memory (``1024+2048MB``)."""
+    def memory(plan: Plan) -> str:
+        return "+".join(str(mb) for mb in plan.memory_mb) + "MB" if plan.memory_mb else "auto MB"
+
+    labels = [_shape(plan) for plan in plans]
+    for extra in (lambda plan: f"b{plan.micro_batch_size}", memory, lambda plan: plan.schedule):
+        seen: dict[str, int] = {}
+        for label in labels:
+            seen[label] = seen.get(label, 0) + 1
+        labels = [f"{label} {extra(plan)}" if seen[label] > 1 else label for label, plan in zip(labels, plans,
+                                                                                                strict=True)]
+    return labels
 
 
 def _dollars(value: float) -> str:

@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from tqdm.auto import tqdm
 from funcpipe import protocol
 from funcpipe.errors import ConfigError
 from funcpipe.jsonfile import read_json
+
+if TYPE_CHECKING:
+    from funcpipe.report import Report
 
 __all__ = ["LayerProfile", "ModelProfile", "default_optimizer", "profile"]
 
@@ -123,6 +126,8 @@ class LayerProfile:
     forward_measured_s: tuple[float, ...] | None = None
     backward_measured_s: tuple[float, ...] | None = None
     grad_bytes_per_sample: float | None = None
+    #: The layer's class (``"Linear"``; of a traced unit, the module it is named after); ``""``: not recorded.
+    kind: str = ""
 
     def __post_init__(self) -> None:
         grad = self.grad_bytes_per_sample
@@ -251,7 +256,25 @@ class ModelProfile:
         for layer in data["layers"]:
             if layer["grad_bytes_per_sample"] is None:
                 del layer["grad_bytes_per_sample"]
+            if not layer["kind"]:
+                del layer["kind"]
         return data
+
+    def table(self, micro_batch_size: int | None = None) -> Report:
+        """Per layer: its index, name, type, forward and backward ms (at ``micro_batch_size``, default the
+        largest measured), parameters, and the bytes per sample it sends on and keeps for backward."""
+        from funcpipe.report import profile_report
+
+        return profile_report(self, micro_batch_size)
+
+    def __str__(self) -> str:
+        return str(self.table())
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelProfile:
@@ -632,14 +655,14 @@ def _measure(
 
     return tuple(
         _layer_profile(name, _measure_update(i, name, layer, factory, rounds, warmup), sizes, forward[i],
-                       backward[i], output_bytes[i] / largest, held_bytes[i] / largest)
+                       backward[i], output_bytes[i] / largest, held_bytes[i] / largest, kind=type(layer).__name__)
         for i, (name, layer) in enumerate(zip(runner.names, runner.layers, strict=True))
     )
 
 
 def _layer_profile(name: str, update: tuple[int, int, float], sizes: tuple[int, ...], forward: list[float],
                    backward: list[float], output_bytes: float, held_bytes: float,
-                   grad_bytes: float | None = None) -> LayerProfile:
+                   grad_bytes: float | None = None, kind: str = "") -> LayerProfile:
     """A layer's profile from its medians per size (fitted, and made non-decreasing) and its bytes per sample."""
     param_bytes, optimizer_bytes, update_s = update
     forward_alpha, forward_beta = _fit(sizes, forward)
@@ -658,6 +681,7 @@ def _layer_profile(name: str, update: tuple[int, int, float], sizes: tuple[int, 
         measured_sizes=sizes,
         forward_measured_s=_isotonic(forward),
         backward_measured_s=_isotonic(backward),
+        kind=kind,
         grad_bytes_per_sample=grad_bytes,
     )
 
@@ -915,7 +939,8 @@ def _profile_units(
 
     layers = [
         _layer_profile(name, _measure_update(i, name, stage, factory, rounds, warmup), sizes, forward[i],
-                       backward[i], output_bytes[i] / largest, held_bytes[i] / largest, grad_bytes[i] / largest)
+                       backward[i], output_bytes[i] / largest, held_bytes[i] / largest, grad_bytes[i] / largest,
+                       kind=_unit_kind(model, name))
         for i, (name, stage) in enumerate(zip(runner.names, runner.stages, strict=True))
     ]
     flat = pytree.tree_leaves(inputs)
@@ -929,6 +954,14 @@ def _profile_units(
         machine=machine,
         tied=_ties(runner.stages),
     )
+
+
+def _unit_kind(model: nn.Module, name: str) -> str:
+    """The class of the module a traced unit is named after (``"BertLayer"``), or ``""``."""
+    try:
+        return type(model.get_submodule(name)).__name__
+    except (AttributeError, ValueError):
+        return ""
 
 
 def describe_value(values: Any) -> str:

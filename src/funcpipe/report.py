@@ -21,6 +21,7 @@ from funcpipe.errors import ConfigError
 
 if TYPE_CHECKING:
     from funcpipe.plans import Plan, StageReport
+    from funcpipe.profiler import ModelProfile
     from funcpipe.simulator import Simulation, Timeline
     from funcpipe.trainer import History
 
@@ -237,6 +238,33 @@ def iterations_per_epoch(plan: Plan, samples: int) -> int:
 
 
 # -- plans and simulations ------------------------------------------------------------
+
+
+def profile_report(profile: ModelProfile, micro_batch_size: int | None = None) -> Report:
+    """A profile as one table: per layer its index, name, type, forward / backward ms at one micro-batch
+    size (default the largest measured), parameters, and the bytes per sample it sends on and holds."""
+    b = micro_batch_size if micro_batch_size is not None else max(profile.micro_batch_sizes)
+    machine = profile.machine
+    where = f" on {machine['cpu']}, torch {machine.get('torch', '?')}" if "cpu" in machine else ""
+    layers = profile.layers
+    rows = [(str(i), layer.name, layer.kind or "?", f"{layer.forward_s(b) * 1e3:.3f}",
+             f"{layer.backward_s(b) * 1e3:.3f}", f"{layer.param_bytes / 2**20:.3f}",
+             _kib(layer.output_bytes_per_sample), _kib(layer.held_bytes_per_sample)) for i, layer in enumerate(layers)]
+    rows.append(("", "total", "", f"{sum(lp.forward_s(b) for lp in layers) * 1e3:.3f}",
+                 f"{sum(lp.backward_s(b) for lp in layers) * 1e3:.3f}", f"{profile.param_bytes / 2**20:.3f}", "", ""))
+    return Report((Table(
+        title=(f"Profile of {profile.num_layers} layers{where}, one thread; ms at micro-batch {b} (measured at "
+               f"{', '.join(map(str, profile.micro_batch_sizes))})"),
+        header=("#", "name", "type", "fwd ms", "bwd ms", "params MB", "out KB/sample", "held KB/sample"),
+        rows=tuple(rows),
+        notes=(f"input {profile.input_bytes_per_sample / 2**10:.2f} KB/sample, target "
+               f"{profile.target_bytes_per_sample / 2**10:.2f} KB/sample; MB = 2**20 bytes, KB = 2**10",),
+        left=(1, 2),
+    ),))
+
+
+def _kib(nbytes: float) -> str:
+    return f"{nbytes / 2**10:.2f}"
 
 
 def plan_report(plan: Plan, *, layer_names: Sequence[str] | None = None) -> Report:

@@ -118,17 +118,23 @@ def plan(
     combos = len(space.sizes) * len(space.schedules)
     steps = combos * (3 if 0 < weight < 1 else 1)
     with _progress_bar(progress, time_limit_s, steps, f"planning on {space.platform.name}") as bar:
+
+        def run(goal: Goal, limit: float) -> Result:
+            # One step per (micro-batch size, schedule) of the space, those the search skips included.
+            start = bar.n
+            try:
+                return search.run(goal, candidates=candidates, time_limit_s=limit, give_up_at=give_up_at, bar=bar)
+            finally:
+                bar.update(max(0, start + combos - bar.n))
+
         if 0 < weight < 1:  # normalise by the fastest and the cheapest plan
             limit = time_limit_s / 3
-            fastest = search.run(Goal.of(1.0, deadline_s, budget_usd), candidates=candidates, time_limit_s=limit,
-                                 give_up_at=give_up_at, bar=bar).best
-            cheapest = search.run(Goal.of(0.0, deadline_s, budget_usd), candidates=candidates, time_limit_s=limit,
-                                  give_up_at=give_up_at, bar=bar).best
+            fastest = run(Goal.of(1.0, deadline_s, budget_usd), limit).best
+            cheapest = run(Goal.of(0.0, deadline_s, budget_usd), limit).best
             goal = Goal.of(weight, deadline_s, budget_usd, fastest.iteration_s, max(cheapest.cost_usd, 1e-12))
-            result = search.run(goal, candidates=candidates, time_limit_s=limit, give_up_at=give_up_at, bar=bar)
+            result = run(goal, limit)
         else:
-            result = search.run(Goal.of(weight, deadline_s, budget_usd), candidates=candidates,
-                                time_limit_s=time_limit_s, give_up_at=give_up_at, bar=bar)
+            result = run(Goal.of(weight, deadline_s, budget_usd), time_limit_s)
         bar.set_postfix_str(f"best {result.best.iteration_s:.3g} s, ${result.best.cost_usd:.3g}", refresh=False)
         bar.total = bar.n
         bar.refresh()
