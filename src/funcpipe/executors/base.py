@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from funcpipe.errors import WorkerFailed
+from funcpipe.storage.counting import RequestCounter
 
 __all__ = ["Actor", "ActorHandle", "CallGroup", "Executor", "Resources"]
 
@@ -93,6 +94,10 @@ class Executor(abc.ABC):
     #: per-iteration timeout (a function's cold start). The driver adds it to its wait for
     #: the first iteration of a run, and workers to their waits.
     start_timeout_s: float = 0.0
+
+    #: The storage requests the executor itself makes on the driver (a serverless executor's
+    #: status polls, cancel objects and deletes), counted by kind; ``None``: it makes none.
+    requests: RequestCounter | None = None
 
     @abc.abstractmethod
     def launch(

@@ -55,6 +55,7 @@ from funcpipe.errors import (
 from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
+from funcpipe.storage.counting import CountingStorage, RequestCounter
 from funcpipe.storage.throttled import SCHEME_PREFIX
 
 __all__ = [
@@ -149,7 +150,9 @@ class ServerlessExecutor(Executor):
         self.start_timeout_s = self.timing.start_timeout_s
         self.allow_local_storage = allow_local_storage
         self._storage_url: str | None = None
-        self._watcher = _Watcher(self.timing.poll_s)
+        #: The driver's requests for the calls (status polls, cancel objects, their deletes).
+        self.requests = RequestCounter()
+        self._watcher = _Watcher(self.timing.poll_s, self.requests)
         #: The driver's torch and funcpipe versions, which every payload carries (the function checks them).
         self.versions = protocol.versions()
 
@@ -329,8 +332,9 @@ def _settle(future: Future[Any], *, result: Any = None, exception: BaseException
 class _Watcher:
     """One thread that polls the status objects of an executor's running calls."""
 
-    def __init__(self, poll_s: float) -> None:
+    def __init__(self, poll_s: float, requests: RequestCounter | None = None) -> None:
         self._poll_s = poll_s
+        self._requests = RequestCounter() if requests is None else requests
         self._lock = threading.Lock()
         self._calls: dict[str, tuple[_Call, Storage, Timing]] = {}
         self._storages: dict[str, Storage] = {}
@@ -340,7 +344,7 @@ class _Watcher:
     def storage_for(self, url: str) -> Storage:
         with self._lock:
             if url not in self._storages:
-                self._storages[url] = open_storage(url)
+                self._storages[url] = CountingStorage(open_storage(url), self._requests, client="watcher")
             return self._storages[url]
 
     def watch(self, call: _Call, storage: Storage, timing: Timing) -> None:

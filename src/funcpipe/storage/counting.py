@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from urllib.parse import unquote_plus
 
 from funcpipe.errors import ConfigError
-from funcpipe.storage.base import Storage
+from funcpipe.storage.base import Pause, Storage
 
 __all__ = ["OPERATIONS", "SCHEME_PREFIX", "CountingStorage", "Request", "RequestCounter", "counter"]
 
@@ -93,6 +93,11 @@ class RequestCounter:
 
         return stop
 
+    def since(self, earlier: dict[str, int]) -> dict[str, int]:
+        """Requests counted since :meth:`counts` returned ``earlier``."""
+        now = self.counts()
+        return {name: now[name] - earlier.get(name, 0) for name in now}
+
     def reset(self) -> None:
         """Forget the counts (listeners stay)."""
         with self._lock:
@@ -127,6 +132,7 @@ class CountingStorage(Storage):
         self.client = threading.current_thread().name if client is None else client
         self.poll_initial_s = inner.poll_initial_s
         self.poll_max_s = inner.poll_max_s
+        self.clock = inner.clock
         self.url = ""
         self._name: str | None = None
 
@@ -222,6 +228,10 @@ class CountingStorage(Storage):
             return self.inner.list(prefix)
         finally:
             self._add("LIST", prefix)
+
+    def pause_for_wait(self) -> Pause:
+        """The inner store's pause (a ``FileStorage`` put wakes it early); the polls of a wait are counted."""
+        return self.inner.pause_for_wait()
 
     def close(self) -> None:
         """Close ``inner``."""
