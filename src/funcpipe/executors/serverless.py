@@ -316,6 +316,7 @@ class _Call:
     last_change: float = 0.0
     foreign: str | None = None  # the binding of a foreign status object last warned about
     status_secret: str = dataclasses.field(default="", repr=False)  # its status objects' MAC key
+    deleted: bool = False  # its status objects were deleted
 
 
 def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
@@ -401,10 +402,17 @@ class _Watcher:
                     finished = True
                 if finished:
                     self.forget(call)
-                    try:
-                        storage.delete([call.status_key, call.status_key + protocol.CANCEL_SUFFIX])
-                    except StorageError as exc:
-                        log.warning("could not delete status object %s: %s", call.status_key, exc)
+                    if not call.deleted:
+                        self._delete(call, storage)
+
+    @staticmethod
+    def _delete(call: _Call, storage: Storage) -> None:
+        """Delete a finished call's status and cancel objects."""
+        call.deleted = True
+        try:
+            storage.delete([call.status_key, call.status_key + protocol.CANCEL_SUFFIX])
+        except StorageError as exc:
+            log.warning("could not delete status object %s: %s", call.status_key, exc)
 
     def _check(self, call: _Call, storage: Storage, timing: Timing) -> bool:
         """Read one call's status and resolve its future if it ended; ``True`` once it is resolved."""
@@ -417,6 +425,8 @@ class _Watcher:
         status = protocol.decode_status(data, call.status_key)
         state = status["state"]
         if state == "done":
+            # Deleted before the result is handed over: the requests the run counts hold this delete.
+            self._delete(call, storage)
             _settle(call.future, result=status["result"])
             return True
         if state == "failed":
