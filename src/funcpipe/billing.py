@@ -111,6 +111,7 @@ class MeasuredCost:
     compute_usd: float
     requests_usd: float
     invocations_usd: float
+    spec: Platform | None = dataclasses.field(default=None, repr=False, compare=False)  # the platform itself
 
     @property
     def total_usd(self) -> float:
@@ -122,9 +123,17 @@ class MeasuredCost:
         return {"compute": self.compute_usd / n, "requests": self.requests_usd / n,
                 "invocations": self.invocations_usd / n, "total": self.total_usd / n}
 
+    def compare(self, iteration_s: float, cost_usd: float, stage_costs: Iterable[float], workers: int,
+                request_counts: Mapping[str, float] | None = None) -> tuple[Predicted, list[str]]:
+        """A prediction per iteration split into components (:func:`predicted`) at this measure's platform,
+        and the lines that explain the difference (:func:`explain`)."""
+        spec = self.spec if self.spec is not None else resolve(self.platform)
+        prediction = predicted(iteration_s, cost_usd, stage_costs, workers, spec, request_counts)
+        return prediction, explain(self, prediction)
+
     def to_dict(self) -> dict[str, Any]:
         """As JSON-able data, with :meth:`per_iteration` and the total."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
         out["total_usd"] = self.total_usd
         out["per_iteration"] = self.per_iteration()
         return out
@@ -179,7 +188,7 @@ def measure(history: History, platform: Platform | str | None = None) -> Measure
         unpriced_calls=unpriced, requests={name: total[name] for name in names},
         requests_by={source: {name: counts[name] for name in names} for source, counts in by.items()},
         compute_usd=compute, requests_usd=request_usd(total, spec),
-        invocations_usd=invocations * spec.price_per_invocation,
+        invocations_usd=invocations * spec.price_per_invocation, spec=spec,
     )
 
 

@@ -458,23 +458,18 @@ def history_report(history: History, predicted: Plan | Simulation | None = None)
 
 def _measured(history: History, pred: _Prediction) -> MeasuredCost | None:
     """The history's measured cost at the prediction's platform; ``None`` if that is not a known one."""
-    from funcpipe.billing import measure
-
     if pred.platform is None:
         return None
     try:
-        return measure(history, pred.platform)
+        return history.measured_cost(pred.platform)
     except ConfigError:  # a platform of the user's own, known by name only: history.measured_cost(spec)
         return None
 
 
 def _cost_table(cost: MeasuredCost, pred: _Prediction) -> Table:
     """Dollars by component, measured (per iteration and the whole) and predicted, and why they differ."""
-    from funcpipe.billing import explain, predicted
-    from funcpipe.platforms import get
-
     stage_costs = [st.cost_usd for st in pred.stages] if pred.stages else [pred.cost_usd]
-    p = predicted(pred.iteration_s, pred.cost_usd, stage_costs, pred.workers, get(cost.platform), pred.requests)
+    p, lines = cost.compare(pred.iteration_s, pred.cost_usd, stage_costs, pred.workers, pred.requests)
     per = cost.per_iteration()
     rows = (
         ("compute (GB-s)", _usd(per["compute"]), _usd(p.compute), _usd(cost.compute_usd)),
@@ -487,4 +482,4 @@ def _cost_table(cost: MeasuredCost, pred: _Prediction) -> Table:
              f"{cost.billed_s:.3f} function-s ({cost.gb_s:.3f} GB-s) {billed}, "
              f"{sum(cost.requests[k] for k in ('PUT', 'GET', 'HEAD', 'LIST', 'DELETE')):,} requests")
     return Table(title, ("", "measured $/iter", "predicted $/iter", "measured, whole fit"), rows,
-                 notes=tuple(explain(cost, p)), left=(0,))
+                 notes=tuple(lines), left=(0,))

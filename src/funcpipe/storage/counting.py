@@ -229,6 +229,18 @@ class CountingStorage(Storage):
         finally:
             self._add("LIST", prefix)
 
+    def wait(self, key: str, timeout: float, *, cancelled: Callable[[], bool] | None = None) -> bytes:
+        """Poll with :meth:`get_if_exists` (each poll one ``GET``), as :meth:`Storage.wait` does; a store
+        with a ``wait`` of its own is left to it, and that wait counts as one ``GET``."""
+        if _polls(self.inner):
+            return super().wait(key, timeout, cancelled=cancelled)
+        data = None
+        try:
+            data = self.inner.wait(key, timeout, cancelled=cancelled)
+            return data
+        finally:
+            self._add("GET", key, data is not None, 0 if data is None else len(data))
+
     def pause_for_wait(self) -> Pause:
         """The inner store's pause (a ``FileStorage`` put wakes it early); the polls of a wait are counted."""
         return self.inner.pause_for_wait()
@@ -236,6 +248,14 @@ class CountingStorage(Storage):
     def close(self) -> None:
         """Close ``inner``."""
         self.inner.close()
+
+
+def _polls(storage: Storage) -> bool:
+    """Whether ``storage.wait`` is :meth:`Storage.wait`'s loop of ``get_if_exists`` (a counting one's, if its
+    inner's is): a loop here then sees the same requests."""
+    if isinstance(storage, CountingStorage):
+        return _polls(storage.inner)
+    return type(storage).wait is Storage.wait
 
 
 def _compose_url(inner_url: str, name: str) -> str:
