@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from funcpipe import protocol
 from funcpipe.errors import ConfigError
 from funcpipe.function import handle
-from funcpipe.storage import MemoryStorage
+from funcpipe.storage import MemoryStorage, counting
 from funcpipe.storage.authenticated import AuthenticatedStorage
 from tests.fakes.actors import Counted
 
@@ -45,7 +46,30 @@ def status(storage: MemoryStorage, event: dict[str, Any]) -> dict[str, Any]:
 def test_a_call_reports_its_result(memory: MemoryStorage) -> None:
     event = payload(memory)
     assert handle(event) == {"state": "done"}
-    assert status(memory, event) == {"state": "done", "result": {"label": "built", "cancelled": False}}
+    reported = status(memory, event)
+    assert reported["result"].pop("function")["requests"]["PUT"] == 2  # started, done
+    assert reported == {"state": "done", "result": {"label": "built", "cancelled": False}}
+
+
+def test_a_call_measures_its_seconds_and_its_status_objects_requests(
+    memory: MemoryStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The storage URL also counts every request into a counter of its own, apart from the function's.
+    name = f"fn-{uuid.uuid4().hex[:8]}"
+    url = f"counted+{memory.url}?counter={name}"
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008")
+    handle(payload(memory, storage_url=url))  # this process has served a call now: the next is warm
+    counting.counter(name).reset()
+    event = payload(memory, storage_url=url, heartbeat_s=0.05, call_args=[0.3])
+    started = time.perf_counter()
+    handle(event)
+    wall = time.perf_counter() - started
+    measure = status(memory, event)["result"]["function"]
+    assert measure["cold"] is False and measure["memory_mb"] == 3008
+    assert 0.3 <= measure["seconds"] <= wall
+    outer = counting.counter(name).counts()
+    assert measure["requests"] == outer  # every beat (a cancel check, a PUT), the last write included
+    assert outer["HEAD"] >= 3 and outer["HEAD_miss"] == outer["HEAD"] and outer["PUT"] == 2 + outer["HEAD"]
 
 
 def test_a_failing_call_reports_cause_and_traceback(memory: MemoryStorage) -> None:

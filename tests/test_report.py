@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import html.parser
 import math
@@ -16,6 +17,7 @@ import funcpipe
 from funcpipe import ConfigError, History, Plan, Simulation, Trainer, simulate
 from funcpipe.profiler import LayerProfile, ModelProfile
 from funcpipe.report import Report, Table, history_report, plan_report, side_by_side
+from funcpipe.storage import counting
 from tests.helpers import mlp7, regression_batches
 
 
@@ -194,8 +196,11 @@ def trained() -> tuple[History, Simulation, ModelProfile]:
                                 warmup=0, progress=False)
     plan = Plan.manual([3, 4], replicas=[1, 2], micro_batch_size=2, global_batch_size=8)
     on_lambda = simulate(plan, measured, "aws_lambda")
+    # Every storage opened by this URL (the driver's, each worker's) also counts into the counter
+    # "report-history", apart from the requests funcpipe measures itself.
+    counting.counter("report-history").reset()
     trainer = Trainer(model, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.01), on_lambda.plan,
-                      backend="thread", storage="memory://report-history")
+                      backend="thread", storage="counted+memory://report-history?counter=report-history")
     history = trainer.fit(batches, epochs=2, progress=False)
     return history, on_lambda, measured
 
@@ -211,9 +216,9 @@ def test_history_shows_measured_next_to_the_plans_prediction(
     summary = {row[0]: row[1:] for row in rows}
     median = statistics.median(history.seconds[1:])
     assert summary["seconds per iteration"] == [f"{median:.3f}", f"{on_lambda.iteration_s:.3f}"]
-    functions = sum(st.cost_usd for st in on_lambda.stages)
-    at_speed = on_lambda.cost_usd - functions + functions * median / on_lambda.iteration_s
-    assert summary["dollars per iteration (aws_lambda)"] == [f"${at_speed:.6f}", f"${on_lambda.cost_usd:.6f}"]
+    cost = history.measured_cost()
+    assert cost is not None
+    assert summary["dollars per iteration (aws_lambda)"] == [f"${cost.total_usd / 8:.6f}", f"${on_lambda.cost_usd:.6f}"]
     assert summary["seconds per epoch (4 iterations)"] == [f"{4 * median:.3f}", f"{4 * on_lambda.iteration_s:.3f}"]
     stages = [line.split() for line in text.split("Per stage")[1].splitlines() if line.strip()[:1].isdigit()]
     measured = history.stage_summary()
@@ -224,7 +229,33 @@ def test_history_shows_measured_next_to_the_plans_prediction(
                            f"{on_lambda.iteration_s:.3f}"]
     assert measured[1]["sync_s"] > 0  # two replicas all-reduced for real
     tables = history._repr_html_().count("<table")
-    assert tables == 2
+    assert tables == 3
+
+
+def test_history_measures_every_request_and_call_second_of_a_thread_run(
+    trained: tuple[History, Simulation, ModelProfile]
+) -> None:
+    history, on_lambda, _ = trained
+    # Every request made through the job's storage, as the outer counter saw it, is one the driver or a
+    # worker counted: none missed, none twice.
+    outer = counting.counter("report-history").counts()
+    measured: collections.Counter[str] = collections.Counter(history.driver_requests)
+    for call in history.workers:
+        measured.update(call["requests"])
+        assert call["status_requests"] == dict.fromkeys(outer, 0)  # no function, no status object
+    assert dict(measured) == outer and outer["GET_miss"] > 0  # the polls are in
+    # Each call's seconds, rounded up to Lambda's millisecond, at its tier's price (1 GB = 1024 MB).
+    assert len(history.runs) == 1 and history.runs[0]["invocations"] == 3 == len(history.workers)
+    assert all(not c["billed"] and c["memory_mb"] == on_lambda.plan.memory_mb[c["stage"]] for c in history.workers)
+    assert all(c["call_s"] >= c["iterations_s"] > 0 for c in history.workers)
+    cost = history.measured_cost()
+    assert cost is not None and not cost.billed
+    compute = sum(math.ceil(c["call_s"] * 1000) / 1000 * c["memory_mb"] / 1024 * 0.0000166667 for c in history.workers)
+    assert cost.compute_usd == pytest.approx(compute)
+    assert cost.invocations_usd == pytest.approx(3 * 0.20 / 1e6)
+    text = str(history)
+    assert "Cost on aws_lambda: 3 invocation(s) in 1 run(s)" in text and "not billed (Ray or threads)" in text
+    assert "heartbeats and status 0" in text and "status polls 0" in text
 
 
 def test_compare_with_a_local_simulation_has_no_dollars(trained: tuple[History, Simulation, ModelProfile]) -> None:

@@ -510,3 +510,39 @@ def test_limit_allocator_retention_returns_freed_tensors_to_the_system() -> None
     # Without it, glibc keeps them in the thread's heap: what the call changes.
     grown, kept = _retained_mib("default")
     assert grown >= 150 and kept > 100, (grown, kept)
+
+
+def test_each_call_of_a_worker_reports_its_own_requests_and_seconds() -> None:
+    # A Ray actor or a warm function instance runs several calls of one worker: each call's report holds
+    # the requests of that call alone, as an outer counter of the worker's storage saw them.
+    from funcpipe import signed
+    from funcpipe.collectives import put_tensor
+    from funcpipe.protocol import JobKeys
+    from funcpipe.storage import counting, open_storage
+    from funcpipe.worker import StageDefinition, StageWorker, WorkerConfig
+
+    plan = Plan.manual([1], micro_batch_size=1, global_batch_size=1)
+    key, keys = signed.new_key(), JobKeys("job-twice")
+    store = AuthenticatedStorage(open_storage("memory://twice"), key)
+    definition = StageDefinition(nn.Sequential(nn.Linear(1, 1)), lambda p: torch.optim.SGD(p, lr=0.1),
+                                 nn.functional.mse_loss)
+    store.put(keys.model_blob(0), signed.seal(definition, key, name=keys.model_blob(0)))
+    for i in range(2):
+        put_tensor(store, keys.message_for(plan, i, "input", 0, 0), torch.ones(1, 1))
+        put_tensor(store, keys.message_for(plan, i, "target", 0, 0), torch.zeros(1, 1))
+    config = WorkerConfig(job="job-twice", attempt=0, storage_url="counted+memory://twice?counter=worker-twice",
+                          stage=0, replica=0, plan=plan.to_dict(), timeout_s=5, signing_key=key)
+    worker = StageWorker(config.to_payload())
+    outer = counting.counter("worker-twice")
+    reports = []
+    for i in range(2):
+        outer.reset()
+        started = time.perf_counter()
+        reports.append(worker.run(i, 1))
+        wall = time.perf_counter() - started
+        assert reports[-1]["requests"] == outer.counts()
+        assert reports[-1]["iterations"][0]["total_s"] <= reports[-1]["call_s"] <= wall
+    first, second = (r["requests"] for r in reports)
+    assert first["GET"] == second["GET"] + 1  # the model blob, read by the first call only
+    assert first["PUT"] == second["PUT"] == 2  # the metrics and the checkpoint
+    worker.cancel()

@@ -29,8 +29,10 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import re
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,10 +41,18 @@ from funcpipe import protocol, worker
 from funcpipe.errors import ConfigError, StorageError, VersionMismatch, WorkerFailed
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
+from funcpipe.storage.counting import CountingStorage, RequestCounter
 
-__all__ = ["handle", "preload"]
+__all__ = ["MEMORY_ENVIRONMENT", "handle", "preload"]
 
 log = logging.getLogger(__name__)
+
+#: The environment variables in which the platforms tell a function its memory, MB (Lambda, Function Compute).
+MEMORY_ENVIRONMENT = ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "FC_FUNCTION_MEMORY_SIZE")
+
+#: Invocations this process has served (the first is a cold start's).
+_served = 0
+_served_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +180,26 @@ def handle(event: Any, *, remaining_s: Callable[[], float] | None = None) -> dic
     platform does not retry the invocation); only a payload that names no
     status object to report to raises.
 
+    A result that is a JSON object gets the call's own measure under ``"function"``
+    (:func:`_usage`): the seconds from the start of this call to its last status
+    write, which the platform bills, the requests of the status object (heartbeats,
+    cancel checks, that last write included), the function's memory and whether the
+    call was this process's first (a cold start). The actor's own requests are its own
+    to count (:meth:`funcpipe.worker.StageWorker.run`).
+
     Returns:
         ``{"state": "done"}`` or ``{"state": "failed", "cause": ...}``, for the platform's logs.
     """
+    started = time.perf_counter()
+    global _served
+    with _served_lock:
+        cold = _served == 0
+        _served += 1
     request = _Request.from_event(event)
     # The call's status (and the driver's cancel object, which is only looked for) are authenticated
     # under the call's own key: a status object someone else wrote is refused by the driver.
-    storage = AuthenticatedStorage(open_storage(request.storage_url), request.status_secret)
+    requests = RequestCounter()
+    storage = AuthenticatedStorage(CountingStorage(open_storage(request.storage_url), requests), request.status_secret)
     reporter = _Reporter(storage, request.status_key, float(request.heartbeat_s), remaining_s)
     try:
         reporter.write({"state": "started", "beat": 0})
@@ -191,6 +214,8 @@ def handle(event: Any, *, remaining_s: Callable[[], float] | None = None) -> dic
                 reporter.stop()
                 actor.cancel()  # release its threads: a warm function serves the next invocation
             json.dumps(result, allow_nan=False)  # a result the driver cannot read is a failure here
+            if isinstance(result, dict):
+                result = {**result, "function": _usage(started, requests, cold)}
             status = {"state": "done", "result": result}
         except BaseException as exc:
             reporter.stop()
@@ -199,6 +224,15 @@ def handle(event: Any, *, remaining_s: Callable[[], float] | None = None) -> dic
         return {"state": status["state"], **({"cause": status["cause"]} if "cause" in status else {})}
     finally:
         storage.close()
+
+
+def _usage(started: float, requests: RequestCounter, cold: bool) -> dict[str, Any]:
+    """The call's measure, taken just before its last status write (counted here as the PUT it is)."""
+    counts = requests.counts()
+    counts["PUT"] += 1  # the "done" status that carries this
+    memory = next((os.environ[name] for name in MEMORY_ENVIRONMENT if os.environ.get(name)), None)
+    return {"seconds": time.perf_counter() - started, "requests": counts, "cold": cold,
+            "memory_mb": int(memory) if memory is not None and memory.isdigit() else None}
 
 
 def _failure(name: str, exc: BaseException, expired: bool) -> dict[str, Any]:

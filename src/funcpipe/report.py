@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 from funcpipe.errors import ConfigError
 
 if TYPE_CHECKING:
+    from funcpipe.billing import MeasuredCost
     from funcpipe.plans import Plan, StageReport
     from funcpipe.profiler import ModelProfile
     from funcpipe.simulator import Simulation, Timeline
@@ -391,18 +392,21 @@ class _Prediction:
     iteration_s: float
     cost_usd: float
     stages: tuple[StageReport, ...] | None
+    workers: int = 1
+    requests: dict[str, float] | None = None  # per iteration by kind (a simulation's)
 
 
 def _prediction(predicted: Plan | Simulation | None) -> _Prediction | None:
     if predicted is None:
         return None
     if is_simulation(predicted):
-        return _Prediction(predicted.platform, predicted.iteration_s, predicted.cost_usd, predicted.stages)
+        return _Prediction(predicted.platform, predicted.iteration_s, predicted.cost_usd, predicted.stages,
+                           predicted.plan.num_workers, dict(predicted.requests))
     if is_plan(predicted):
         if predicted.predicted_iteration_s is None or predicted.predicted_cost_usd is None:
             return None
         return _Prediction(predicted.platform, predicted.predicted_iteration_s, predicted.predicted_cost_usd,
-                           predicted.predicted_stages)
+                           predicted.predicted_stages, predicted.num_workers)
     raise ConfigError(
         f"predicted must be a funcpipe Simulation or Plan, got {type(predicted).__name__}; "
         "hint: history.compare(funcpipe.simulate(plan, profile, 'local'))"
@@ -439,20 +443,22 @@ def history_report(history: History, predicted: Plan | Simulation | None = None)
     priced = pred is not None and pred.platform != "local"  # the local platform's prices are nominal
     if pred is not None and not priced:
         notes.append("no dollars: a local run costs nothing (the local platform's prices only rank plans)")
-    if pred is not None and priced and measured_s is not None:
-        at_speed = _cost_at(pred, measured_s)
-        rows.append((f"dollars per iteration{where}", _usd(at_speed), _usd(pred.cost_usd)))
-        notes.append(f"measured dollars: {pred.platform or 'the platform'}'s prices for functions running as "
-                     "long as measured, plus the predicted requests")
+    cost = _measured(history, pred) if pred is not None and priced else None
+    if pred is not None and cost is not None:
+        rows.append((f"dollars per iteration{where}", _usd(cost.per_iteration()["total"]), _usd(pred.cost_usd)))
+        notes.append(f"measured dollars: every call's seconds as {cost.platform} bills them, every storage request "
+                     "and invocation (see the cost table)")
     per_epoch = history.iterations_per_epoch
     if per_epoch is not None and measured_s is not None:
         rows.append((f"seconds per epoch ({per_epoch} iterations)", _s(per_epoch * measured_s),
                      _s(per_epoch * pred.iteration_s) if pred else MISSING))
-        if pred is not None and priced:
-            rows.append((f"dollars per epoch{where}", _usd(per_epoch * _cost_at(pred, measured_s), 4),
+        if pred is not None and cost is not None:
+            rows.append((f"dollars per epoch{where}", _usd(per_epoch * cost.per_iteration()["total"], 4),
                          _usd(per_epoch * pred.cost_usd, 4)))
     summary = Table(title, ("", "measured", f"predicted{where}"), tuple(rows), notes=tuple(notes), left=(0,))
     tables = [summary]
+    if pred is not None and cost is not None:
+        tables.append(_cost_table(cost, pred))
     stage_rows = history.stage_summary()
     if stage_rows:
         by_stage = {st.stage: st for st in pred.stages} if pred is not None and pred.stages else {}
@@ -478,9 +484,30 @@ def history_report(history: History, predicted: Plan | Simulation | None = None)
     return Report(tuple(tables))
 
 
-def _cost_at(pred: _Prediction, seconds: float) -> float:
-    """Dollars per iteration if the functions ran ``seconds``: function time scales, requests do not."""
-    if not pred.stages or pred.iteration_s <= 0:
-        return pred.cost_usd * seconds / pred.iteration_s if pred.iteration_s > 0 else pred.cost_usd
-    functions = sum(st.cost_usd for st in pred.stages)
-    return pred.cost_usd - functions + functions * seconds / pred.iteration_s
+def _measured(history: History, pred: _Prediction) -> MeasuredCost | None:
+    """The history's measured cost at the prediction's platform; ``None`` if that is not a known one."""
+    if pred.platform is None:
+        return None
+    try:
+        return history.measured_cost(pred.platform)
+    except ConfigError:  # a platform of the user's own, known by name only: history.measured_cost(spec)
+        return None
+
+
+def _cost_table(cost: MeasuredCost, pred: _Prediction) -> Table:
+    """Dollars by component, measured (per iteration and the whole) and predicted, and why they differ."""
+    stage_costs = [st.cost_usd for st in pred.stages] if pred.stages else [pred.cost_usd]
+    p, lines = cost.compare(pred.iteration_s, pred.cost_usd, stage_costs, pred.workers, pred.requests)
+    per = cost.per_iteration()
+    rows = (
+        ("compute (GB-s)", _usd(per["compute"]), _usd(p.compute), _usd(cost.compute_usd)),
+        ("storage requests", _usd(per["requests"]), _usd(p.requests), _usd(cost.requests_usd)),
+        ("invocations", _usd(per["invocations"]), _usd(p.invocations), _usd(cost.invocations_usd)),
+        ("total", _usd(per["total"]), _usd(p.total), _usd(cost.total_usd)),
+    )
+    billed = "billed" if cost.billed else f"not billed (Ray or threads), priced as on {cost.platform}"
+    title = (f"Cost on {cost.platform}: {cost.invocations} invocation(s) in {cost.runs} run(s), "
+             f"{cost.billed_s:.3f} function-s ({cost.gb_s:.3f} GB-s) {billed}, "
+             f"{sum(cost.requests[k] for k in ('PUT', 'GET', 'HEAD', 'LIST', 'DELETE')):,} requests")
+    return Table(title, ("", "measured $/iter", "predicted $/iter", "measured, whole fit"), rows,
+                 notes=tuple(lines), left=(0,))

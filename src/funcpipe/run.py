@@ -33,6 +33,7 @@ from funcpipe.protocol import JobKeys
 from funcpipe.restore import JobState
 from funcpipe.stall import find_stall
 from funcpipe.storage import Storage, WaitCancelled
+from funcpipe.storage.counting import RequestCounter
 from funcpipe.worker import REPORT_TIMES, StageWorker, WorkerConfig
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class Setup:
     #: The stored data set the workers read (:attr:`WorkerConfig.data`); ``None``: the driver feeds the batches.
     data: dict[str, Any] | None = None
     data_key: str = dataclasses.field(default="", repr=False)  # never logged
+    #: The driver's storage requests (the trainer's storage counts into it; ``History.runs``).
+    requests: RequestCounter | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +167,8 @@ class Run:
         self._deadline: float | None = None  # when the calls' time budget ends (monotonic)
         self._finished = 0.0  # when the last iteration finished, or the run began (perf_counter)
         self._called = 0.0  # when the workers' calls were made (monotonic)
+        self.index = len(fit.history.runs)  # this run's entry in History.runs
+        self.invocations = 0  # calls made (each a function invocation on a serverless backend)
 
     def execute(self) -> int:
         """Launch a run of every worker and drive it; the iterations it made.
@@ -174,14 +179,23 @@ class Run:
         keys, so nothing of the failed one is ever consumed
         (:meth:`JobState.abandon`).
         """
+        driver, watcher = _counts(self.setup.requests), _counts(self.setup.executor.requests)
+        completed = False
         try:
             self._launch()
             self._drive()
+            completed = True
         except BaseException:
             for handle in self._handles:
                 handle.kill()
             self._abandon()
             raise
+        finally:
+            self.fit.history.runs.append({
+                "first": self.first, "iterations": self.fed, "invocations": self.invocations, "completed": completed,
+                "driver_requests": _since(self.setup.requests, driver),
+                "watcher_requests": _since(self.setup.executor.requests, watcher),
+            })
         for handle in self._handles:
             handle.release()
         return self.fed
@@ -229,7 +243,11 @@ class Run:
         budget = self.setup.executor.call_budget_s
         if budget is not None:
             self._deadline = time.monotonic() + budget
-        self._calls = CallGroup([(h, h.call("run", self.first, self.count)) for h in self._handles])
+        calls = []
+        for handle in self._handles:
+            calls.append((handle, handle.call("run", self.first, self.count)))
+            self.invocations += 1
+        self._calls = CallGroup(calls)
         self._called = time.monotonic()
         self._finished = time.perf_counter()
         with ThreadPoolExecutor(FEED_THREADS, thread_name_prefix="funcpipe-feed") as feeder:
@@ -455,6 +473,20 @@ class Run:
             summary[field] = sum(it[field] for it in iterations)
         summary["peak_rss_bytes"] = report.get("peak_rss_bytes")
         summary["start_rss_bytes"] = report.get("start_rss_bytes")
+        # The call's measure: a function's own (from its invocation's start), else the worker's.
+        function = report.get("function")
+        plan = self.setup.plan
+        summary["run"] = self.index
+        summary["first"] = self.first
+        summary["billed"] = function is not None
+        summary["call_s"] = function["seconds"] if function is not None else report["call_s"]
+        summary["iterations_s"] = summary["total_s"]
+        memory = function.get("memory_mb") if function is not None else None
+        summary["memory_mb"] = memory if memory is not None else (
+            plan.memory_mb[report["stage"]] if plan.memory_mb else None)
+        summary["cold"] = function.get("cold") if function is not None else None
+        summary["requests"] = dict(report["requests"])
+        summary["status_requests"] = dict(function["requests"]) if function is not None else _zero()
         return summary
 
     def _forget(self, iteration: int) -> None:
@@ -497,6 +529,19 @@ class Run:
         unfinished = range(max(self.first, fed_to - LOOKAHEAD - 2), fed_to)
         self.job.abandon(due, [key for i in unfinished for key in self._iteration_keys(failed, i)])
         self._forget_replayed()
+
+
+def _zero() -> dict[str, int]:
+    return RequestCounter().counts()
+
+
+def _counts(counter: RequestCounter | None) -> dict[str, int]:
+    return counter.counts() if counter is not None else _zero()
+
+
+def _since(counter: RequestCounter | None, earlier: dict[str, int]) -> dict[str, int]:
+    """Requests ``counter`` counted since ``earlier`` (all zero without a counter)."""
+    return counter.since(earlier) if counter is not None else _zero()
 
 
 def _postfix(history: History, usd_per_iteration: float | None) -> dict[str, str]:

@@ -63,9 +63,12 @@ from funcpipe.stages import ModelStages
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
 from funcpipe.storage.bounded import BoundedStorage
+from funcpipe.storage.counting import CountingStorage, RequestCounter
 from funcpipe.worker import NONFINITE_POLICIES, REPORT_TIMES, is_one_tensor
 
 if TYPE_CHECKING:
+    from funcpipe.billing import MeasuredCost
+    from funcpipe.platforms import Platform
     from funcpipe.report import Report
     from funcpipe.simulator import Simulation
 
@@ -102,11 +105,25 @@ class History:
     Attributes:
         losses: mean loss over each iteration's global batch.
         seconds: wall-clock seconds of each iteration, as the driver saw them.
-        workers: per worker (stage, replica), the seconds it spent per
+        workers: per call of a worker (stage, replica) — one per run — the seconds it spent per
             iteration computing, blocked on downloads, syncing gradients and
             updating, summed over the run, and the peak resident memory of its
             process during the run (``peak_rss_bytes``: on a function platform, the
-            function's) and its resident memory when the run began (``start_rss_bytes``).
+            function's) and its resident memory when the run began (``start_rss_bytes``);
+            the call's measure: ``run`` (its index in ``runs``), ``call_s`` (the call's
+            seconds: on a function platform from the start of the invocation to its last
+            status write, else the worker's), ``billed`` (whether a function platform ran
+            it), ``memory_mb``, ``cold`` (a function's first invocation; ``None`` off one),
+            ``iterations_s`` (its iterations' seconds), ``requests`` (its worker's storage
+            requests by kind) and ``status_requests`` (the function's status object's:
+            heartbeats, cancel checks).
+        runs: per run (one launch of every worker; a lifetime stop or a retry starts
+            another): ``first`` iteration, ``iterations`` made, ``invocations`` (calls
+            made), ``completed``, and the driver's storage requests during it by kind:
+            ``driver_requests`` (feeds, report polls, deletes, lease, manifest) and
+            ``watcher_requests`` (a serverless executor's status polls and cancels).
+        driver_requests: every request of the driver's storage during the fit by kind: the runs'
+            and those before and after them (lease, stage definitions, manifest, gathering the weights).
         plan: the plan the run trained with (and its predictions, if it carries them).
         iterations_per_epoch: iterations of one pass over the data, when ``fit`` was given epochs.
         evals: ``(iterations trained, metric)`` of each evaluation ``fit(eval_data=...)`` made.
@@ -118,6 +135,8 @@ class History:
     plan: Plan | None = None
     iterations_per_epoch: int | None = None
     evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    driver_requests: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.losses)
@@ -144,8 +163,21 @@ class History:
 
         return history_report(self, predicted)
 
+    def measured_cost(self, platform: Platform | str | None = None) -> MeasuredCost | None:
+        """What the run cost as measured (:mod:`funcpipe.billing`): every call's seconds rounded as
+        ``platform`` bills them at its memory tier, every storage request by kind, every invocation.
+
+        Args:
+            platform: whose prices and billing rule (default: the plan's platform). ``None`` is
+                returned when there is none, or it is ``"local"`` (whose prices only rank plans).
+        """
+        from funcpipe.billing import measure
+
+        return measure(self, platform)
+
     def to_dict(self) -> dict[str, Any]:
-        """Losses, seconds and the per-stage summary as JSON-able data."""
+        """Losses, seconds, the per-stage summary, every call and run, and the measured cost as JSON-able data."""
+        cost = self.measured_cost()
         return {
             "losses": list(self.losses),
             "seconds": list(self.seconds),
@@ -153,6 +185,10 @@ class History:
             "iterations_per_epoch": self.iterations_per_epoch,
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "evals": [list(entry) for entry in self.evals],
+            "calls": [dict(worker) for worker in self.workers],
+            "runs": [dict(run) for run in self.runs],
+            "driver_requests": dict(self.driver_requests),
+            "measured_cost": cost.to_dict() if cost is not None else None,
         }
 
     def __str__(self) -> str:
@@ -270,8 +306,11 @@ class Trainer:
             storage = Path(directory).as_uri()
         self.storage_url = storage
         self.executor.check_storage(self.storage_url)
-        # The driver's own storage operations are bounded by the timeout, as the workers' waits are.
-        self._raw_storage: Storage = BoundedStorage(open_storage(self.storage_url), timeout_s)
+        # The driver's own storage operations are bounded by the timeout, as the workers' waits are,
+        # and counted (History.runs: its feeds, report polls, deletes, lease renewals, manifest).
+        self.requests = RequestCounter()
+        self._raw_storage: Storage = BoundedStorage(
+            CountingStorage(open_storage(self.storage_url), self.requests, client="driver"), timeout_s)
         self.timeout_s = timeout_s
         self.threads_per_worker = threads_per_worker
         #: This trainer's run id: in every key its fits write, and the holder of the job's lease.
@@ -418,8 +457,6 @@ class Trainer:
     ) -> History:
         if not resume:
             self._check_not_cleaned()
-        job = self._job
-        stored = data if isinstance(data, stored_data.StoredDataset) else None
         if isinstance(data, stored_data.StoredDataset):
             stored_data.check_fits(data, self.plan.global_batch_size, self.plan.memory_mb,
                                    self.executor.check_storage)
@@ -429,6 +466,19 @@ class Trainer:
             check_loader(data, self.plan.global_batch_size)
             batches, total = training_batches(data, iterations, epochs or 1)
         history = History(plan=self.plan, iterations_per_epoch=total // (epochs or 1) if iterations is None else None)
+        counted = self.requests.counts()
+        try:
+            return self._fit_counted(history, batches, total, data, resume, checkpoint_every, on_nonfinite,
+                                     max_retries, progress)
+        finally:  # every request of the driver's storage in this fit, the runs' and those around them
+            history.driver_requests = self.requests.since(counted)
+
+    def _fit_counted(
+        self, history: History, batches: Iterator[Batch], total: int, data: Iterable[Batch] | stored_data.StoredDataset,
+        resume: bool, checkpoint_every: int, on_nonfinite: str, max_retries: int, progress: bool,
+    ) -> History:
+        job = self._job
+        stored = data if isinstance(data, stored_data.StoredDataset) else None
         if resume and not job.named:  # the most recently updated unfinished job in storage
             self._use_job(find_job(self.storage, None).job)
             job.named = True
@@ -659,6 +709,7 @@ class Trainer:
             gradient_bytes=self._stages.gradient_bytes(),
             input_dtype=self._input_dtype,
             lease=self._lease,
+            requests=self.requests,
             flatten_inputs=self._stages.flatten_inputs,
             one_input=is_one_tensor(self._stages.ports[0]),
             clip_grad_norm=self.clip_grad_norm,

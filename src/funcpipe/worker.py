@@ -43,6 +43,7 @@ from funcpipe.protocol import FETCH_CONNECTIONS, PUSH_CONNECTIONS, JobKeys
 from funcpipe.schedule import Task, worker_tasks
 from funcpipe.storage import Storage, WaitCancelled, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
+from funcpipe.storage.counting import CountingStorage, RequestCounter
 
 __all__ = [
     "NONFINITE_POLICIES", "ONE_TENSOR", "REPORT_TIMES", "Port", "StageDefinition", "StageWorker", "WorkerConfig",
@@ -191,6 +192,8 @@ class StageWorker:
         # Guards the thread pools: cancel() may come from another thread while _setup makes them.
         self._pools_lock = threading.Lock()
         self._pools: list[ThreadPoolExecutor] = []
+        self._requests = RequestCounter()  # the storage requests of the current call
+        self._data_counted: CountingStorage | None = None  # a stored data set's storage, counted as the job's
 
     # -- the actor interface -------------------------------------------------
 
@@ -204,15 +207,23 @@ class StageWorker:
 
         Returns a JSON-able report: per iteration run, the seconds this worker
         spent computing, blocked on downloads, syncing gradients and
-        updating. Replica 0 of each stage writes a checkpoint of the state
-        before the first iteration not run, and, every ``checkpoint_every``
-        iterations, one of the state before that iteration, written before
+        updating; the call's seconds (``call_s``) and its storage requests by kind
+        (``requests``: :meth:`RequestCounter.counts`, afresh for every call).
+        Replica 0 of each stage writes a checkpoint of the state before the
+        first iteration not run, and, every ``checkpoint_every`` iterations, one
+        of the state before that iteration, written before
         the worker sends anything of it: when the last stage has reported an
         iteration, every stage's checkpoint before it is in storage.
 
         Raises:
             WorkerFailed: anything went wrong; carries the traceback text.
         """
+        started = time.perf_counter()
+        self._requests = RequestCounter()  # this call's only: an actor or a warm function may serve several
+        if self._ready:
+            self._counted.requests = self._requests
+            if self._data_counted is not None:
+                self._data_counted.requests = self._requests
         try:
             # The peak reported is this run's (setup included): a Ray host or a warm function
             # instance may have run another job before, whose peak is not this one's.
@@ -236,7 +247,8 @@ class StageWorker:
             if self.config.replica == 0:
                 self._save_checkpoint(first_iteration + len(reports))
             return {"stage": self.config.stage, "replica": self.config.replica, "iterations": reports,
-                    "peak_rss_bytes": peak_rss_bytes(), "start_rss_bytes": start_rss}
+                    "peak_rss_bytes": peak_rss_bytes(), "start_rss_bytes": start_rss,
+                    "call_s": time.perf_counter() - started, "requests": self._requests.counts()}
         except BaseException as exc:
             self.cancel()
             failed = self._upload_error
@@ -267,7 +279,9 @@ class StageWorker:
             return
         config = self.config
         torch.set_num_threads(config.threads)
-        self.storage: Storage = AuthenticatedStorage(open_storage(config.storage_url), config.signing_key)
+        # Every request is counted (one increment each) into the current call's counter.
+        self._counted = CountingStorage(open_storage(config.storage_url), self._requests, client=config.name)
+        self.storage: Storage = AuthenticatedStorage(self._counted, config.signing_key)
         blob_key = self.keys.model_blob(config.stage)
         definition = signed.unseal(self.storage.get(blob_key), config.signing_key, name=blob_key)
         if not isinstance(definition, StageDefinition):
@@ -318,8 +332,9 @@ class StageWorker:
         last = config.stage == self.plan.num_stages - 1
         if config.data is not None and (config.stage == 0 or last):
             parts = [part for part, reads in (("inputs", config.stage == 0), ("targets", last)) if reads]
-            store = AuthenticatedStorage(open_storage(config.data["url"]), config.data_key)
-            self.data = Reader(store, config.data, parts)
+            # Its reads are the call's requests too.
+            self._data_counted = CountingStorage(open_storage(config.data["url"]), self._requests, client=config.name)
+            self.data = Reader(AuthenticatedStorage(self._data_counted, config.data_key), config.data, parts)
         self._gone = -1  # the last iteration the driver's go object was seen for
         self._ready = True
 

@@ -4,6 +4,7 @@ real ``backends/alibaba_fc`` container server runs in separate processes; worker
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -98,6 +99,15 @@ def test_training_on_function_compute_equals_plain_pytorch(fake_fc: FakeFC, stor
     invocations = fake_fc.invocations[before:]
     assert [i.function for i in invocations] == [FUNCTION] * 3
     assert all(i.ended.wait(5) and (i.status, i.x_fc_status) == (200, "200") for i in invocations)
+    # Measured: each invocation, billed by FC's millisecond at 2 GB (1 vCPU by funcpipe's FC tiers):
+    # 0.15 CU per GB-s and 1 CU per vCPU-s at $0.000020 per CU; 75 CU per 10,000 invocations.
+    assert [r["invocations"] for r in history.runs] == [3] and len(history.workers) == 3
+    assert all(c["billed"] and c["memory_mb"] == 2048 and c["status_requests"]["PUT"] >= 2 for c in history.workers)
+    cost = history.measured_cost("alibaba_fc")
+    assert cost is not None and cost.billed and cost.invocations == 3
+    billed = sum(math.ceil(c["call_s"] * 1000) / 1000 for c in history.workers)
+    assert cost.compute_usd == pytest.approx(billed * (2 * 0.15 + 1.0) * 0.000020)
+    assert cost.invocations_usd == pytest.approx(3 * 75 * 0.000020 / 10_000)
 
 
 def test_training_writes_no_credential_anywhere(

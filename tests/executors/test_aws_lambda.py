@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import io
 import json
+import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 import boto3
 import pytest
@@ -94,6 +100,61 @@ def wait_for_status(url: str, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+class S3Log:
+    """Every request moto's S3 server answers, as the server saw it: method, path, query, body, status."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str, bytes, int]] = []
+        self.lock = threading.Lock()
+
+    def counts(self, bucket: str, prefix: str) -> dict[str, int]:
+        """The requests on keys under ``prefix`` in ``bucket`` by kind, as funcpipe's counters name them."""
+        out: collections.Counter[str] = collections.Counter()
+        with self.lock:
+            requests = list(self.requests)
+        for method, path, query, body, status in requests:
+            _, _, rest = unquote(path).lstrip("/").partition("/")
+            on_key = unquote(path).lstrip("/").startswith(f"{bucket}/") and rest.startswith(prefix)
+            params = parse_qs(query, keep_blank_values=True)
+            if method == "PUT" and on_key:
+                out["PUT"] += 1
+            elif method in ("GET", "HEAD") and on_key:
+                out[method] += 1
+                out[f"{method}_miss"] += status == 404
+            elif method == "GET" and "list-type" in params and params.get("prefix", [""])[0].startswith(prefix):
+                out["LIST"] += 1
+            elif method == "POST" and "delete" in params and f"<Key>{prefix}".encode() in body:
+                out["DELETE"] += 1
+        return {kind: out[kind] for kind in ("PUT", "GET", "HEAD", "LIST", "DELETE", "GET_miss", "HEAD_miss")}
+
+
+@pytest.fixture
+def s3_log(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Log:
+    """Log every request the moto server answers while the test runs (a WSGI wrapper of its app)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+
+    log = S3Log()
+    serve = DomainDispatcherApplication.__call__
+
+    def logged(self: Any, environ: dict[str, Any], start_response: Any) -> Any:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(body)
+        answered: list[int] = []
+
+        def capture(status: str, headers: Any, exc_info: Any = None) -> Any:
+            answered.append(int(status.split()[0]))
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        result = serve(self, environ, capture)
+        with log.lock:
+            log.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                 environ.get("QUERY_STRING", ""), body, answered[0] if answered else 0))
+        return result
+
+    monkeypatch.setattr(DomainDispatcherApplication, "__call__", logged)
+    return log
+
+
 def two_stage_plan() -> Plan:
     return Plan.manual([3, 4], replicas=[1, 2], micro_batch_size=2, global_batch_size=8)
 
@@ -134,7 +195,7 @@ def test_workers_on_lambda_read_a_stored_data_set_from_s3(fake_lambda: FakeLambd
     assert_same_parameters(trainer.model, expected)
 
 
-def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, bucket: Bucket) -> None:
+def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, bucket: Bucket, s3_log: S3Log) -> None:
     # Functions that live 5 s, runs the driver ends 3 s before that. Every storage request
     # pays 20 ms, so twelve iterations take well over one run's 2 s and need several
     # invocations per worker; the parameters equal one uninterrupted plain run.
@@ -160,6 +221,31 @@ def test_lifetime_limit_chains_invocations(fake_lambda: FakeLambda, bucket: Buck
     assert all(i.outcome == "response" and i.finished < i.deadline for i in invocations), fake_lambda.errors
     stage0 = [w["iterations"] for w in history.workers if w["stage"] == 0]
     assert len(stage0) == runs and sum(stage0) == 12
+    # Measured: every invocation the fake Lambda took, the re-invocations of each lifetime stop included.
+    assert len(history.runs) == runs and sum(r["invocations"] for r in history.runs) == len(invocations)
+    assert len(history.workers) == len(invocations) and all(c["billed"] for c in history.workers)
+    assert all(c["memory_mb"] == 2048 for c in history.workers)  # the function's, from Lambda's environment
+    for c in history.workers:  # a function's seconds hold its iterations; its status object beat
+        assert c["call_s"] >= c["iterations_s"] and c["status_requests"]["PUT"] >= 2
+    # Every request on the job's keys, as moto's S3 server answered them, is counted once: by a worker,
+    # a function's status object, the driver or its watcher.
+    measured: collections.Counter[str] = collections.Counter(history.driver_requests)
+    for run in history.runs:
+        measured.update(run["watcher_requests"])
+    for c in history.workers:
+        measured.update(c["requests"])
+        measured.update(c["status_requests"])
+    assert dict(measured) == s3_log.counts(BUCKET, "lifetime/")
+    cost = history.measured_cost("aws_lambda")
+    assert cost is not None and cost.billed and cost.runs == runs and cost.invocations == len(invocations)
+    # Lambda bills each call rounded up to the millisecond, 2 GB at $0.0000166667 per GB-s.
+    billed = sum(math.ceil(c["call_s"] * 1000) / 1000 for c in history.workers)
+    assert cost.compute_usd == pytest.approx(billed * 2 * 0.0000166667)
+    prediction = dataclasses.replace(two_stage_plan(), platform="aws_lambda", predicted_iteration_s=0.1,
+                                     predicted_cost_usd=1e-5, memory_mb=(2048, 2048))
+    text = str(history.compare(prediction))
+    assert f"{len(invocations)} over 12 iteration(s) in {runs} run(s) ({runs - 1} re-launch(es)" in text
+    assert f"{len(invocations)} invocation(s) in {runs} run(s), {cost.billed_s:.3f} function-s" in text
 
 
 def test_function_not_deployed_names_the_deploy_command(fake_lambda: FakeLambda, bucket: Bucket) -> None:

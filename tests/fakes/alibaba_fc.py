@@ -111,6 +111,7 @@ class FakeFC:
                     **os.environ, **env,
                     "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
                     "FC_SERVER_HOST": "127.0.0.1", "FC_SERVER_PORT": str(port),
+                    "FC_FUNCTION_MEMORY_SIZE": "2048",  # as FC tells an instance its function's memory
                 },
                 stdin=subprocess.DEVNULL,
             )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import uuid
+from typing import Any
 
 import pytest
 
 from funcpipe.errors import ConfigError, ObjectNotFound
-from funcpipe.storage import CountingStorage, MemoryStorage, ThrottledStorage, open_storage
+from funcpipe.storage import CountingStorage, FileStorage, MemoryStorage, ThrottledStorage, open_storage
+from funcpipe.storage.base import SLEEP
 from funcpipe.storage.counting import Request, RequestCounter, counter
 
 
@@ -94,3 +96,32 @@ def test_a_create_counts_as_one_put_whether_it_creates_or_not() -> None:
     assert store.get("lease") == b"abc"
     assert {op: n for op, n in requests.counts().items() if n} == {"PUT": 2, "GET": 1}
     assert [(r.op, r.key, r.nbytes) for r in seen[:2]] == [("PUT", "lease", 3), ("PUT", "lease", 2)]
+
+
+def test_a_wait_keeps_the_inner_stores_pause_and_clock(tmp_path: Any) -> None:
+    # A FileStorage put wakes a waiter on the same root (its doorbell): counting keeps that pause.
+    inner = FileStorage(str(tmp_path))
+    store = CountingStorage(inner)
+    assert store.clock is inner.clock
+    assert store.pause_for_wait() is inner.pause_for_wait() is not SLEEP  # the thread's doorbell listener
+
+
+def test_a_store_with_a_wait_of_its_own_keeps_it_and_it_counts_as_one_get() -> None:
+    class OwnWait(MemoryStorage):
+        waits = 0
+
+        def wait(self, key: str, timeout: float, *, cancelled: Any = None) -> bytes:
+            type(self).waits += 1
+            return super().wait(key, timeout, cancelled=cancelled)
+
+    inner = OwnWait(_name())
+    inner.put("k", b"v")
+    nested = CountingStorage(CountingStorage(inner))
+    assert nested.wait("k", 1.0) == b"v" and OwnWait.waits == 1
+    assert nested.requests.counts()["GET"] == 1 and nested.inner.requests.counts()["GET"] == 1  # type: ignore[attr-defined]
+    # Over a polling store, every poll of the outer counter is one of the inner one's too.
+    polling = CountingStorage(CountingStorage(MemoryStorage(_name())))
+    with pytest.raises(ObjectNotFound):
+        polling.wait("absent", 0.05)
+    outer, inner_counts = polling.requests.counts(), polling.inner.requests.counts()  # type: ignore[attr-defined]
+    assert outer == inner_counts and outer["GET_miss"] >= 2

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from funcpipe.errors import WorkerFailed
+from funcpipe.storage.counting import RequestCounter
 
 __all__ = ["Actor", "ActorHandle", "CallGroup", "Executor", "Resources"]
 
@@ -95,6 +96,10 @@ class Executor(abc.ABC):
     #: driver waits that much longer for every worker of a run to start, then ``timeout_s``
     #: for the first iteration (:meth:`CallGroup.wait_started`); workers add it to their waits.
     start_timeout_s: float = 0.0
+
+    #: The storage requests the executor itself makes on the driver (a serverless executor's
+    #: status polls, cancel objects and deletes), counted by kind; ``None``: it makes none.
+    requests: RequestCounter | None = None
 
     @abc.abstractmethod
     def launch(

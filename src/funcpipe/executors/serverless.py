@@ -55,6 +55,7 @@ from funcpipe.errors import (
 from funcpipe.executors.base import Actor, ActorHandle, Executor, Resources
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
+from funcpipe.storage.counting import CountingStorage, RequestCounter
 from funcpipe.storage.throttled import SCHEME_PREFIX
 
 __all__ = [
@@ -149,7 +150,9 @@ class ServerlessExecutor(Executor):
         self.start_timeout_s = self.timing.start_timeout_s
         self.allow_local_storage = allow_local_storage
         self._storage_url: str | None = None
-        self._watcher = _Watcher(self.timing.poll_s)
+        #: The driver's requests for the calls (status polls, cancel objects, their deletes).
+        self.requests = RequestCounter()
+        self._watcher = _Watcher(self.timing.poll_s, self.requests)
         #: The driver's torch and funcpipe versions, which every payload carries (the function checks them).
         self.versions = protocol.versions()
 
@@ -313,6 +316,7 @@ class _Call:
     last_change: float = 0.0
     foreign: str | None = None  # the binding of a foreign status object last warned about
     status_secret: str = dataclasses.field(default="", repr=False)  # its status objects' MAC key
+    deleted: bool = False  # its status objects were deleted
 
 
 def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
@@ -329,8 +333,9 @@ def _settle(future: Future[Any], *, result: Any = None, exception: BaseException
 class _Watcher:
     """One thread that polls the status objects of an executor's running calls."""
 
-    def __init__(self, poll_s: float) -> None:
+    def __init__(self, poll_s: float, requests: RequestCounter | None = None) -> None:
         self._poll_s = poll_s
+        self._requests = RequestCounter() if requests is None else requests
         self._lock = threading.Lock()
         self._calls: dict[str, tuple[_Call, Storage, Timing]] = {}
         self._storages: dict[str, Storage] = {}
@@ -340,7 +345,7 @@ class _Watcher:
     def storage_for(self, url: str) -> Storage:
         with self._lock:
             if url not in self._storages:
-                self._storages[url] = open_storage(url)
+                self._storages[url] = CountingStorage(open_storage(url), self._requests, client="watcher")
             return self._storages[url]
 
     def watch(self, call: _Call, storage: Storage, timing: Timing) -> None:
@@ -397,10 +402,17 @@ class _Watcher:
                     finished = True
                 if finished:
                     self.forget(call)
-                    try:
-                        storage.delete([call.status_key, call.status_key + protocol.CANCEL_SUFFIX])
-                    except StorageError as exc:
-                        log.warning("could not delete status object %s: %s", call.status_key, exc)
+                    if not call.deleted:
+                        self._delete(call, storage)
+
+    @staticmethod
+    def _delete(call: _Call, storage: Storage) -> None:
+        """Delete a finished call's status and cancel objects."""
+        call.deleted = True
+        try:
+            storage.delete([call.status_key, call.status_key + protocol.CANCEL_SUFFIX])
+        except StorageError as exc:
+            log.warning("could not delete status object %s: %s", call.status_key, exc)
 
     def _check(self, call: _Call, storage: Storage, timing: Timing) -> bool:
         """Read one call's status and resolve its future if it ended; ``True`` once it is resolved."""
@@ -413,6 +425,8 @@ class _Watcher:
         status = protocol.decode_status(data, call.status_key)
         state = status["state"]
         if state == "done":
+            # Deleted before the result is handed over: the requests the run counts hold this delete.
+            self._delete(call, storage)
             _settle(call.future, result=status["result"])
             return True
         if state == "failed":

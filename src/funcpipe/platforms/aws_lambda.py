@@ -46,6 +46,8 @@ S3_PRICE_PER_MISS = S3_PRICE_PER_GET
 # funcpipe.storage.S3Storage's back-off while an object is not there yet (poll_initial_s, poll_max_s).
 S3_POLL_INITIAL_S, S3_POLL_MAX_S = POLL_BACKOFF_S["s3"]
 
+# AWS Lambda pricing page: duration is "rounded up to the nearest 1 ms" (since Dec 2020; 100 ms before).
+BILLING_GRANULARITY_S = 0.001
 # AWS Lambda quotas page: function timeout at most 900 s (15 minutes).
 LIFETIME_S = 900.0
 
@@ -81,4 +83,5 @@ PLATFORM = Platform(
     price_per_miss=S3_PRICE_PER_MISS,
     poll_initial_s=S3_POLL_INITIAL_S,
     poll_max_s=S3_POLL_MAX_S,
+    billing_granularity_s=BILLING_GRANULARITY_S,
 )

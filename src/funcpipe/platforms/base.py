@@ -99,6 +99,7 @@ _PLATFORM_HINTS = {
     "price_per_miss": "USD per read of an object not there yet (a 404), e.g. 4e-07 (0 is allowed)",
     "poll_initial_s": "seconds a worker first sleeps between reads of an object not there yet, e.g. 0.01",
     "poll_max_s": "the longest such sleep (it doubles up to this), e.g. 0.2",
+    "billing_granularity_s": "the unit a call's duration is rounded up to when billed, e.g. 0.001 (1 ms)",
 }
 
 
@@ -231,6 +232,7 @@ class Platform:
     price_per_miss: float = 0.0
     poll_initial_s: float = 0.0
     poll_max_s: float = 0.0
+    billing_granularity_s: float = 0.001
 
     def __post_init__(self) -> None:
         owner = f"platform {self.name!r}"
@@ -266,6 +268,8 @@ class Platform:
             owner, "poll_max_s", self.poll_max_s, _PLATFORM_HINTS, positive=False)))
         object.__setattr__(self, "lifetime_s",
                            _number(owner, "lifetime_s", self.lifetime_s, _PLATFORM_HINTS, positive=True))
+        object.__setattr__(self, "billing_granularity_s", _number(
+            owner, "billing_granularity_s", self.billing_granularity_s, _PLATFORM_HINTS, positive=True))
         object.__setattr__(self, "runtime_overhead_mb",
                            _integer(owner, "runtime_overhead_mb", self.runtime_overhead_mb, _PLATFORM_HINTS,
                                     positive=False))
@@ -282,6 +286,14 @@ class Platform:
             f"{self.name} has no tier of {memory_mb!r} MB; its tiers: {[t.memory_mb for t in self.tiers]} MB; "
             "hint: pick one of those, or add the size with platform.replace(tiers=...) or a spec file"
         )
+
+    def billed_s(self, seconds: float) -> float:
+        """The seconds the platform bills a call that ran ``seconds``: rounded up to
+        :attr:`billing_granularity_s` (a call of exactly whole units is not rounded further)."""
+        unit = self.billing_granularity_s
+        units = seconds / unit
+        whole = round(units)
+        return (whole if abs(units - whole) < 1e-9 else math.ceil(units)) * unit
 
     def price_per_s(self, tier: Tier) -> float:
         """USD one running function of ``tier`` costs per second (memory and vCPU)."""

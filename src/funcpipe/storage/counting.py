@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from urllib.parse import unquote_plus
 
 from funcpipe.errors import ConfigError
-from funcpipe.storage.base import Storage
+from funcpipe.storage.base import Pause, Storage
 
 __all__ = ["OPERATIONS", "SCHEME_PREFIX", "CountingStorage", "Request", "RequestCounter", "counter"]
 
@@ -93,6 +93,11 @@ class RequestCounter:
 
         return stop
 
+    def since(self, earlier: dict[str, int]) -> dict[str, int]:
+        """Requests counted since :meth:`counts` returned ``earlier``."""
+        now = self.counts()
+        return {name: now[name] - earlier.get(name, 0) for name in now}
+
     def reset(self) -> None:
         """Forget the counts (listeners stay)."""
         with self._lock:
@@ -127,6 +132,7 @@ class CountingStorage(Storage):
         self.client = threading.current_thread().name if client is None else client
         self.poll_initial_s = inner.poll_initial_s
         self.poll_max_s = inner.poll_max_s
+        self.clock = inner.clock
         self.url = ""
         self._name: str | None = None
 
@@ -223,9 +229,33 @@ class CountingStorage(Storage):
         finally:
             self._add("LIST", prefix)
 
+    def wait(self, key: str, timeout: float, *, cancelled: Callable[[], bool] | None = None) -> bytes:
+        """Poll with :meth:`get_if_exists` (each poll one ``GET``), as :meth:`Storage.wait` does; a store
+        with a ``wait`` of its own is left to it, and that wait counts as one ``GET``."""
+        if _polls(self.inner):
+            return super().wait(key, timeout, cancelled=cancelled)
+        data = None
+        try:
+            data = self.inner.wait(key, timeout, cancelled=cancelled)
+            return data
+        finally:
+            self._add("GET", key, data is not None, 0 if data is None else len(data))
+
+    def pause_for_wait(self) -> Pause:
+        """The inner store's pause (a ``FileStorage`` put wakes it early); the polls of a wait are counted."""
+        return self.inner.pause_for_wait()
+
     def close(self) -> None:
         """Close ``inner``."""
         self.inner.close()
+
+
+def _polls(storage: Storage) -> bool:
+    """Whether ``storage.wait`` is :meth:`Storage.wait`'s loop of ``get_if_exists`` (a counting one's, if its
+    inner's is): a loop here then sees the same requests."""
+    if isinstance(storage, CountingStorage):
+        return _polls(storage.inner)
+    return type(storage).wait is Storage.wait
 
 
 def _compose_url(inner_url: str, name: str) -> str:
