@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -89,6 +90,54 @@ def test_training_bar_shows_loss_seconds_and_dollars_so_far(capsys: pytest.Captu
     assert "loss=" in last_bar(err) and "$=" not in err
     err, _ = fit(priced, capsys, progress=False)
     assert err == ""
+
+
+class RecordedBar:
+    """tqdm as the trainer makes it, recording what the run does to it, in order."""
+
+    events: ClassVar[list[tuple[str, object]]] = []
+
+    @classmethod
+    def make(cls, *args: object, **kwargs: object) -> object:
+        from tqdm.auto import tqdm
+
+        class Bar(tqdm):  # type: ignore[misc, valid-type]
+            def set_description_str(self, desc: str | None = None, refresh: bool = True) -> None:
+                cls.events.append(("desc", desc))
+                super().set_description_str(desc, refresh)
+
+            def reset(self, total: float | None = None) -> None:
+                cls.events.append(("reset", self.n))
+                super().reset(total)
+
+            def update(self, n: float | None = 1) -> bool | None:
+                cls.events.append(("update", self.n))
+                return super().update(n)  # type: ignore[no-any-return]
+
+        return Bar(*args, **kwargs)
+
+
+def test_the_bar_says_the_workers_are_starting_and_its_rate_counts_iterations_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from funcpipe.executors import get_executor
+    from tests.helpers import SpyExecutor
+
+    monkeypatch.setattr("funcpipe.trainer.tqdm", RecordedBar.make)
+    RecordedBar.events = []
+    executor = SpyExecutor(get_executor("thread"))
+    executor.call_budget_s = 1e-9  # every run makes one iteration: three runs, three starts
+    trainer = Trainer(mlp7(), nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.01),
+                      Plan.manual([3, 4], micro_batch_size=4, global_batch_size=8), backend=executor,
+                      storage="memory://bar-start")
+    trainer.fit(regression_batches(3, 8), progress=True)
+    starting = ("desc", "funcpipe: starting 2 workers")
+    assert RecordedBar.events == [
+        starting, ("desc", "funcpipe"), ("reset", 0), ("update", 0),  # the clock starts once the workers run
+        starting, ("desc", "funcpipe"), ("update", 1),  # a later run's start is in its iteration: no reset
+        starting, ("desc", "funcpipe"), ("update", 2),
+    ]
+    assert "starting 2 workers" in capsys.readouterr().err
 
 
 def test_no_print_outside_the_cli() -> None:

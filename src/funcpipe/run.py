@@ -46,6 +46,9 @@ __all__ = ["LOOKAHEAD", "Fit", "Run", "Setup"]
 #: Global batches the driver uploads ahead of the slowest finished iteration.
 LOOKAHEAD = 2
 
+#: The progress bar's name (while the workers start: "funcpipe: starting N workers").
+BAR_NAME = "funcpipe"
+
 #: Threads that upload the driver's micro-batches.
 FEED_THREADS = 4
 
@@ -166,6 +169,7 @@ class Run:
         self._feed_errors: list[BaseException] = []  # a failed upload ends the waits at once (workers would hang)
         self._deadline: float | None = None  # when the calls' time budget ends (monotonic)
         self._finished = 0.0  # when the last iteration finished, or the run began (perf_counter)
+        self._starting = False  # the bar says the workers are starting
         self._called = 0.0  # when the workers' calls were made (monotonic)
         self.index = len(fit.history.runs)  # this run's entry in History.runs
         self.invocations = 0  # calls made (each a function invocation on a serverless backend)
@@ -205,6 +209,9 @@ class Run:
         setup, plan = self.setup, self.setup.plan
         assert self.job.restore_iteration == self.first
         workers = [(s, r) for s in range(plan.num_stages) for r in range(plan.replicas[s])]
+        # Until every worker runs, the bar says so (starting a local Ray takes seconds), and its rate waits.
+        self.fit.bar.set_description_str(f"{BAR_NAME}: starting {len(workers)} workers", refresh=True)
+        self._starting = True
         requested = [
             Resources(setup.threads_per_worker, plan.memory_mb[s] if plan.memory_mb else None) for s, _ in workers
         ]
@@ -371,6 +378,7 @@ class Run:
         last = plan.num_stages - 1
         wait_s = self._first_wait() if iteration == self.first else self.setup.timeout_s
         loss = sum((self._await_report(iteration, replica, wait_s) for replica in range(plan.replicas[last])), 0.0)
+        self._started()  # a backend that cannot tell when its workers started: by their first report
         now = time.perf_counter()
         history = self.fit.history
         history.seconds.append(now - self._finished)
@@ -399,7 +407,21 @@ class Run:
             if failure is not None:
                 raise failure
             raise self._stalled(self.first, allowance_s)
+        self._started()
         return timeout_s
+
+    def _started(self) -> None:
+        """Every worker runs: the bar's name back, and, before the fit's first iteration, its clock reset,
+        so that its rate counts iterations only, not the start."""
+        if not self._starting:
+            return
+        self._starting = False
+        bar = self.fit.bar
+        bar.set_description_str(BAR_NAME, refresh=False)
+        if bar.n == 0:
+            bar.reset()
+        else:
+            bar.refresh()
 
     def _await_report(self, iteration: int, replica: int, wait_s: float) -> float:
         """The loss ``replica`` of the last stage reports for ``iteration``."""

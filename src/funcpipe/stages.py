@@ -172,6 +172,12 @@ class ModelStages:
                             f"(a feature size or dtype): model[:{index + 1}](x) in plain PyTorch fails the same way"
                         ) from exc
                     value = out
+                if s < len(self.modules) - 1 and not isinstance(value, torch.Tensor):
+                    raise ConfigError(
+                        f"stage {s}'s layers returned {describe_value(value)} on the first micro-batch, but one "
+                        "tensor crosses each cut of an nn.Sequential; hint: move the cut so that a tuple or dict "
+                        "stays inside one stage, or pass the model itself (any nn.Module is split by tracing)"
+                    )
             _check_loss(loss_fn, value, example_targets)
 
     def unit_names_of(self, stage: int) -> list[str]:

@@ -58,7 +58,7 @@ from funcpipe.manifest import JobManifest, check_job_name, find_job, read_manife
 from funcpipe.plans import Plan
 from funcpipe.protocol import JobKeys
 from funcpipe.restore import JobState
-from funcpipe.run import Fit, Run, Setup
+from funcpipe.run import BAR_NAME, Fit, Run, Setup
 from funcpipe.stages import ModelStages
 from funcpipe.storage import Storage, open_storage
 from funcpipe.storage.authenticated import AuthenticatedStorage
@@ -507,7 +507,7 @@ class Trainer:
                 self._first_micro = None
                 self._stages.check(inputs, targets, self.loss_fn)
             job.begin_fit(fit_first, total + first - fit_first)
-            with tqdm(total=total, disable=not progress, unit="it", desc="funcpipe") as bar:
+            with tqdm(total=total, disable=not progress, unit="it", desc=BAR_NAME) as bar:
                 try:
                     evaluate = self._evaluator(history) if self._eval[0] is not None else None
                     replay = Replay(batches, first) if stored is None else None

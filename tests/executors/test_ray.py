@@ -294,3 +294,27 @@ def test_a_worker_slower_to_start_than_the_timeout_is_waited_for() -> None:
                       timeout_s=timeout_s)
     trainer.fit(batches, progress=False)
     assert_same_parameters(trainer.model, expected)
+
+
+def test_rays_start_up_notes_go_to_our_log_and_its_errors_still_show(caplog: pytest.LogCaptureFixture) -> None:
+    import io
+    import logging
+
+    from funcpipe.executors.ray import _ray_start_up_to_our_log
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)  # stands for Ray's own stderr handler
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="funcpipe.executors.ray"), _ray_start_up_to_our_log():
+            logging.getLogger("ray._private.auth").warning("Token authentication is enabled for this Ray cluster.")
+            logging.getLogger("ray._private.worker").error("the GCS did not answer")
+        assert "Token authentication" not in stream.getvalue()  # not through the bar
+        assert "the GCS did not answer" in stream.getvalue()
+        assert [r.getMessage() for r in caplog.records if r.name == "funcpipe.executors.ray"] == [
+            "ray: Token authentication is enabled for this Ray cluster."]
+        logging.getLogger("ray._private.auth").warning("after the start")
+        assert "after the start" in stream.getvalue()  # only the start is diverted
+    finally:
+        ray_logger.removeHandler(handler)

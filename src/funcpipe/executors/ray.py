@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlsplit
@@ -293,13 +293,14 @@ class Ray(Executor):
             self._check_running()
             return
         try:
-            ray.init(
-                address=self.address,
-                num_cpus=self.num_cpus if self.address is None else None,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-            )
+            with _ray_start_up_to_our_log():
+                ray.init(
+                    address=self.address,
+                    num_cpus=self.num_cpus if self.address is None else None,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    log_to_driver=True,
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray instance"
             hint = ""
@@ -381,7 +382,8 @@ class Ray(Executor):
             )
         if need_cpus > have_cpus:
             scale = have_cpus / need_cpus
-            log.warning(
+            # As asked (oversubscribe, the default): a note in the log, not a warning through the bar.
+            log.info(
                 "job asks for %g CPUs, Ray cluster has %g: workers share CPUs (each asks for %.0f%%)",
                 need_cpus, have_cpus, 100 * scale,
             )
@@ -425,3 +427,31 @@ class Ray(Executor):
             for host in hosts:
                 ray.kill(host, no_restart=True)
         _IDLE.clear()
+
+
+class _ToOurLog(logging.Filter):
+    """On Ray's own stderr handlers: a record below ERROR goes to funcpipe's log (INFO) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or record.name.partition(".")[0] != "ray":
+            return True  # an error, or not Ray's (a handler Ray's logger shares with the root)
+        if not getattr(record, "funcpipe_forwarded", False):  # once, whichever of Ray's handlers asks first
+            record.funcpipe_forwarded = True
+            log.info("ray: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _ray_start_up_to_our_log() -> Iterator[None]:
+    """While Ray starts, its notes and warnings (``Token authentication is enabled ...``) go to funcpipe's
+    log rather than through the progress bar on stderr; its errors still show."""
+    ray_logger = logging.getLogger("ray")
+    diverted = _ToOurLog()
+    handlers = list(ray_logger.handlers)
+    for handler in handlers:
+        handler.addFilter(diverted)
+    try:
+        yield
+    finally:
+        for handler in {*handlers, *ray_logger.handlers}:
+            handler.removeFilter(diverted)
