@@ -323,3 +323,17 @@ def test_the_check_runs_after_the_upload_so_state_a_layer_keeps_is_uploaded_as_i
     key = trainer.keys.model_blob(1)
     definition = signed.unseal(trainer.storage.get(key), trainer._signing_key, name=key)
     assert definition.layers[-1].calls == 0
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+                                   RuntimeError("a fault that may not come again")])
+def test_a_failure_the_workers_may_not_meet_does_not_stop_the_launch(error: Exception) -> None:
+    class FailsOnTheDriver(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled():  # only the driver's check runs without gradients
+                raise error
+            return x
+
+    trainer, spy = spied_sequential(nn.Sequential(*digits_like(), FailsOnTheDriver()), [2, 4])
+    history = trainer.fit([(torch.randn(2 * BATCH, 8), torch.randint(0, 3, (2 * BATCH,)))], progress=False)
+    assert len(history) == 1 and len(spy.launched) == 2  # out of memory on the driver is not the data's fault

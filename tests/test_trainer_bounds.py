@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from funcpipe import Plan, Trainer, WorkerFailed
+from funcpipe import ConfigError, Plan, Trainer
 from funcpipe.errors import StorageTimeout
 from funcpipe.executors.thread import ThreadExecutor
 from funcpipe.storage import MemoryStorage, register
@@ -148,18 +148,16 @@ def classification_batches(count: int, target_dtype: torch.dtype) -> list[tuple[
 
 
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.int32])
-def test_a_loss_given_targets_of_the_wrong_dtype_is_not_retried(target_dtype: torch.dtype) -> None:
+def test_a_loss_given_targets_of_the_wrong_dtype_is_named_before_launch(target_dtype: torch.dtype) -> None:
     executor = Counting()
     trainer = Trainer(mlp7(), nn.functional.cross_entropy, sgd_momentum, PLAN, backend=executor,
                       storage=f"memory://wrong-dtype-{uuid.uuid4().hex[:8]}")
-    with pytest.raises(WorkerFailed) as info:
+    with pytest.raises(ConfigError) as info:
         trainer.fit(classification_batches(3, target_dtype), progress=False, max_retries=3)
-    assert executor.launched == 4  # one attempt of four workers, no retry
-    assert info.value.attempts == []
+    assert executor.launched == 0  # the driver called the loss on the first micro-batch: nothing launched
     message = str(info.value)
-    assert info.value.cause.startswith("UserCodeError: stage 2 replica 0: loss_fn raised RuntimeError: ")
-    assert "iteration 0, micro-batch 0" in message and "dtype" in message
-    assert "not retried" in message and "hint:" in message
+    assert message.startswith("loss_fn cannot take the model's output: it raised RuntimeError: ")
+    assert f"({target_dtype})" in message and "hint:" in message and "targets.long()" in message
 
 
 class RunsOutOfMemoryOnce(nn.Module):
@@ -171,6 +169,8 @@ class RunsOutOfMemoryOnce(nn.Module):
         self.error = error
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # the driver's check before launch: not a worker
+            return x
         try:
             fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:

@@ -11,6 +11,7 @@ user's own parameters, and each cut carries the values
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,9 +23,11 @@ from funcpipe.checkpoint import scheduler_json
 from funcpipe.errors import ConfigError, UserCodeError
 from funcpipe.plans import Plan
 from funcpipe.profiler import describe_value, tied_parameters
-from funcpipe.worker import ONE_TENSOR, Port, StageDefinition
+from funcpipe.worker import ONE_TENSOR, Port, StageDefinition, deterministic
 
 __all__ = ["ModelStages"]
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 #: A learning-rate scheduler factory: ``optimizer -> torch.optim.lr_scheduler.LRScheduler``.
@@ -165,6 +168,10 @@ class ModelStages:
                     try:
                         out = layer(value)
                     except Exception as exc:
+                        if not deterministic(exc):  # out of memory here, or a fault: the workers may not meet it
+                            log.info("the check of the first micro-batch stopped at stage %d, layer %d: %s: %s",
+                                     s, index, type(exc).__name__, exc)
+                            return
                         raise ConfigError(
                             f"stage {s}, layer {index} ({type(layer).__name__}) raised {type(exc).__name__}: {exc}, "
                             f"given {describe_value(value)} from the first micro-batch (of "
@@ -178,7 +185,7 @@ class ModelStages:
                         "tensor crosses each cut of an nn.Sequential; hint: move the cut so that a tuple or dict "
                         "stays inside one stage, or pass the model itself (any nn.Module is split by tracing)"
                     )
-            _check_loss(loss_fn, value, example_targets)
+            _check_loss(loss_fn, value, example_targets, only_deterministic=True)
 
     def unit_names_of(self, stage: int) -> list[str]:
         return [self.unit_names[i] for i in self.plan.layer_range(stage)]
@@ -267,15 +274,20 @@ def _layers(module: nn.Module) -> list[nn.Module]:
     return [layer for layer in module._modules.values() if layer is not None]
 
 
-def _check_loss(loss_fn: Callable[..., Any], output: Any, targets: torch.Tensor) -> None:
+def _check_loss(loss_fn: Callable[..., Any], output: Any, targets: torch.Tensor, *,
+                only_deterministic: bool = False) -> None:
     """``loss_fn(output, targets)`` as a worker calls it, on the driver.
 
     Raises:
-        ConfigError: it raised, or did not return a scalar tensor.
+        ConfigError: it raised (``only_deterministic``: an error the same batch would raise again,
+            :func:`funcpipe.worker.deterministic`), or did not return a scalar tensor.
     """
     try:
         loss = loss_fn(output, targets)
     except Exception as exc:
+        if only_deterministic and not deterministic(exc):
+            log.info("the check of the first micro-batch's loss stopped: %s: %s", type(exc).__name__, exc)
+            return
         raise ConfigError(
             f"loss_fn cannot take the model's output: it raised {type(exc).__name__}: {exc} on "
             f"{describe_value(output)} and targets of shape {tuple(targets.shape)} ({targets.dtype}); hint: loss_fn "

@@ -753,6 +753,17 @@ _DETERMINISTIC = (TypeError, ValueError, IndexError, KeyError, AttributeError, N
 _MISMATCH = ("shape", "size", "dtype", "scalar type", "expected", "must match", "mat1 and mat2", "dimension")
 
 
+def deterministic(exc: BaseException) -> bool:
+    """Whether an exception of the user's code would come again on the same batch: a programming or data
+    error (a TypeError, ValueError, ..., or torch's shape / dtype RuntimeError), not running out of memory,
+    funcpipe's own errors or a fault that may not come again."""
+    if isinstance(exc, FuncpipeError | WaitCancelled | MemoryError):
+        return False
+    text = str(exc).lower()
+    mismatch = isinstance(exc, RuntimeError) and any(words in text for words in _MISMATCH)
+    return (isinstance(exc, _DETERMINISTIC) or mismatch) and "out of memory" not in text
+
+
 @contextlib.contextmanager
 def user_code(worker: str, what: str, iteration: int, micro_batch: int | None = None) -> Iterator[None]:
     """Raise a programming or data error of the user's layers, loss or optimizer — a TypeError, ValueError,
@@ -764,9 +775,7 @@ def user_code(worker: str, what: str, iteration: int, micro_batch: int | None = 
     except (FuncpipeError, WaitCancelled, MemoryError):
         raise
     except Exception as exc:
-        text = str(exc).lower()
-        mismatch = isinstance(exc, RuntimeError) and any(words in text for words in _MISMATCH)
-        if not (isinstance(exc, _DETERMINISTIC) or mismatch) or "out of memory" in text:
+        if not deterministic(exc):
             raise
         where = f"iteration {iteration}" + (f", micro-batch {micro_batch}" if micro_batch is not None else "")
         raise UserCodeError(

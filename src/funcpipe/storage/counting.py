@@ -133,7 +133,7 @@ class CountingStorage(Storage):
         self.poll_initial_s = inner.poll_initial_s
         self.poll_max_s = inner.poll_max_s
         self.clock = inner.clock
-        self.url = ""
+        self.url = inner.url  # the store it counts (from_url names the counting one)
         self._name: str | None = None
 
     @classmethod
