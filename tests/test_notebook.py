@@ -29,7 +29,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 # The first test also waits for the whole notebook (about a minute here, alone on 2 cores).
-pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.notebook, pytest.mark.slow, pytest.mark.timeout(900)]  # runs the notebook: ~50 s
 
 
 @pytest.fixture(scope="module")

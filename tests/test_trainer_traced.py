@@ -109,13 +109,13 @@ MODELS = {"convnext": convnext, "bert": bert, "skip_net": skip_net}
 
 @pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.parametrize(("name", "balance", "replicas", "optimizer"), [
-    ("convnext", [3, 4], [2, 1], sgd),
-    ("convnext", [2, 2, 2, 1], None, adamw),
-    ("bert", [3, 3], [1, 2], adamw),
-    ("bert", [2, 1, 2, 1], None, sgd),
-    ("skip_net", [1, 1, 1, 1], [1, 2, 1, 1], sgd),
-    ("skip_net", [2, 2], None, adamw),
-], ids=["convnext-2x-sgd", "convnext-4-adamw", "bert-2x-adamw", "bert-4-sgd", "skip-4x-sgd", "skip-2-adamw"])
+    pytest.param("convnext", [3, 4], [2, 1], sgd, id="convnext-2x-sgd"),
+    pytest.param("convnext", [2, 2, 2, 1], None, adamw, id="convnext-4-adamw", marks=pytest.mark.slow),
+    pytest.param("bert", [3, 3], [1, 2], adamw, id="bert-2x-adamw", marks=pytest.mark.slow),
+    pytest.param("bert", [2, 1, 2, 1], None, sgd, id="bert-4-sgd", marks=pytest.mark.slow),
+    pytest.param("skip_net", [1, 1, 1, 1], [1, 2, 1, 1], sgd, id="skip-4x-sgd", marks=pytest.mark.slow),
+    pytest.param("skip_net", [2, 2], None, adamw, id="skip-2-adamw"),
+])  # the slow ones: 27-32 s each at load 6; one model of each kind stays in the quick run
 def test_a_model_nobody_here_wrote_trains_on_ray_like_plain_pytorch(
         name: str, balance: list[int], replicas: list[int] | None,
         optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]) -> None:

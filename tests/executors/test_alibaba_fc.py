@@ -32,7 +32,7 @@ from tests.leaks import SECRETS, capture_logs, every_version, leaks, record_leak
 
 SGD_MOMENTUM = sgd_momentum  # by reference: test modules are slow to import in a function
 FUNCTION = "funcpipe-worker-2048"
-FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=10.0, silence_timeout_s=2.0)
+FAST = Timing(poll_s=0.05, heartbeat_s=0.2, start_timeout_s=60.0, silence_timeout_s=30.0)
 
 
 #: The driver's keys for the FC API (the fake does not check them); scanned for like the others.

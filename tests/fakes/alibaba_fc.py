@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.http import Server, serve
+from tests.fakes.startup import STALL_S, wait_started
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "backends" / "alibaba_fc" / "server.py"
@@ -117,23 +117,24 @@ class FakeFC:
             )
             self._instances.append((process, port))
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until every instance's server accepts connections, then start dispatching."""
-        deadline = time.monotonic() + timeout
-        for process, port in self._instances:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"an FC instance exited with {process.returncode}")
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("FC instances did not start") from None
-                    time.sleep(0.05)
-            dispatcher = threading.Thread(target=self._dispatch, args=(port,), daemon=True)
+    def wait_ready(self, stall_s: float = STALL_S) -> None:
+        """Block until every instance's server accepts connections, starting its dispatcher as it does;
+        no fixed bound: fails when an instance exits, or all stall for ``stall_s`` (see ``startup``)."""
+
+        def accepts(index: int) -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self._instances[index][1]), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        def dispatch(index: int) -> None:
+            dispatcher = threading.Thread(target=self._dispatch, args=(self._instances[index][1],), daemon=True)
             dispatcher.start()
             self._dispatchers.append(dispatcher)
+
+        wait_started([process for process, _ in self._instances], accepts, dispatch,
+                     what="FC instance", stall_s=stall_s)
 
     def _dispatch(self, port: int) -> None:
         while True:

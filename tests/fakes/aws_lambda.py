@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.http import Server, serve
+from tests.fakes.startup import STALL_S, wait_started
 
 ROOT = Path(__file__).resolve().parents[2]
 HANDLER_DIR = ROOT / "backends" / "aws_lambda"
@@ -174,16 +175,16 @@ class FakeLambda:
                 cwd=HANDLER_DIR, env=process_env, stdin=subprocess.DEVNULL,
             )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until every runtime finished its init (imported the handler) and asks for work."""
-        deadline = time.monotonic() + timeout
-        for runtime in self._runtimes:
-            assert runtime.process is not None
-            while not runtime.polled.wait(0.1):
-                if runtime.process.poll() is not None:
-                    raise RuntimeError(f"a Lambda runtime exited with {runtime.process.returncode}: {self.init_errors}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("Lambda runtimes did not start")
+    def wait_ready(self, stall_s: float = STALL_S) -> None:
+        """Block until every runtime finished its init (imported the handler) and asks for work;
+        no fixed bound: fails when a runtime exits, or all stall for ``stall_s`` (see ``startup``)."""
+        processes = [runtime.process for runtime in self._runtimes]
+        assert all(process is not None for process in processes)
+        try:
+            wait_started([p for p in processes if p is not None], lambda i: self._runtimes[i].polled.is_set(),
+                         what="Lambda runtime", stall_s=stall_s)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.init_errors}") from None
 
     def kill_runtime(self, index: int) -> None:
         """Kill one runtime's process, as Lambda does at the lifetime limit or on out-of-memory."""
