@@ -85,7 +85,7 @@ def matmul_gflops(
 def host_info() -> dict[str, Any]:
     """Where this runs: CPU model, cores, the cgroup's CPU quota (vCPUs, or ``None``), torch's threads and version."""
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count() or 1,
         "cpu_quota": _cpu_quota(),
         "torch_threads": torch.get_num_threads(),
@@ -168,7 +168,7 @@ class Probe:
         self._cancelled.set()
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU's model name: /proc/cpuinfo's on Linux (platform.processor() there says only "x86_64")."""
     if sys.platform.startswith("linux"):
         try:

@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from funcpipe import protocol
 from funcpipe.errors import ConfigError
 from funcpipe.jsonfile import read_json
+from funcpipe.probe import cpu_name
 
 if TYPE_CHECKING:
     from funcpipe.report import Report
@@ -1294,7 +1294,7 @@ def _fit(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
 
 def _machine(rounds: int, warmup: int) -> dict[str, Any]:
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": 1,
@@ -1303,17 +1303,3 @@ def _machine(rounds: int, warmup: int) -> dict[str, Any]:
         "warmup": warmup,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _cpu_name() -> str:
-    """The CPU's model name: /proc/cpuinfo's on Linux (platform.processor() there says only "x86_64")."""
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    if key.strip() == "model name" and value.strip():
-                        return value.strip()
-        except OSError:
-            pass
-    return platform.processor() or platform.machine() or "unknown"
